@@ -1,0 +1,131 @@
+// moert's batch-invariant matmul against OpenBLAS sgemm on nn.Linear shapes.
+//
+// Usage: gemm_bench [--quick]
+// GFLOP/s = 2·M·N·K / time; each cell is the median and min–max over repetitions that
+// each run for at least `min_rep_seconds`. Weights are packed once, outside the timing,
+// as the runtime does at load time.
+#include "core/rng.hpp"
+#include "gpu/cpu/gemm.hpp"
+#include "gpu/cpu/thread_pool.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+struct stats {
+  double median, min, max;
+};
+
+// Runs `fn` in batches sized to last at least `min_seconds`, returns GFLOP/s per batch.
+stats measure(const std::function<void()>& fn, double flops, int reps, double min_seconds) {
+  fn();  // warm caches, page in, start the pool's threads
+  std::size_t iters = 1;
+  for (;;) {
+    auto t0 = clock_type::now();
+    for (std::size_t i = 0; i < iters; ++i)
+      fn();
+    double s = std::chrono::duration<double>(clock_type::now() - t0).count();
+    if (s >= min_seconds)
+      break;
+    iters = s <= 0 ? iters * 10 : std::max<std::size_t>(iters + 1, std::size_t(iters * 1.2 * min_seconds / s));
+  }
+  std::vector<double> rates;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = clock_type::now();
+    for (std::size_t i = 0; i < iters; ++i)
+      fn();
+    double s = std::chrono::duration<double>(clock_type::now() - t0).count();
+    rates.push_back(flops * double(iters) / s * 1e-9);
+  }
+  std::sort(rates.begin(), rates.end());
+  return {rates[rates.size() / 2], rates.front(), rates.back()};
+}
+
+std::string cell(const stats& s) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%6.1f [%5.1f-%5.1f]", s.median, s.min, s.max);
+  return buf;
+}
+
+const char* env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? v : fallback;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+      return 2;
+    }
+  }
+  const int reps = quick ? 3 : 7;
+  const double min_seconds = quick ? 0.02 : 0.1;
+
+  std::printf("# reproduce: OPENBLAS_CORETYPE=%s OPENBLAS_L2_SIZE=%s MOERT_GEMM_KERNEL=%s",
+              env_or("OPENBLAS_CORETYPE", ""), env_or("OPENBLAS_L2_SIZE", ""),
+              env_or("MOERT_GEMM_KERNEL", ""));
+  for (int i = 0; i < argc; ++i)
+    std::printf(" %s", argv[i]);
+  std::printf("\n# moert kernel: %s   openblas core: %s   reps: %d x >= %.2f s\n",
+              moert::cpu::matmul_kernel_name(), openblas_get_corename(), reps, min_seconds);
+  std::printf("# GFLOP/s = 2*M*N*K/time, median [min-max]; max_rel = max|moert-blas|/max|blas|\n");
+  std::printf("%5s %5s %5s %3s  %-22s %-22s %6s %8s\n", "M", "K", "N", "thr", "moert", "openblas",
+              "ratio", "max_rel");
+
+  const std::size_t shapes[][2] = {{2048, 768}, {768, 2048}};  // {K, N}
+  const std::size_t batch[] = {1, 8, 64, 512};
+  moert::cpu::thread_pool pools[] = {moert::cpu::thread_pool{1}, moert::cpu::thread_pool{2}};
+  moert::rng gen{42};
+  for (auto [k, n] : shapes) {
+    std::vector<float> w(n * k);
+    for (float& v : w)
+      v = gen.uniform(-1.0f, 1.0f);
+    auto packed = moert::cpu::packed_matrix::pack(w.data(), n, k);
+    for (std::size_t m : batch) {
+      std::vector<float> x(m * k), y(m * n), y_blas(m * n);
+      for (float& v : x)
+        v = gen.uniform(-1.0f, 1.0f);
+      const double flops = 2.0 * double(m) * double(n) * double(k);
+      for (auto& pool : pools) {
+        int threads = int(pool.num_threads());
+        openblas_set_num_threads(threads);
+        stats ours = measure([&] { moert::cpu::matmul(x.data(), m, packed, y.data(), &pool); },
+                             flops, reps, min_seconds);
+        stats blas = measure(
+            [&] {
+              cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f,
+                          x.data(), int(k), w.data(), int(k), 0.0f, y_blas.data(), int(n));
+            },
+            flops, reps, min_seconds);
+        float diff = 0.0f, scale = 0.0f;
+        for (std::size_t i = 0; i < y.size(); ++i) {
+          diff = std::max(diff, std::fabs(y[i] - y_blas[i]));
+          scale = std::max(scale, std::fabs(y_blas[i]));
+        }
+        std::printf("%5zu %5zu %5zu %3d  %-22s %-22s %6.2f %8.1e\n", m, k, n, threads,
+                    cell(ours).c_str(), cell(blas).c_str(), ours.median / blas.median,
+                    double(diff / scale));
+        std::fflush(stdout);
+      }
+    }
+  }
+  return 0;
+}

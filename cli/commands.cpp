@@ -1,0 +1,317 @@
+#include "commands.hpp"
+
+#include "core/rng.hpp"
+#include "model/safetensors.hpp"
+#include "model_source.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+
+namespace moert::cli {
+
+namespace {
+
+int fail(const error& err) {
+  std::fprintf(stderr, "moert: error: %s\n", err.what().c_str());
+  return 1;
+}
+
+std::size_t default_threads() {
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+std::string join(const std::vector<std::int32_t>& ids) {
+  std::string out;
+  for (std::size_t i = 0; i < ids.size(); ++i)
+    out += (i ? " " : "") + std::to_string(ids[i]);
+  return out;
+}
+
+std::string describe(const model::model_config& c) {
+  std::ostringstream out;
+  out << to_string(c.arch) << ", " << c.num_layers << " layers, hidden " << c.hidden_size << ", "
+      << c.num_heads << "/" << c.num_kv_heads << " heads of " << c.head_dim << ", " << c.num_experts
+      << " experts top-" << c.num_experts_per_tok << ", vocab " << c.vocab_size;
+  return out.str();
+}
+
+// Parses "1,2,3" or "1 2 3".
+result<std::vector<std::int32_t>> parse_token_list(const std::string& text) {
+  std::vector<std::int32_t> ids;
+  std::string item;
+  std::istringstream in{text};
+  while (std::getline(in, item, ',')) {
+    std::istringstream words{item};
+    std::string word;
+    while (words >> word) {
+      char* end = nullptr;
+      long long value = std::strtoll(word.c_str(), &end, 10);
+      if (*end != '\0' || value < 0 || value > INT32_MAX)
+        return make_error(error_code::invalid_argument, "--prompt: '" + word + "' is not a token id");
+      ids.push_back(std::int32_t(value));
+    }
+  }
+  if (ids.empty())
+    return make_error(error_code::invalid_argument, "--prompt is empty");
+  return ids;
+}
+
+// -- generate -----------------------------------------------------------------
+
+struct generate_options {
+  std::string model_dir;
+  std::vector<std::string> prompts;
+  std::string prompts_file;
+  std::size_t batch = 4;
+  std::size_t prompt_length = 16;
+  std::size_t max_new_tokens = 32;
+  float temperature = 0.0f;
+  std::int32_t top_k = 0;
+  float top_p = 1.0f;
+  std::uint64_t seed = 0;
+  std::uint64_t weight_seed = 1;
+  std::size_t threads = default_threads();
+  bool recompute = false;
+};
+
+int run_generate(const generate_options& opt) {
+  auto loaded = load_model(opt.model_dir, opt.weight_seed, opt.threads);
+  if (!loaded)
+    return fail(loaded.err());
+  model::reference_model& m = *loaded->model;
+  const model::model_config& c = m.config();
+
+  std::vector<std::vector<std::int32_t>> prompts;
+  if (!opt.prompts_file.empty()) {
+    auto from_file = load_prompts(opt.prompts_file, c.vocab_size);
+    if (!from_file)
+      return fail(from_file.err());
+    prompts = std::move(from_file.value());
+  }
+  for (const auto& text : opt.prompts) {
+    auto ids = parse_token_list(text);
+    if (!ids)
+      return fail(ids.err());
+    prompts.push_back(std::move(ids.value()));
+  }
+  if (prompts.empty()) {  // seeded random prompts
+    rng gen{opt.seed ^ 0x70726f6d7074ull};
+    for (std::size_t i = 0; i < opt.batch; ++i) {
+      std::vector<std::int32_t> ids(opt.prompt_length);
+      for (auto& id : ids)
+        id = std::int32_t(gen.next_u64() % std::uint64_t(c.vocab_size));
+      prompts.push_back(std::move(ids));
+    }
+  }
+
+  std::vector<model::generation_request> requests;
+  for (std::size_t i = 0; i < prompts.size(); ++i)
+    requests.push_back({i, prompts[i], opt.max_new_tokens,
+                        {opt.temperature, opt.top_k, opt.top_p, opt.seed}});
+  model::generation_stats stats;
+  auto out = model::generate(m, requests,
+                             opt.recompute ? model::decode_mode::full_recompute : model::decode_mode::kv_cache,
+                             &stats);
+  if (!out)
+    return fail(out.err());
+
+  std::printf("model: %s\n       %s\n", loaded->description.c_str(), describe(c).c_str());
+  std::printf("sampling: %s, seed %llu; %zu threads; %s\n",
+              opt.temperature > 0 ? ("temperature " + std::to_string(opt.temperature)).c_str() : "greedy",
+              static_cast<unsigned long long>(opt.seed), m.num_threads(),
+              opt.recompute ? "full recompute" : "KV cache");
+  for (std::size_t i = 0; i < prompts.size(); ++i)
+    std::printf("request %zu: prompt [%s]\n  -> %s\n", i, join(prompts[i]).c_str(), join((*out)[i]).c_str());
+  std::printf("prefill: %zu tokens in %.4f s (%.1f tokens/s)\n", stats.prompt_tokens,
+              stats.prefill_seconds, stats.prompt_tokens / std::max(stats.prefill_seconds, 1e-9));
+  std::printf("decode:  %zu tokens in %.4f s (%.1f tokens/s, batch %zu)\n", stats.decode_tokens,
+              stats.decode_seconds, stats.decode_tokens / std::max(stats.decode_seconds, 1e-9),
+              prompts.size());
+  return 0;
+}
+
+// -- eval ---------------------------------------------------------------------
+
+struct eval_options {
+  std::string model_dir;
+  std::string prompts_file;
+  std::size_t greedy = 8;
+  std::string out_file;
+  std::size_t threads = default_threads();
+  bool recompute = false;
+};
+
+int run_eval(const eval_options& opt) {
+  auto loaded = load_model(opt.model_dir, 1, opt.threads);
+  if (!loaded)
+    return fail(loaded.err());
+  model::reference_model& m = *loaded->model;
+  std::size_t vocab = std::size_t(m.config().vocab_size);
+  auto prompts = load_prompts(opt.prompts_file, m.config().vocab_size);
+  if (!prompts)
+    return fail(prompts.err());
+
+  // Every prompt position in one batch (batch invariance makes this equal to one at a time).
+  std::vector<model::kv_cache> caches(prompts->size(), model::kv_cache{m.config()});
+  std::vector<model::forward_segment> segments;
+  for (std::size_t i = 0; i < prompts->size(); ++i)
+    segments.push_back({&caches[i], (*prompts)[i]});
+  auto logits = m.forward(segments, model::logits_for::every_token);
+  if (!logits)
+    return fail(logits.err());
+
+  std::vector<model::generation_request> requests;
+  for (std::size_t i = 0; i < prompts->size(); ++i)
+    requests.push_back({i, (*prompts)[i], opt.greedy, {}});
+  auto greedy = model::generate(m, requests,
+                                opt.recompute ? model::decode_mode::full_recompute : model::decode_mode::kv_cache);
+  if (!greedy)
+    return fail(greedy.err());
+
+  nlohmann::json out;
+  out["model"] = loaded->description;
+  out["prompts"] = nlohmann::json::array();
+  std::size_t row = 0;
+  for (std::size_t i = 0; i < prompts->size(); ++i) {
+    nlohmann::json entry;
+    std::vector<std::int32_t> argmax;
+    for (std::size_t j = 0; j < (*prompts)[i].size(); ++j, ++row)
+      argmax.push_back(model::argmax({logits->data() + row * vocab, vocab}));
+    entry["last_logits"] = std::vector<float>(logits->data() + (row - 1) * vocab, logits->data() + row * vocab);
+    entry["argmax"] = argmax;
+    entry["greedy"] = (*greedy)[i];
+    out["prompts"].push_back(std::move(entry));
+  }
+  std::ofstream file{opt.out_file};
+  if (!file)
+    return fail(make_error(error_code::io_error, "cannot write '" + opt.out_file + "'"));
+  file << out.dump() << "\n";
+  if (!file.flush())
+    return fail(make_error(error_code::io_error, "writing '" + opt.out_file + "' failed"));
+  std::printf("wrote %zu prompts to %s\n", prompts->size(), opt.out_file.c_str());
+  return 0;
+}
+
+// -- inspect ------------------------------------------------------------------
+
+std::string human_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024.0 && u < 4) {
+    bytes /= 1024.0;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f %s", bytes, units[u]);
+  return buf;
+}
+
+int run_inspect(const std::string& model_dir) {
+  model::model_config c;
+  std::string source;
+  std::map<std::string, std::pair<std::size_t, std::size_t>> stored;  // dtype -> tensors, bytes
+  if (model_dir.empty()) {
+    auto parsed = model::parse_config(default_model_json(), "embedded default model");
+    if (!parsed)
+      return fail(parsed.err());
+    c = *parsed;
+    source = "embedded default (configs/models/default-moe.json, synthetic weights)";
+  } else {
+    auto parsed = model::load_config(model_dir);
+    if (!parsed)
+      return fail(parsed.err());
+    c = *parsed;
+    auto ckpt = model::checkpoint::open(model_dir);
+    if (!ckpt)
+      return fail(ckpt.err());
+    for (const auto& [name, view] : ckpt->tensors()) {
+      auto& slot = stored[std::string{safetensors_name(view.type)}];
+      ++slot.first;
+      slot.second += view.num_bytes;
+    }
+    source = "checkpoint " + model_dir;
+  }
+  auto p = model::count_parameters(c);
+  std::printf("model:        %s\n", source.c_str());
+  std::printf("architecture: %s\n", describe(c).c_str());
+  std::size_t num_sparse = 0;
+  for (bool s : c.sparse_layers)
+    num_sparse += s;
+  std::printf("layers:       %zu MoE, %zu dense; expert intermediate %lld, dense intermediate %lld",
+              num_sparse, c.sparse_layers.size() - num_sparse, (long long)c.moe_intermediate_size,
+              (long long)c.intermediate_size);
+  if (c.shared_expert_intermediate_size)
+    std::printf(", shared expert %lld", (long long)c.shared_expert_intermediate_size);
+  std::printf("\nrouting:      softmax top-%lld, %s\n", (long long)c.num_experts_per_tok,
+              c.norm_topk_prob ? "renormalised" : "not renormalised");
+  std::printf("\n%-16s %16s %14s\n", "component", "parameters", "f32 memory");
+  auto line = [](const char* name, std::int64_t count) {
+    std::printf("%-16s %16lld %14s\n", name, (long long)count, human_bytes(double(count) * 4).c_str());
+  };
+  line("embedding", p.embedding);
+  line("attention", p.attention);
+  line("norms", p.norms);
+  line("router", p.router);
+  line("routed experts", p.routed_experts);
+  line("shared experts", p.shared_experts);
+  line("dense mlp", p.dense_mlp);
+  line(c.tie_word_embeddings ? "lm_head (tied)" : "lm_head", p.lm_head);
+  line("total", p.total());
+  line("active/token", p.active_per_token(c));
+  for (const auto& [type, slot] : stored)
+    std::printf("stored %-9s %16zu tensors %s\n", type.c_str(), slot.first, human_bytes(double(slot.second)).c_str());
+  std::int64_t kv = c.kv_bytes_per_token_per_layer();
+  std::printf("\nKV cache (f32): %lld bytes per token per layer, %s per token, %s per 4096-token sequence\n",
+              (long long)kv, human_bytes(double(kv * c.num_layers)).c_str(),
+              human_bytes(double(kv * c.num_layers * 4096)).c_str());
+  return 0;
+}
+
+}  // namespace
+
+command_runner add_generate_command(CLI::App& app) {
+  auto opt = std::make_shared<generate_options>();
+  CLI::App* sub = app.add_subcommand("generate", "Generate tokens (embedded default model unless --model)");
+  sub->add_option("--model", opt->model_dir, "Hugging Face checkpoint directory");
+  sub->add_option("--prompt", opt->prompts, "Prompt token ids, e.g. \"1,2,3\" (repeatable)");
+  sub->add_option("--prompts", opt->prompts_file, "JSON file: list of token-id lists");
+  sub->add_option("--batch", opt->batch, "Random prompts when none given")->check(CLI::Range(1, 4096));
+  sub->add_option("--prompt-length", opt->prompt_length, "Length of random prompts")->check(CLI::Range(1, 1 << 20));
+  sub->add_option("--max-new-tokens,-n", opt->max_new_tokens, "Tokens to generate per prompt");
+  sub->add_option("--temperature", opt->temperature, "0 = greedy")->check(CLI::Range(0.0f, 100.0f));
+  sub->add_option("--top-k", opt->top_k, "0 = off")->check(CLI::Range(0, 1 << 30));
+  sub->add_option("--top-p", opt->top_p, "1 = off")->check(CLI::Range(0.0f, 1.0f));
+  sub->add_option("--seed", opt->seed, "Sampling seed (and random prompts)");
+  sub->add_option("--weight-seed", opt->weight_seed, "Seed of the embedded default's weights");
+  sub->add_option("--threads", opt->threads, "Compute threads")->check(CLI::Range(1, 1024));
+  sub->add_flag("--recompute", opt->recompute, "Re-run the whole sequence per token (no KV cache)");
+  return [opt] { return run_generate(*opt); };
+}
+
+command_runner add_eval_command(CLI::App& app) {
+  auto opt = std::make_shared<eval_options>();
+  CLI::App* sub = app.add_subcommand("eval", "Logits, argmax and greedy continuation per prompt, as JSON");
+  sub->add_option("--model", opt->model_dir, "Hugging Face checkpoint directory")->required();
+  sub->add_option("--prompts", opt->prompts_file, "JSON file: list of token-id lists")->required();
+  sub->add_option("--greedy", opt->greedy, "Greedy tokens to generate per prompt");
+  sub->add_option("--out", opt->out_file, "Output JSON file")->required();
+  sub->add_option("--threads", opt->threads, "Compute threads")->check(CLI::Range(1, 1024));
+  sub->add_flag("--recompute", opt->recompute, "Greedy by full recompute instead of the KV cache");
+  return [opt] { return run_eval(*opt); };
+}
+
+command_runner add_inspect_command(CLI::App& app) {
+  auto dir = std::make_shared<std::string>();
+  CLI::App* sub = app.add_subcommand("inspect", "Architecture, parameter count and memory by component");
+  sub->add_option("--model", *dir, "Hugging Face checkpoint directory (default: embedded model)");
+  return [dir] { return run_inspect(*dir); };
+}
+
+}  // namespace moert::cli

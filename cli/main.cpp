@@ -1,0 +1,29 @@
+#include "commands.hpp"
+
+#include <cstdio>
+#include <exception>
+#include <vector>
+
+int main(int argc, char** argv) {
+  CLI::App app{"moert: Mixture-of-Experts inference runtime"};
+  app.require_subcommand(1);
+  std::vector<std::pair<CLI::App*, moert::cli::command_runner>> commands;
+  auto add = [&](auto factory) {
+    std::size_t before = app.get_subcommands({}).size();
+    auto runner = factory(app);
+    commands.emplace_back(app.get_subcommands({})[before], std::move(runner));
+  };
+  add(moert::cli::add_generate_command);
+  add(moert::cli::add_eval_command);
+  add(moert::cli::add_inspect_command);
+  CLI11_PARSE(app, argc, argv);
+  try {
+    for (auto& [sub, run] : commands)
+      if (sub->parsed())
+        return run();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moert: error: %s\n", e.what());
+    return 1;
+  }
+  return 1;
+}

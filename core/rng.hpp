@@ -1,0 +1,31 @@
+#pragma once
+
+// Counter-based randomness. Every draw is a pure function of its key, so a sampled token
+// depends on (seed, request, position) only, never on batching, threads or call order.
+
+#include <cstdint>
+
+namespace moert {
+
+// SplitMix64 finaliser: a bijective 64-bit mix with good avalanche.
+std::uint64_t mix64(std::uint64_t x);
+
+// A uniform float in [0, 1) keyed by (seed, stream, counter), 24 random bits.
+float keyed_uniform(std::uint64_t seed, std::uint64_t stream, std::uint64_t counter);
+
+// A small deterministic generator for synthetic weights and tests. Not thread-safe.
+class rng {
+public:
+  explicit rng(std::uint64_t seed) : state_(seed) {}
+
+  std::uint64_t next_u64() { return mix64(state_ += 0x9e3779b97f4a7c15ull); }
+  // Uniform in [0, 1).
+  float uniform() { return float(next_u64() >> 40) * 0x1.0p-24f; }
+  // Uniform in [lo, hi).
+  float uniform(float lo, float hi) { return lo + (hi - lo) * uniform(); }
+
+private:
+  std::uint64_t state_;
+};
+
+}  // namespace moert

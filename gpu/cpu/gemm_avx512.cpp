@@ -1,0 +1,68 @@
+// AVX-512 kernel: 16-float zmm lanes match the 16-column panels, so one aligned load
+// fetches a panel's k-th row and every fma keeps one chain per (row, column) lane.
+#include "gpu/cpu/gemm_kernels.hpp"
+
+#include <immintrin.h>
+
+namespace moert::cpu {
+
+namespace {
+
+struct avx512 {
+  // 6 rows × 4 panels = 24 accumulators + 4 weight vectors + 1 broadcast of 32 zmm.
+  static constexpr std::size_t max_rows = 6;
+  static constexpr std::size_t max_panels = 4;
+  static constexpr std::size_t panels_for(std::size_t) { return max_panels; }
+  // Few rows are bound by streaming the weights once, so blocking K only adds y traffic.
+  static constexpr std::size_t k_block(std::size_t rows) { return rows <= 8 ? ~std::size_t{0} : 512; }
+
+  template <std::size_t rows, std::size_t panels>
+  static void tile(const gemm_tile& t) {
+    constexpr std::size_t pw = packed_matrix::panel_width;
+    __mmask16 mask[panels];
+#pragma GCC unroll 4
+    for (std::size_t j = 0; j < panels; ++j)
+      mask[j] = j + 1 < panels ? __mmask16(0xffff) : __mmask16((1u << t.last_cols) - 1);
+    __m512 acc[rows][panels];
+#pragma GCC unroll 8
+    for (std::size_t i = 0; i < rows; ++i)
+#pragma GCC unroll 4
+      for (std::size_t j = 0; j < panels; ++j)
+        acc[i][j] = _mm512_setzero_ps();
+    if (t.resume) {
+#pragma GCC unroll 8
+      for (std::size_t i = 0; i < rows; ++i)
+#pragma GCC unroll 4
+        for (std::size_t j = 0; j < panels; ++j)
+          acc[i][j] = _mm512_maskz_loadu_ps(mask[j], t.y + i * t.y_stride + j * pw);
+    }
+    const float* x = t.x;
+    const float* w = t.w;
+    for (std::size_t k = 0; k < t.k_count; ++k, ++x, w += pw) {
+      __m512 b[panels];
+#pragma GCC unroll 4
+      for (std::size_t j = 0; j < panels; ++j)
+        b[j] = _mm512_load_ps(w + j * t.panel_stride);
+#pragma GCC unroll 8
+      for (std::size_t i = 0; i < rows; ++i) {
+        const __m512 a = _mm512_set1_ps(x[i * t.x_stride]);
+#pragma GCC unroll 4
+        for (std::size_t j = 0; j < panels; ++j)
+          acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+      }
+    }
+#pragma GCC unroll 8
+    for (std::size_t i = 0; i < rows; ++i)
+#pragma GCC unroll 4
+      for (std::size_t j = 0; j < panels; ++j)
+        _mm512_mask_storeu_ps(t.y + i * t.y_stride + j * pw, mask[j], acc[i][j]);
+  }
+};
+
+}  // namespace
+
+void matmul_panels_avx512(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end) {
+  run_panel_tiles<avx512>(a, panel_begin, panel_end);
+}
+
+}  // namespace moert::cpu

@@ -1,0 +1,107 @@
+#pragma once
+
+// Private to the CPU backend and its tests: the per-ISA matmul kernels behind matmul().
+//
+// A kernel fills y for all rows and the columns of panels [panel_begin, panel_end). Each
+// y element stays one fma chain over k from +0.0f, so kernels differ only in speed.
+//
+// The ISA translation units are compiled with different -m flags. Anything they share
+// must be a template instantiated on a type local to that unit (or fully inlined), never
+// an ordinary inline function: the linker keeps one copy of an inline function, and an
+// AVX-512 copy would then run in the AVX2 or scalar path.
+
+#include "gpu/cpu/gemm.hpp"
+
+#include <cstddef>
+#include <utility>
+
+namespace moert::cpu {
+
+enum class gemm_kernel { scalar, avx2, avx512 };
+
+const char* to_string(gemm_kernel kernel);
+// Whether this CPU can run `kernel`.
+bool gemm_kernel_supported(gemm_kernel kernel);
+// The kernel matmul() uses: the best supported one, lowered by MOERT_GEMM_KERNEL.
+gemm_kernel selected_gemm_kernel();
+// matmul() with an explicit kernel, which must be supported.
+void matmul_with(gemm_kernel kernel, const float* x, std::size_t num_rows,
+                 const packed_matrix& w, float* y, thread_pool* pool);
+
+// Plain values rather than a packed_matrix, so the ISA units call none of its inline members.
+struct gemm_args {
+  const float* x;
+  std::size_t num_rows;
+  const float* w;  // packed panels, packed_matrix::panel(0)
+  std::size_t k;   // w.cols()
+  std::size_t n;   // w.rows()
+  float* y;
+};
+
+void matmul_panels_scalar(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end);
+void matmul_panels_avx2(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end);
+void matmul_panels_avx512(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end);
+
+// One register tile: rows × panels of y, over k in [0, k_count) relative to x and w.
+struct gemm_tile {
+  const float* x;            // first row, at the block's first k
+  std::size_t x_stride;      // floats between rows of x
+  const float* w;            // first panel, at the block's first k
+  std::size_t panel_stride;  // floats between panels
+  std::size_t k_count;
+  float* y;                  // first row, first column of the tile
+  std::size_t y_stride;      // floats between rows of y
+  std::size_t last_cols;     // valid columns of the last panel, 1..16
+  bool resume;               // continue the chains from y instead of +0.0f
+};
+
+// Calls isa::tile<rows, panels>(t) for run-time rows ≤ isa::max_rows, panels ≤ isa::max_panels.
+template <class isa>
+void dispatch_tile(std::size_t rows, std::size_t panels, const gemm_tile& t) {
+  using tile_fn = void (*)(const gemm_tile&);
+  struct tile_table {
+    tile_fn fn[isa::max_rows * isa::max_panels];
+  };
+  constexpr std::size_t np = isa::max_panels;
+  static constexpr tile_table table = []<std::size_t... i>(std::index_sequence<i...>) {
+    return tile_table{{&isa::template tile<i / np + 1, i % np + 1>...}};
+  }(std::make_index_sequence<isa::max_rows * np>{});
+  table.fn[(rows - 1) * np + panels - 1](t);
+}
+
+// Loop nest shared by the SIMD kernels. `isa` (local to its unit, see above) provides
+// max_rows, max_panels, panels_for(rows), k_block(rows) and tile<rows, panels>(t).
+// Order: K blocks, then panel groups, then row tiles, so a group's K block of weights
+// stays in L1/L2 while every row tile streams past it. Between K blocks the chains are
+// parked in y as floats, which keeps each one a single sequential chain.
+template <class isa>
+void run_panel_tiles(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end) {
+  constexpr std::size_t pw = packed_matrix::panel_width;
+  const std::size_t num_rows = a.num_rows, k_total = a.k, n_total = a.n;
+  const std::size_t first_rows = num_rows < isa::max_rows ? num_rows : isa::max_rows;
+  const std::size_t group = isa::panels_for(first_rows);
+  const std::size_t k_block = isa::k_block(num_rows);
+  for (std::size_t k0 = 0; k0 == 0 || k0 < k_total; k0 += k_block) {
+    const std::size_t k_count = k_total - k0 < k_block ? k_total - k0 : k_block;
+    for (std::size_t p = panel_begin; p < panel_end; p += group) {
+      const std::size_t panels = panel_end - p < group ? panel_end - p : group;
+      const std::size_t last_col0 = (p + panels - 1) * pw;
+      gemm_tile t{};
+      t.x_stride = k_total;
+      t.w = a.w + (p * k_total + k0) * pw;
+      t.panel_stride = k_total * pw;
+      t.k_count = k_count;
+      t.y_stride = n_total;
+      t.last_cols = n_total - last_col0 < pw ? n_total - last_col0 : pw;
+      t.resume = k0 != 0;
+      for (std::size_t m = 0; m < num_rows; m += isa::max_rows) {
+        const std::size_t rows = num_rows - m < isa::max_rows ? num_rows - m : isa::max_rows;
+        t.x = a.x + m * k_total + k0;
+        t.y = a.y + m * n_total + p * pw;
+        dispatch_tile<isa>(rows, panels, t);
+      }
+    }
+  }
+}
+
+}  // namespace moert::cpu

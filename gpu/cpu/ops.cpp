@@ -1,0 +1,74 @@
+#include "gpu/cpu/ops.hpp"
+
+#include <cmath>
+
+namespace moert::cpu {
+
+void rms_norm(const float* x, const float* weight, std::size_t dim, float eps, float* out) {
+  float sum_sq = 0.0f;
+  for (std::size_t i = 0; i < dim; ++i)
+    sum_sq += x[i] * x[i];
+  float inv = 1.0f / std::sqrt(sum_sq / float(dim) + eps);
+  for (std::size_t i = 0; i < dim; ++i)
+    out[i] = weight[i] * (x[i] * inv);
+}
+
+void rope_rotate_half(float* x, std::size_t dim, const float* cos, const float* sin) {
+  std::size_t half = dim / 2;
+  for (std::size_t j = 0; j < half; ++j) {
+    float a = x[j];
+    float b = x[j + half];
+    x[j] = a * cos[j] - b * sin[j];
+    x[j + half] = b * cos[j] + a * sin[j];
+  }
+}
+
+void silu_mul(const float* gate, const float* up, std::size_t dim, float* out) {
+  for (std::size_t i = 0; i < dim; ++i) {
+    float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void softmax(float* x, std::size_t dim) {
+  float max = x[0];
+  for (std::size_t i = 1; i < dim; ++i)
+    max = std::fmax(max, x[i]);
+  float sum = 0.0f;
+  for (std::size_t i = 0; i < dim; ++i) {
+    x[i] = std::exp(x[i] - max);
+    sum += x[i];
+  }
+  float inv = 1.0f / sum;
+  for (std::size_t i = 0; i < dim; ++i)
+    x[i] *= inv;
+}
+
+void attend(const float* q, const float* keys, const float* values, std::size_t kv_stride,
+            std::size_t num_positions, std::size_t num_heads, std::size_t num_kv_heads,
+            std::size_t head_dim, float scale, float* scores, float* out) {
+  std::size_t group = num_heads / num_kv_heads;
+  for (std::size_t h = 0; h < num_heads; ++h) {
+    const float* qh = q + h * head_dim;
+    std::size_t kv_offset = (h / group) * head_dim;
+    for (std::size_t p = 0; p < num_positions; ++p) {
+      const float* k = keys + p * kv_stride + kv_offset;
+      float dot = 0.0f;
+      for (std::size_t d = 0; d < head_dim; ++d)
+        dot += qh[d] * k[d];
+      scores[p] = dot * scale;
+    }
+    softmax(scores, num_positions);
+    float* oh = out + h * head_dim;
+    for (std::size_t d = 0; d < head_dim; ++d)
+      oh[d] = 0.0f;
+    for (std::size_t p = 0; p < num_positions; ++p) {
+      const float* v = values + p * kv_stride + kv_offset;
+      float w = scores[p];
+      for (std::size_t d = 0; d < head_dim; ++d)
+        oh[d] += w * v[d];
+    }
+  }
+}
+
+}  // namespace moert::cpu

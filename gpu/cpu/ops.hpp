@@ -1,0 +1,34 @@
+#pragma once
+
+// Row-wise CPU kernels of the transformer block. Each works on one token's vector at a time
+// with a fixed, sequential reduction order, so results are batch-invariant by construction.
+//
+// Units: element counts; f32 everywhere. Thread safety: pure functions of their arguments.
+
+#include <cstddef>
+
+namespace moert::cpu {
+
+// out = x / sqrt(mean(x²) + eps) * weight, statistics in f32 (Hugging Face RMSNorm).
+// `out` may alias `x`.
+void rms_norm(const float* x, const float* weight, std::size_t dim, float eps, float* out);
+
+// Rotary embedding, "rotate half" convention: element j pairs with j + dim/2.
+// cos/sin hold dim/2 values for this position. In place.
+void rope_rotate_half(float* x, std::size_t dim, const float* cos, const float* sin);
+
+// out[i] = silu(gate[i]) · up[i], silu(x) = x / (1 + e^-x). `out` may alias `gate`.
+void silu_mul(const float* gate, const float* up, std::size_t dim, float* out);
+
+// In-place numerically stable softmax.
+void softmax(float* x, std::size_t dim);
+
+// One query token's grouped-query attention over `num_positions` cached keys/values.
+// q: num_heads × head_dim. keys/values: row p at keys + p·kv_stride, holding
+// num_kv_heads × head_dim. Query head h reads kv head h / (num_heads / num_kv_heads).
+// `scores` is scratch of num_positions floats. out: num_heads × head_dim.
+void attend(const float* q, const float* keys, const float* values, std::size_t kv_stride,
+            std::size_t num_positions, std::size_t num_heads, std::size_t num_kv_heads,
+            std::size_t head_dim, float scale, float* scores, float* out);
+
+}  // namespace moert::cpu

@@ -1,0 +1,49 @@
+#pragma once
+
+// A fixed pool of worker threads for CPU kernels. Work is split into contiguous index
+// ranges by a pure function of (num_tasks, num_threads), so a kernel that writes disjoint
+// outputs per index gets the same bits for any thread count.
+//
+// Thread safety: parallel_for may be called from one thread at a time (the owning device
+// thread); it blocks that thread until every range has run. Not reentrant.
+
+#include <condition_variable>
+#include <cstddef>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace moert::cpu {
+
+class thread_pool {
+public:
+  // `num_threads` counts the calling thread, so 1 means "run inline, no workers".
+  explicit thread_pool(std::size_t num_threads);
+  ~thread_pool();
+
+  thread_pool(const thread_pool&) = delete;
+  thread_pool& operator=(const thread_pool&) = delete;
+
+  std::size_t num_threads() const { return workers_.size() + 1; }
+
+  // Calls fn(begin, end) on disjoint ranges covering [0, num_tasks). Ranges are at most
+  // one per thread; with fewer tasks than threads some threads stay idle.
+  void parallel_for(std::size_t num_tasks,
+                    const std::function<void(std::size_t, std::size_t)>& fn);
+
+private:
+  void worker_loop(std::size_t worker_idx);
+
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  const std::function<void(std::size_t, std::size_t)>* job_ = nullptr;
+  std::size_t job_tasks_ = 0;
+  std::size_t generation_ = 0;
+  std::size_t pending_ = 0;
+  bool stopping_ = false;
+};
+
+}  // namespace moert::cpu

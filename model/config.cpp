@@ -1,0 +1,296 @@
+#include "model/config.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+namespace moert::model {
+
+namespace {
+
+using json = nlohmann::json;
+
+// Reads typed fields of one config object; the first problem found is kept and named.
+class field_reader {
+public:
+  field_reader(const json& root, std::string source) : root_(root), source_(std::move(source)) {}
+
+  bool failed() const { return failed_; }
+  error take_error() const { return make_error(error_code::invalid_config, message_); }
+
+  void fail(const std::string& message) {
+    if (!failed_) {
+      failed_ = true;
+      message_ = source_ + ": " + message;
+    }
+  }
+
+  bool has(const char* key) const { return root_.contains(key) && !root_[key].is_null(); }
+
+  std::int64_t positive_int(const char* key) {
+    if (!has(key)) {
+      fail("missing required field '" + std::string{key} + "'");
+      return 1;
+    }
+    return checked_positive(key, root_[key]);
+  }
+
+  std::int64_t positive_int_or(const char* key, std::int64_t fallback) {
+    return has(key) ? checked_positive(key, root_[key]) : fallback;
+  }
+
+  double positive_number_or(const char* key, double fallback) {
+    if (!has(key))
+      return fallback;
+    const json& value = root_[key];
+    if (!value.is_number() || !(value.get<double>() > 0.0)) {
+      fail("field '" + std::string{key} + "' must be a positive number, got " + value.dump());
+      return fallback;
+    }
+    return value.get<double>();
+  }
+
+  bool boolean_or(const char* key, bool fallback) {
+    if (!has(key))
+      return fallback;
+    if (!root_[key].is_boolean()) {
+      fail("field '" + std::string{key} + "' must be true or false, got " + root_[key].dump());
+      return fallback;
+    }
+    return root_[key].get<bool>();
+  }
+
+  std::string string_or(const char* key, const std::string& fallback) {
+    if (!has(key))
+      return fallback;
+    if (!root_[key].is_string()) {
+      fail("field '" + std::string{key} + "' must be a string, got " + root_[key].dump());
+      return fallback;
+    }
+    return root_[key].get<std::string>();
+  }
+
+  std::vector<std::int64_t> int_list_or_empty(const char* key) {
+    std::vector<std::int64_t> out;
+    if (!has(key))
+      return out;
+    if (!root_[key].is_array()) {
+      fail("field '" + std::string{key} + "' must be a list of integers");
+      return out;
+    }
+    for (const json& item : root_[key]) {
+      if (!item.is_number_integer()) {
+        fail("field '" + std::string{key} + "' must be a list of integers, got " + item.dump());
+        return {};
+      }
+      out.push_back(item.get<std::int64_t>());
+    }
+    return out;
+  }
+
+  const json& root() const { return root_; }
+
+private:
+  std::int64_t checked_positive(const char* key, const json& value) {
+    if (!value.is_number_integer() || value.get<std::int64_t>() <= 0) {
+      fail("field '" + std::string{key} + "' must be a positive integer, got " + value.dump());
+      return 1;
+    }
+    // Bound every size so products of a few of them cannot overflow int64.
+    if (value.get<std::int64_t>() > (std::int64_t{1} << 24)) {
+      fail("field '" + std::string{key} + "' is implausibly large: " + value.dump());
+      return 1;
+    }
+    return value.get<std::int64_t>();
+  }
+
+  const json& root_;
+  std::string source_;
+  bool failed_ = false;
+  std::string message_;
+};
+
+void read_common(field_reader& in, model_config& config) {
+  config.vocab_size = in.positive_int("vocab_size");
+  config.hidden_size = in.positive_int("hidden_size");
+  config.num_layers = in.positive_int("num_hidden_layers");
+  config.num_heads = in.positive_int("num_attention_heads");
+  config.num_kv_heads = in.positive_int_or("num_key_value_heads", config.num_heads);
+  config.head_dim = in.positive_int_or("head_dim", config.hidden_size / config.num_heads);
+  config.rms_norm_eps = float(in.positive_number_or("rms_norm_eps", config.rms_norm_eps));
+  config.max_position_embeddings = in.positive_int_or("max_position_embeddings", 4096);
+  config.num_experts_per_tok = in.positive_int("num_experts_per_tok");
+  config.tie_word_embeddings = in.boolean_or("tie_word_embeddings", false);
+
+  std::string act = in.string_or("hidden_act", "silu");
+  if (act != "silu")
+    in.fail("hidden_act '" + act + "' is not supported (only 'silu')");
+
+  // "torch_dtype" (and "dtype" in newer transformers) names the storage type of the weights.
+  std::string type_key = in.has("torch_dtype") ? "torch_dtype" : "dtype";
+  std::string type = in.string_or(type_key.c_str(), "float32");
+  if (type == "float32")
+    config.torch_dtype = dtype::f32;
+  else if (type == "bfloat16")
+    config.torch_dtype = dtype::bf16;
+  else if (type == "float16")
+    config.torch_dtype = dtype::f16;
+  else
+    in.fail("field '" + type_key + "' = '" + type + "' is not supported (float32, bfloat16, float16)");
+
+  if (in.has("rope_scaling"))
+    in.fail("rope_scaling " + in.root()["rope_scaling"].dump() + " is not supported for this model type");
+}
+
+// qwen2_moe and qwen3_moe share the sparse-layer rule and most field names.
+void read_qwen(field_reader& in, model_config& config) {
+  config.rope_theta = in.positive_number_or("rope_theta", 10000.0);
+  config.num_experts = in.positive_int("num_experts");
+  config.moe_intermediate_size = in.positive_int("moe_intermediate_size");
+  config.norm_topk_prob = in.boolean_or("norm_topk_prob", false);
+  if (in.boolean_or("use_sliding_window", false))
+    in.fail("use_sliding_window = true is not supported (sliding-window attention)");
+
+  std::int64_t sparse_step = in.positive_int_or("decoder_sparse_step", 1);
+  std::set<std::int64_t> mlp_only;
+  for (std::int64_t layer : in.int_list_or_empty("mlp_only_layers")) {
+    if (layer < 0 || layer >= config.num_layers)
+      in.fail("mlp_only_layers names layer " + std::to_string(layer) + ", outside 0.." +
+              std::to_string(config.num_layers - 1));
+    mlp_only.insert(layer);
+  }
+  config.sparse_layers.assign(std::size_t(config.num_layers), false);
+  bool any_dense = false;
+  for (std::int64_t i = 0; i < config.num_layers; ++i) {
+    bool sparse = !mlp_only.count(i) && (i + 1) % sparse_step == 0;
+    config.sparse_layers[std::size_t(i)] = sparse;
+    any_dense = any_dense || !sparse;
+  }
+  // Dense layers need intermediate_size; it is ignored (and may be absent) otherwise.
+  config.intermediate_size =
+      any_dense ? in.positive_int("intermediate_size") : in.positive_int_or("intermediate_size", 0);
+}
+
+}  // namespace
+
+std::string_view to_string(architecture arch) {
+  switch (arch) {
+    case architecture::qwen3_moe:
+      return "qwen3_moe";
+    case architecture::qwen2_moe:
+      return "qwen2_moe";
+    case architecture::mixtral:
+      return "mixtral";
+  }
+  return "?";
+}
+
+result<model_config> parse_config(std::string_view json_text, const std::string& source) {
+  json root = json::parse(json_text.begin(), json_text.end(), nullptr, false);
+  if (root.is_discarded())
+    return make_error(error_code::invalid_config, source + ": not valid JSON");
+  if (!root.is_object())
+    return make_error(error_code::invalid_config, source + ": expected a JSON object");
+
+  field_reader in{root, source};
+  model_config config;
+  std::string type = in.string_or("model_type", "");
+  if (in.failed())
+    return in.take_error();
+  if (type.empty())
+    return make_error(error_code::invalid_config, source + ": missing required field 'model_type'");
+
+  read_common(in, config);
+  if (type == "qwen3_moe") {
+    config.arch = architecture::qwen3_moe;
+    read_qwen(in, config);
+    config.qk_norm = true;
+    config.qkv_bias = config.o_bias = in.boolean_or("attention_bias", false);
+  } else if (type == "qwen2_moe") {
+    config.arch = architecture::qwen2_moe;
+    read_qwen(in, config);
+    config.shared_expert_intermediate_size = in.positive_int("shared_expert_intermediate_size");
+    config.qkv_bias = in.boolean_or("qkv_bias", true);
+  } else if (type == "mixtral") {
+    config.arch = architecture::mixtral;
+    config.rope_theta = in.positive_number_or("rope_theta", 1e6);
+    config.num_experts = in.positive_int("num_local_experts");
+    config.moe_intermediate_size = in.positive_int("intermediate_size");
+    config.norm_topk_prob = true;  // Mixtral always renormalises its top-k weights.
+    config.sparse_layers.assign(std::size_t(config.num_layers), true);
+    if (in.has("sliding_window"))
+      in.fail("sliding_window = " + root["sliding_window"].dump() +
+              " is not supported (sliding-window attention); use null");
+  } else {
+    return make_error(error_code::unsupported,
+                      source + ": model_type '" + type +
+                          "' is not supported (supported: qwen3_moe, qwen2_moe, mixtral)");
+  }
+  if (in.failed())
+    return in.take_error();
+
+  auto invalid = [&](const std::string& message) {
+    return make_error(error_code::invalid_config, source + ": " + message);
+  };
+  if (config.num_heads % config.num_kv_heads != 0)
+    return invalid("num_attention_heads (" + std::to_string(config.num_heads) +
+                   ") must be a multiple of num_key_value_heads (" +
+                   std::to_string(config.num_kv_heads) + ")");
+  if (config.head_dim % 2 != 0)
+    return invalid("head_dim (" + std::to_string(config.head_dim) + ") must be even for RoPE");
+  if (config.num_experts_per_tok > config.num_experts)
+    return invalid("num_experts_per_tok (" + std::to_string(config.num_experts_per_tok) +
+                   ") exceeds the number of experts (" + std::to_string(config.num_experts) + ")");
+  return config;
+}
+
+result<model_config> load_config(const std::filesystem::path& dir) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec))
+    return make_error(error_code::io_error, "model directory '" + dir.string() + "' does not exist");
+  std::filesystem::path file = dir / "config.json";
+  std::ifstream in{file};
+  if (!in)
+    return make_error(error_code::io_error, "cannot open '" + file.string() + "'");
+  std::stringstream text;
+  text << in.rdbuf();
+  return parse_config(text.str(), file.string());
+}
+
+std::int64_t parameter_breakdown::active_per_token(const model_config& config) const {
+  std::int64_t routed_per_layer_per_expert = 3 * config.hidden_size * config.moe_intermediate_size;
+  std::int64_t num_sparse = 0;
+  for (bool sparse : config.sparse_layers)
+    num_sparse += sparse;
+  return total() - routed_experts +
+         num_sparse * config.num_experts_per_tok * routed_per_layer_per_expert;
+}
+
+parameter_breakdown count_parameters(const model_config& c) {
+  parameter_breakdown p;
+  std::int64_t h = c.hidden_size;
+  p.embedding = c.vocab_size * h;
+  p.lm_head = c.tie_word_embeddings ? 0 : c.vocab_size * h;
+  p.norms = h;  // final norm
+  for (std::int64_t layer = 0; layer < c.num_layers; ++layer) {
+    p.attention += h * c.q_dim() + 2 * h * c.kv_dim() + c.q_dim() * h;
+    if (c.qkv_bias)
+      p.attention += c.q_dim() + 2 * c.kv_dim();
+    if (c.o_bias)
+      p.attention += h;
+    p.norms += 2 * h + (c.qk_norm ? 2 * c.head_dim : 0);
+    if (c.sparse_layers[std::size_t(layer)]) {
+      p.router += c.num_experts * h;
+      p.routed_experts += c.num_experts * 3 * h * c.moe_intermediate_size;
+      if (c.shared_expert_intermediate_size > 0)
+        p.shared_experts += 3 * h * c.shared_expert_intermediate_size + h;
+    } else {
+      p.dense_mlp += 3 * h * c.intermediate_size;
+    }
+  }
+  return p;
+}
+
+}  // namespace moert::model

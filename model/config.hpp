@@ -1,0 +1,88 @@
+#pragma once
+
+// The model description moert computes with, read from a Hugging Face config.json.
+//
+// Every field that changes the math is read; fields that only matter for training or for
+// features moert does not implement are checked so that a config asking for such a feature
+// (sliding-window attention, rope scaling, a non-SiLU activation) is refused with an error
+// naming the key instead of being silently computed differently.
+
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moert::model {
+
+enum class architecture { qwen3_moe, qwen2_moe, mixtral };
+
+std::string_view to_string(architecture arch);
+
+struct model_config {
+  architecture arch = architecture::qwen3_moe;
+  std::int64_t vocab_size = 0;
+  std::int64_t hidden_size = 0;
+  std::int64_t num_layers = 0;
+  std::int64_t num_heads = 0;
+  std::int64_t num_kv_heads = 0;
+  std::int64_t head_dim = 0;
+  double rope_theta = 10000.0;
+  float rms_norm_eps = 1e-6f;
+  std::int64_t max_position_embeddings = 0;
+
+  // Routed experts.
+  std::int64_t num_experts = 0;
+  std::int64_t num_experts_per_tok = 0;
+  std::int64_t moe_intermediate_size = 0;
+  // Renormalise the top-k routing weights to sum to 1 (always true for Mixtral).
+  bool norm_topk_prob = false;
+  // Dense MLP size for layers that are not sparse (0 when every layer is sparse).
+  std::int64_t intermediate_size = 0;
+  // qwen2_moe shared expert, gated by sigmoid(shared_expert_gate(x)); 0 = none.
+  std::int64_t shared_expert_intermediate_size = 0;
+  // Per layer: true = MoE block, false = dense MLP (decoder_sparse_step / mlp_only_layers).
+  std::vector<bool> sparse_layers;
+
+  bool qkv_bias = false;    // bias on q_proj, k_proj, v_proj
+  bool o_bias = false;      // bias on o_proj
+  bool qk_norm = false;     // per-head RMSNorm of q and k before RoPE (qwen3)
+  bool tie_word_embeddings = false;
+  dtype torch_dtype = dtype::f32;  // the declared storage type; compute is f32
+
+  std::int64_t q_dim() const { return num_heads * head_dim; }
+  std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
+  // Bytes of K+V cache per token and layer, in f32.
+  std::int64_t kv_bytes_per_token_per_layer() const { return 2 * kv_dim() * 4; }
+};
+
+// Parses config.json text. `source` names the file in error messages.
+result<model_config> parse_config(std::string_view json_text, const std::string& source);
+
+// Reads <dir>/config.json.
+result<model_config> load_config(const std::filesystem::path& dir);
+
+// Parameter count and f32 bytes of each part of the model, for `moert inspect`.
+struct parameter_breakdown {
+  std::int64_t embedding = 0;
+  std::int64_t attention = 0;
+  std::int64_t norms = 0;
+  std::int64_t router = 0;
+  std::int64_t routed_experts = 0;
+  std::int64_t shared_experts = 0;  // shared expert and its gate
+  std::int64_t dense_mlp = 0;
+  std::int64_t lm_head = 0;  // 0 when tied to the embedding
+  std::int64_t total() const {
+    return embedding + attention + norms + router + routed_experts + shared_experts +
+           dense_mlp + lm_head;
+  }
+  // Parameters touched per token: everything but the routed experts not chosen.
+  std::int64_t active_per_token(const model_config& config) const;
+};
+
+parameter_breakdown count_parameters(const model_config& config);
+
+}  // namespace moert::model

@@ -1,0 +1,108 @@
+#pragma once
+
+// The single-process reference forward (no actors): the oracle every distributed path is
+// compared against bit for bit. Semantics follow Hugging Face transformers for qwen3_moe,
+// qwen2_moe and mixtral (see docs/architecture.md, "Model semantics").
+//
+// Batch invariance: every kernel works per token with a fixed reduction order, experts are
+// combined in expert-index order, so a token's logits are the same bits whatever else is in
+// the batch and whatever the thread count (DESIGN.md §4).
+//
+// Thread safety: a reference_model may run one forward() at a time; it uses its own thread
+// pool inside. kv_cache objects belong to the caller.
+
+#include "core/error.hpp"
+#include "gpu/cpu/thread_pool.hpp"
+#include "model/config.hpp"
+#include "model/sampler.hpp"
+#include "model/weights.hpp"
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+namespace moert::model {
+
+// One sequence's keys and values, per layer, for positions [0, length()).
+class kv_cache {
+public:
+  explicit kv_cache(const model_config& config);
+
+  std::size_t length() const { return length_; }
+  std::size_t num_bytes() const;
+
+private:
+  friend class reference_model;
+  std::size_t row_floats_;
+  std::vector<std::vector<float>> keys_;    // per layer: length × kv_dim
+  std::vector<std::vector<float>> values_;  // per layer: length × kv_dim
+  std::size_t length_ = 0;
+};
+
+// Tokens to append to one sequence; they take positions cache->length() onwards.
+struct forward_segment {
+  kv_cache* cache;
+  std::span<const std::int32_t> tokens;
+};
+
+enum class logits_for { last_token, every_token };
+
+class reference_model {
+public:
+  reference_model(model_config config, model_weights weights, std::size_t num_threads);
+
+  const model_config& config() const { return config_; }
+  const model_weights& weights() const { return weights_; }
+  std::size_t num_threads() const { return pool_.num_threads(); }
+
+  // Runs all segments' tokens as one batch and appends them to their caches. Returns
+  // logits, vocab_size floats per row: one row per segment (its last token) or one per
+  // token in segment order. Out-of-range token ids or an empty segment are errors, and then
+  // no cache is modified.
+  result<std::vector<float>> forward(std::span<const forward_segment> segments, logits_for which);
+
+private:
+  void attention_block(std::size_t layer_idx, std::span<const forward_segment> segments,
+                       std::vector<float>& x);
+  void moe_block(const layer_weights& layer, const std::vector<float>& normed, std::size_t num_tokens,
+                 std::vector<float>& x);
+  void mlp(const mlp_weights& weights, const float* in, std::size_t num_rows, float* out,
+           cpu::thread_pool* pool) const;
+  const float* rope_table(std::size_t position);
+
+  model_config config_;
+  model_weights weights_;
+  cpu::thread_pool pool_;
+  std::vector<float> inv_freq_;
+  std::vector<float> rope_cos_sin_;  // per position: head_dim/2 cos, then head_dim/2 sin
+};
+
+struct generation_request {
+  std::uint64_t request_id = 0;
+  std::vector<std::int32_t> prompt;
+  std::size_t max_new_tokens = 0;
+  sampling_params sampling;
+};
+
+enum class decode_mode {
+  kv_cache,        // prefill once, then one token per step from the cache
+  full_recompute,  // re-run the whole sequence every step, no cache kept
+};
+
+// Wall-clock split of a generate() call, for throughput reports.
+struct generation_stats {
+  double prefill_seconds = 0.0;  // the first step: every prompt token
+  double decode_seconds = 0.0;   // every later step
+  std::size_t prompt_tokens = 0;
+  std::size_t decode_tokens = 0;  // tokens produced by the later steps
+};
+
+// Generates for all requests together (continuous batch of whatever is still running).
+// Returns the new tokens of each request, in request order.
+result<std::vector<std::vector<std::int32_t>>> generate(reference_model& model,
+                                                        std::span<const generation_request> requests,
+                                                        decode_mode mode,
+                                                        generation_stats* stats = nullptr);
+
+}  // namespace moert::model

@@ -1,0 +1,67 @@
+#pragma once
+
+// The weights of one model in compute layout: f32, linear layers packed for the
+// batch-invariant matmul (gpu/cpu/gemm.hpp), an expert's gate and up projections fused
+// into one matrix so a single pass produces both.
+//
+// Ownership: model_weights owns every buffer; it is immutable once loaded and may be read
+// from any thread.
+
+#include "core/error.hpp"
+#include "gpu/cpu/gemm.hpp"
+#include "model/config.hpp"
+#include "model/safetensors.hpp"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moert::model {
+
+struct linear_weights {
+  cpu::packed_matrix weight;  // [out, in]
+  std::vector<float> bias;    // empty when the layer has none
+};
+
+// A SwiGLU MLP: down(silu(gate(x)) · up(x)). gate_up rows [0, I) are gate, [I, 2I) up.
+struct mlp_weights {
+  cpu::packed_matrix gate_up;
+  cpu::packed_matrix down;
+  std::int64_t intermediate_size() const { return std::int64_t(down.cols()); }
+};
+
+struct attention_weights {
+  linear_weights q, k, v, o;
+  std::vector<float> q_norm, k_norm;  // per-head RMSNorm weights (qwen3), else empty
+};
+
+struct layer_weights {
+  std::vector<float> input_norm;
+  std::vector<float> post_attention_norm;
+  attention_weights attention;
+  // Sparse layers: router, experts and optional shared expert. Dense layers: dense_mlp.
+  cpu::packed_matrix router;  // [num_experts, hidden]
+  std::vector<mlp_weights> experts;
+  mlp_weights shared_expert;             // empty (0 columns) when absent
+  cpu::packed_matrix shared_expert_gate;  // [1, hidden], qwen2_moe
+  mlp_weights dense_mlp;
+};
+
+struct model_weights {
+  std::vector<float> embedding;  // [vocab, hidden], row per token id
+  std::vector<layer_weights> layers;
+  std::vector<float> final_norm;
+  cpu::packed_matrix lm_head;  // [vocab, hidden]; a packed copy of the embedding when tied
+  // Tensors found in the checkpoint that this architecture does not use.
+  std::vector<std::string> unexpected_tensors;
+};
+
+// Loads and validates every tensor the architecture needs: each must be present with the
+// expected shape (errors name the tensor and file). Unused tensors are listed, not fatal.
+result<model_weights> load_weights(const model_config& config, const checkpoint& source);
+
+// Seeded random weights for `config` (uniform, scaled by 1/sqrt(fan_in); norms near 1).
+// The same (config, seed) always gives the same bits.
+model_weights synthetic_weights(const model_config& config, std::uint64_t seed);
+
+}  // namespace moert::model

@@ -1,0 +1,130 @@
+// The `moert` binary as a user runs it: the default job works, eval writes the fixture
+// layout, and bad input gives one clear error line and a non-zero exit.
+#include <catch2/catch.hpp>
+
+#include "test_support.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct run_result {
+  int exit_code;
+  std::string out;
+  std::string err;
+};
+
+std::string slurp(const fs::path& path) {
+  std::ifstream in{path};
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+fs::path scratch_dir() {
+  fs::path dir = fs::temp_directory_path() / ("moert_cli_test_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  return dir;
+}
+
+run_result run(const std::string& args) {
+  fs::path dir = scratch_dir();
+  std::string cmd = std::string{MOERT_BINARY} + " " + args + " >" + (dir / "out").string() + " 2>" +
+                    (dir / "err").string();
+  int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
+}
+
+void write(const fs::path& path, const std::string& text) {
+  std::ofstream{path} << text;
+}
+
+void expect_error(const std::string& args, const std::string& needle) {
+  INFO("moert " << args);
+  auto r = run(args);
+  INFO("stderr: " << r.err);
+  CHECK(r.exit_code != 0);
+  CHECK(r.err.find(needle) != std::string::npos);
+  CHECK(r.err.find("moert: error: ") == 0);
+  CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+}
+
+}  // namespace
+
+TEST_CASE("generate runs the embedded default and reports throughput") {
+  auto r = run("generate --batch 2 --max-new-tokens 4 --threads 2");
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("embedded default") != std::string::npos);
+  CHECK(r.out.find("request 1:") != std::string::npos);
+  CHECK(r.out.find("tokens/s") != std::string::npos);
+  // Deterministic: the same command prints the same tokens.
+  auto again = run("generate --batch 2 --max-new-tokens 4 --threads 1");
+  auto tokens = [](const std::string& s) { return s.substr(s.find("request 0"), s.find("prefill") - s.find("request 0")); };
+  CHECK(tokens(again.out) == tokens(r.out));
+}
+
+TEST_CASE("inspect prints the components") {
+  auto r = run("inspect");
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("routed experts") != std::string::npos);
+  CHECK(r.out.find("KV cache") != std::string::npos);
+}
+
+TEST_CASE("eval writes the fixture layout and matches its greedy tokens") {
+  auto fixture = moert::test::fixture_dir("qwen3_moe_tiny");
+  if (fixture.empty()) {
+    moert::test::skip_whole_binary("../shared/fixtures/qwen3_moe_tiny not found");
+    return;
+  }
+  fs::path out = scratch_dir() / "eval.json";
+  auto r = run("eval --model " + fixture.string() + " --prompts " + (fixture / "prompts.json").string() +
+               " --greedy 8 --out " + out.string());
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  auto got = nlohmann::json::parse(slurp(out));
+  auto want = nlohmann::json::parse(slurp(fixture / "expected.json"));
+  REQUIRE(got["prompts"].size() == want["prompts"].size());
+  for (std::size_t i = 0; i < got["prompts"].size(); ++i) {
+    CHECK(got["prompts"][i]["greedy"] == want["prompts"][i]["greedy"]);
+    CHECK(got["prompts"][i]["last_logits"].size() == want["prompts"][i]["last_logits"].size());
+    CHECK(got["prompts"][i]["argmax"].size() == want["prompts"][i]["argmax"].size());
+  }
+}
+
+TEST_CASE("bad input: one clear error line, non-zero exit") {
+  fs::path dir = scratch_dir();
+  auto fixture = moert::test::fixture_dir("qwen3_moe_tiny");
+  expect_error("generate --model /nonexistent/dir", "/nonexistent/dir");
+  fs::create_directories(dir / "bad_json");
+  write(dir / "bad_json" / "config.json", "{\"model_type\": ");
+  expect_error("inspect --model " + (dir / "bad_json").string(), "not valid JSON");
+  fs::create_directories(dir / "f64");
+  write(dir / "f64" / "config.json",
+        R"({"model_type": "qwen3_moe", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 4,
+        "torch_dtype": "float64"})");
+  expect_error("inspect --model " + (dir / "f64").string(), "float64");
+  expect_error("generate --prompt 1,99999", "token id 99999");
+  expect_error("generate --prompt ,", "--prompt is empty");
+  if (!fixture.empty()) {
+    std::string model = " --model " + fixture.string();
+    write(dir / "big_id.json", "[[1, 2, 384]]");
+    expect_error("eval" + model + " --prompts " + (dir / "big_id.json").string() + " --out " + (dir / "o.json").string(),
+                 "token id 384");
+    write(dir / "empty.json", "[[1], []]");
+    expect_error("eval" + model + " --prompts " + (dir / "empty.json").string() + " --out " + (dir / "o.json").string(),
+                 "prompt 1 is empty");
+    write(dir / "notjson.json", "[[1, 2");
+    expect_error("eval" + model + " --prompts " + (dir / "notjson.json").string() + " --out " + (dir / "o.json").string(),
+                 "not valid JSON");
+  }
+}

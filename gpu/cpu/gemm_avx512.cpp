@@ -43,6 +43,11 @@ struct avx512 {
 #pragma GCC unroll 4
       for (std::size_t j = 0; j < panels; ++j)
         b[j] = _mm512_load_ps(w + j * t.panel_stride);
+      if constexpr (rows <= PFROWS) {
+#pragma GCC unroll 4
+        for (std::size_t j = 0; j < panels; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(w + j * t.panel_stride + PFD * pw), _MM_HINT_T0);
+      }
 #pragma GCC unroll 8
       for (std::size_t i = 0; i < rows; ++i) {
         const __m512 a = _mm512_set1_ps(x[i * t.x_stride]);

@@ -14,6 +14,8 @@
 #include "core/error.hpp"
 #include "gpu/cpu/thread_pool.hpp"
 #include "model/config.hpp"
+#include "model/kv_cache.hpp"
+#include "model/layers.hpp"
 #include "model/sampler.hpp"
 #include "model/weights.hpp"
 
@@ -23,22 +25,6 @@
 #include <vector>
 
 namespace moert::model {
-
-// One sequence's keys and values, per layer, for positions [0, length()).
-class kv_cache {
-public:
-  explicit kv_cache(const model_config& config);
-
-  std::size_t length() const { return length_; }
-  std::size_t num_bytes() const;
-
-private:
-  friend class reference_model;
-  std::size_t row_floats_;
-  std::vector<std::vector<float>> keys_;    // per layer: length × kv_dim
-  std::vector<std::vector<float>> values_;  // per layer: length × kv_dim
-  std::size_t length_ = 0;
-};
 
 // Tokens to append to one sequence; they take positions cache->length() onwards.
 struct forward_segment {
@@ -63,19 +49,12 @@ public:
   result<std::vector<float>> forward(std::span<const forward_segment> segments, logits_for which);
 
 private:
-  void attention_block(std::size_t layer_idx, std::span<const forward_segment> segments,
-                       std::vector<float>& x);
-  void moe_block(const layer_weights& layer, const std::vector<float>& normed, std::size_t num_tokens,
-                 std::vector<float>& x);
-  void mlp(const mlp_weights& weights, const float* in, std::size_t num_rows, float* out,
-           cpu::thread_pool* pool) const;
-  const float* rope_table(std::size_t position);
+  void moe_block(std::size_t layer, std::vector<float>& x);
 
   model_config config_;
   model_weights weights_;
   cpu::thread_pool pool_;
-  std::vector<float> inv_freq_;
-  std::vector<float> rope_cos_sin_;  // per position: head_dim/2 cos, then head_dim/2 sin
+  rope_table rope_;
 };
 
 struct generation_request {

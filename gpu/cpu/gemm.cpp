@@ -13,8 +13,8 @@ namespace moert::cpu {
 namespace {
 
 constexpr std::size_t pw = packed_matrix::panel_width;
-// Panels per parallel_for task: a multiple of every kernel's panel group, so thread
-// boundaries never split a group into narrower, slower tiles.
+// Panels per parallel_for task. Kernels group 1-4 panels per register tile, so a thread's
+// range ends in at most one narrower tile; finer tasks would balance little better.
 constexpr std::size_t task_panels = 4;
 
 gemm_kernel best_supported() {

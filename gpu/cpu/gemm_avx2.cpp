@@ -14,7 +14,7 @@ struct avx2 {
   static constexpr std::size_t max_rows = 6;
   static constexpr std::size_t max_panels = 2;
   static constexpr std::size_t panels_for(std::size_t rows) { return rows <= 3 ? 2 : 1; }
-  static constexpr std::size_t k_block(std::size_t rows) { return rows <= 8 ? ~std::size_t{0} : 512; }
+  static constexpr std::size_t k_block(std::size_t rows) { return rows <= 8 ? ~std::size_t{0} : 1024; }
 
   template <std::size_t rows, std::size_t panels>
   static void tile(const gemm_tile& t) {

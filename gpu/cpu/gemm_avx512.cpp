@@ -9,12 +9,13 @@ namespace moert::cpu {
 namespace {
 
 struct avx512 {
-  // 6 rows × 4 panels = 24 accumulators + 4 weight vectors + 1 broadcast of 32 zmm.
-  static constexpr std::size_t max_rows = 6;
+  // Of 32 zmm: 8 rows × 3 panels = 24 accumulators + 3 weight vectors + 1 broadcast;
+  // up to 6 rows take 4 panels, so decode still has 4 independent chains per row.
+  static constexpr std::size_t max_rows = 8;
   static constexpr std::size_t max_panels = 4;
-  static constexpr std::size_t panels_for(std::size_t) { return max_panels; }
+  static constexpr std::size_t panels_for(std::size_t rows) { return rows > 6 ? 3 : 4; }
   // Few rows are bound by streaming the weights once, so blocking K only adds y traffic.
-  static constexpr std::size_t k_block(std::size_t rows) { return rows <= 8 ? ~std::size_t{0} : 512; }
+  static constexpr std::size_t k_block(std::size_t rows) { return rows <= 8 ? ~std::size_t{0} : 1024; }
 
   template <std::size_t rows, std::size_t panels>
   static void tile(const gemm_tile& t) {
@@ -43,11 +44,6 @@ struct avx512 {
 #pragma GCC unroll 4
       for (std::size_t j = 0; j < panels; ++j)
         b[j] = _mm512_load_ps(w + j * t.panel_stride);
-      if constexpr (rows <= PFROWS) {
-#pragma GCC unroll 4
-        for (std::size_t j = 0; j < panels; ++j)
-          _mm_prefetch(reinterpret_cast<const char*>(w + j * t.panel_stride + PFD * pw), _MM_HINT_T0);
-      }
 #pragma GCC unroll 8
       for (std::size_t i = 0; i < rows; ++i) {
         const __m512 a = _mm512_set1_ps(x[i * t.x_stride]);

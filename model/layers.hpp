@@ -1,0 +1,90 @@
+#pragma once
+
+// The steps of one decoder layer, cut where disaggregated expert parallelism cuts it:
+//
+//   attention_step   norm → q/k/v → (q/k norm) → RoPE → cache → attention → o_proj → residual
+//   route_step       post-attention norm → router softmax → top-k, ordered by expert index
+//   side_ffn_step    what stays on the attention side: the dense MLP of a dense layer, or the
+//                    gated shared expert (qwen2_moe); nothing otherwise
+//   expert_step      one routed expert on a batch of rows
+//   combine_step     residual += Σ_k expert_k · weight_k (expert-index order) + side output
+//   logits_step      final norm → lm_head
+//
+// The reference forward and the actor runtime call these same functions, which is what makes
+// the two bit-identical: every step is per row with a fixed reduction order (DESIGN.md §4).
+//
+// Units: element counts; rows are hidden_size floats. Thread safety: functions of their
+// arguments; `pool` (may be null) is used by one caller at a time.
+
+#include "gpu/cpu/thread_pool.hpp"
+#include "model/config.hpp"
+#include "model/kv_cache.hpp"
+#include "model/weights.hpp"
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace moert::model {
+
+// cos/sin of RoPE per position, computed as Hugging Face does (f32 angle = pos · inv_freq).
+// Grown on demand; not thread-safe while growing.
+class rope_table {
+public:
+  explicit rope_table(const model_config& config);
+  // Makes positions [0, max_position] available.
+  void ensure(std::size_t max_position);
+  // head_dim/2 cos values followed by head_dim/2 sin values.
+  const float* row(std::size_t position) const { return cos_sin_.data() + position * 2 * inv_freq_.size(); }
+
+private:
+  std::vector<float> inv_freq_;
+  std::vector<float> cos_sin_;
+};
+
+// Where a row's token lives. The cache must have been grown to hold `position`.
+struct token_slot {
+  kv_cache* cache;
+  std::size_t position;
+};
+
+struct routed_slot {
+  std::int32_t expert;
+  float weight;
+};
+
+// x: rows × hidden residual stream, updated in place. `rope` must cover every position.
+void attention_step(const model_config& config, const model_weights& weights, const rope_table& rope,
+                    std::size_t layer, std::span<const token_slot> tokens, float* x,
+                    cpu::thread_pool* pool);
+
+// normed (rows × hidden) = post-attention norm of x. For sparse layers, routes
+// (rows × top_k) = the top-k experts by router probability, sorted by expert index.
+void route_step(const model_config& config, const model_weights& weights, std::size_t layer,
+                const float* x, std::size_t num_rows, float* normed, routed_slot* routes,
+                cpu::thread_pool* pool);
+
+// True when this layer has attention-side FFN work (dense MLP or shared expert).
+bool has_side_ffn(const model_config& config, std::size_t layer);
+
+// out (rows × hidden) = dense MLP, or sigmoid(shared_expert_gate) · shared_expert, of normed.
+void side_ffn_step(const model_config& config, const model_weights& weights, std::size_t layer,
+                   const float* normed, std::size_t num_rows, float* out, cpu::thread_pool* pool);
+
+// out (rows × hidden) = SwiGLU MLP of `expert` in `layer` on `in`.
+void expert_step(const model_weights& weights, std::size_t layer, std::size_t expert, const float* in,
+                 std::size_t num_rows, float* out, cpu::thread_pool* pool);
+
+// Scales an expert's output row by its routing weight, as the combine expects it.
+void weight_row(const float* y, float weight, std::size_t hidden, float* out);
+
+// x[r] += (Σ_k weighted[r][k]) + side[r], the sum from zero in slot order (= expert order).
+// weighted: rows × top_k × hidden (already multiplied by the routing weight); side may be null.
+void combine_step(std::size_t hidden, std::size_t top_k, const float* weighted, const float* side,
+                  std::size_t num_rows, float* x);
+
+// logits (rows × vocab) = lm_head(final_norm(x rows)).
+void logits_step(const model_config& config, const model_weights& weights, const float* x,
+                 std::size_t num_rows, float* logits, cpu::thread_pool* pool);
+
+}  // namespace moert::model

@@ -1,0 +1,81 @@
+#include "policy/defrag.hpp"
+
+namespace moert::policy {
+
+std::string_view to_string(queue_policy policy) {
+  switch (policy) {
+    case queue_policy::defrag:
+      return "defrag";
+    case queue_policy::mtfs:
+      return "mtfs";
+    case queue_policy::flfs:
+      return "flfs";
+  }
+  return "?";
+}
+
+std::optional<queue_policy> parse_queue_policy(std::string_view name) {
+  for (auto policy : {queue_policy::defrag, queue_policy::mtfs, queue_policy::flfs})
+    if (name == to_string(policy))
+      return policy;
+  if (name == "MTFS")
+    return queue_policy::mtfs;
+  if (name == "FLFS")
+    return queue_policy::flfs;
+  return std::nullopt;
+}
+
+double lookahead_score(const queue_matrix& queues, std::size_t layer, const defrag_params& params) {
+  std::size_t num_layers = queues.num_layers();
+  double score = 0.0;
+  double decay = 1.0;
+  for (std::size_t k = 1; k <= params.lookahead; ++k) {
+    decay *= params.delta;
+    std::size_t next = (layer + k) % num_layers;
+    std::size_t total = 0;
+    for (std::size_t e = 0; e < queues.num_experts(); ++e)
+      total += queues.tokens(next, e);
+    score += decay * double(total) / double(queues.num_experts());
+  }
+  return score;
+}
+
+std::optional<queue_choice> pick_queue(const queue_matrix& queues, queue_policy policy,
+                                       const defrag_params& params, std::chrono::nanoseconds now) {
+  std::optional<queue_choice> best;
+  double best_score = 0.0;
+  // Strict comparisons in (layer, expert) order keep the lowest index on ties.
+  auto offer = [&](std::size_t b, std::size_t e, double score, bool urgent) {
+    if (!best || score > best_score) {
+      best = queue_choice{b, e, urgent};
+      best_score = score;
+    }
+  };
+
+  if (params.max_wait.count() > 0) {
+    for (std::size_t b = 0; b < queues.num_layers(); ++b)
+      for (std::size_t e = 0; e < queues.num_experts(); ++e)
+        if (queues.tokens(b, e) > 0 && now - queues.oldest(b, e) > params.max_wait)
+          offer(b, e, -double(queues.oldest(b, e).count()), true);  // oldest first
+    if (best)
+      return best;
+  }
+
+  for (std::size_t b = 0; b < queues.num_layers(); ++b) {
+    double layer_bonus = 0.0;
+    if (policy == queue_policy::defrag)
+      layer_bonus = lookahead_score(queues, b, params);
+    else if (policy == queue_policy::flfs)
+      layer_bonus = -double(b);
+    for (std::size_t e = 0; e < queues.num_experts(); ++e) {
+      std::size_t tokens = queues.tokens(b, e);
+      if (tokens == 0)
+        continue;
+      double own = policy == queue_policy::flfs ? 0.0 : double(tokens);
+      offer(b, e, layer_bonus + own, false);
+    }
+  }
+  return best;
+}
+
+}  // namespace moert::policy

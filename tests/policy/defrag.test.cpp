@@ -1,0 +1,78 @@
+#include <catch2/catch.hpp>
+
+#include "policy/defrag.hpp"
+
+using namespace moert::policy;
+using namespace std::chrono_literals;
+
+namespace {
+
+// amoe-eps.md §2.8 worked example: δ 0.8, K 7, 8 layers, 2 experts, Q[3] = [2, 1], Q[4] = [5, 4].
+queue_matrix worked_example() {
+  queue_matrix q{8, 2};
+  q.set(3, 0, 2);
+  q.set(3, 1, 1);
+  q.set(4, 0, 5);
+  q.set(4, 1, 4);
+  return q;
+}
+
+defrag_params no_guard() {
+  defrag_params p;
+  p.max_wait = 0ns;
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("defrag scores match the worked example, including the wrap-around") {
+  auto q = worked_example();
+  auto p = no_guard();
+  CHECK(lookahead_score(q, 3, p) == Approx(3.6));
+  CHECK(lookahead_score(q, 4, p) == Approx(0.3146).epsilon(1e-3));  // wraps to layer 3
+  CHECK(lookahead_score(q, 0, p) == Approx(2.6112));
+  CHECK(lookahead_score(q, 5, p) == Approx(1.3369).epsilon(1e-3));
+  CHECK(lookahead_score(q, 7, p) == Approx(2.089).epsilon(1e-3));
+  CHECK(pick_queue(q, queue_policy::defrag, p, 0ns) == queue_choice{3, 0, false});
+  CHECK(pick_queue(q, queue_policy::mtfs, p, 0ns) == queue_choice{4, 0, false});
+  CHECK(pick_queue(q, queue_policy::flfs, p, 0ns) == queue_choice{3, 0, false});
+}
+
+TEST_CASE("empty queues are never picked; all empty gives nothing") {
+  queue_matrix q{4, 3};
+  CHECK_FALSE(pick_queue(q, queue_policy::defrag, no_guard(), 0ns).has_value());
+  q.set(2, 2, 1);
+  for (auto policy : {queue_policy::defrag, queue_policy::mtfs, queue_policy::flfs})
+    CHECK(pick_queue(q, policy, no_guard(), 0ns) == queue_choice{2, 2, false});
+}
+
+TEST_CASE("ties go to the lowest (layer, expert) index") {
+  queue_matrix q{2, 2};
+  q.set(0, 1, 3);
+  q.set(1, 0, 3);
+  defrag_params p = no_guard();
+  p.lookahead = 0;  // own tokens only: both score 3
+  CHECK(pick_queue(q, queue_policy::defrag, p, 0ns) == queue_choice{0, 1, false});
+  CHECK(pick_queue(q, queue_policy::mtfs, p, 0ns) == queue_choice{0, 1, false});
+  q.set(0, 0, 3);
+  CHECK(pick_queue(q, queue_policy::mtfs, p, 0ns) == queue_choice{0, 0, false});
+}
+
+TEST_CASE("the max_wait guard serves the oldest overdue queue first") {
+  auto q = worked_example();
+  q.set(3, 0, 2, 50ms);
+  q.set(3, 1, 1, 10ms);
+  q.set(4, 0, 5, 5ms);
+  q.set(4, 1, 4, 90ms);
+  defrag_params p;
+  p.max_wait = 100ms;
+  CHECK(pick_queue(q, queue_policy::defrag, p, 100ms) == queue_choice{3, 0, false});  // none overdue
+  CHECK(pick_queue(q, queue_policy::defrag, p, 111ms) == queue_choice{4, 0, true});   // (4,0) arrived at 5 ms
+  CHECK(pick_queue(q, queue_policy::flfs, p, 200ms) == queue_choice{4, 0, true});
+}
+
+TEST_CASE("policy names parse") {
+  CHECK(parse_queue_policy("defrag") == queue_policy::defrag);
+  CHECK(parse_queue_policy("MTFS") == queue_policy::mtfs);
+  CHECK_FALSE(parse_queue_policy("lifo").has_value());
+}

@@ -59,11 +59,6 @@ std::string cell(const stats& s) {
   return buf;
 }
 
-const char* env_or(const char* name, const char* fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr ? v : fallback;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -79,9 +74,12 @@ int main(int argc, char** argv) {
   const int reps = quick ? 3 : 7;
   const double min_seconds = quick ? 0.02 : 0.1;
 
-  std::printf("# reproduce: OPENBLAS_CORETYPE=%s OPENBLAS_L2_SIZE=%s MOERT_GEMM_KERNEL=%s",
-              env_or("OPENBLAS_CORETYPE", ""), env_or("OPENBLAS_L2_SIZE", ""),
-              env_or("MOERT_GEMM_KERNEL", ""));
+  // The environment picks both libraries' kernels, so it is part of the command.
+  std::printf("# reproduce:");
+  for (const char* name : {"OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+                           "MOERT_GEMM_KERNEL"})
+    if (const char* value = std::getenv(name))
+      std::printf(" %s=%s", name, value);
   for (int i = 0; i < argc; ++i)
     std::printf(" %s", argv[i]);
   std::printf("\n# moert kernel: %s   openblas core: %s   reps: %d x >= %.2f s\n",

@@ -1,4 +1,5 @@
 #include "commands.hpp"
+#include "policy_commands.hpp"
 
 #include <cstdio>
 #include <exception>
@@ -16,6 +17,9 @@ int main(int argc, char** argv) {
   add(moert::cli::add_generate_command);
   add(moert::cli::add_eval_command);
   add(moert::cli::add_inspect_command);
+  add(moert::cli::add_solve_command);
+  add(moert::cli::add_simulate_command);
+  add(moert::cli::add_calibrate_command);
   CLI11_PARSE(app, argc, argv);
   try {
     for (auto& [sub, run] : commands)

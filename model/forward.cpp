@@ -112,7 +112,10 @@ void reference_model::moe_block(std::size_t layer, std::vector<float>& x) {
     side.resize(num_tokens * hidden);
     side_ffn_step(c, weights_, layer, normed.data(), num_tokens, side.data(), &pool_);
   }
-  combine_step(hidden, top_k, weighted.data(), side.empty() ? nullptr : side.data(), num_tokens, x.data());
+  std::vector<const float*> weighted_rows(routes.size());
+  for (std::size_t i = 0; i < routes.size(); ++i)
+    weighted_rows[i] = weighted.data() + i * hidden;
+  combine_step(hidden, top_k, weighted_rows.data(), side.empty() ? nullptr : side.data(), num_tokens, x.data());
 }
 
 // -- generation ---------------------------------------------------------------

@@ -191,13 +191,13 @@ void weight_row(const float* y, float weight, std::size_t hidden, float* out) {
     out[i] = y[i] * weight;
 }
 
-void combine_step(std::size_t hidden, std::size_t top_k, const float* weighted, const float* side,
+void combine_step(std::size_t hidden, std::size_t top_k, const float* const* weighted, const float* side,
                   std::size_t num_rows, float* x) {
   std::vector<float> combined(hidden);
   for (std::size_t t = 0; t < num_rows; ++t) {
     std::fill(combined.begin(), combined.end(), 0.0f);
     for (std::size_t s = 0; s < top_k; ++s) {
-      const float* y = weighted + (t * top_k + s) * hidden;
+      const float* y = weighted[t * top_k + s];
       for (std::size_t i = 0; i < hidden; ++i)
         combined[i] += y[i];
     }

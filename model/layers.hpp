@@ -78,9 +78,10 @@ void expert_step(const model_weights& weights, std::size_t layer, std::size_t ex
 // Scales an expert's output row by its routing weight, as the combine expects it.
 void weight_row(const float* y, float weight, std::size_t hidden, float* out);
 
-// x[r] += (Σ_k weighted[r][k]) + side[r], the sum from zero in slot order (= expert order).
-// weighted: rows × top_k × hidden (already multiplied by the routing weight); side may be null.
-void combine_step(std::size_t hidden, std::size_t top_k, const float* weighted, const float* side,
+// x[r] += (Σ_k weighted[r·top_k + k]) + side[r], the sum from zero in slot order (= expert
+// order). weighted: rows × top_k row pointers, each already multiplied by its routing weight
+// (they may point into different expert-output blocks); side may be null.
+void combine_step(std::size_t hidden, std::size_t top_k, const float* const* weighted, const float* side,
                   std::size_t num_rows, float* x);
 
 // logits (rows × vocab) = lm_head(final_norm(x rows)).

@@ -1,0 +1,357 @@
+#include "actors/attention_shard.hpp"
+
+#include "model/sampler.hpp"
+
+#include <algorithm>
+
+namespace moert::actors {
+
+namespace {
+
+// Completions posted by the shard's own device tasks.
+using attention_done_atom = caf::atom_constant<caf::atom("attn_done")>;
+using side_done_atom = caf::atom_constant<caf::atom("side_done")>;
+using final_done_atom = caf::atom_constant<caf::atom("final_done")>;
+
+}  // namespace
+
+attention_shard::attention_shard(caf::actor_config& cfg, const runtime_context* ctx, std::uint32_t shard_idx,
+                                 device* dev, std::vector<caf::actor> queues, caf::actor ingress,
+                                 execution_plan plan)
+    : caf::event_based_actor(cfg),
+      ctx_(ctx),
+      shard_idx_(shard_idx),
+      device_(dev),
+      queues_(std::move(queues)),
+      ingress_(std::move(ingress)),
+      plan_(plan),
+      next_plan_(plan),
+      rope_(ctx->config) {}
+
+caf::behavior attention_shard::make_behavior() {
+  return {
+    [this](admit_request& request) { admit(std::move(request)); },
+    [this](cancel_atom, std::uint64_t id) { cancel(id); },
+    [this](plan_update& update) {
+      next_plan_ = update.plan;  // applied between steps
+      if (!step_running_)
+        plan_ = next_plan_;
+    },
+    [this](step_atom) { start_step(); },
+    [this](attention_done_atom, std::uint64_t step, std::uint32_t mb) {
+      if (step == step_)
+        on_attention_done(mb);
+    },
+    [this](side_done_atom, std::uint64_t step, std::uint32_t mb) {
+      if (step == step_)
+        on_side_done(mb);
+    },
+    [this](final_done_atom, std::uint64_t step, std::uint32_t mb, std::vector<std::int32_t>& tokens,
+           std::vector<std::vector<float>>& logits) {
+      if (step == step_)
+        on_final_done(mb, std::move(tokens), std::move(logits));
+    },
+    [this](expert_outputs& out) { on_expert_outputs(out); },
+  };
+}
+
+void attention_shard::admit(admit_request request) {
+  std::uint64_t id = request.request_id;
+  sequences_.emplace(id, sequence{std::move(request), model::kv_cache{ctx_->config}, {}, false});
+  order_.push_back(id);
+  if (!step_running_)
+    send(this, step_atom::value);
+}
+
+void attention_shard::cancel(std::uint64_t request_id) {
+  auto it = sequences_.find(request_id);
+  if (it == sequences_.end())
+    return;
+  it->second.cancelled = true;
+  if (!step_running_)
+    send(this, step_atom::value);
+}
+
+void attention_shard::finish_request(std::uint64_t id, const std::string& error) {
+  auto it = sequences_.find(id);
+  const admit_request& req = it->second.request;
+  if (!error.empty() && req.sink)
+    (*req.sink)(token_event{id, -1, it->second.generated.size(), true, {}, error});
+  send(ingress_, done_atom::value, id, std::uint64_t(req.kv_tokens()));
+  sequences_.erase(it);
+  order_.erase(std::find(order_.begin(), order_.end(), id));
+}
+
+void attention_shard::start_step() {
+  if (step_running_)
+    return;
+  plan_ = next_plan_;
+  std::vector<std::uint64_t> cancelled;
+  for (std::uint64_t id : order_)
+    if (sequences_.at(id).cancelled)
+      cancelled.push_back(id);
+  for (std::uint64_t id : cancelled)
+    finish_request(id, "cancelled");
+  if (order_.empty())
+    return;
+
+  // Continuous batching: every live sequence takes part; new ones feed their whole prompt.
+  std::size_t num_sequences = order_.size();
+  std::size_t r1 = std::max<std::size_t>(1, plan_.r1);
+  std::size_t per_batch = plan_.m_a > 0 ? plan_.m_a : (num_sequences + r1 - 1) / r1;
+  ++step_;
+  step_running_ = true;
+  batches_.clear();
+  batches_finished_ = 0;
+  std::size_t hidden = std::size_t(ctx_->config.hidden_size);
+  std::size_t max_position = 0;
+  for (std::size_t first = 0; first < num_sequences; first += per_batch) {
+    micro_batch& mb = batches_.emplace_back();
+    for (std::size_t s = first; s < std::min(num_sequences, first + per_batch); ++s) {
+      std::uint64_t id = order_[s];
+      sequence& seq = sequences_.at(id);
+      mb.sequence_ids.push_back(id);
+      const std::vector<std::int32_t>& feed =
+          seq.generated.empty() ? seq.request.prompt : std::vector<std::int32_t>{seq.generated.back()};
+      seq.cache.grow(feed.size());
+      for (std::size_t j = 0; j < feed.size(); ++j) {
+        mb.tokens.push_back({&seq.cache, seq.cache.length() + j});
+        mb.input_ids.push_back(feed[j]);
+      }
+      mb.last_rows.push_back(mb.tokens.size() - 1);
+      max_position = std::max(max_position, seq.cache.length() + feed.size() - 1);
+    }
+    mb.x.resize(mb.tokens.size() * hidden);
+  }
+  rope_.ensure(max_position);  // no task is in flight between steps
+  pump();
+}
+
+// Chooses the next segment for the idle device: in ASAS and PPPipe a micro-batch's
+// attention-side FFN follows its attention; in AASS every ready attention goes first.
+void attention_shard::pump() {
+  if (device_busy_ || !step_running_)
+    return;
+  bool alternate = plan_.order != segment_order::aass;
+  if (alternate)
+    for (std::size_t i = 0; i < batches_.size(); ++i)
+      if (batches_[i].side_pending && !batches_[i].side_running)
+        return run_side(i);
+  for (std::size_t i = 0; i < batches_.size(); ++i)
+    if (batches_[i].ready_attention)
+      return run_attention(i);
+  for (std::size_t i = 0; i < batches_.size(); ++i)
+    if (batches_[i].side_pending && !batches_[i].side_running)
+      return run_side(i);
+  for (std::size_t i = 0; i < batches_.size(); ++i)
+    if (batches_[i].ready_final)
+      return run_final(i);
+}
+
+void attention_shard::run_attention(std::size_t mb_idx) {
+  micro_batch& mb = batches_[mb_idx];
+  const model::model_config& c = ctx_->config;
+  mb.ready_attention = false;
+  device_busy_ = true;
+  std::size_t layer = mb.layer;
+  std::size_t hidden = std::size_t(c.hidden_size);
+  std::size_t next_top_k = c.sparse_layers[layer] ? std::size_t(c.num_experts_per_tok) : 0;
+  auto normed = std::make_shared<row_block>();
+  normed->row_floats = hidden;
+  normed->data.resize(mb.tokens.size() * hidden);
+  mb.routes.assign(mb.tokens.size() * next_top_k, {});
+  caf::actor self = caf::actor_cast<caf::actor>(this);
+  std::uint64_t step = step_;
+  device_->post("attention L" + std::to_string(layer) + " mb" + std::to_string(mb_idx),
+                [this, &mb, layer, normed, self, step, mb_idx, hidden](cpu::thread_pool& pool) {
+                  const model::model_config& cfg = ctx_->config;
+                  if (layer == 0) {
+                    for (std::size_t r = 0; r < mb.input_ids.size(); ++r)
+                      std::copy_n(ctx_->weights->embedding.data() + std::size_t(mb.input_ids[r]) * hidden, hidden,
+                                  mb.x.data() + r * hidden);
+                  } else {
+                    model::combine_step(hidden, mb.top_k, mb.weighted.data(), mb.side.empty() ? nullptr : mb.side.data(),
+                                        mb.tokens.size(), mb.x.data());
+                  }
+                  model::attention_step(cfg, *ctx_->weights, rope_, layer, mb.tokens, mb.x.data(), &pool);
+                  model::route_step(cfg, *ctx_->weights, layer, mb.x.data(), mb.tokens.size(), normed->data.data(),
+                                    mb.routes.data(), &pool);
+                  caf::anon_send(self, attention_done_atom::value, step, std::uint32_t(mb_idx));
+                });
+  mb.normed = normed;
+}
+
+void attention_shard::on_attention_done(std::size_t mb_idx) {
+  device_busy_ = false;
+  micro_batch& mb = batches_[mb_idx];
+  const model::model_config& c = ctx_->config;
+  mb.attention_done = true;
+  mb.top_k = c.sparse_layers[mb.layer] ? std::size_t(c.num_experts_per_tok) : 0;
+  mb.held.clear();
+  mb.weighted.assign(mb.tokens.size() * mb.top_k, nullptr);
+  mb.outputs_pending = mb.tokens.size() * mb.top_k;
+  mb.side_pending = model::has_side_ffn(c, mb.layer);
+  if (!mb.side_pending)
+    mb.side.clear();
+  // PPPipe dispatches after the attention-side FFN, or at once when there is none.
+  if (mb.top_k > 0 && (plan_.order != segment_order::pppipe || !mb.side_pending))
+    send_a2e(mb_idx);
+  maybe_join(mb_idx);
+  pump();
+}
+
+void attention_shard::run_side(std::size_t mb_idx) {
+  micro_batch& mb = batches_[mb_idx];
+  mb.side_running = true;
+  device_busy_ = true;
+  std::size_t layer = mb.layer;
+  mb.side.resize(mb.tokens.size() * std::size_t(ctx_->config.hidden_size));
+  caf::actor self = caf::actor_cast<caf::actor>(this);
+  std::uint64_t step = step_;
+  device_->post("shared/dense L" + std::to_string(layer) + " mb" + std::to_string(mb_idx),
+                [this, &mb, layer, self, step, mb_idx](cpu::thread_pool& pool) {
+                  model::side_ffn_step(ctx_->config, *ctx_->weights, layer, mb.normed->data.data(), mb.tokens.size(),
+                                       mb.side.data(), &pool);
+                  caf::anon_send(self, side_done_atom::value, step, std::uint32_t(mb_idx));
+                });
+}
+
+void attention_shard::on_side_done(std::size_t mb_idx) {
+  device_busy_ = false;
+  micro_batch& mb = batches_[mb_idx];
+  mb.side_pending = false;
+  mb.side_running = false;
+  if (mb.top_k > 0 && plan_.order == segment_order::pppipe)
+    send_a2e(mb_idx);
+  maybe_join(mb_idx);
+  pump();
+}
+
+// One message per (chunk, expert device) carrying every route of that chunk to that device.
+void attention_shard::send_a2e(std::size_t mb_idx) {
+  micro_batch& mb = batches_[mb_idx];
+  std::size_t num_rows = mb.tokens.size();
+  std::size_t num_devices = queues_.size();
+  std::size_t r2 = plan_.order == segment_order::pppipe ? 1 : std::max<std::size_t>(1, std::min(plan_.r2, num_rows));
+  caf::actor self = caf::actor_cast<caf::actor>(this);
+  for (std::size_t chunk = 0; chunk < r2; ++chunk) {
+    std::size_t begin = chunk * num_rows / r2, end = (chunk + 1) * num_rows / r2;
+    std::vector<routed_tokens> messages(num_devices);
+    for (std::size_t row = begin; row < end; ++row)
+      for (std::size_t k = 0; k < mb.top_k; ++k) {
+        const model::routed_slot& route = mb.routes[row * mb.top_k + k];
+        std::size_t dev = ctx_->device_of(std::size_t(route.expert));
+        messages[dev].routes.push_back({std::uint32_t(row), std::uint32_t(row * mb.top_k + k),
+                                        std::uint32_t(ctx_->local_index(std::size_t(route.expert))), route.weight});
+      }
+    for (std::size_t dev = 0; dev < num_devices; ++dev) {
+      if (messages[dev].routes.empty())
+        continue;
+      routed_tokens& msg = messages[dev];
+      msg.key = {shard_idx_, step_, std::uint32_t(mb_idx), std::uint32_t(mb.layer)};
+      msg.chunk = std::uint32_t(chunk);
+      msg.rows = mb.normed;
+      msg.reply_to = self;
+      ctx_->stats->count_messages(1);
+      send(queues_[dev], std::move(msg));
+    }
+  }
+}
+
+void attention_shard::on_expert_outputs(expert_outputs& out) {
+  if (out.key.step != step_ || out.key.micro_batch >= batches_.size())
+    return;
+  micro_batch& mb = batches_[out.key.micro_batch];
+  if (out.key.layer != mb.layer)
+    return;
+  for (std::size_t i = 0; i < out.slots.size(); ++i) {
+    if (mb.weighted[out.slots[i]] != nullptr)
+      continue;  // a duplicate delivery: the first copy already counted
+    mb.weighted[out.slots[i]] = out.rows->row(out.rows_idx[i]);
+    --mb.outputs_pending;
+  }
+  mb.held.push_back(std::move(out.rows));
+  maybe_join(out.key.micro_batch);
+  pump();
+}
+
+void attention_shard::maybe_join(std::size_t mb_idx) {
+  micro_batch& mb = batches_[mb_idx];
+  if (!mb.attention_done || mb.side_pending || mb.outputs_pending > 0)
+    return;
+  mb.attention_done = false;
+  ++mb.layer;
+  if (mb.layer == std::size_t(ctx_->config.num_layers))
+    mb.ready_final = true;
+  else
+    mb.ready_attention = true;
+}
+
+void attention_shard::run_final(std::size_t mb_idx) {
+  micro_batch& mb = batches_[mb_idx];
+  mb.ready_final = false;
+  device_busy_ = true;
+  std::vector<model::sampling_params> params;
+  std::vector<std::uint64_t> ids;
+  std::vector<std::size_t> positions;
+  std::vector<bool> want_logits;
+  for (std::uint64_t id : mb.sequence_ids) {
+    const sequence& seq = sequences_.at(id);
+    ids.push_back(id);
+    params.push_back(seq.request.sampling);
+    positions.push_back(seq.request.prompt.size() + seq.generated.size());
+    want_logits.push_back(seq.request.return_logits);
+  }
+  caf::actor self = caf::actor_cast<caf::actor>(this);
+  std::uint64_t step = step_;
+  device_->post("lm_head mb" + std::to_string(mb_idx), [this, &mb, self, step, mb_idx, params, ids, positions,
+                                                         want_logits](cpu::thread_pool& pool) {
+    const model::model_config& c = ctx_->config;
+    std::size_t hidden = std::size_t(c.hidden_size);
+    std::size_t vocab = std::size_t(c.vocab_size);
+    model::combine_step(hidden, mb.top_k, mb.weighted.data(), mb.side.empty() ? nullptr : mb.side.data(),
+                        mb.tokens.size(), mb.x.data());
+    std::vector<float> rows;
+    for (std::size_t r : mb.last_rows)
+      rows.insert(rows.end(), mb.x.begin() + std::ptrdiff_t(r * hidden), mb.x.begin() + std::ptrdiff_t((r + 1) * hidden));
+    std::vector<float> logits(mb.last_rows.size() * vocab);
+    model::logits_step(c, *ctx_->weights, rows.data(), mb.last_rows.size(), logits.data(), &pool);
+    std::vector<std::int32_t> tokens;
+    std::vector<std::vector<float>> kept;
+    for (std::size_t s = 0; s < ids.size(); ++s) {
+      std::span<const float> row{logits.data() + s * vocab, vocab};
+      tokens.push_back(model::sample(row, params[s], ids[s], positions[s]));
+      kept.push_back(want_logits[s] ? std::vector<float>(row.begin(), row.end()) : std::vector<float>{});
+    }
+    caf::anon_send(self, final_done_atom::value, step, std::uint32_t(mb_idx), std::move(tokens), std::move(kept));
+  });
+}
+
+void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t> tokens,
+                                    std::vector<std::vector<float>> logits) {
+  device_busy_ = false;
+  micro_batch& mb = batches_[mb_idx];
+  mb.finished = true;
+  for (std::size_t s = 0; s < mb.sequence_ids.size(); ++s) {
+    std::uint64_t id = mb.sequence_ids[s];
+    sequence& seq = sequences_.at(id);
+    std::size_t fed = seq.generated.empty() ? seq.request.prompt.size() : 1;
+    seq.cache.advance(fed);
+    seq.generated.push_back(tokens[s]);
+    bool last = seq.generated.size() >= seq.request.max_new_tokens;
+    if (seq.request.sink)
+      (*seq.request.sink)(token_event{id, tokens[s], seq.generated.size() - 1, last, std::move(logits[s]), {}});
+    ctx_->stats->count_tokens(1);
+    if (last)
+      finish_request(id, {});
+  }
+  if (++batches_finished_ == batches_.size()) {
+    step_running_ = false;
+    batches_.clear();
+    send(this, step_atom::value);
+    return;
+  }
+  pump();
+}
+
+}  // namespace moert::actors

@@ -1,0 +1,97 @@
+#pragma once
+
+// One attention device: owns the KV cache of every request pinned to it, runs continuous
+// batching (requests join and leave between steps), and executes each step as the plan says:
+// r1 micro-batches, A2E in r2 chunks, attention and attention-side FFN segments in AASS, ASAS
+// or PPPipe order. Expert outputs are joined per (request, layer) in expert-index order.
+//
+// Kernels run on the shard's device; the actor only decides and moves leases (never blocks).
+
+#include "actors/device.hpp"
+#include "actors/protocol.hpp"
+#include "actors/runtime.hpp"
+#include "model/kv_cache.hpp"
+
+#include <caf/all.hpp>
+
+#include <deque>
+#include <map>
+#include <memory>
+
+namespace moert::actors {
+
+class attention_shard : public caf::event_based_actor {
+public:
+  // `queues[d]` is the mu_queue of expert device d; `ingress` hears when a request ends.
+  attention_shard(caf::actor_config& cfg, const runtime_context* ctx, std::uint32_t shard_idx,
+                  device* dev, std::vector<caf::actor> queues, caf::actor ingress,
+                  execution_plan plan);
+
+  caf::behavior make_behavior() override;
+
+private:
+  struct sequence {
+    admit_request request;
+    model::kv_cache cache;
+    std::vector<std::int32_t> generated;
+    bool cancelled = false;
+  };
+
+  // Per micro-batch state of the running step. Buffers are written by device tasks; the actor
+  // only touches a buffer while no task that uses it is queued or running.
+  struct micro_batch {
+    std::vector<std::uint64_t> sequence_ids;
+    std::vector<model::token_slot> tokens;  // one per row
+    std::vector<std::int32_t> input_ids;
+    std::vector<std::size_t> last_rows;     // the row of each sequence's last token
+    std::vector<float> x;                   // residual stream, rows × hidden
+    std::shared_ptr<row_block> normed;      // this layer's expert input, shared with experts
+    std::vector<model::routed_slot> routes;
+    std::vector<float> side;                // attention-side FFN output of this layer
+    std::vector<const float*> weighted;     // join: row × top_k pointers into E2A leases
+    std::vector<row_lease> held;            // keeps those leases alive until the combine
+    std::size_t layer = 0;
+    std::size_t top_k = 0;                  // of `layer`
+    std::size_t outputs_pending = 0;
+    bool ready_attention = true;
+    bool attention_done = false;
+    bool side_pending = false;
+    bool side_running = false;
+    bool ready_final = false;
+    bool finished = false;
+  };
+
+  void admit(admit_request request);
+  void cancel(std::uint64_t request_id);
+  void start_step();
+  void pump();
+  void run_attention(std::size_t mb_idx);
+  void run_side(std::size_t mb_idx);
+  void run_final(std::size_t mb_idx);
+  void on_attention_done(std::size_t mb_idx);
+  void on_side_done(std::size_t mb_idx);
+  void on_final_done(std::size_t mb_idx, std::vector<std::int32_t> tokens, std::vector<std::vector<float>> logits);
+  void on_expert_outputs(expert_outputs& out);
+  void send_a2e(std::size_t mb_idx);
+  void maybe_join(std::size_t mb_idx);
+  void finish_request(std::uint64_t id, const std::string& error);
+
+  const runtime_context* ctx_;
+  std::uint32_t shard_idx_;
+  device* device_;  // owned by the engine; outlives this actor
+  std::vector<caf::actor> queues_;
+  caf::actor ingress_;
+  execution_plan plan_;
+  execution_plan next_plan_;
+  model::rope_table rope_;
+
+  std::map<std::uint64_t, sequence> sequences_;  // running, in admission order by id
+  std::deque<std::uint64_t> order_;              // admission order
+  std::uint64_t step_ = 0;
+  bool step_running_ = false;
+  bool device_busy_ = false;
+  std::vector<micro_batch> batches_;
+  std::size_t batches_finished_ = 0;
+};
+
+}  // namespace moert::actors

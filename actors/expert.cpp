@@ -1,0 +1,91 @@
+#include "actors/expert.hpp"
+
+#include <map>
+#include <tuple>
+
+namespace moert::actors {
+
+namespace {
+
+using batch_done_atom = caf::atom_constant<caf::atom("batch_done")>;
+
+// E2A messages of one finished batch, ready to send.
+struct finished_batch {
+  std::vector<std::pair<caf::actor, expert_outputs>> outputs;
+};
+
+}  // namespace
+
+}  // namespace moert::actors
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::finished_batch)
+
+namespace moert::actors {
+
+expert::expert(caf::actor_config& cfg, const runtime_context* ctx, std::size_t device_idx, device* dev,
+               caf::actor queue)
+    : caf::event_based_actor(cfg),
+      ctx_(ctx),
+      device_idx_(device_idx),
+      device_(dev),
+      queue_(std::move(queue)) {}
+
+caf::behavior expert::make_behavior() {
+  send(queue_, pull_atom::value);
+  return {
+    [this](expert_batch& batch) { run(batch); },
+    [this](batch_done_atom, finished_batch& done) {
+      for (auto& [dest, out] : done.outputs) {
+        ctx_->stats->count_messages(1);
+        send(dest, std::move(out));
+      }
+      send(queue_, pull_atom::value);
+    },
+  };
+}
+
+void expert::run(expert_batch& batch) {
+  std::size_t num_rows = batch.items.size();
+  std::vector<std::tuple<std::uint32_t, std::uint64_t>> waves;
+  for (const queued_row& item : batch.items)
+    waves.emplace_back(item.key.shard, item.key.step);
+  ctx_->stats->record_expert_batch(batch.layer, num_rows, waves);
+  caf::actor self = caf::actor_cast<caf::actor>(this);
+  std::size_t global = ctx_->global_expert(device_idx_, batch.local_expert);
+  device_->post("expert L" + std::to_string(batch.layer) + " E" + std::to_string(global) + " x" +
+                    std::to_string(num_rows),
+                [this, self, global, batch = std::move(batch)](cpu::thread_pool& pool) {
+                  std::size_t hidden = std::size_t(ctx_->config.hidden_size);
+                  std::size_t n = batch.items.size();
+                  std::vector<float> in(n * hidden), out(n * hidden);
+                  for (std::size_t r = 0; r < n; ++r)  // the re-batching gather
+                    std::copy_n(batch.items[r].rows->row(batch.items[r].row), hidden, in.data() + r * hidden);
+                  model::expert_step(*ctx_->weights, batch.layer, global, in.data(), n, out.data(), &pool);
+                  auto weighted = std::make_shared<row_block>();
+                  weighted->row_floats = hidden;
+                  weighted->data.resize(n * hidden);
+                  for (std::size_t r = 0; r < n; ++r)
+                    model::weight_row(out.data() + r * hidden, batch.items[r].weight, hidden,
+                                      weighted->data.data() + r * hidden);
+                  // One E2A message per destination micro-batch, all sharing the output block.
+                  std::map<std::tuple<std::uint32_t, std::uint64_t, std::uint32_t>, std::size_t> index;
+                  finished_batch done;
+                  for (std::size_t r = 0; r < n; ++r) {
+                    const queued_row& item = batch.items[r];
+                    auto key = std::make_tuple(item.key.shard, item.key.step, item.key.micro_batch);
+                    auto [it, fresh] = index.emplace(key, done.outputs.size());
+                    if (fresh) {
+                      expert_outputs msg;
+                      msg.key = item.key;
+                      msg.rows = weighted;
+                      done.outputs.emplace_back(item.reply_to, std::move(msg));
+                    }
+                    expert_outputs& msg = done.outputs[it->second].second;
+                    msg.rows_idx.push_back(std::uint32_t(r));
+                    msg.slots.push_back(item.slot);
+                  }
+                  caf::anon_send(self, batch_done_atom::value, std::move(done));
+                });
+}
+
+}  // namespace moert::actors

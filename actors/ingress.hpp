@@ -1,0 +1,34 @@
+#pragma once
+
+// Entry of the data path: pins each request to the attention shard with the most free KV
+// capacity (in tokens: prompt + max_new_tokens, reserved for the request's life), queues it
+// when no shard has room yet, and refuses it outright when it could never fit.
+
+#include "actors/protocol.hpp"
+
+#include <caf/all.hpp>
+
+#include <deque>
+#include <map>
+
+namespace moert::actors {
+
+class ingress : public caf::event_based_actor {
+public:
+  ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens);
+
+  caf::behavior make_behavior() override;
+
+private:
+  void place_waiting();
+  void reject(const admit_request& request, const std::string& why);
+
+  std::size_t capacity_;
+  std::vector<caf::actor> shards_;
+  std::vector<std::size_t> free_;
+  std::deque<admit_request> waiting_;
+  std::map<std::uint64_t, std::size_t> pinned_;  // request → shard
+  bool draining_ = false;
+};
+
+}  // namespace moert::actors

@@ -1,0 +1,61 @@
+#include "actors/mu_queue.hpp"
+
+namespace moert::actors {
+
+mu_queue::mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size_t device_idx,
+                   scheduler_update scheduler)
+    : caf::event_based_actor(cfg),
+      ctx_(ctx),
+      device_idx_(device_idx),
+      num_local_(ctx->experts_on(device_idx)),
+      queues_(std::size_t(ctx->config.num_layers) * num_local_),
+      matrix_(std::size_t(ctx->config.num_layers), num_local_),
+      scheduler_(std::move(scheduler)) {}
+
+std::chrono::nanoseconds mu_queue::now() const {
+  return std::chrono::steady_clock::now().time_since_epoch();
+}
+
+caf::behavior mu_queue::make_behavior() {
+  return {
+    [this](routed_tokens& msg) { enqueue(msg); },
+    [this](pull_atom) {
+      expert_ = caf::actor_cast<caf::actor>(current_sender());
+      expert_waiting_ = true;
+      dispatch();
+    },
+    [this](scheduler_update& update) { scheduler_ = update; },
+  };
+}
+
+void mu_queue::enqueue(routed_tokens& msg) {
+  auto arrived = now();
+  for (const route_entry& route : msg.routes) {
+    std::size_t q = msg.key.layer * num_local_ + route.local_expert;
+    if (queues_[q].empty())
+      matrix_.set(msg.key.layer, route.local_expert, 0, arrived);
+    queues_[q].push_back({msg.rows, route.row, route.slot, route.weight, msg.key, msg.reply_to});
+    matrix_.set(msg.key.layer, route.local_expert, queues_[q].size(), matrix_.oldest(msg.key.layer, route.local_expert));
+  }
+  dispatch();
+}
+
+void mu_queue::dispatch() {
+  if (!expert_waiting_)
+    return;
+  auto choice = policy::pick_queue(matrix_, scheduler_.policy, scheduler_.params, now());
+  if (!choice)
+    return;
+  std::size_t q = choice->layer * num_local_ + choice->expert;
+  expert_batch batch;
+  batch.layer = std::uint32_t(choice->layer);
+  batch.local_expert = std::uint32_t(choice->expert);
+  batch.items.assign(std::make_move_iterator(queues_[q].begin()), std::make_move_iterator(queues_[q].end()));
+  queues_[q].clear();
+  matrix_.set(choice->layer, choice->expert, 0);
+  expert_waiting_ = false;
+  ctx_->stats->count_messages(1);
+  send(expert_, std::move(batch));
+}
+
+}  // namespace moert::actors

@@ -1,0 +1,134 @@
+#pragma once
+
+// Every message of the data path, in the order a token meets them (DESIGN.md §2):
+//
+//   client ─ admit_request ─▶ ingress ─ admit_request ─▶ attention_shard
+//   attention_shard ─ routed_tokens (A2E) ─▶ mu_queue ─ expert_batch ─▶ expert
+//   expert ─ expert_outputs (E2A) ─▶ attention_shard ─ token_event ─▶ client's token_sink
+//   policy ─ plan_update ─▶ attention_shard,  policy ─ scheduler_update ─▶ mu_queue
+//
+// Messages carry descriptors and leases, never activation bytes: a row_lease shares one
+// immutable block of rows between the sender and every receiver in this process. The
+// handles are copyable only because CAF 0.17 messages must be; the data path always moves
+// them and never copies the rows. Crossing a process boundary replaces the lease with a
+// transport descriptor (the transport issue); until then these types are local-only and
+// whitelisted with CAF_ALLOW_UNSAFE_MESSAGE_TYPE.
+
+#include "actors/token_sink.hpp"
+#include "model/layers.hpp"
+#include "model/sampler.hpp"
+#include "policy/defrag.hpp"
+#include "policy/plan.hpp"
+
+#include <caf/all.hpp>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+namespace moert::actors {
+
+// -- atoms ----------------------------------------------------------------------
+
+using pull_atom = caf::atom_constant<caf::atom("pull")>;            // expert → mu_queue: idle
+using step_atom = caf::atom_constant<caf::atom("step")>;            // shard → itself: next step
+using cancel_atom = caf::atom_constant<caf::atom("cancel")>;        // client → ingress → shard
+using done_atom = caf::atom_constant<caf::atom("done")>;            // shard → ingress: request ended
+using drain_atom = caf::atom_constant<caf::atom("drain")>;          // engine → ingress: refuse new work
+
+// -- shared payloads --------------------------------------------------------------
+
+// Rows of `row_floats` f32 values, immutable once shared.
+struct row_block {
+  std::vector<float> data;
+  std::size_t row_floats = 0;
+  const float* row(std::size_t idx) const { return data.data() + idx * row_floats; }
+};
+using row_lease = std::shared_ptr<const row_block>;
+
+// -- client → ingress → shard -------------------------------------------------------
+
+struct admit_request {
+  std::uint64_t request_id = 0;
+  std::vector<std::int32_t> prompt;
+  std::size_t max_new_tokens = 0;
+  model::sampling_params sampling;
+  bool return_logits = false;
+  std::shared_ptr<token_sink> sink;
+  std::size_t kv_tokens() const { return prompt.size() + max_new_tokens; }
+};
+
+// -- A2E: shard → mu_queue, one per (shard, micro-batch, chunk, expert device, layer) -----
+
+// Names the micro-batch a row belongs to, for the way back.
+struct batch_key {
+  std::uint32_t shard = 0;
+  std::uint64_t step = 0;
+  std::uint32_t micro_batch = 0;
+  std::uint32_t layer = 0;
+};
+
+struct route_entry {
+  std::uint32_t row;           // row in routed_tokens::rows (the token's index in its micro-batch)
+  std::uint32_t slot;          // token × top_k + k: where the output goes in the join
+  std::uint32_t local_expert;  // expert index on the receiving device
+  float weight;                // routing weight, applied by the expert (E2A carries weighted rows)
+};
+
+struct routed_tokens {
+  batch_key key;
+  std::uint32_t chunk = 0;
+  row_lease rows;  // the micro-batch's post-attention normed rows (shared, not copied)
+  std::vector<route_entry> routes;
+  caf::actor reply_to;  // the source shard
+};
+
+// -- mu_queue → expert: a whole μ-queue drained into one batch -----------------------
+
+struct queued_row {
+  row_lease rows;
+  std::uint32_t row;
+  std::uint32_t slot;
+  float weight;
+  batch_key key;
+  caf::actor reply_to;
+};
+
+struct expert_batch {
+  std::uint32_t layer = 0;
+  std::uint32_t local_expert = 0;
+  std::vector<queued_row> items;
+};
+
+// -- E2A: expert → shard, weighted outputs of one batch for one micro-batch ----------
+
+struct expert_outputs {
+  batch_key key;
+  row_lease rows;                   // weighted expert outputs (shared by every destination)
+  std::vector<std::uint32_t> rows_idx;  // row in `rows` for each entry
+  std::vector<std::uint32_t> slots;     // join slot (token × top_k + k) for each entry
+};
+
+// -- policy → shards and queues --------------------------------------------------------
+
+using policy::execution_plan;
+using policy::segment_order;
+
+struct plan_update {
+  execution_plan plan;
+};
+
+struct scheduler_update {
+  policy::queue_policy policy = policy::queue_policy::defrag;
+  policy::defrag_params params;
+};
+
+}  // namespace moert::actors
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::admit_request)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::routed_tokens)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::expert_batch)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::expert_outputs)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::plan_update)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::scheduler_update)

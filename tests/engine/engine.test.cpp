@@ -1,0 +1,238 @@
+// The actor data path against the reference forward: tokens and logits bit-identical over
+// placements, plans and queue schedulers; continuous batching under concurrent submission;
+// bad requests and cancellation.
+#include <catch2/catch.hpp>
+
+#include "core/rng.hpp"
+#include "engine/engine.hpp"
+#include "model/forward.hpp"
+#include "model/safetensors.hpp"
+#include "test_support.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <fstream>
+#include <thread>
+
+using namespace moert;
+
+namespace {
+
+const char* small_model = R"({"model_type": "qwen2_moe", "vocab_size": 211, "hidden_size": 48,
+  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8,
+  "num_experts_per_tok": 2, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+  "intermediate_size": 64, "mlp_only_layers": [1], "norm_topk_prob": false})";
+
+std::unique_ptr<model::reference_model> reference_for(const EngineConfig& config) {
+  if (!config.model_dir.empty()) {
+    auto c = model::load_config(config.model_dir);
+    auto ckpt = model::checkpoint::open(config.model_dir);
+    auto w = model::load_weights(*c, *ckpt);
+    return std::make_unique<model::reference_model>(*c, std::move(w.value()), 1);
+  }
+  auto c = model::parse_config(config.synthetic_config, "test");
+  return std::make_unique<model::reference_model>(*c, model::synthetic_weights(*c, config.weight_seed), 1);
+}
+
+// Logits of every position of prompt + generated, by one full-recompute forward.
+std::vector<float> reference_logits(model::reference_model& ref, const std::vector<std::int32_t>& prompt,
+                                    const std::vector<std::int32_t>& generated) {
+  std::vector<std::int32_t> all = prompt;
+  all.insert(all.end(), generated.begin(), generated.end() - 1);
+  model::kv_cache cache{ref.config()};
+  std::vector<model::forward_segment> seg{{&cache, all}};
+  auto logits = ref.forward(seg, model::logits_for::every_token);
+  REQUIRE(logits.ok());
+  return logits.value();
+}
+
+struct run_output {
+  std::vector<std::int32_t> tokens;
+  std::vector<std::vector<float>> logits;
+};
+
+std::vector<run_output> run_engine(const EngineConfig& config, const std::vector<Request>& requests) {
+  auto engine = Engine::create(config);
+  REQUIRE(engine.ok());
+  std::vector<std::shared_ptr<TokenStream>> streams;
+  for (const Request& r : requests)
+    streams.push_back((*engine)->submit(r));
+  std::vector<run_output> out;
+  for (auto& stream : streams) {
+    run_output o;
+    while (auto event = stream->next()) {
+      REQUIRE(event->error.empty());
+      o.tokens.push_back(event->token);
+      o.logits.push_back(event->logits);
+    }
+    out.push_back(std::move(o));
+  }
+  (*engine)->shutdown();
+  return out;
+}
+
+void check_equivalence(EngineConfig base, const std::vector<std::vector<std::int32_t>>& prompts, std::size_t steps,
+                       std::size_t num_samples) {
+  auto ref = reference_for(base);
+  std::size_t vocab = std::size_t(ref->config().vocab_size);
+  std::vector<model::generation_request> ref_requests;
+  std::vector<Request> requests;
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    model::sampling_params sampling;
+    if (i % 2 == 1)
+      sampling = {0.8f, 40, 0.95f, 77};  // every other request samples
+    ref_requests.push_back({i + 1, prompts[i], steps, sampling});
+    requests.push_back({i + 1, prompts[i], steps, sampling, true});
+  }
+  auto expected = model::generate(*ref, ref_requests, model::decode_mode::kv_cache);
+  REQUIRE(expected.ok());
+  std::vector<std::vector<float>> expected_logits;
+  for (std::size_t i = 0; i < prompts.size(); ++i)
+    expected_logits.push_back(reference_logits(*ref, prompts[i], (*expected)[i]));
+
+  rng pick{2026};
+  const std::size_t ags[] = {1, 2, 3}, egs[] = {1, 2, 4}, r1s[] = {1, 2, 3}, r2s[] = {1, 2};
+  const policy::segment_order orders[] = {policy::segment_order::aass, policy::segment_order::asas,
+                                          policy::segment_order::pppipe};
+  const policy::queue_policy schedulers[] = {policy::queue_policy::defrag, policy::queue_policy::mtfs,
+                                             policy::queue_policy::flfs};
+  for (std::size_t sample = 0; sample < num_samples; ++sample) {
+    EngineConfig config = base;
+    config.attention_devices = ags[pick.next_u64() % 3];
+    config.expert_devices = std::min<std::size_t>(egs[pick.next_u64() % 3], std::size_t(ref->config().num_experts));
+    config.plan.r1 = r1s[pick.next_u64() % 3];
+    config.plan.r2 = r2s[pick.next_u64() % 2];
+    config.plan.order = orders[pick.next_u64() % 3];
+    config.scheduler = schedulers[pick.next_u64() % 3];
+    config.threads_per_device = 1 + pick.next_u64() % 2;
+    INFO("ag " << config.attention_devices << " eg " << config.expert_devices << " r1 " << config.plan.r1 << " r2 "
+               << config.plan.r2 << " order " << to_string(config.plan.order) << " scheduler "
+               << to_string(config.scheduler));
+    auto got = run_engine(config, requests);
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      INFO("request " << i);
+      REQUIRE(got[i].tokens == (*expected)[i]);
+      for (std::size_t s = 0; s < steps; ++s) {
+        std::size_t row = prompts[i].size() - 1 + s;
+        std::vector<float> want(expected_logits[i].begin() + std::ptrdiff_t(row * vocab),
+                                expected_logits[i].begin() + std::ptrdiff_t((row + 1) * vocab));
+        REQUIRE(got[i].logits[s] == want);  // bit-identical
+      }
+    }
+  }
+}
+
+std::vector<std::vector<std::int32_t>> fixture_prompts(const std::filesystem::path& dir) {
+  std::ifstream in{dir / "prompts.json"};
+  return nlohmann::json::parse(in).get<std::vector<std::vector<std::int32_t>>>();
+}
+
+}  // namespace
+
+TEST_CASE("fixtures through the actor path are bit-identical to the reference forward") {
+  for (std::string name : {"qwen3_moe_tiny", "mixtral_tiny"}) {
+    auto dir = test::fixture_dir(name);
+    if (dir.empty()) {
+      test::skip_whole_binary("../shared/fixtures not found");
+      return;
+    }
+    INFO(name);
+    EngineConfig config;
+    config.model_dir = dir.string();
+    check_equivalence(config, fixture_prompts(dir), 8, 24);
+  }
+}
+
+TEST_CASE("a qwen2_moe-style model with shared experts and a dense layer is bit-identical too") {
+  EngineConfig config;
+  config.synthetic_config = small_model;
+  config.weight_seed = 5;
+  check_equivalence(config, {{1, 2, 3, 4, 5}, {9}, {100, 50, 25, 12, 6, 3, 1, 0}, {7, 7, 7}}, 6, 16);
+}
+
+TEST_CASE("continuous batching: 64 requests from 4 threads each get exactly their tokens") {
+  EngineConfig config;
+  config.synthetic_config = small_model;
+  config.attention_devices = 2;
+  config.expert_devices = 2;
+  config.plan = {2, 0, 2, policy::segment_order::asas};
+  auto ref = reference_for(config);
+  rng gen{99};
+  std::vector<Request> requests;
+  std::vector<model::generation_request> ref_requests;
+  for (std::uint64_t i = 0; i < 64; ++i) {
+    std::vector<std::int32_t> prompt(1 + gen.next_u64() % 20);
+    for (auto& t : prompt)
+      t = std::int32_t(gen.next_u64() % 211);
+    std::size_t steps = 1 + gen.next_u64() % 10;
+    model::sampling_params sampling;
+    if (i % 3 == 0)
+      sampling = {1.0f, 0, 0.9f, 5};
+    requests.push_back({1000 + i, prompt, steps, sampling, false});
+    ref_requests.push_back({1000 + i, prompt, steps, sampling});
+  }
+  auto expected = model::generate(*ref, ref_requests, model::decode_mode::kv_cache);
+  REQUIRE(expected.ok());
+
+  auto engine = Engine::create(config);
+  REQUIRE(engine.ok());
+  std::vector<std::shared_ptr<TokenStream>> streams(64);
+  std::vector<std::atomic<int>> last_events(64);
+  std::vector<std::thread> clients;
+  for (std::size_t t = 0; t < 4; ++t)
+    clients.emplace_back([&, t] {
+      rng jitter{t};
+      for (std::size_t i = t; i < 64; i += 4) {
+        std::this_thread::sleep_for(std::chrono::microseconds(jitter.next_u64() % 3000));
+        streams[i] = (*engine)->submit(requests[i], [&, i](const TokenEvent& e) {
+          if (e.last)
+            ++last_events[i];
+        });
+      }
+    });
+  for (auto& c : clients)
+    c.join();
+  for (std::size_t i = 0; i < 64; ++i) {
+    auto tokens = streams[i]->wait();
+    REQUIRE(tokens.ok());
+    CHECK(*tokens == (*expected)[i]);
+  }
+  (*engine)->shutdown();
+  for (std::size_t i = 0; i < 64; ++i)
+    CHECK(last_events[i] == 1);  // answered once, never twice
+  auto report = (*engine)->report();
+  std::size_t total = 0;
+  for (const auto& r : ref_requests)
+    total += r.max_new_tokens;
+  CHECK(report.tokens == total);
+}
+
+TEST_CASE("bad requests end their stream with an error; cancel stops a request") {
+  EngineConfig config;
+  config.synthetic_config = small_model;
+  config.kv_capacity_tokens = 100;
+  auto engine = Engine::create(config);
+  REQUIRE(engine.ok());
+  auto error_of = [&](Request r) {
+    auto out = (*engine)->submit(std::move(r))->wait();
+    REQUIRE_FALSE(out.ok());
+    return out.err().message;
+  };
+  CHECK(error_of({0, {}, 4, {}, false}).find("empty prompt") != std::string::npos);
+  CHECK(error_of({0, {1, 211}, 4, {}, false}).find("token id 211") != std::string::npos);
+  CHECK(error_of({0, {1}, 0, {}, false}).find("max_new_tokens") != std::string::npos);
+  CHECK(error_of({0, std::vector<std::int32_t>(90, 1), 20, {}, false}).find("KV tokens") != std::string::npos);
+
+  auto long_one = (*engine)->submit({42, {1, 2, 3}, 60, {}, false});
+  CHECK(error_of({42, {1}, 2, {}, false}).find("already in use") != std::string::npos);
+  (*engine)->cancel(42);
+  auto out = long_one->wait();
+  REQUIRE_FALSE(out.ok());
+  CHECK(out.err().message == "cancelled");
+
+  (*engine)->shutdown();
+  CHECK(error_of({0, {1}, 2, {}, false}).find("shut down") != std::string::npos);
+  auto bad = Engine::create(EngineConfig{});
+  REQUIRE_FALSE(bad.ok());
+}

@@ -218,8 +218,8 @@ result<policy::plan> parse_plan(const std::string& text) {
   if (std::sscanf(text.c_str(), "%zu,%zu,%zu,%15s", &p.m_a, &p.r1, &p.r2, order) != 4 || !p.m_a || !p.r1 ||
       !p.r2)
     return make_error(error_code::invalid_argument, "--plan '" + text + "': expected m_a,r1,r2,ASAS|AASS");
-  auto parsed = policy::parse_ag_order(order);
-  if (!parsed)
+  auto parsed = policy::parse_segment_order(order);
+  if (!parsed || *parsed == policy::segment_order::pppipe)
     return make_error(error_code::invalid_argument, "--plan '" + text + "': order must be ASAS or AASS");
   p.order = *parsed;
   return p;

@@ -10,18 +10,6 @@
 
 namespace moert::policy {
 
-std::string_view to_string(ag_order order) {
-  return order == ag_order::aass ? "AASS" : "ASAS";
-}
-
-std::optional<ag_order> parse_ag_order(std::string_view name) {
-  if (name == "asas" || name == "ASAS")
-    return ag_order::asas;
-  if (name == "aass" || name == "AASS")
-    return ag_order::aass;
-  return std::nullopt;
-}
-
 namespace {
 
 // Period of the A2E → expert → E2A chunk pipeline.
@@ -61,7 +49,7 @@ double printed_eq13_makespan(const stage_times& st, std::size_t num_layers, std:
 }
 
 double graph_makespan(const stage_times& st, std::size_t num_layers, std::size_t r1, std::size_t r2,
-                      ag_order order, bool a2e_after_shared) {
+                      segment_order order, bool a2e_after_shared) {
   double y = chunk_period(st);
   double group_tail = chunk_latency(st) + double(r2 - 1) * y;  // release → last E2A of a micro-batch
   double group_span = double(r2) * y;
@@ -76,12 +64,12 @@ double graph_makespan(const stage_times& st, std::size_t num_layers, std::size_t
     for (std::size_t i = 0; i < r1; ++i) {
       a_end[i] = std::max(ag_free, done[i]) + st.attention;
       ag_free = a_end[i];
-      if (order == ag_order::asas) {
+      if (order == segment_order::asas) {
         s_end[i] = ag_free + st.shared;
         ag_free = s_end[i];
       }
     }
-    if (order == ag_order::aass)
+    if (order == segment_order::aass)
       for (std::size_t i = 0; i < r1; ++i) {
         s_end[i] = ag_free + st.shared;
         ag_free = s_end[i];
@@ -220,17 +208,17 @@ error infeasible(const memory_model& mem) {
 }
 
 double model_makespan(const findep_instance& inst, std::size_t m_a, std::size_t r1, std::size_t r2,
-                      ag_order order, objective goal) {
+                      segment_order order, objective goal) {
   stage_times st = stage_times_for(inst.tasks, double(m_a), chunk_tokens(inst, m_a, r2));
   if (goal == objective::printed_eq13)
     return printed_eq13_makespan(st, inst.num_layers, r1, r2);
-  if (order == ag_order::asas)
+  if (order == segment_order::asas)
     return asas_makespan(st, inst.num_layers, r1, r2);
   return graph_makespan(st, inst.num_layers, r1, r2, order);
 }
 
 plan make_plan(const findep_instance& inst, std::size_t m_a, std::size_t r1, std::size_t r2,
-               ag_order order, double makespan) {
+               segment_order order, double makespan) {
   return plan{m_a, r1, r2, chunk_tokens(inst, m_a, r2), order, false, makespan,
               throughput(inst, m_a, r1, makespan)};
 }
@@ -250,8 +238,8 @@ result<plan> solve(const findep_instance& inst, const solver_options& opt) {
     if (r1 == 0 || r1 == r1_prev)
       continue;
     r1_prev = r1;
-    for (ag_order order : {ag_order::asas, ag_order::aass}) {
-      if (order == ag_order::aass && (!opt.aass || opt.goal == objective::printed_eq13))
+    for (segment_order order : {segment_order::asas, segment_order::aass}) {
+      if (order == segment_order::aass && (!opt.aass || opt.goal == objective::printed_eq13))
         continue;
       // Theorem 4: the makespan is convex in 1/r2, so it never improves after it first stops.
       std::size_t r2_top = max_r2(inst, m_a, opt);
@@ -280,8 +268,8 @@ result<plan> solve_brute_force(const findep_instance& inst, const solver_options
   for (std::size_t m_a = 1; m_a <= top; ++m_a)
     for (std::size_t r1 = 1; r1 <= max_r1(inst.memory, m_a); ++r1)
       for (std::size_t r2 = 1; r2 <= max_r2(inst, m_a, opt); ++r2)
-        for (ag_order order : {ag_order::asas, ag_order::aass}) {
-          if (order == ag_order::aass && !opt.aass)
+        for (segment_order order : {segment_order::asas, segment_order::aass}) {
+          if (order == segment_order::aass && !opt.aass)
             continue;
           auto report = simulate_plan(inst, m_a, r1, r2, order, graph_policy::findep);
           if (!report)
@@ -303,7 +291,7 @@ result<plan> solve_pppipe(const findep_instance& inst) {
   for (std::size_t m_a = 1; m_a <= top; ++m_a) {
     std::size_t r1 = max_r1(inst.memory, m_a);
     stage_times st = stage_times_for(inst.tasks, double(m_a), chunk_tokens(inst, m_a, 1));
-    plan p = make_plan(inst, m_a, r1, 1, ag_order::asas, pppipe_makespan(st, inst.num_layers, r1));
+    plan p = make_plan(inst, m_a, r1, 1, segment_order::asas, pppipe_makespan(st, inst.num_layers, r1));
     p.pppipe = true;
     if (!best || p.throughput > best->throughput)
       best = p;

@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "policy/model_shape.hpp"
 #include "policy/perf_model.hpp"
+#include "policy/plan.hpp"
 
 #include <cstddef>
 #include <optional>
@@ -17,14 +18,8 @@
 
 namespace moert::policy {
 
-// Order of attention (A) and shared-expert (S) tasks on the attention group within a layer.
-enum class ag_order {
-  asas,  // A0 S0 A1 S1 …: shared experts fill the gaps while expert results are awaited
-  aass,  // A0 A1 … S0 S1 …: every micro-batch's A2E starts as early as possible
-};
-
-std::string_view to_string(ag_order order);
-std::optional<ag_order> parse_ag_order(std::string_view name);
+// The attention-group order is policy::segment_order (plan.hpp): the solver uses ASAS and
+// AASS; PPPipe plans are marked by plan::pppipe.
 
 // -- closed forms (findep.md §6.3, §6.2, §7) ---------------------------------------------------
 
@@ -46,7 +41,7 @@ double printed_eq13_makespan(const stage_times& st, std::size_t num_layers, std:
 // (n−k)·Y. AASS has no closed form (findep.md §6.4); this is what the solver uses for it.
 // `a2e_after_shared` adds PPPipe's edge (A2E waits for the shared expert).
 double graph_makespan(const stage_times& st, std::size_t num_layers, std::size_t r1, std::size_t r2,
-                      ag_order order, bool a2e_after_shared = false);
+                      segment_order order, bool a2e_after_shared = false);
 
 // -- memory model (findep.md §9, getMaxR1; inferred by the reference, made explicit here) -------
 
@@ -107,7 +102,7 @@ struct plan {
   std::size_t r1 = 0;
   std::size_t r2 = 1;
   double m_e = 0.0;  // tokens per chunk per expert, real (round up to dispatch)
-  ag_order order = ag_order::asas;
+  segment_order order = segment_order::asas;
   bool pppipe = false;
   double makespan_ms = 0.0;  // as predicted by the objective that chose the plan
   double throughput = 0.0;   // tokens per second: r1·m_a·ag·S / makespan

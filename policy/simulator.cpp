@@ -92,7 +92,7 @@ private:
     std::size_t per_layer = 2 * c_.r1;
     std::size_t t = k / per_layer, pos = k % per_layer;
     // Synchronous execution runs each micro-batch to completion, so its AG order is ASAS.
-    if (c_.order == ag_order::asas || c_.policy == graph_policy::synchronous)
+    if (c_.order == segment_order::asas || c_.policy == graph_policy::synchronous)
       return {pos % 2 == 1, t * c_.r1 + pos / 2};
     return {pos >= c_.r1, t * c_.r1 + pos % c_.r1};
   }
@@ -206,7 +206,7 @@ result<graph_report> simulate_graph(const graph_config& c) {
 }
 
 result<graph_report> simulate_plan(const findep_instance& inst, std::size_t m_a, std::size_t r1,
-                                   std::size_t r2, ag_order order, graph_policy policy,
+                                   std::size_t r2, segment_order order, graph_policy policy,
                                    bool record_tasks) {
   if (m_a == 0 || r1 == 0 || r2 == 0)
     return make_error(error_code::invalid_argument, "simulate_plan: m_a, r1 and r2 must be positive");

@@ -48,7 +48,7 @@ struct graph_config {
   std::size_t num_layers = 1;
   std::size_t r1 = 1;
   std::size_t r2 = 1;
-  ag_order order = ag_order::asas;
+  segment_order order = segment_order::asas;
   graph_policy policy = graph_policy::findep;
   bool record_tasks = false;  // keep every task's interval (for Gantt charts)
 };
@@ -75,7 +75,7 @@ struct graph_report {
 // Evaluates a plan of a FinDEP instance in the DES. `synchronous` runs the r1·m_a samples as
 // one micro-batch with r2 = 1 (naive DEP); `pppipe` forces r2 = 1. m_e is kept real.
 [[nodiscard]] result<graph_report> simulate_plan(const findep_instance& inst, std::size_t m_a,
-                                                 std::size_t r1, std::size_t r2, ag_order order,
+                                                 std::size_t r1, std::size_t r2, segment_order order,
                                                  graph_policy policy, bool record_tasks = false);
 
 // -- asynchronous μ-queues under skew ------------------------------------------------------------

@@ -27,7 +27,7 @@ stage_times random_times(rng& gen) {
   return st;
 }
 
-double des(const stage_times& st, std::size_t layers, std::size_t r1, std::size_t r2, ag_order order,
+double des(const stage_times& st, std::size_t layers, std::size_t r1, std::size_t r2, segment_order order,
            graph_policy policy = graph_policy::findep) {
   graph_config c;
   c.times = st;
@@ -62,9 +62,9 @@ findep_instance random_instance(rng& gen, std::size_t max_samples) {
   return inst;
 }
 
-double tps(const findep_instance& inst, std::size_t m_a, std::size_t r1, std::size_t r2, ag_order order) {
+double tps(const findep_instance& inst, std::size_t m_a, std::size_t r1, std::size_t r2, segment_order order) {
   stage_times st = stage_times_for(inst.tasks, double(m_a), chunk_tokens(inst, m_a, r2));
-  double makespan = order == ag_order::asas ? asas_makespan(st, inst.num_layers, r1, r2)
+  double makespan = order == segment_order::asas ? asas_makespan(st, inst.num_layers, r1, r2)
                                             : des(st, inst.num_layers, r1, r2, order);
   return throughput(inst, m_a, r1, makespan);
 }
@@ -77,14 +77,14 @@ TEST_CASE("corrected ASAS and PPPipe closed forms equal the DES exactly on 3000 
   for (int n = 0; n < 3000; ++n) {
     stage_times st = random_times(gen);
     std::size_t layers = uniform_int(gen, 1, 6), r1 = uniform_int(gen, 1, 5), r2 = uniform_int(gen, 1, 5);
-    double sim = des(st, layers, r1, r2, ag_order::asas);
+    double sim = des(st, layers, r1, r2, segment_order::asas);
     INFO("T " << layers << " r1 " << r1 << " r2 " << r2 << " ta " << st.attention << " ts " << st.shared
               << " tc " << st.a2e << " te " << st.expert);
     REQUIRE(asas_makespan(st, layers, r1, r2) == sim);
-    REQUIRE(graph_makespan(st, layers, r1, r2, ag_order::asas) == sim);
-    REQUIRE(pppipe_makespan(st, layers, r1) == des(st, layers, r1, 1, ag_order::asas, graph_policy::pppipe));
-    REQUIRE(graph_makespan(st, layers, r1, 1, ag_order::asas, true) == pppipe_makespan(st, layers, r1));
-    REQUIRE(graph_makespan(st, layers, r1, r2, ag_order::aass) == des(st, layers, r1, r2, ag_order::aass));
+    REQUIRE(graph_makespan(st, layers, r1, r2, segment_order::asas) == sim);
+    REQUIRE(pppipe_makespan(st, layers, r1) == des(st, layers, r1, 1, segment_order::asas, graph_policy::pppipe));
+    REQUIRE(graph_makespan(st, layers, r1, 1, segment_order::asas, true) == pppipe_makespan(st, layers, r1));
+    REQUIRE(graph_makespan(st, layers, r1, r2, segment_order::aass) == des(st, layers, r1, r2, segment_order::aass));
 
     // The printed Eq. 13 never undercuts the DES and agrees exactly when r2 = 1.
     double printed = printed_eq13_makespan(st, layers, r1, r2);
@@ -99,14 +99,14 @@ TEST_CASE("corrected ASAS and PPPipe closed forms equal the DES exactly on 3000 
 TEST_CASE("small cases and MegaScale-Infer's T_total") {
   stage_times st{10, 7, 3, 5, 3};
   // T = 1, r1 = r2 = 1: FinDEP t_a + max(t_s, 2·t_a2e + t_e), PPPipe t_a + t_s + 2·t_a2e + t_e.
-  CHECK(des(st, 1, 1, 1, ag_order::asas) == 10 + std::max(7.0, 2 * 3.0 + 5));
+  CHECK(des(st, 1, 1, 1, segment_order::asas) == 10 + std::max(7.0, 2 * 3.0 + 5));
   CHECK(pppipe_makespan(st, 1, 1) == 10 + 7 + 2 * 3 + 5);
   // r1·F ≥ G_pp: (X + t_e + 2·t_a2e) + F·(r1·T − 1) with T_a = X, T_f = F.
   std::size_t layers = 3, r1 = 4;
   double x = 17, f = std::max(x, 5.0), g = x + 3 + 5 + 3;
   REQUIRE(double(r1) * f >= g);
   CHECK(pppipe_makespan(st, layers, r1) == (x + 5 + 2 * 3) + f * double(r1 * layers - 1));
-  CHECK(des(st, layers, r1, 1, ag_order::asas, graph_policy::pppipe) == pppipe_makespan(st, layers, r1));
+  CHECK(des(st, layers, r1, 1, segment_order::asas, graph_policy::pppipe) == pppipe_makespan(st, layers, r1));
 }
 
 TEST_CASE("Theorems 1 and 3: throughput is non-decreasing in m_a and in r1 (ASAS, corrected form)") {
@@ -115,9 +115,9 @@ TEST_CASE("Theorems 1 and 3: throughput is non-decreasing in m_a and in r1 (ASAS
     findep_instance inst = random_instance(gen, 64);
     std::size_t r1 = uniform_int(gen, 1, 6), r2 = uniform_int(gen, 1, 6), m_a = uniform_int(gen, 1, 6);
     for (std::size_t a = 1; a < 8; ++a)
-      REQUIRE(tps(inst, a + 1, r1, r2, ag_order::asas) >= tps(inst, a, r1, r2, ag_order::asas) * (1 - 1e-12));
+      REQUIRE(tps(inst, a + 1, r1, r2, segment_order::asas) >= tps(inst, a, r1, r2, segment_order::asas) * (1 - 1e-12));
     for (std::size_t r = 1; r < 8; ++r)
-      REQUIRE(tps(inst, m_a, r + 1, r2, ag_order::asas) >= tps(inst, m_a, r, r2, ag_order::asas) * (1 - 1e-12));
+      REQUIRE(tps(inst, m_a, r + 1, r2, segment_order::asas) >= tps(inst, m_a, r, r2, segment_order::asas) * (1 - 1e-12));
   }
 }
 
@@ -130,7 +130,7 @@ TEST_CASE("Theorem 2: throughput maximised over r2 is non-decreasing in m_a") {
     for (std::size_t m_a = 1; m_a <= 8; ++m_a) {
       double best = 0.0;
       for (std::size_t r2 = 1; r2 <= 12; ++r2)
-        best = std::max(best, tps(inst, m_a, r1, r2, ag_order::asas));
+        best = std::max(best, tps(inst, m_a, r1, r2, segment_order::asas));
       REQUIRE(best >= prev * (1 - 1e-12));
       prev = best;
     }
@@ -142,7 +142,7 @@ TEST_CASE("Theorem 4: the makespan is unimodal in r2 (never improves once it sto
   for (int n = 0; n < 300; ++n) {
     findep_instance inst = random_instance(gen, 64);
     std::size_t r1 = uniform_int(gen, 1, 6), m_a = uniform_int(gen, 1, 6);
-    for (ag_order order : {ag_order::asas, ag_order::aass}) {
+    for (segment_order order : {segment_order::asas, segment_order::aass}) {
       bool rising = false;
       double prev = 0.0;
       for (std::size_t r2 = 1; r2 <= 16; ++r2) {
@@ -165,9 +165,9 @@ TEST_CASE("AASS (DES-evaluated, no proof): monotonicity in m_a and r1 holds on r
     findep_instance inst = random_instance(gen, 64);
     std::size_t r1 = uniform_int(gen, 1, 5), r2 = uniform_int(gen, 1, 5), m_a = uniform_int(gen, 1, 5);
     for (std::size_t a = 1; a < 6; ++a)
-      violations += tps(inst, a + 1, r1, r2, ag_order::aass) < tps(inst, a, r1, r2, ag_order::aass) * (1 - 1e-9);
+      violations += tps(inst, a + 1, r1, r2, segment_order::aass) < tps(inst, a, r1, r2, segment_order::aass) * (1 - 1e-9);
     for (std::size_t r = 1; r < 6; ++r)
-      violations += tps(inst, m_a, r + 1, r2, ag_order::aass) < tps(inst, m_a, r, r2, ag_order::aass) * (1 - 1e-9);
+      violations += tps(inst, m_a, r + 1, r2, segment_order::aass) < tps(inst, m_a, r, r2, segment_order::aass) * (1 - 1e-9);
   }
   // Reported, not asserted away: the reference found none in 400 instances.
   WARN("AASS monotonicity violations: " << violations);

@@ -24,7 +24,7 @@ graph_config random_graph(rng& gen) {
   c.num_layers = uniform_int(gen, 1, 4);
   c.r1 = uniform_int(gen, 1, 4);
   c.r2 = uniform_int(gen, 1, 4);
-  c.order = gen.uniform() < 0.5f ? ag_order::asas : ag_order::aass;
+  c.order = gen.uniform() < 0.5f ? segment_order::asas : segment_order::aass;
   return c;
 }
 
@@ -99,7 +99,7 @@ TEST_CASE("FinDEP's graph never loses to PPPipe's, nor PPPipe's to the synchrono
   for (int n = 0; n < 500; ++n) {
     graph_config c = random_graph(gen);
     c.r2 = 1;
-    c.order = ag_order::asas;
+    c.order = segment_order::asas;
     double findep = simulate_graph(c)->makespan;
     c.policy = graph_policy::pppipe;
     double pppipe = simulate_graph(c)->makespan;

@@ -76,7 +76,7 @@ void attention_shard::finish_request(std::uint64_t id, const std::string& error)
   auto it = sequences_.find(id);
   const admit_request& req = it->second.request;
   if (!error.empty() && req.sink)
-    (*req.sink)(token_event{id, -1, it->second.generated.size(), true, {}, error});
+    (*req.sink)(token_event{id, -1, it->second.generated.size(), true, {}, {}, error});
   send(ingress_, done_atom::value, id, std::uint64_t(req.kv_tokens()));
   sequences_.erase(it);
   order_.erase(std::find(order_.begin(), order_.end(), id));
@@ -118,6 +118,7 @@ void attention_shard::start_step() {
         mb.tokens.push_back({&seq.cache, seq.cache.length() + j});
         mb.input_ids.push_back(feed[j]);
       }
+      mb.first_rows.push_back(mb.tokens.size() - feed.size());
       mb.last_rows.push_back(mb.tokens.size() - 1);
       max_position = std::max(max_position, seq.cache.length() + feed.size() - 1);
     }
@@ -252,6 +253,8 @@ void attention_shard::send_a2e(std::size_t mb_idx) {
       msg.chunk = std::uint32_t(chunk);
       msg.rows = mb.normed;
       msg.reply_to = self;
+      if (ctx_->trace)
+        msg.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now()};
       ctx_->stats->count_messages(1);
       send(queues_[dev], std::move(msg));
     }
@@ -264,6 +267,9 @@ void attention_shard::on_expert_outputs(expert_outputs& out) {
   micro_batch& mb = batches_[out.key.micro_batch];
   if (out.key.layer != mb.layer)
     return;
+  if (ctx_->trace && out.flow.id)
+    ctx_->trace->flow("E2A", out.flow.id, "expert " + std::to_string(out.expert_device), out.flow.sent,
+                      device_->name(), std::chrono::steady_clock::now());
   for (std::size_t i = 0; i < out.slots.size(); ++i) {
     if (mb.weighted[out.slots[i]] != nullptr)
       continue;  // a duplicate delivery: the first copy already counted
@@ -294,36 +300,41 @@ void attention_shard::run_final(std::size_t mb_idx) {
   std::vector<model::sampling_params> params;
   std::vector<std::uint64_t> ids;
   std::vector<std::size_t> positions;
-  std::vector<bool> want_logits;
-  for (std::uint64_t id : mb.sequence_ids) {
-    const sequence& seq = sequences_.at(id);
-    ids.push_back(id);
+  std::vector<std::pair<std::size_t, std::size_t>> row_ranges;  // rows whose logits are needed
+  for (std::size_t s = 0; s < mb.sequence_ids.size(); ++s) {
+    const sequence& seq = sequences_.at(mb.sequence_ids[s]);
+    ids.push_back(mb.sequence_ids[s]);
     params.push_back(seq.request.sampling);
     positions.push_back(seq.request.prompt.size() + seq.generated.size());
-    want_logits.push_back(seq.request.return_logits);
+    bool every_prompt_row = seq.request.return_prompt_logits && seq.generated.empty();
+    row_ranges.emplace_back(every_prompt_row ? mb.first_rows[s] : mb.last_rows[s], mb.last_rows[s] + 1);
   }
   caf::actor self = caf::actor_cast<caf::actor>(this);
   std::uint64_t step = step_;
   device_->post("lm_head mb" + std::to_string(mb_idx), [this, &mb, self, step, mb_idx, params, ids, positions,
-                                                         want_logits](cpu::thread_pool& pool) {
+                                                         row_ranges](cpu::thread_pool& pool) {
     const model::model_config& c = ctx_->config;
     std::size_t hidden = std::size_t(c.hidden_size);
     std::size_t vocab = std::size_t(c.vocab_size);
     model::combine_step(hidden, mb.top_k, mb.weighted.data(), mb.side.empty() ? nullptr : mb.side.data(),
                         mb.tokens.size(), mb.x.data());
     std::vector<float> rows;
-    for (std::size_t r : mb.last_rows)
-      rows.insert(rows.end(), mb.x.begin() + std::ptrdiff_t(r * hidden), mb.x.begin() + std::ptrdiff_t((r + 1) * hidden));
-    std::vector<float> logits(mb.last_rows.size() * vocab);
-    model::logits_step(c, *ctx_->weights, rows.data(), mb.last_rows.size(), logits.data(), &pool);
+    for (auto [begin, end] : row_ranges)
+      rows.insert(rows.end(), mb.x.begin() + std::ptrdiff_t(begin * hidden), mb.x.begin() + std::ptrdiff_t(end * hidden));
+    std::size_t num_rows = rows.size() / hidden;
+    std::vector<float> logits(num_rows * vocab);
+    model::logits_step(c, *ctx_->weights, rows.data(), num_rows, logits.data(), &pool);
     std::vector<std::int32_t> tokens;
-    std::vector<std::vector<float>> kept;
+    std::vector<std::vector<float>> per_sequence;  // its logits rows; the last one drew the token
+    const float* next = logits.data();
     for (std::size_t s = 0; s < ids.size(); ++s) {
-      std::span<const float> row{logits.data() + s * vocab, vocab};
-      tokens.push_back(model::sample(row, params[s], ids[s], positions[s]));
-      kept.push_back(want_logits[s] ? std::vector<float>(row.begin(), row.end()) : std::vector<float>{});
+      std::size_t count = (row_ranges[s].second - row_ranges[s].first) * vocab;
+      tokens.push_back(model::sample({next + count - vocab, vocab}, params[s], ids[s], positions[s]));
+      per_sequence.emplace_back(next, next + count);
+      next += count;
     }
-    caf::anon_send(self, final_done_atom::value, step, std::uint32_t(mb_idx), std::move(tokens), std::move(kept));
+    caf::anon_send(self, final_done_atom::value, step, std::uint32_t(mb_idx), std::move(tokens),
+                   std::move(per_sequence));
   });
 }
 
@@ -339,8 +350,16 @@ void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t
     seq.cache.advance(fed);
     seq.generated.push_back(tokens[s]);
     bool last = seq.generated.size() >= seq.request.max_new_tokens;
-    if (seq.request.sink)
-      (*seq.request.sink)(token_event{id, tokens[s], seq.generated.size() - 1, last, std::move(logits[s]), {}});
+    if (seq.request.sink) {
+      token_event event{id, tokens[s], seq.generated.size() - 1, last, {}, {}, {}};
+      std::vector<float>& rows = logits[s];
+      std::size_t vocab = std::size_t(ctx_->config.vocab_size);
+      if (seq.request.return_logits)
+        event.logits.assign(rows.end() - std::ptrdiff_t(vocab), rows.end());
+      if (seq.request.return_prompt_logits && seq.generated.size() == 1)
+        event.prompt_logits = std::move(rows);
+      (*seq.request.sink)(std::move(event));
+    }
     ctx_->stats->count_tokens(1);
     if (last)
       finish_request(id, {});

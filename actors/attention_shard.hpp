@@ -43,6 +43,7 @@ private:
     std::vector<std::uint64_t> sequence_ids;
     std::vector<model::token_slot> tokens;  // one per row
     std::vector<std::int32_t> input_ids;
+    std::vector<std::size_t> first_rows;    // the row of each sequence's first token this step
     std::vector<std::size_t> last_rows;     // the row of each sequence's last token
     std::vector<float> x;                   // residual stream, rows × hidden
     std::shared_ptr<row_block> normed;      // this layer's expert input, shared with experts

@@ -62,7 +62,7 @@ void ingress::place_waiting() {
 
 void ingress::reject(const admit_request& request, const std::string& why) {
   if (request.sink)
-    (*request.sink)(token_event{request.request_id, -1, 0, true, {}, why});
+    (*request.sink)(token_event{request.request_id, -1, 0, true, {}, {}, why});
 }
 
 }  // namespace moert::actors

@@ -30,6 +30,9 @@ caf::behavior mu_queue::make_behavior() {
 
 void mu_queue::enqueue(routed_tokens& msg) {
   auto arrived = now();
+  if (ctx_->trace && msg.flow.id)
+    ctx_->trace->flow("A2E", msg.flow.id, "attention " + std::to_string(msg.key.shard), msg.flow.sent,
+                      "expert " + std::to_string(device_idx_), std::chrono::steady_clock::now());
   for (const route_entry& route : msg.routes) {
     std::size_t q = msg.key.layer * num_local_ + route.local_expert;
     if (queues_[q].empty())

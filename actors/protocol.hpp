@@ -22,6 +22,7 @@
 
 #include <caf/all.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -55,8 +56,15 @@ struct admit_request {
   std::size_t max_new_tokens = 0;
   model::sampling_params sampling;
   bool return_logits = false;
+  bool return_prompt_logits = false;
   std::shared_ptr<token_sink> sink;
   std::size_t kv_tokens() const { return prompt.size() + max_new_tokens; }
+};
+
+// Pairs a send with its receipt in the trace (id 0: not traced).
+struct trace_flow {
+  std::uint64_t id = 0;
+  std::chrono::steady_clock::time_point sent;
 };
 
 // -- A2E: shard → mu_queue, one per (shard, micro-batch, chunk, expert device, layer) -----
@@ -82,6 +90,7 @@ struct routed_tokens {
   row_lease rows;  // the micro-batch's post-attention normed rows (shared, not copied)
   std::vector<route_entry> routes;
   caf::actor reply_to;  // the source shard
+  trace_flow flow;
 };
 
 // -- mu_queue → expert: a whole μ-queue drained into one batch -----------------------
@@ -108,6 +117,8 @@ struct expert_outputs {
   row_lease rows;                   // weighted expert outputs (shared by every destination)
   std::vector<std::uint32_t> rows_idx;  // row in `rows` for each entry
   std::vector<std::uint32_t> slots;     // join slot (token × top_k + k) for each entry
+  std::uint32_t expert_device = 0;
+  trace_flow flow;
 };
 
 // -- policy → shards and queues --------------------------------------------------------

@@ -15,6 +15,8 @@ struct token_event {
   std::size_t index = 0;      // 0 for the first generated token
   bool last = false;          // no more events follow for this request
   std::vector<float> logits;  // the logits the token was drawn from, when requested
+  // First event only, when requested: logits at every prompt position (prompt × vocab).
+  std::vector<float> prompt_logits;
   std::string error;          // non-empty: the request failed or was cancelled (no token)
 };
 

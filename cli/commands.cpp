@@ -2,10 +2,12 @@
 
 #include "core/rng.hpp"
 #include "model/safetensors.hpp"
+#include "engine_options.hpp"
 #include "model_source.hpp"
 
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -21,10 +23,6 @@ namespace {
 int fail(const error& err) {
   std::fprintf(stderr, "moert: error: %s\n", err.what().c_str());
   return 1;
-}
-
-std::size_t default_threads() {
-  return std::max(1u, std::thread::hardware_concurrency());
 }
 
 std::string join(const std::vector<std::int32_t>& ids) {
@@ -77,28 +75,27 @@ struct generate_options {
   float top_p = 1.0f;
   std::uint64_t seed = 0;
   std::uint64_t weight_seed = 1;
-  std::size_t threads = default_threads();
   bool recompute = false;
+  engine_options engine;
 };
 
-int run_generate(const generate_options& opt) {
-  auto loaded = load_model(opt.model_dir, opt.weight_seed, opt.threads);
-  if (!loaded)
-    return fail(loaded.err());
-  model::reference_model& m = *loaded->model;
-  const model::model_config& c = m.config();
-
+result<std::vector<std::vector<std::int32_t>>> collect_prompts(const generate_options& opt, std::int64_t vocab) {
   std::vector<std::vector<std::int32_t>> prompts;
   if (!opt.prompts_file.empty()) {
-    auto from_file = load_prompts(opt.prompts_file, c.vocab_size);
+    auto from_file = load_prompts(opt.prompts_file, vocab);
     if (!from_file)
-      return fail(from_file.err());
+      return from_file.err();
     prompts = std::move(from_file.value());
   }
   for (const auto& text : opt.prompts) {
     auto ids = parse_token_list(text);
     if (!ids)
-      return fail(ids.err());
+      return ids.err();
+    for (std::size_t i = 0; i < ids->size(); ++i)
+      if ((*ids)[i] >= vocab)
+        return make_error(error_code::invalid_argument,
+                          "--prompt: token id " + std::to_string((*ids)[i]) + " at position " + std::to_string(i) +
+                              " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
     prompts.push_back(std::move(ids.value()));
   }
   if (prompts.empty()) {  // seeded random prompts
@@ -106,35 +103,99 @@ int run_generate(const generate_options& opt) {
     for (std::size_t i = 0; i < opt.batch; ++i) {
       std::vector<std::int32_t> ids(opt.prompt_length);
       for (auto& id : ids)
-        id = std::int32_t(gen.next_u64() % std::uint64_t(c.vocab_size));
+        id = std::int32_t(gen.next_u64() % std::uint64_t(vocab));
       prompts.push_back(std::move(ids));
     }
   }
+  return prompts;
+}
 
-  std::vector<model::generation_request> requests;
+void print_generated(const std::vector<std::vector<std::int32_t>>& prompts,
+                     const std::vector<std::vector<std::int32_t>>& out) {
   for (std::size_t i = 0; i < prompts.size(); ++i)
-    requests.push_back({i, prompts[i], opt.max_new_tokens,
-                        {opt.temperature, opt.top_k, opt.top_p, opt.seed}});
+    std::printf("request %zu: prompt [%s]\n  -> %s\n", i + 1, join(prompts[i]).c_str(), join(out[i]).c_str());
+}
+
+std::string sampling_text(const generate_options& opt) {
+  return (opt.temperature > 0 ? "temperature " + std::to_string(opt.temperature) : std::string{"greedy"}) +
+         ", seed " + std::to_string(opt.seed);
+}
+
+int run_generate_reference(const generate_options& opt) {
+  auto loaded = load_model(opt.model_dir, opt.weight_seed, opt.engine.threads);
+  if (!loaded)
+    return fail(loaded.err());
+  model::reference_model& m = *loaded->model;
+  auto prompts = collect_prompts(opt, m.config().vocab_size);
+  if (!prompts)
+    return fail(prompts.err());
+  std::vector<model::generation_request> requests;
+  for (std::size_t i = 0; i < prompts->size(); ++i)
+    requests.push_back({i + 1, (*prompts)[i], opt.max_new_tokens, {opt.temperature, opt.top_k, opt.top_p, opt.seed}});
   model::generation_stats stats;
   auto out = model::generate(m, requests,
                              opt.recompute ? model::decode_mode::full_recompute : model::decode_mode::kv_cache,
                              &stats);
   if (!out)
     return fail(out.err());
-
-  std::printf("model: %s\n       %s\n", loaded->description.c_str(), describe(c).c_str());
-  std::printf("sampling: %s, seed %llu; %zu threads; %s\n",
-              opt.temperature > 0 ? ("temperature " + std::to_string(opt.temperature)).c_str() : "greedy",
-              static_cast<unsigned long long>(opt.seed), m.num_threads(),
-              opt.recompute ? "full recompute" : "KV cache");
-  for (std::size_t i = 0; i < prompts.size(); ++i)
-    std::printf("request %zu: prompt [%s]\n  -> %s\n", i, join(prompts[i]).c_str(), join((*out)[i]).c_str());
-  std::printf("prefill: %zu tokens in %.4f s (%.1f tokens/s)\n", stats.prompt_tokens,
-              stats.prefill_seconds, stats.prompt_tokens / std::max(stats.prefill_seconds, 1e-9));
+  std::printf("model: %s\n       %s\n", loaded->description.c_str(), describe(m.config()).c_str());
+  std::printf("reference forward (no actors), %zu threads, %s; %s\n", m.num_threads(),
+              opt.recompute ? "full recompute" : "KV cache", sampling_text(opt).c_str());
+  print_generated(*prompts, *out);
+  std::printf("prefill: %zu tokens in %.4f s (%.1f tokens/s)\n", stats.prompt_tokens, stats.prefill_seconds,
+              stats.prompt_tokens / std::max(stats.prefill_seconds, 1e-9));
   std::printf("decode:  %zu tokens in %.4f s (%.1f tokens/s, batch %zu)\n", stats.decode_tokens,
-              stats.decode_seconds, stats.decode_tokens / std::max(stats.decode_seconds, 1e-9),
-              prompts.size());
+              stats.decode_seconds, stats.decode_tokens / std::max(stats.decode_seconds, 1e-9), prompts->size());
   return 0;
+}
+
+int run_generate(const generate_options& opt) {
+  if (opt.engine.reference)
+    return run_generate_reference(opt);
+  if (opt.recompute)
+    return fail(make_error(error_code::invalid_argument, "--recompute needs --reference"));
+  auto config = make_engine_config(opt.engine, opt.model_dir, opt.weight_seed);
+  if (!config)
+    return fail(config.err());
+  auto engine = Engine::create(std::move(config.value()));
+  if (!engine)
+    return fail(engine.err());
+  const model::model_config& c = (*engine)->model_config();
+  auto prompts = collect_prompts(opt, c.vocab_size);
+  if (!prompts)
+    return fail(prompts.err());
+
+  auto start = std::chrono::steady_clock::now();
+  std::vector<std::shared_ptr<TokenStream>> streams;
+  for (std::size_t i = 0; i < prompts->size(); ++i)
+    streams.push_back((*engine)->submit(
+        {i + 1, (*prompts)[i], opt.max_new_tokens, {opt.temperature, opt.top_k, opt.top_p, opt.seed}, false}));
+  std::vector<std::vector<std::int32_t>> out;
+  std::size_t generated = 0, prompt_tokens = 0;
+  for (std::size_t i = 0; i < streams.size(); ++i) {
+    auto tokens = streams[i]->wait();
+    if (!tokens)
+      return fail(tokens.err());
+    generated += tokens->size();
+    prompt_tokens += (*prompts)[i].size();
+    out.push_back(std::move(tokens.value()));
+  }
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  (*engine)->shutdown();
+
+  std::printf("model: %s\n       %s\n",
+              opt.model_dir.empty() ? "embedded default (configs/models/default-moe.json)" : opt.model_dir.c_str(),
+              describe(c).c_str());
+  std::printf("engine: %zu attention + %zu expert devices, %zu threads each; plan r1 %zu, r2 %zu, %s; "
+              "scheduler %s; %s\n",
+              opt.engine.ag, opt.engine.eg, opt.engine.threads, opt.engine.r1, opt.engine.r2, opt.engine.order.c_str(),
+              opt.engine.scheduler.c_str(), sampling_text(opt).c_str());
+  print_generated(*prompts, out);
+  std::printf("throughput: %zu prompt + %zu generated tokens in %.4f s (%.1f generated tokens/s, batch %zu)\n",
+              prompt_tokens, generated, seconds, double(generated) / std::max(seconds, 1e-9), prompts->size());
+  print_report((*engine)->report());
+  status traced = write_trace(**engine, opt.engine);
+  return traced.ok() ? 0 : fail(traced.err());
 }
 
 // -- eval ---------------------------------------------------------------------
@@ -144,20 +205,27 @@ struct eval_options {
   std::string prompts_file;
   std::size_t greedy = 8;
   std::string out_file;
-  std::size_t threads = default_threads();
   bool recompute = false;
+  engine_options engine;
 };
 
-int run_eval(const eval_options& opt) {
-  auto loaded = load_model(opt.model_dir, 1, opt.threads);
+// What `eval` writes per prompt.
+struct eval_result {
+  std::vector<float> last_logits;
+  std::vector<std::int32_t> argmax;
+  std::vector<std::int32_t> greedy;
+};
+
+result<std::vector<eval_result>> eval_reference(const eval_options& opt, std::string& model_text) {
+  auto loaded = load_model(opt.model_dir, 1, opt.engine.threads);
   if (!loaded)
-    return fail(loaded.err());
+    return loaded.err();
   model::reference_model& m = *loaded->model;
+  model_text = loaded->description + " (reference forward)";
   std::size_t vocab = std::size_t(m.config().vocab_size);
   auto prompts = load_prompts(opt.prompts_file, m.config().vocab_size);
   if (!prompts)
-    return fail(prompts.err());
-
+    return prompts.err();
   // Every prompt position in one batch (batch invariance makes this equal to one at a time).
   std::vector<model::kv_cache> caches(prompts->size(), model::kv_cache{m.config()});
   std::vector<model::forward_segment> segments;
@@ -165,37 +233,81 @@ int run_eval(const eval_options& opt) {
     segments.push_back({&caches[i], (*prompts)[i]});
   auto logits = m.forward(segments, model::logits_for::every_token);
   if (!logits)
-    return fail(logits.err());
-
+    return logits.err();
   std::vector<model::generation_request> requests;
   for (std::size_t i = 0; i < prompts->size(); ++i)
-    requests.push_back({i, (*prompts)[i], opt.greedy, {}});
+    requests.push_back({i + 1, (*prompts)[i], opt.greedy, {}});
   auto greedy = model::generate(m, requests,
                                 opt.recompute ? model::decode_mode::full_recompute : model::decode_mode::kv_cache);
   if (!greedy)
-    return fail(greedy.err());
-
-  nlohmann::json out;
-  out["model"] = loaded->description;
-  out["prompts"] = nlohmann::json::array();
+    return greedy.err();
+  std::vector<eval_result> out(prompts->size());
   std::size_t row = 0;
   for (std::size_t i = 0; i < prompts->size(); ++i) {
-    nlohmann::json entry;
-    std::vector<std::int32_t> argmax;
     for (std::size_t j = 0; j < (*prompts)[i].size(); ++j, ++row)
-      argmax.push_back(model::argmax({logits->data() + row * vocab, vocab}));
-    entry["last_logits"] = std::vector<float>(logits->data() + (row - 1) * vocab, logits->data() + row * vocab);
-    entry["argmax"] = argmax;
-    entry["greedy"] = (*greedy)[i];
-    out["prompts"].push_back(std::move(entry));
+      out[i].argmax.push_back(model::argmax({logits->data() + row * vocab, vocab}));
+    out[i].last_logits.assign(logits->data() + (row - 1) * vocab, logits->data() + row * vocab);
+    out[i].greedy = (*greedy)[i];
   }
+  return out;
+}
+
+result<std::vector<eval_result>> eval_engine(const eval_options& opt, std::string& model_text) {
+  if (opt.recompute)
+    return make_error(error_code::invalid_argument, "--recompute needs --reference");
+  auto config = make_engine_config(opt.engine, opt.model_dir, 1);
+  if (!config)
+    return config.err();
+  auto engine = Engine::create(std::move(config.value()));
+  if (!engine)
+    return engine.err();
+  model_text = "checkpoint " + opt.model_dir + " (engine: " + std::to_string(opt.engine.ag) + " attention + " +
+               std::to_string(opt.engine.eg) + " expert devices)";
+  std::size_t vocab = std::size_t((*engine)->model_config().vocab_size);
+  auto prompts = load_prompts(opt.prompts_file, (*engine)->model_config().vocab_size);
+  if (!prompts)
+    return prompts.err();
+  std::vector<std::shared_ptr<TokenStream>> streams;
+  for (std::size_t i = 0; i < prompts->size(); ++i) {
+    Request request{i + 1, (*prompts)[i], std::max<std::size_t>(1, opt.greedy), {}, false};
+    request.return_prompt_logits = true;
+    streams.push_back((*engine)->submit(std::move(request)));
+  }
+  std::vector<eval_result> out(prompts->size());
+  for (std::size_t i = 0; i < streams.size(); ++i) {
+    while (auto event = streams[i]->next()) {
+      if (!event->error.empty())
+        return make_error(error_code::invalid_argument, event->error);
+      if (!event->prompt_logits.empty()) {
+        for (std::size_t row = 0; row < (*prompts)[i].size(); ++row)
+          out[i].argmax.push_back(model::argmax({event->prompt_logits.data() + row * vocab, vocab}));
+        out[i].last_logits.assign(event->prompt_logits.end() - std::ptrdiff_t(vocab), event->prompt_logits.end());
+      }
+      if (out[i].greedy.size() < opt.greedy)
+        out[i].greedy.push_back(event->token);
+    }
+  }
+  (*engine)->shutdown();
+  return out;
+}
+
+int run_eval(const eval_options& opt) {
+  std::string model_text;
+  auto results = opt.engine.reference ? eval_reference(opt, model_text) : eval_engine(opt, model_text);
+  if (!results)
+    return fail(results.err());
+  nlohmann::json out;
+  out["model"] = model_text;
+  out["prompts"] = nlohmann::json::array();
+  for (const eval_result& r : *results)
+    out["prompts"].push_back({{"last_logits", r.last_logits}, {"argmax", r.argmax}, {"greedy", r.greedy}});
   std::ofstream file{opt.out_file};
   if (!file)
     return fail(make_error(error_code::io_error, "cannot write '" + opt.out_file + "'"));
   file << out.dump() << "\n";
   if (!file.flush())
     return fail(make_error(error_code::io_error, "writing '" + opt.out_file + "' failed"));
-  std::printf("wrote %zu prompts to %s\n", prompts->size(), opt.out_file.c_str());
+  std::printf("wrote %zu prompts to %s\n", results->size(), opt.out_file.c_str());
   return 0;
 }
 
@@ -290,8 +402,8 @@ command_runner add_generate_command(CLI::App& app) {
   sub->add_option("--top-p", opt->top_p, "1 = off")->check(CLI::Range(0.0f, 1.0f));
   sub->add_option("--seed", opt->seed, "Sampling seed (and random prompts)");
   sub->add_option("--weight-seed", opt->weight_seed, "Seed of the embedded default's weights");
-  sub->add_option("--threads", opt->threads, "Compute threads")->check(CLI::Range(1, 1024));
-  sub->add_flag("--recompute", opt->recompute, "Re-run the whole sequence per token (no KV cache)");
+  sub->add_flag("--recompute", opt->recompute, "With --reference: re-run the whole sequence per token");
+  add_engine_options(*sub, opt->engine);
   return [opt] { return run_generate(*opt); };
 }
 
@@ -302,8 +414,8 @@ command_runner add_eval_command(CLI::App& app) {
   sub->add_option("--prompts", opt->prompts_file, "JSON file: list of token-id lists")->required();
   sub->add_option("--greedy", opt->greedy, "Greedy tokens to generate per prompt");
   sub->add_option("--out", opt->out_file, "Output JSON file")->required();
-  sub->add_option("--threads", opt->threads, "Compute threads")->check(CLI::Range(1, 1024));
-  sub->add_flag("--recompute", opt->recompute, "Greedy by full recompute instead of the KV cache");
+  sub->add_flag("--recompute", opt->recompute, "With --reference: greedy by full recompute, no KV cache");
+  add_engine_options(*sub, opt->engine);
   return [opt] { return run_eval(*opt); };
 }
 

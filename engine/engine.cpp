@@ -153,6 +153,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   state->all_actors.push_back(sys.spawn<actors::policy_actor>(shards, queues, config.plan, scheduler));
   caf::anon_send(state->ingress, shards);
   state->config = std::move(config);
+  state->started = std::chrono::steady_clock::now();
   return std::unique_ptr<Engine>(new Engine(std::move(state)));
 }
 
@@ -160,7 +161,7 @@ std::shared_ptr<TokenStream> Engine::submit(Request request, std::function<void(
   auto stream = std::make_shared<TokenStream>();
   const model::model_config& c = impl_->ctx.config;
   auto refuse = [&](const std::string& why) {
-    TokenEvent event{request.id, -1, 0, true, {}, why};
+    TokenEvent event{request.id, -1, 0, true, {}, {}, why};
     if (on_token)
       on_token(event);
     stream->push(std::move(event));
@@ -193,6 +194,7 @@ std::shared_ptr<TokenStream> Engine::submit(Request request, std::function<void(
   admit.max_new_tokens = request.max_new_tokens;
   admit.sampling = request.sampling;
   admit.return_logits = request.return_logits;
+  admit.return_prompt_logits = request.return_prompt_logits;
   impl* state = impl_.get();
   std::uint64_t id = request.id;
   admit.sink = std::make_shared<actors::token_sink>(

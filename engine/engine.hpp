@@ -54,7 +54,8 @@ struct Request {
   std::vector<std::int32_t> prompt;
   std::size_t max_new_tokens = 16;
   model::sampling_params sampling;
-  bool return_logits = false;
+  bool return_logits = false;         // logits each token was drawn from
+  bool return_prompt_logits = false;  // logits at every prompt position, on the first event
 };
 
 // The tokens of one request, in order. Events arrive on engine threads and queue here.

@@ -1,0 +1,71 @@
+#include "engine_options.hpp"
+
+#include "model_source.hpp"
+
+#include <cstdio>
+#include <fstream>
+
+namespace moert::cli {
+
+void add_engine_options(CLI::App& app, engine_options& opt) {
+  app.add_option("--ag", opt.ag, "Attention devices (shards)")->check(CLI::Range(1, 256));
+  app.add_option("--eg", opt.eg, "Expert devices")->check(CLI::Range(1, 256));
+  app.add_option("--threads", opt.threads, "Compute threads per device")->check(CLI::Range(1, 256));
+  app.add_option("--r1", opt.r1, "Micro-batches per step")->check(CLI::Range(1, 1024));
+  app.add_option("--m-a", opt.m_a, "Sequences per micro-batch (0: batch / r1)");
+  app.add_option("--r2", opt.r2, "A2E chunks per micro-batch")->check(CLI::Range(1, 1024));
+  app.add_option("--order", opt.order, "AASS, ASAS or PPPipe");
+  app.add_option("--scheduler", opt.scheduler, "μ-queue scheduler: defrag, mtfs or flfs");
+  app.add_option("--max-wait-ms", opt.max_wait_ms, "Latency guard of the μ-queues (0: off)")
+      ->check(CLI::Range(0.0, 1e6));
+  app.add_option("--trace", opt.trace_file, "Write a Chrome/Perfetto trace (JSON)");
+  app.add_flag("--reference", opt.reference, "Run the bare reference forward, without actors");
+}
+
+result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,
+                                        std::uint64_t weight_seed) {
+  EngineConfig config;
+  config.model_dir = model_dir;
+  if (model_dir.empty())
+    config.synthetic_config = default_model_json();
+  config.weight_seed = weight_seed;
+  config.attention_devices = opt.ag;
+  config.expert_devices = opt.eg;
+  config.threads_per_device = opt.threads;
+  auto order = policy::parse_segment_order(opt.order);
+  if (!order)
+    return make_error(error_code::invalid_argument, "--order '" + opt.order + "': expected AASS, ASAS or PPPipe");
+  auto scheduler = policy::parse_queue_policy(opt.scheduler);
+  if (!scheduler)
+    return make_error(error_code::invalid_argument,
+                      "--scheduler '" + opt.scheduler + "': expected defrag, mtfs or flfs");
+  config.plan = {opt.r1, opt.m_a, opt.r2, *order};
+  config.scheduler = *scheduler;
+  config.defrag.max_wait = std::chrono::nanoseconds(std::int64_t(opt.max_wait_ms * 1e6));
+  config.trace = !opt.trace_file.empty();
+  return config;
+}
+
+void print_report(const EngineReport& report) {
+  std::printf("devices:");
+  for (std::size_t i = 0; i < report.devices.size(); ++i)
+    std::printf("%s %s %.1f %% busy", i ? "," : "", report.devices[i].name.c_str(),
+                100.0 * report.devices[i].busy_fraction);
+  std::printf("\nexpert batch: mean %.1f, p50 %.0f, p95 %.0f tokens; %.2f executions per (layer, wave); "
+              "%.1f messages per token\n",
+              report.expert_batch_mean, report.expert_batch_p50, report.expert_batch_p95,
+              report.executions_per_layer_wave, report.messages_per_token);
+}
+
+status write_trace(const Engine& engine, const engine_options& opt) {
+  if (opt.trace_file.empty())
+    return {};
+  std::ofstream out{opt.trace_file};
+  out << engine.trace_json();
+  if (!out.flush())
+    return make_error(error_code::io_error, "cannot write trace '" + opt.trace_file + "'");
+  std::printf("trace: %s (open in ui.perfetto.dev or chrome://tracing)\n", opt.trace_file.c_str());
+  return {};
+}
+
+}  // namespace moert::cli

@@ -1,0 +1,40 @@
+#pragma once
+
+// Command-line options that place and schedule an Engine (`--ag`, `--eg`, plan and
+// scheduler flags), shared by `moert generate`, `eval` and `bench`.
+
+#include "engine/engine.hpp"
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+
+namespace moert::cli {
+
+struct engine_options {
+  std::size_t ag = 1;
+  std::size_t eg = 1;
+  std::size_t threads = 1;  // per device
+  std::size_t r1 = 1;
+  std::size_t m_a = 0;
+  std::size_t r2 = 1;
+  std::string order = "ASAS";
+  std::string scheduler = "defrag";
+  double max_wait_ms = 100.0;
+  std::string trace_file;
+  bool reference = false;  // bypass the actors: the bare single-process forward
+};
+
+void add_engine_options(CLI::App& app, engine_options& opt);
+
+// Fills placement, plan and scheduler of `config` from the options.
+result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,
+                                        std::uint64_t weight_seed);
+
+// "attention 0 busy 41.2 %, …" and the batch/fragmentation/message figures, to stdout.
+void print_report(const EngineReport& report);
+
+// Writes the engine's trace to opt.trace_file when set.
+status write_trace(const Engine& engine, const engine_options& opt);
+
+}  // namespace moert::cli

@@ -1,0 +1,33 @@
+# `cmake --install` lays moert out as a CMake package: the static libraries under the
+# moert:: namespace (moert::engine pulls in the rest), their headers under include/ with the
+# repository's paths ("engine/engine.hpp"), the `moert` CLI in bin/, and moertConfig.cmake
+# with the FindCAF.cmake it needs (Debian's CAF 0.17 ships no CMake config).
+include(GNUInstallDirs)
+include(CMakePackageConfigHelpers)
+
+set(MOERT_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/moert)
+set(_moert_libraries moert_core moert_gpu_cpu moert_model moert_policy moert_actors moert_engine)
+foreach(_lib IN LISTS _moert_libraries)
+  string(REPLACE "moert_" "" _name ${_lib})
+  set_target_properties(${_lib} PROPERTIES EXPORT_NAME ${_name})
+  add_library(moert::${_name} ALIAS ${_lib})  # the same names for add_subdirectory users
+endforeach()
+
+install(TARGETS ${_moert_libraries} EXPORT moertTargets
+  ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})  # include/ comes with moert::core
+install(TARGETS moert RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+install(DIRECTORY core gpu model policy actors engine
+  DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
+  FILES_MATCHING PATTERN "*.hpp")
+
+install(EXPORT moertTargets NAMESPACE moert:: DESTINATION ${MOERT_INSTALL_CMAKEDIR})
+configure_package_config_file(cmake/moertConfig.cmake.in
+  ${CMAKE_CURRENT_BINARY_DIR}/moertConfig.cmake
+  INSTALL_DESTINATION ${MOERT_INSTALL_CMAKEDIR})
+write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/moertConfigVersion.cmake
+  COMPATIBILITY SameMinorVersion)
+install(FILES
+  ${CMAKE_CURRENT_BINARY_DIR}/moertConfig.cmake
+  ${CMAKE_CURRENT_BINARY_DIR}/moertConfigVersion.cmake
+  cmake/FindCAF.cmake
+  DESTINATION ${MOERT_INSTALL_CMAKEDIR})

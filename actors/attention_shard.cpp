@@ -254,7 +254,7 @@ void attention_shard::send_a2e(std::size_t mb_idx) {
       msg.rows = mb.normed;
       msg.reply_to = self;
       if (ctx_->trace)
-        msg.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now()};
+        msg.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), device_->name()};
       ctx_->stats->count_messages(1);
       send(queues_[dev], std::move(msg));
     }
@@ -268,8 +268,8 @@ void attention_shard::on_expert_outputs(expert_outputs& out) {
   if (out.key.layer != mb.layer)
     return;
   if (ctx_->trace && out.flow.id)
-    ctx_->trace->flow("E2A", out.flow.id, "expert " + std::to_string(out.expert_device), out.flow.sent,
-                      device_->name(), std::chrono::steady_clock::now());
+    ctx_->trace->flow("E2A", out.flow.id, out.flow.from_track, out.flow.sent, device_->name(),
+                      std::chrono::steady_clock::now());
   for (std::size_t i = 0; i < out.slots.size(); ++i) {
     if (mb.weighted[out.slots[i]] != nullptr)
       continue;  // a duplicate delivery: the first copy already counted

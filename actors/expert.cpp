@@ -36,9 +36,8 @@ caf::behavior expert::make_behavior() {
     [this](expert_batch& batch) { run(batch); },
     [this](batch_done_atom, finished_batch& done) {
       for (auto& [dest, out] : done.outputs) {
-        out.expert_device = std::uint32_t(device_idx_);
         if (ctx_->trace)
-          out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now()};
+          out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), device_->name()};
         ctx_->stats->count_messages(1);
         send(dest, std::move(out));
       }

@@ -3,14 +3,15 @@
 namespace moert::actors {
 
 mu_queue::mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size_t device_idx,
-                   scheduler_update scheduler)
+                   scheduler_update scheduler, std::string track)
     : caf::event_based_actor(cfg),
       ctx_(ctx),
       device_idx_(device_idx),
       num_local_(ctx->experts_on(device_idx)),
       queues_(std::size_t(ctx->config.num_layers) * num_local_),
       matrix_(std::size_t(ctx->config.num_layers), num_local_),
-      scheduler_(std::move(scheduler)) {}
+      scheduler_(std::move(scheduler)),
+      track_(std::move(track)) {}
 
 std::chrono::nanoseconds mu_queue::now() const {
   return std::chrono::steady_clock::now().time_since_epoch();
@@ -31,8 +32,7 @@ caf::behavior mu_queue::make_behavior() {
 void mu_queue::enqueue(routed_tokens& msg) {
   auto arrived = now();
   if (ctx_->trace && msg.flow.id)
-    ctx_->trace->flow("A2E", msg.flow.id, "attention " + std::to_string(msg.key.shard), msg.flow.sent,
-                      "expert " + std::to_string(device_idx_), std::chrono::steady_clock::now());
+    ctx_->trace->flow("A2E", msg.flow.id, msg.flow.from_track, msg.flow.sent, track_, std::chrono::steady_clock::now());
   for (const route_entry& route : msg.routes) {
     std::size_t q = msg.key.layer * num_local_ + route.local_expert;
     if (queues_[q].empty())

@@ -16,7 +16,9 @@ namespace moert::actors {
 
 class mu_queue : public caf::event_based_actor {
 public:
-  mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size_t device_idx, scheduler_update scheduler);
+  // `track` names the expert device in traces.
+  mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size_t device_idx, scheduler_update scheduler,
+           std::string track);
 
   caf::behavior make_behavior() override;
 
@@ -33,6 +35,7 @@ private:
   scheduler_update scheduler_;
   caf::actor expert_;           // learnt from its first pull
   bool expert_waiting_ = false;
+  std::string track_;
 };
 
 }  // namespace moert::actors

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace moert::actors {
@@ -65,6 +66,7 @@ struct admit_request {
 struct trace_flow {
   std::uint64_t id = 0;
   std::chrono::steady_clock::time_point sent;
+  std::string from_track;  // the sending device
 };
 
 // -- A2E: shard → mu_queue, one per (shard, micro-batch, chunk, expert device, layer) -----
@@ -117,7 +119,6 @@ struct expert_outputs {
   row_lease rows;                   // weighted expert outputs (shared by every destination)
   std::vector<std::uint32_t> rows_idx;  // row in `rows` for each entry
   std::vector<std::uint32_t> slots;     // join slot (token × top_k + k) for each entry
-  std::uint32_t expert_device = 0;
   trace_flow flow;
 };
 

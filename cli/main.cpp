@@ -1,3 +1,4 @@
+#include "bench_command.hpp"
 #include "commands.hpp"
 #include "policy_commands.hpp"
 
@@ -17,6 +18,7 @@ int main(int argc, char** argv) {
   add(moert::cli::add_generate_command);
   add(moert::cli::add_eval_command);
   add(moert::cli::add_inspect_command);
+  add(moert::cli::add_bench_command);
   add(moert::cli::add_solve_command);
   add(moert::cli::add_simulate_command);
   add(moert::cli::add_calibrate_command);

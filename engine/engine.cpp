@@ -95,7 +95,9 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
 
   auto state = std::make_unique<impl>();
   model::model_weights weights;
-  if (!config.model_dir.empty()) {
+  if (config.weights) {
+    state->ctx.config = config.weights_config;
+  } else if (!config.model_dir.empty()) {
     auto parsed = model::load_config(config.model_dir);
     if (!parsed)
       return parsed.err();
@@ -119,7 +121,8 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   if (config.expert_devices > std::size_t(state->ctx.config.num_experts))
     return invalid("expert_devices (" + std::to_string(config.expert_devices) + ") exceeds the number of experts (" +
                    std::to_string(state->ctx.config.num_experts) + ")");
-  state->ctx.weights = std::make_shared<const model::model_weights>(std::move(weights));
+  state->ctx.weights =
+      config.weights ? config.weights : std::make_shared<const model::model_weights>(std::move(weights));
   state->ctx.num_expert_devices = config.expert_devices;
   state->ctx.stats = &state->stats;
   state->ctx.trace = config.trace ? &state->trace : nullptr;
@@ -130,23 +133,29 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   caf::actor_system& sys = *state->system;
   const actors::runtime_context* ctx = &state->ctx;
 
+  auto make_device = [&](const std::string& name) {
+    if (config.single_device && !state->devices.empty())
+      return state->devices.front().get();
+    return state->devices
+        .emplace_back(std::make_unique<actors::device>(config.single_device ? "device 0" : name,
+                                                       config.threads_per_device, ctx->trace))
+        .get();
+  };
   actors::scheduler_update scheduler{config.scheduler, config.defrag};
   std::vector<caf::actor> queues;
   for (std::size_t d = 0; d < config.expert_devices; ++d) {
-    auto& dev = state->devices.emplace_back(
-        std::make_unique<actors::device>("expert " + std::to_string(d), config.threads_per_device, ctx->trace));
-    caf::actor queue = sys.spawn<actors::mu_queue>(ctx, d, scheduler);
+    actors::device* dev = make_device("expert " + std::to_string(d));
+    caf::actor queue = sys.spawn<actors::mu_queue>(ctx, d, scheduler, dev->name());
     queues.push_back(queue);
     state->all_actors.push_back(queue);
-    state->all_actors.push_back(sys.spawn<actors::expert>(ctx, d, dev.get(), queue));
+    state->all_actors.push_back(sys.spawn<actors::expert>(ctx, d, dev, queue));
   }
   state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens);
   state->all_actors.push_back(state->ingress);
   std::vector<caf::actor> shards;
   for (std::size_t a = 0; a < config.attention_devices; ++a) {
-    auto& dev = state->devices.emplace_back(
-        std::make_unique<actors::device>("attention " + std::to_string(a), config.threads_per_device, ctx->trace));
-    shards.push_back(sys.spawn<actors::attention_shard>(ctx, std::uint32_t(a), dev.get(), queues, state->ingress,
+    actors::device* dev = make_device("attention " + std::to_string(a));
+    shards.push_back(sys.spawn<actors::attention_shard>(ctx, std::uint32_t(a), dev, queues, state->ingress,
                                                         config.plan));
   }
   state->all_actors.insert(state->all_actors.end(), shards.begin(), shards.end());

@@ -16,6 +16,7 @@
 #include "actors/token_sink.hpp"
 #include "core/error.hpp"
 #include "model/config.hpp"
+#include "model/weights.hpp"
 #include "model/sampler.hpp"
 #include "policy/defrag.hpp"
 #include "policy/plan.hpp"
@@ -38,9 +39,15 @@ struct EngineConfig {
   std::string model_dir;         // a Hugging Face checkpoint directory, or empty for …
   std::string synthetic_config;  // … a synthetic model: HF config.json text, seeded weights
   std::uint64_t weight_seed = 1;
+  // Or a model already in memory, shared with its other users (wins over the two above).
+  std::shared_ptr<const model::model_weights> weights;
+  model::model_config weights_config;
   std::size_t attention_devices = 1;  // ag: attention shards
   std::size_t expert_devices = 1;     // eg: expert devices (experts placed round-robin)
   std::size_t threads_per_device = 1;
+  // Every shard and expert posts to one device: the runtime on a single core, for comparing
+  // its overhead with the bare forward.
+  bool single_device = false;
   policy::execution_plan plan;
   policy::queue_policy scheduler = policy::queue_policy::defrag;
   policy::defrag_params defrag;

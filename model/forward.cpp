@@ -8,6 +8,10 @@
 namespace moert::model {
 
 reference_model::reference_model(model_config config, model_weights weights, std::size_t num_threads)
+    : reference_model(std::move(config), std::make_shared<const model_weights>(std::move(weights)), num_threads) {}
+
+reference_model::reference_model(model_config config, std::shared_ptr<const model_weights> weights,
+                                 std::size_t num_threads)
     : config_(std::move(config)), weights_(std::move(weights)), pool_(num_threads), rope_(config_) {}
 
 result<std::vector<float>> reference_model::forward(std::span<const forward_segment> segments,
@@ -45,13 +49,13 @@ result<std::vector<float>> reference_model::forward(std::span<const forward_segm
   for (const forward_segment& seg : segments) {
     seg.cache->grow(seg.tokens.size());
     for (std::size_t j = 0; j < seg.tokens.size(); ++j) {
-      std::copy_n(weights_.embedding.data() + std::size_t(seg.tokens[j]) * hidden, hidden,
+      std::copy_n(weights_->embedding.data() + std::size_t(seg.tokens[j]) * hidden, hidden,
                   x.data() + slots.size() * hidden);
       slots.push_back({seg.cache, seg.cache->length() + j});
     }
   }
   for (std::size_t l = 0; l < std::size_t(c.num_layers); ++l) {
-    attention_step(c, weights_, rope_, l, slots, x.data(), &pool_);
+    attention_step(c, *weights_, rope_, l, slots, x.data(), &pool_);
     moe_block(l, x);
   }
   for (const forward_segment& seg : segments)
@@ -68,7 +72,7 @@ result<std::vector<float>> reference_model::forward(std::span<const forward_segm
   }
   std::size_t num_rows = rows.size() / hidden;
   std::vector<float> logits(num_rows * std::size_t(c.vocab_size));
-  logits_step(c, weights_, rows.data(), num_rows, logits.data(), &pool_);
+  logits_step(c, *weights_, rows.data(), num_rows, logits.data(), &pool_);
   return logits;
 }
 
@@ -81,7 +85,7 @@ void reference_model::moe_block(std::size_t layer, std::vector<float>& x) {
 
   std::vector<float> normed(num_tokens * hidden);
   std::vector<routed_slot> routes(num_tokens * top_k);
-  route_step(c, weights_, layer, x.data(), num_tokens, normed.data(), routes.data(), &pool_);
+  route_step(c, *weights_, layer, x.data(), num_tokens, normed.data(), routes.data(), &pool_);
 
   // Each active expert runs once on all its rows; outputs land in their (token, slot) place.
   std::vector<float> weighted(num_tokens * top_k * hidden);
@@ -100,7 +104,7 @@ void reference_model::moe_block(std::size_t layer, std::vector<float>& x) {
       out.resize(slots.size() * hidden);
       for (std::size_t r = 0; r < slots.size(); ++r)
         std::copy_n(normed.data() + (slots[r] / top_k) * hidden, hidden, in.data() + r * hidden);
-      expert_step(weights_, layer, active[a], in.data(), slots.size(), out.data(), nullptr);
+      expert_step(*weights_, layer, active[a], in.data(), slots.size(), out.data(), nullptr);
       for (std::size_t r = 0; r < slots.size(); ++r)
         weight_row(out.data() + r * hidden, routes[slots[r]].weight, hidden,
                    weighted.data() + slots[r] * hidden);
@@ -110,7 +114,7 @@ void reference_model::moe_block(std::size_t layer, std::vector<float>& x) {
   std::vector<float> side;
   if (has_side_ffn(c, layer)) {
     side.resize(num_tokens * hidden);
-    side_ffn_step(c, weights_, layer, normed.data(), num_tokens, side.data(), &pool_);
+    side_ffn_step(c, *weights_, layer, normed.data(), num_tokens, side.data(), &pool_);
   }
   std::vector<const float*> weighted_rows(routes.size());
   for (std::size_t i = 0; i < routes.size(); ++i)

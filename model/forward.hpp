@@ -37,9 +37,11 @@ enum class logits_for { last_token, every_token };
 class reference_model {
 public:
   reference_model(model_config config, model_weights weights, std::size_t num_threads);
+  // Shares weights with other models (or an engine) instead of owning a copy.
+  reference_model(model_config config, std::shared_ptr<const model_weights> weights, std::size_t num_threads);
 
   const model_config& config() const { return config_; }
-  const model_weights& weights() const { return weights_; }
+  const model_weights& weights() const { return *weights_; }
   std::size_t num_threads() const { return pool_.num_threads(); }
 
   // Runs all segments' tokens as one batch and appends them to their caches. Returns
@@ -52,7 +54,7 @@ private:
   void moe_block(std::size_t layer, std::vector<float>& x);
 
   model_config config_;
-  model_weights weights_;
+  std::shared_ptr<const model_weights> weights_;
   cpu::thread_pool pool_;
   rope_table rope_;
 };

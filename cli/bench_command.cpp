@@ -1,0 +1,249 @@
+#include "bench_command.hpp"
+
+#include "core/rng.hpp"
+#include "engine/engine.hpp"
+#include "gpu/cpu/gemm.hpp"
+#include "model/forward.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moert::cli {
+
+namespace {
+
+struct bench_options {
+  std::size_t layers = 8, hidden = 1024, heads = 16, kv_heads = 4, head_dim = 64;
+  std::size_t experts = 32, top_k = 4, expert_intermediate = 512, vocab = 4096;
+  std::size_t decode_batch = 64, decode_steps = 8;
+  std::size_t prefill_tokens = 256, prefill_sequences = 8;
+  std::size_t reps = 3;
+  std::size_t findep_r1 = 2, findep_r2 = 2;
+  std::string findep_order = "ASAS";
+  std::size_t pppipe_r1 = 2;
+  std::string json_file;
+};
+
+struct workload {
+  const char* name;
+  std::vector<Request> requests;
+  std::size_t tokens;  // the tokens the figure counts (generated or prompt)
+};
+
+struct sample {
+  double tokens_per_s;
+  EngineReport report;
+};
+
+struct figure {
+  double median = 0, low = 0, high = 0;
+  EngineReport report;  // of the median run
+};
+
+figure summarize(std::vector<sample> runs) {
+  std::sort(runs.begin(), runs.end(), [](const sample& a, const sample& b) { return a.tokens_per_s < b.tokens_per_s; });
+  return {runs[runs.size() / 2].tokens_per_s, runs.front().tokens_per_s, runs.back().tokens_per_s,
+          runs[runs.size() / 2].report};
+}
+
+std::string config_json(const bench_options& o) {
+  nlohmann::json c = {{"model_type", "qwen3_moe"},      {"vocab_size", o.vocab},
+                      {"hidden_size", o.hidden},        {"num_hidden_layers", o.layers},
+                      {"num_attention_heads", o.heads}, {"num_key_value_heads", o.kv_heads},
+                      {"head_dim", o.head_dim},         {"num_experts", o.experts},
+                      {"num_experts_per_tok", o.top_k}, {"moe_intermediate_size", o.expert_intermediate},
+                      {"norm_topk_prob", true}};
+  return c.dump();
+}
+
+std::vector<workload> workloads(const bench_options& o) {
+  rng gen{7};
+  auto random_prompt = [&](std::size_t length) {
+    std::vector<std::int32_t> p(length);
+    for (auto& t : p)
+      t = std::int32_t(gen.next_u64() % o.vocab);
+    return p;
+  };
+  workload decode{"decode", {}, o.decode_batch * o.decode_steps};
+  for (std::size_t i = 0; i < o.decode_batch; ++i)  // one-token prompts: every step is a decode step
+    decode.requests.push_back({i + 1, random_prompt(1), o.decode_steps, {}, false});
+  workload prefill{"prefill", {}, o.prefill_tokens};
+  for (std::size_t i = 0; i < o.prefill_sequences; ++i)
+    prefill.requests.push_back({i + 1, random_prompt(o.prefill_tokens / o.prefill_sequences), 1, {}, false});
+  return {decode, prefill};
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+sample run_reference(model::reference_model& m, const workload& w) {
+  std::vector<model::generation_request> requests;
+  for (const Request& r : w.requests)
+    requests.push_back({r.id, r.prompt, r.max_new_tokens, r.sampling});
+  auto start = std::chrono::steady_clock::now();
+  auto out = model::generate(m, requests, model::decode_mode::kv_cache);
+  double s = seconds_since(start);
+  if (!out)
+    throw std::runtime_error(out.err().what());
+  return {double(w.tokens) / s, {}};
+}
+
+sample run_engine(const EngineConfig& config, const workload& w) {
+  auto engine = Engine::create(config);
+  if (!engine)
+    throw std::runtime_error(engine.err().what());
+  auto start = std::chrono::steady_clock::now();
+  std::vector<std::shared_ptr<TokenStream>> streams;
+  for (const Request& r : w.requests)
+    streams.push_back((*engine)->submit(r));
+  for (auto& s : streams)
+    if (auto out = s->wait(); !out)
+      throw std::runtime_error(out.err().what());
+  double s = seconds_since(start);
+  EngineReport report = (*engine)->report();
+  (*engine)->shutdown();
+  return {double(w.tokens) / s, report};
+}
+
+double busy(const EngineReport& r, const std::string& prefix) {
+  double total = 0;
+  for (const auto& d : r.devices)
+    if (d.name.rfind(prefix, 0) == 0)
+      total += d.busy_fraction;
+  return total;
+}
+
+int run_bench(const bench_options& o) {
+  auto config = model::parse_config(config_json(o), "bench model");
+  if (!config) {
+    std::fprintf(stderr, "moert: error: %s\n", config.err().what().c_str());
+    return 1;
+  }
+  std::printf("# moert bench: %zu layers, hidden %zu, %zu/%zu heads of %zu, %zu experts top-%zu, expert "
+              "intermediate %zu, vocab %zu (synthetic qwen3_moe, f32)\n",
+              o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.experts, o.top_k, o.expert_intermediate, o.vocab);
+  std::printf("# decode: batch %zu x %zu steps; prefill: %zu sequences x %zu tokens; median (min-max) of %zu runs; "
+              "matmul kernel %s\n",
+              o.decode_batch, o.decode_steps, o.prefill_sequences, o.prefill_tokens / o.prefill_sequences, o.reps,
+              cpu::matmul_kernel_name());
+  std::printf("# reproduce: moert bench --reps %zu --decode-batch %zu --prefill %zu --layers %zu --hidden %zu "
+              "--experts %zu --top-k %zu\n",
+              o.reps, o.decode_batch, o.prefill_tokens, o.layers, o.hidden, o.experts, o.top_k);
+  auto weights = std::make_shared<const model::model_weights>(model::synthetic_weights(*config, 1));
+
+  EngineConfig base;
+  base.weights = weights;
+  base.weights_config = *config;
+  base.actor_threads = 1;
+  base.defrag.max_wait = std::chrono::nanoseconds{0};
+  auto plan_of = [](std::size_t r1, std::size_t r2, const std::string& order) {
+    return policy::execution_plan{r1, 0, r2, *policy::parse_segment_order(order)};
+  };
+
+  nlohmann::json json_rows = nlohmann::json::array();
+  for (const workload& w : workloads(o)) {
+    auto measure = [&](auto&& one_run) {
+      std::vector<sample> runs;
+      for (std::size_t r = 0; r < o.reps; ++r)
+        runs.push_back(one_run());
+      return summarize(std::move(runs));
+    };
+    std::printf("\n## %s (%zu tokens counted per run)\n", w.name, w.tokens);
+    std::printf("| %-44s | %-24s | %-9s | %s\n", "configuration", "tokens/s", "ratio", "notes");
+    std::printf("|----------------------------------------------|--------------------------|-----------|------\n");
+    auto row = [&](const std::string& name, const figure& f, double ratio, const std::string& notes) {
+      std::printf("| %-44s | %8.1f (%6.1f-%7.1f) | %9.3f | %s\n", name.c_str(), f.median, f.low, f.high, ratio,
+                  notes.c_str());
+      json_rows.push_back({{"workload", w.name}, {"configuration", name}, {"tokens_per_s", f.median},
+                           {"min", f.low}, {"max", f.high}, {"ratio", ratio}, {"notes", notes}});
+    };
+
+    model::reference_model bare{*config, weights, 1};
+    figure reference = measure([&] { return run_reference(bare, w); });
+    row("reference forward, 1 core", reference, 1.0, "baseline");
+
+    EngineConfig one = base;
+    one.single_device = true;
+    figure single = measure([&] { return run_engine(one, w); });
+    row("runtime, 1 device (attention + experts)", single, single.median / reference.median,
+        "ratio to the bare forward (goal >= 0.95)");
+
+    EngineConfig split = base;
+    split.plan = plan_of(1, 1, "ASAS");
+    figure serial = measure([&] { return run_engine(split, w); });
+    double t_attn = busy(serial.report, "attention"), t_expert = busy(serial.report, "expert");
+    double limit = (t_attn + t_expert) / std::max({t_attn, t_expert, 1e-9});
+    char notes[160];
+    std::snprintf(notes, sizeof notes, "no overlap; busy attention %.0f %%, expert %.0f %%: overlap limit %.2fx",
+                  100 * t_attn, 100 * t_expert, limit);
+    row("1 attn + 1 expert core, r1 = r2 = 1", serial, serial.median / reference.median, notes);
+
+    auto overlap_row = [&](const std::string& name, policy::execution_plan plan) {
+      EngineConfig c = base;
+      c.plan = plan;
+      figure f = measure([&] { return run_engine(c, w); });
+      double speedup = f.median / serial.median;
+      std::snprintf(notes, sizeof notes, "speedup %.2fx over no overlap = %.2f of the limit (goal >= 0.9)", speedup,
+                    speedup / limit);
+      row(name, f, f.median / reference.median, notes);
+    };
+    overlap_row("1 + 1, PPPipe r1 = " + std::to_string(o.pppipe_r1), plan_of(o.pppipe_r1, 1, "PPPipe"));
+    overlap_row("1 + 1, FinDEP r1 = " + std::to_string(o.findep_r1) + ", r2 = " + std::to_string(o.findep_r2) + ", " +
+                    o.findep_order,
+                plan_of(o.findep_r1, o.findep_r2, o.findep_order));
+
+    for (auto sched : {policy::queue_policy::defrag, policy::queue_policy::mtfs, policy::queue_policy::flfs}) {
+      EngineConfig c = base;
+      c.plan = plan_of(o.findep_r1, o.findep_r2, o.findep_order);
+      c.scheduler = sched;
+      figure f = measure([&] { return run_engine(c, w); });
+      std::snprintf(notes, sizeof notes, "expert batch mean %.1f, %.2f executions per (layer, wave)",
+                    f.report.expert_batch_mean, f.report.executions_per_layer_wave);
+      row("1 + 1, FinDEP plan, scheduler " + std::string{to_string(sched)}, f, f.median / reference.median, notes);
+    }
+  }
+  if (!o.json_file.empty()) {
+    std::ofstream out{o.json_file};
+    out << json_rows.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+command_runner add_bench_command(CLI::App& app) {
+  auto o = std::make_shared<bench_options>();
+  CLI::App* sub = app.add_subcommand("bench", "Runtime vs bare forward, overlap of FinDEP plans, queue schedulers");
+  sub->add_option("--layers", o->layers)->check(CLI::Range(1, 512));
+  sub->add_option("--hidden", o->hidden)->check(CLI::Range(16, 65536));
+  sub->add_option("--experts", o->experts)->check(CLI::Range(1, 4096));
+  sub->add_option("--top-k", o->top_k)->check(CLI::Range(1, 64));
+  sub->add_option("--expert-intermediate", o->expert_intermediate)->check(CLI::Range(1, 65536));
+  sub->add_option("--decode-batch", o->decode_batch)->check(CLI::Range(1, 4096));
+  sub->add_option("--decode-steps", o->decode_steps)->check(CLI::Range(1, 4096));
+  sub->add_option("--prefill", o->prefill_tokens, "Prompt tokens in the prefill run")->check(CLI::Range(1, 1 << 20));
+  sub->add_option("--prefill-sequences", o->prefill_sequences)->check(CLI::Range(1, 4096));
+  sub->add_option("--reps", o->reps, "Runs per figure")->check(CLI::Range(1, 100));
+  sub->add_option("--findep-r1", o->findep_r1)->check(CLI::Range(1, 64));
+  sub->add_option("--findep-r2", o->findep_r2)->check(CLI::Range(1, 64));
+  sub->add_option("--findep-order", o->findep_order, "AASS or ASAS");
+  sub->add_option("--pppipe-r1", o->pppipe_r1)->check(CLI::Range(1, 64));
+  sub->add_option("--json", o->json_file, "Also write the table as JSON");
+  return [o] {
+    if (o->top_k > o->experts || o->prefill_sequences > o->prefill_tokens) {
+      std::fprintf(stderr, "moert: error: inconsistent bench shape (top-k <= experts, prefill-sequences <= prefill)\n");
+      return 1;
+    }
+    return run_bench(*o);
+  };
+}
+
+}  // namespace moert::cli

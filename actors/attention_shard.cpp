@@ -128,34 +128,45 @@ void attention_shard::start_step() {
   pump();
 }
 
-// Chooses the next segment for the idle device: in ASAS and PPPipe a micro-batch's
-// attention-side FFN follows its attention; in AASS every ready attention goes first.
+// Keeps the device fed with up to two segments (the next one queued behind the running one,
+// so no round trip leaves it idle). Device tasks run in FIFO order, which is what lets an
+// attention-side FFN be queued right behind the attention whose output it reads. In ASAS and
+// PPPipe that FFN goes first; in AASS every ready attention does.
 void attention_shard::pump() {
-  if (device_busy_ || !step_running_)
-    return;
-  bool alternate = plan_.order != segment_order::aass;
-  if (alternate)
-    for (std::size_t i = 0; i < batches_.size(); ++i)
-      if (batches_[i].side_pending && !batches_[i].side_running)
-        return run_side(i);
-  for (std::size_t i = 0; i < batches_.size(); ++i)
-    if (batches_[i].ready_attention)
-      return run_attention(i);
-  for (std::size_t i = 0; i < batches_.size(); ++i)
-    if (batches_[i].side_pending && !batches_[i].side_running)
-      return run_side(i);
-  for (std::size_t i = 0; i < batches_.size(); ++i)
-    if (batches_[i].ready_final)
-      return run_final(i);
+  while (step_running_ && in_flight_ < max_in_flight) {
+    auto find = [&](auto&& wanted) {
+      for (std::size_t i = 0; i < batches_.size(); ++i)
+        if (wanted(batches_[i]))
+          return i;
+      return batches_.size();
+    };
+    auto side_ready = [](const micro_batch& mb) { return mb.side_pending && !mb.side_running; };
+    std::size_t i;
+    if (plan_.order != segment_order::aass && (i = find(side_ready)) < batches_.size())
+      run_side(i);
+    else if ((i = find([](const micro_batch& mb) { return mb.ready_attention; })) < batches_.size())
+      run_attention(i);
+    else if ((i = find(side_ready)) < batches_.size())
+      run_side(i);
+    else if ((i = find([](const micro_batch& mb) { return mb.ready_final; })) < batches_.size())
+      run_final(i);
+    else
+      return;
+  }
 }
 
 void attention_shard::run_attention(std::size_t mb_idx) {
   micro_batch& mb = batches_[mb_idx];
   const model::model_config& c = ctx_->config;
   mb.ready_attention = false;
-  device_busy_ = true;
+  ++in_flight_;
   std::size_t layer = mb.layer;
   std::size_t hidden = std::size_t(c.hidden_size);
+  // What the combine of the previous layer reads, fixed now: later posts may change the flags.
+  std::size_t prev_top_k = mb.top_k;
+  bool prev_side = mb.side_valid;
+  mb.side_valid = false;
+  mb.side_pending = model::has_side_ffn(c, layer);
   std::size_t next_top_k = c.sparse_layers[layer] ? std::size_t(c.num_experts_per_tok) : 0;
   auto normed = std::make_shared<row_block>();
   normed->row_floats = hidden;
@@ -164,14 +175,14 @@ void attention_shard::run_attention(std::size_t mb_idx) {
   caf::actor self = caf::actor_cast<caf::actor>(this);
   std::uint64_t step = step_;
   device_->post("attention L" + std::to_string(layer) + " mb" + std::to_string(mb_idx),
-                [this, &mb, layer, normed, self, step, mb_idx, hidden](cpu::thread_pool& pool) {
+                [this, &mb, layer, normed, self, step, mb_idx, hidden, prev_top_k, prev_side](cpu::thread_pool& pool) {
                   const model::model_config& cfg = ctx_->config;
                   if (layer == 0) {
                     for (std::size_t r = 0; r < mb.input_ids.size(); ++r)
                       std::copy_n(ctx_->weights->embedding.data() + std::size_t(mb.input_ids[r]) * hidden, hidden,
                                   mb.x.data() + r * hidden);
                   } else {
-                    model::combine_step(hidden, mb.top_k, mb.weighted.data(), mb.side.empty() ? nullptr : mb.side.data(),
+                    model::combine_step(hidden, prev_top_k, mb.weighted.data(), prev_side ? mb.side.data() : nullptr,
                                         mb.tokens.size(), mb.x.data());
                   }
                   model::attention_step(cfg, *ctx_->weights, rope_, layer, mb.tokens, mb.x.data(), &pool);
@@ -183,7 +194,7 @@ void attention_shard::run_attention(std::size_t mb_idx) {
 }
 
 void attention_shard::on_attention_done(std::size_t mb_idx) {
-  device_busy_ = false;
+  --in_flight_;
   micro_batch& mb = batches_[mb_idx];
   const model::model_config& c = ctx_->config;
   mb.attention_done = true;
@@ -191,9 +202,6 @@ void attention_shard::on_attention_done(std::size_t mb_idx) {
   mb.held.clear();
   mb.weighted.assign(mb.tokens.size() * mb.top_k, nullptr);
   mb.outputs_pending = mb.tokens.size() * mb.top_k;
-  mb.side_pending = model::has_side_ffn(c, mb.layer);
-  if (!mb.side_pending)
-    mb.side.clear();
   // PPPipe dispatches after the attention-side FFN, or at once when there is none.
   if (mb.top_k > 0 && (plan_.order != segment_order::pppipe || !mb.side_pending))
     send_a2e(mb_idx);
@@ -204,7 +212,8 @@ void attention_shard::on_attention_done(std::size_t mb_idx) {
 void attention_shard::run_side(std::size_t mb_idx) {
   micro_batch& mb = batches_[mb_idx];
   mb.side_running = true;
-  device_busy_ = true;
+  mb.side_valid = true;
+  ++in_flight_;
   std::size_t layer = mb.layer;
   mb.side.resize(mb.tokens.size() * std::size_t(ctx_->config.hidden_size));
   caf::actor self = caf::actor_cast<caf::actor>(this);
@@ -218,7 +227,7 @@ void attention_shard::run_side(std::size_t mb_idx) {
 }
 
 void attention_shard::on_side_done(std::size_t mb_idx) {
-  device_busy_ = false;
+  --in_flight_;
   micro_batch& mb = batches_[mb_idx];
   mb.side_pending = false;
   mb.side_running = false;
@@ -296,7 +305,8 @@ void attention_shard::maybe_join(std::size_t mb_idx) {
 void attention_shard::run_final(std::size_t mb_idx) {
   micro_batch& mb = batches_[mb_idx];
   mb.ready_final = false;
-  device_busy_ = true;
+  ++in_flight_;
+  bool with_side = mb.side_valid;
   std::vector<model::sampling_params> params;
   std::vector<std::uint64_t> ids;
   std::vector<std::size_t> positions;
@@ -312,11 +322,11 @@ void attention_shard::run_final(std::size_t mb_idx) {
   caf::actor self = caf::actor_cast<caf::actor>(this);
   std::uint64_t step = step_;
   device_->post("lm_head mb" + std::to_string(mb_idx), [this, &mb, self, step, mb_idx, params, ids, positions,
-                                                         row_ranges](cpu::thread_pool& pool) {
+                                                         row_ranges, with_side](cpu::thread_pool& pool) {
     const model::model_config& c = ctx_->config;
     std::size_t hidden = std::size_t(c.hidden_size);
     std::size_t vocab = std::size_t(c.vocab_size);
-    model::combine_step(hidden, mb.top_k, mb.weighted.data(), mb.side.empty() ? nullptr : mb.side.data(),
+    model::combine_step(hidden, mb.top_k, mb.weighted.data(), with_side ? mb.side.data() : nullptr,
                         mb.tokens.size(), mb.x.data());
     std::vector<float> rows;
     for (auto [begin, end] : row_ranges)
@@ -340,7 +350,7 @@ void attention_shard::run_final(std::size_t mb_idx) {
 
 void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t> tokens,
                                     std::vector<std::vector<float>> logits) {
-  device_busy_ = false;
+  --in_flight_;
   micro_batch& mb = batches_[mb_idx];
   mb.finished = true;
   for (std::size_t s = 0; s < mb.sequence_ids.size(); ++s) {

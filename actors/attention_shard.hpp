@@ -38,7 +38,8 @@ private:
   };
 
   // Per micro-batch state of the running step. Buffers are written by device tasks; the actor
-  // only touches a buffer while no task that uses it is queued or running.
+  // only touches a buffer while no task that uses it is queued or running (a same-size
+  // resize of `side` while an attention task that does not read it is queued is the one case).
   struct micro_batch {
     std::vector<std::uint64_t> sequence_ids;
     std::vector<model::token_slot> tokens;  // one per row
@@ -49,6 +50,7 @@ private:
     std::shared_ptr<row_block> normed;      // this layer's expert input, shared with experts
     std::vector<model::routed_slot> routes;
     std::vector<float> side;                // attention-side FFN output of this layer
+    bool side_valid = false;                // `side` will hold this layer's output (S posted)
     std::vector<const float*> weighted;     // join: row × top_k pointers into E2A leases
     std::vector<row_lease> held;            // keeps those leases alive until the combine
     std::size_t layer = 0;
@@ -90,7 +92,8 @@ private:
   std::deque<std::uint64_t> order_;              // admission order
   std::uint64_t step_ = 0;
   bool step_running_ = false;
-  bool device_busy_ = false;
+  static constexpr std::size_t max_in_flight = 2;  // device tasks posted and not yet done
+  std::size_t in_flight_ = 0;
   std::vector<micro_batch> batches_;
   std::size_t batches_finished_ = 0;
 };

@@ -31,19 +31,32 @@ expert::expert(caf::actor_config& cfg, const runtime_context* ctx, std::size_t d
       queue_(std::move(queue)) {}
 
 caf::behavior expert::make_behavior() {
-  send(queue_, pull_atom::value);
+  pull_if_room();
   return {
-    [this](expert_batch& batch) { run(batch); },
+    [this](expert_batch& batch) {
+      pull_pending_ = false;
+      ++in_flight_;
+      run(batch);
+      pull_if_room();
+    },
     [this](batch_done_atom, finished_batch& done) {
+      --in_flight_;
       for (auto& [dest, out] : done.outputs) {
         if (ctx_->trace)
           out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), device_->name()};
         ctx_->stats->count_messages(1);
         send(dest, std::move(out));
       }
-      send(queue_, pull_atom::value);
+      pull_if_room();
     },
   };
+}
+
+void expert::pull_if_room() {
+  if (pull_pending_ || in_flight_ >= max_in_flight)
+    return;
+  pull_pending_ = true;
+  send(queue_, pull_atom::value);
 }
 
 void expert::run(expert_batch& batch) {

@@ -22,12 +22,20 @@ public:
   caf::behavior make_behavior() override;
 
 private:
+  // Two batches in flight: the next one is already queued on the device when the current one
+  // ends, so the pull round trip never leaves the device idle. More would drain μ-queues
+  // earlier than needed and shrink batches.
+  static constexpr std::size_t max_in_flight = 2;
+
   void run(expert_batch& batch);
+  void pull_if_room();
 
   const runtime_context* ctx_;
   std::size_t device_idx_;
   device* device_;  // owned by the engine; outlives this actor
   caf::actor queue_;
+  std::size_t in_flight_ = 0;
+  bool pull_pending_ = false;
 };
 
 }  // namespace moert::actors

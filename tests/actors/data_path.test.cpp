@@ -46,7 +46,6 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
-#include <sstream>
 #include <thread>
 
 using namespace moert;

@@ -38,6 +38,7 @@ caf::behavior attention_shard::make_behavior() {
         plan_ = next_plan_;
     },
     [this](step_atom) { start_step(); },
+    [this](policy_atom, caf::actor& policy) { policy_ = std::move(policy); },
     [this](attention_done_atom, std::uint64_t step, std::uint32_t mb) {
       if (step == step_)
         on_attention_done(mb);
@@ -125,6 +126,12 @@ void attention_shard::start_step() {
     mb.x.resize(mb.tokens.size() * hidden);
   }
   rope_.ensure(max_position);  // no task is in flight between steps
+  if (policy_) {
+    std::size_t context = 0;
+    for (std::uint64_t id : order_)
+      context += sequences_.at(id).request.prompt.size() + sequences_.at(id).generated.size() + 1;
+    send(policy_, shape_report{shard_idx_, num_sequences, context});
+  }
   pump();
 }
 

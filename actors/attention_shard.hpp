@@ -84,6 +84,7 @@ private:
   device* device_;  // owned by the engine; outlives this actor
   std::vector<caf::actor> queues_;
   caf::actor ingress_;
+  caf::actor policy_;  // hears the shape of every step; may stay unset
   execution_plan plan_;
   execution_plan next_plan_;
   model::rope_table rope_;

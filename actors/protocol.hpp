@@ -5,7 +5,8 @@
 //   client ─ admit_request ─▶ ingress ─ admit_request ─▶ attention_shard
 //   attention_shard ─ routed_tokens (A2E) ─▶ mu_queue ─ expert_batch ─▶ expert
 //   expert ─ expert_outputs (E2A) ─▶ attention_shard ─ token_event ─▶ client's token_sink
-//   policy ─ plan_update ─▶ attention_shard,  policy ─ scheduler_update ─▶ mu_queue
+//   attention_shard ─ shape_report ─▶ policy ─ plan_update ─▶ attention_shard
+//   policy ─ scheduler_update ─▶ mu_queue
 //
 // Messages carry descriptors and leases, never activation bytes: a row_lease shares one
 // immutable block of rows between the sender and every receiver in this process. The
@@ -38,6 +39,7 @@ using step_atom = caf::atom_constant<caf::atom("step")>;            // shard →
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;        // client → ingress → shard
 using done_atom = caf::atom_constant<caf::atom("done")>;            // shard → ingress: request ended
 using drain_atom = caf::atom_constant<caf::atom("drain")>;          // engine → ingress: refuse new work
+using policy_atom = caf::atom_constant<caf::atom("policy")>;        // engine → shard: where to report
 
 // -- shared payloads --------------------------------------------------------------
 
@@ -131,6 +133,13 @@ struct plan_update {
   execution_plan plan;
 };
 
+// shard → policy, at the start of every step: the shape the FinDEP plan depends on.
+struct shape_report {
+  std::uint32_t shard = 0;
+  std::size_t sequences = 0;       // in this step
+  std::size_t context_tokens = 0;  // Σ over those sequences of their length after the step
+};
+
 struct scheduler_update {
   policy::queue_policy policy = policy::queue_policy::defrag;
   policy::defrag_params params;
@@ -144,3 +153,4 @@ CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::expert_batch)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::expert_outputs)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::plan_update)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::scheduler_update)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::shape_report)

@@ -13,6 +13,17 @@ void runtime_stats::record_expert_batch(std::uint32_t layer, std::size_t tokens,
     ++executions_[{layer, shard, step}];
 }
 
+void runtime_stats::record_replan(double solve_micros) {
+  std::lock_guard<std::mutex> guard{mutex_};
+  ++replans_;
+  last_solve_micros_ = solve_micros;
+}
+
+double runtime_stats::last_solve_micros() const {
+  std::lock_guard<std::mutex> guard{mutex_};
+  return last_solve_micros_;
+}
+
 std::vector<std::size_t> runtime_stats::expert_batch_sizes() const {
   std::lock_guard<std::mutex> guard{mutex_};
   return batch_sizes_;

@@ -25,7 +25,11 @@ public:
   void record_expert_batch(std::uint32_t layer, std::size_t tokens,
                            const std::vector<std::tuple<std::uint32_t, std::uint64_t>>& waves);
 
+  void record_replan(double solve_micros);
+
   std::uint64_t messages() const { return messages_; }
+  std::uint64_t replans() const { return replans_; }
+  double last_solve_micros() const;
   std::uint64_t tokens() const { return tokens_; }
   std::vector<std::size_t> expert_batch_sizes() const;
   // Mean expert executions per (layer, wave): a wave is one step of one shard's micro-batches
@@ -35,6 +39,8 @@ public:
 private:
   std::atomic<std::uint64_t> messages_{0};
   std::atomic<std::uint64_t> tokens_{0};
+  std::atomic<std::uint64_t> replans_{0};
+  double last_solve_micros_ = 0.0;  // guarded by mutex_
   mutable std::mutex mutex_;
   std::vector<std::size_t> batch_sizes_;
   std::map<std::tuple<std::uint32_t, std::uint32_t, std::uint64_t>, std::size_t> executions_;

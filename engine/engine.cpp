@@ -159,7 +159,14 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
                                                         config.plan));
   }
   state->all_actors.insert(state->all_actors.end(), shards.begin(), shards.end());
-  state->all_actors.push_back(sys.spawn<actors::policy_actor>(shards, queues, config.plan, scheduler));
+  std::optional<actors::online_problem> online;
+  if (config.online_testbed)
+    online = actors::online_problem{shape_of(state->ctx.config), *config.online_testbed, config.attention_devices,
+                                    config.expert_devices, config.replan};
+  caf::actor policy = sys.spawn<actors::policy_actor>(ctx, shards, queues, config.plan, scheduler, std::move(online));
+  state->all_actors.push_back(policy);
+  for (const auto& shard : shards)
+    caf::anon_send(shard, actors::policy_atom::value, policy);
   caf::anon_send(state->ingress, shards);
   state->config = std::move(config);
   state->started = std::chrono::steady_clock::now();
@@ -243,6 +250,26 @@ void Engine::shutdown() {
   impl_->system->await_all_actors_done();
 }
 
+policy::model_shape Engine::shape_of(const model::model_config& c) {
+  policy::model_shape s;
+  s.name = std::string{to_string(c.arch)};
+  s.num_layers = std::size_t(c.num_layers);
+  for (bool sparse : c.sparse_layers)
+    s.num_dense_layers += !sparse;
+  s.dense_intermediate = std::size_t(c.intermediate_size);
+  s.hidden = std::size_t(c.hidden_size);
+  s.num_experts = std::size_t(c.num_experts);
+  s.top_k = std::size_t(c.num_experts_per_tok);
+  s.expert_intermediate = std::size_t(c.moe_intermediate_size);
+  s.num_shared = c.shared_expert_intermediate_size > 0 ? 1 : 0;
+  s.shared_intermediate = std::size_t(c.shared_expert_intermediate_size);
+  s.attention = policy::attention_kind::gqa;
+  s.gqa = {std::size_t(c.num_heads), std::size_t(c.num_kv_heads), std::size_t(c.head_dim)};
+  s.vocab = std::size_t(c.vocab_size);
+  s.dtype_bytes = 4;  // compute and KV cache are f32
+  return s;
+}
+
 const model::model_config& Engine::model_config() const {
   return impl_->ctx.config;
 }
@@ -264,6 +291,8 @@ EngineReport Engine::report() const {
   }
   out.executions_per_layer_wave = impl_->stats.executions_per_layer_wave();
   out.tokens = impl_->stats.tokens();
+  out.replans = impl_->stats.replans();
+  out.last_solve_micros = impl_->stats.last_solve_micros();
   out.messages_per_token = out.tokens ? double(impl_->stats.messages()) / double(out.tokens) : 0.0;
   return out;
 }

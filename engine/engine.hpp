@@ -19,7 +19,9 @@
 #include "model/weights.hpp"
 #include "model/sampler.hpp"
 #include "policy/defrag.hpp"
+#include "policy/perf_model.hpp"
 #include "policy/plan.hpp"
+#include "policy/replan.hpp"
 
 #include <condition_variable>
 #include <cstdint>
@@ -49,6 +51,10 @@ struct EngineConfig {
   // its overhead with the bare forward.
   bool single_device = false;
   policy::execution_plan plan;
+  // Online FinDEP: with a testbed, the policy actor re-solves the plan whenever the observed
+  // batch or context length leaves the replan band (`plan` is then only the starting plan).
+  std::optional<policy::testbed> online_testbed;
+  policy::replan_params replan;
   policy::queue_policy scheduler = policy::queue_policy::defrag;
   policy::defrag_params defrag;
   std::size_t kv_capacity_tokens = std::size_t{1} << 20;  // per shard, prompt + new tokens
@@ -97,6 +103,8 @@ struct EngineReport {
   double executions_per_layer_wave = 0;  // fragmentation: expert runs per (layer, wave)
   double messages_per_token = 0;
   std::uint64_t tokens = 0;
+  std::uint64_t replans = 0;         // online FinDEP re-solves
+  double last_solve_micros = 0;
 };
 
 class Engine {
@@ -116,6 +124,8 @@ public:
   void shutdown();
 
   const model::model_config& model_config() const;
+  // The FinDEP view of the model: the shapes the cost and memory models use.
+  static policy::model_shape shape_of(const model::model_config& config);
   EngineReport report() const;
   // Chrome/Perfetto trace JSON (empty unless EngineConfig::trace).
   std::string trace_json() const;

@@ -7,6 +7,7 @@
 #include "engine/engine.hpp"
 #include "model/forward.hpp"
 #include "model/safetensors.hpp"
+#include "policy/testbed_json.hpp"
 #include "test_support.hpp"
 
 #include <nlohmann/json.hpp>
@@ -235,4 +236,60 @@ TEST_CASE("bad requests end their stream with an error; cancel stops a request")
   CHECK(error_of({0, {1}, 2, {}, false}).find("shut down") != std::string::npos);
   auto bad = Engine::create(EngineConfig{});
   REQUIRE_FALSE(bad.ok());
+}
+
+TEST_CASE("a workload whose shape changes re-solves the plan online; tokens stay those of the reference") {
+  std::ifstream in{test::source_dir() / "configs" / "testbeds" / "cpu.json"};
+  std::string text{std::istreambuf_iterator<char>(in), {}};
+  auto bed = policy::parse_testbed(text, "cpu.json");
+  REQUIRE(bed.ok());
+  EngineConfig config;
+  config.synthetic_config = small_model;
+  config.attention_devices = 2;
+  config.expert_devices = 2;
+  config.online_testbed = *bed;
+  config.replan = {0.5, 1};
+  auto ref = reference_for(config);
+  auto engine = Engine::create(config);
+  REQUIRE(engine.ok());
+
+  rng gen{3};
+  auto run_wave = [&](std::size_t count, std::size_t prompt_len, std::uint64_t first_id) {
+    std::vector<Request> requests;
+    std::vector<model::generation_request> ref_requests;
+    for (std::size_t i = 0; i < count; ++i) {
+      std::vector<std::int32_t> prompt(prompt_len);
+      for (auto& t : prompt)
+        t = std::int32_t(gen.next_u64() % 211);
+      requests.push_back({first_id + i, prompt, 4, {0.7f, 0, 1.0f, 9}, false});
+      ref_requests.push_back({first_id + i, prompt, 4, {0.7f, 0, 1.0f, 9}});
+    }
+    auto expected = model::generate(*ref, ref_requests, model::decode_mode::kv_cache);
+    REQUIRE(expected.ok());
+    std::vector<std::shared_ptr<TokenStream>> streams;
+    for (const auto& r : requests)
+      streams.push_back((*engine)->submit(r));
+    for (std::size_t i = 0; i < count; ++i) {
+      auto tokens = streams[i]->wait();
+      REQUIRE(tokens.ok());
+      CHECK(*tokens == (*expected)[i]);
+    }
+  };
+  run_wave(2, 4, 1);       // small batch, short context: the first plan
+  auto after_first = (*engine)->report().replans;
+  CHECK(after_first >= 1);
+  run_wave(48, 60, 100);   // 24× the batch, 15× the context: a new plan
+  auto report = (*engine)->report();
+  CHECK(report.replans > after_first);
+  CHECK(report.last_solve_micros > 0);
+  (*engine)->shutdown();
+}
+
+TEST_CASE("deepseek_v2_tiny (MLA, dense layer, shared experts) through the actor path is bit-identical") {
+  auto dir = test::fixture_dir("deepseek_v2_tiny");
+  if (dir.empty())
+    return;
+  EngineConfig config;
+  config.model_dir = dir.string();
+  check_equivalence(config, fixture_prompts(dir), 8, 12);
 }

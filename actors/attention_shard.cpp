@@ -28,6 +28,16 @@ attention_shard::attention_shard(caf::actor_config& cfg, const runtime_context* 
       next_plan_(plan),
       rope_(ctx->config) {}
 
+// Actor handles are strong references: drop them so shards, queues and experts that point at
+// each other do not keep each other alive after they stop.
+void attention_shard::on_exit() {
+  queues_.clear();
+  ingress_ = nullptr;
+  policy_ = nullptr;
+  batches_.clear();
+  sequences_.clear();
+}
+
 caf::behavior attention_shard::make_behavior() {
   return {
     [this](admit_request& request) { admit(std::move(request)); },

@@ -28,6 +28,7 @@ public:
                   execution_plan plan);
 
   caf::behavior make_behavior() override;
+  void on_exit() override;
 
 private:
   struct sequence {

@@ -30,6 +30,10 @@ expert::expert(caf::actor_config& cfg, const runtime_context* ctx, std::size_t d
       device_(dev),
       queue_(std::move(queue)) {}
 
+void expert::on_exit() {  // break handle cycles (see attention_shard::on_exit)
+  queue_ = nullptr;
+}
+
 caf::behavior expert::make_behavior() {
   pull_if_room();
   return {

@@ -20,6 +20,7 @@ public:
          caf::actor queue);
 
   caf::behavior make_behavior() override;
+  void on_exit() override;
 
 private:
   // Two batches in flight: the next one is already queued on the device when the current one

@@ -7,6 +7,11 @@ namespace moert::actors {
 ingress::ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens)
     : caf::event_based_actor(cfg), capacity_(kv_capacity_tokens) {}
 
+void ingress::on_exit() {  // break handle cycles (see attention_shard::on_exit)
+  shards_.clear();
+  waiting_.clear();
+}
+
 caf::behavior ingress::make_behavior() {
   return {
     // The engine hands over the shards once they exist (they need this actor's handle).

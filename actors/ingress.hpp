@@ -18,6 +18,7 @@ public:
   ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens);
 
   caf::behavior make_behavior() override;
+  void on_exit() override;
 
 private:
   void place_waiting();

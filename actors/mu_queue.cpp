@@ -17,6 +17,11 @@ std::chrono::nanoseconds mu_queue::now() const {
   return std::chrono::steady_clock::now().time_since_epoch();
 }
 
+void mu_queue::on_exit() {  // break handle cycles (see attention_shard::on_exit)
+  expert_ = nullptr;
+  queues_.clear();
+}
+
 caf::behavior mu_queue::make_behavior() {
   return {
     [this](routed_tokens& msg) { enqueue(msg); },

@@ -21,6 +21,7 @@ public:
            std::string track);
 
   caf::behavior make_behavior() override;
+  void on_exit() override;
 
 private:
   void enqueue(routed_tokens& msg);

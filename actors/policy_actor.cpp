@@ -18,6 +18,11 @@ policy_actor::policy_actor(caf::actor_config& cfg, const runtime_context* ctx, s
       online_(std::move(online)),
       trigger_(online_ ? online_->replan : policy::replan_params{}) {}
 
+void policy_actor::on_exit() {  // break handle cycles (see attention_shard::on_exit)
+  shards_.clear();
+  queues_.clear();
+}
+
 caf::behavior policy_actor::make_behavior() {
   push_all();
   return {

@@ -37,6 +37,7 @@ public:
                std::optional<online_problem> online);
 
   caf::behavior make_behavior() override;
+  void on_exit() override;
 
 private:
   void push_all();

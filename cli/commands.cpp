@@ -383,6 +383,11 @@ int run_inspect(const std::string& model_dir) {
   std::printf("\nKV cache (f32): %lld bytes per token per layer, %s per token, %s per 4096-token sequence\n",
               (long long)kv, human_bytes(double(kv * c.num_layers)).c_str(),
               human_bytes(double(kv * c.num_layers * 4096)).c_str());
+  if (c.mla())
+    std::printf("  MLA, kept compressed: kv_lora_rank %lld + qk_rope_head_dim %lld floats per token per layer "
+                "(expanded per-head K/V would take %lld bytes)\n",
+                (long long)c.kv_lora_rank, (long long)c.qk_rope_head_dim,
+                (long long)(c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * 4));
   return 0;
 }
 

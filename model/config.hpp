@@ -4,8 +4,8 @@
 //
 // Every field that changes the math is read; fields that only matter for training or for
 // features moert does not implement are checked so that a config asking for such a feature
-// (sliding-window attention, rope scaling, a non-SiLU activation) is refused with an error
-// naming the key instead of being silently computed differently.
+// (sliding-window attention, rope scaling other than DeepSeek's YaRN, a non-SiLU activation)
+// is refused with an error naming the key instead of being silently computed differently.
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
@@ -18,7 +18,20 @@
 
 namespace moert::model {
 
-enum class architecture { qwen3_moe, qwen2_moe, mixtral };
+enum class architecture { qwen3_moe, qwen2_moe, mixtral, deepseek_v2 };
+
+// How the router picks its top-k (DeepSeek's topk_method; the others are plain greedy).
+enum class topk_method { greedy, group_limited_greedy };
+
+// YaRN rope scaling as DeepSeek-V2 configures it (rope_scaling.type = "yarn").
+struct yarn_scaling {
+  double factor = 1.0;
+  double original_max_position_embeddings = 4096;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;
+};
 
 std::string_view to_string(architecture arch);
 
@@ -29,7 +42,7 @@ struct model_config {
   std::int64_t num_layers = 0;
   std::int64_t num_heads = 0;
   std::int64_t num_kv_heads = 0;
-  std::int64_t head_dim = 0;
+  std::int64_t head_dim = 0;  // MLA: qk_nope_head_dim + qk_rope_head_dim, the q/k head size
   double rope_theta = 10000.0;
   float rms_norm_eps = 1e-6f;
   std::int64_t max_position_embeddings = 0;
@@ -42,8 +55,17 @@ struct model_config {
   bool norm_topk_prob = false;
   // Dense MLP size for layers that are not sparse (0 when every layer is sparse).
   std::int64_t intermediate_size = 0;
-  // qwen2_moe shared expert, gated by sigmoid(shared_expert_gate(x)); 0 = none.
+  // Shared expert (qwen2_moe; DeepSeek's n_shared_experts fused into one MLP); 0 = none.
   std::int64_t shared_expert_intermediate_size = 0;
+  // qwen2_moe scales the shared expert by sigmoid(shared_expert_gate(x)); DeepSeek adds it as is.
+  bool shared_expert_gated = false;
+  // Router top-k selection. group_limited_greedy: only experts of the topk_group groups (of
+  // n_group contiguous groups) with the highest maximum probability are eligible.
+  topk_method topk = topk_method::greedy;
+  std::int64_t n_group = 1;
+  std::int64_t topk_group = 1;
+  // Routing weights are multiplied by this after the (optional) renormalisation.
+  float routed_scaling_factor = 1.0f;
   // Per layer: true = MoE block, false = dense MLP (decoder_sparse_step / mlp_only_layers).
   std::vector<bool> sparse_layers;
 
@@ -53,10 +75,27 @@ struct model_config {
   bool tie_word_embeddings = false;
   dtype torch_dtype = dtype::f32;  // the declared storage type; compute is f32
 
+  // Multi-head latent attention (deepseek_v2). q_lora_rank 0 = plain q_proj.
+  std::int64_t q_lora_rank = 0;
+  std::int64_t kv_lora_rank = 0;
+  std::int64_t qk_nope_head_dim = 0;
+  std::int64_t qk_rope_head_dim = 0;
+  std::int64_t v_head_dim = 0;
+  bool has_yarn = false;
+  yarn_scaling yarn;
+
+  bool mla() const { return arch == architecture::deepseek_v2; }
   std::int64_t q_dim() const { return num_heads * head_dim; }
   std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
-  // Bytes of K+V cache per token and layer, in f32.
-  std::int64_t kv_bytes_per_token_per_layer() const { return 2 * kv_dim() * 4; }
+  // Width RoPE rotates: the whole head, or only the rope part of an MLA head.
+  std::int64_t rope_dim() const { return mla() ? qk_rope_head_dim : head_dim; }
+  // Floats cached per token and layer: K and V (kv_dim each), or for MLA one compressed row,
+  // the normalised kv latent (kv_lora_rank) followed by the roped k_pe (qk_rope_head_dim).
+  std::int64_t kv_floats_per_token_per_layer() const {
+    return mla() ? kv_lora_rank + qk_rope_head_dim : 2 * kv_dim();
+  }
+  // Bytes of KV cache per token and layer, in f32.
+  std::int64_t kv_bytes_per_token_per_layer() const { return kv_floats_per_token_per_layer() * 4; }
 };
 
 // Parses config.json text. `source` names the file in error messages.

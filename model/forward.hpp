@@ -2,7 +2,8 @@
 
 // The single-process reference forward (no actors): the oracle every distributed path is
 // compared against bit for bit. Semantics follow Hugging Face transformers for qwen3_moe,
-// qwen2_moe and mixtral (see docs/architecture.md, "Model semantics").
+// qwen2_moe and mixtral, and DeepSeek's modeling code for deepseek_v2 (see
+// docs/architecture.md, "Model semantics", and ../shared/fixtures/README.md).
 //
 // Batch invariance: every kernel works per token with a fixed reduction order, experts are
 // combined in expert-index order, so a token's logits are the same bits whatever else is in

@@ -2,10 +2,12 @@
 
 // The steps of one decoder layer, cut where disaggregated expert parallelism cuts it:
 //
-//   attention_step   norm → q/k/v → (q/k norm) → RoPE → cache → attention → o_proj → residual
-//   route_step       post-attention norm → router softmax → top-k, ordered by expert index
+//   attention_step   norm → q/k/v → (q/k norm) → RoPE → cache → attention → o_proj → residual;
+//                    for deepseek_v2 multi-head latent attention on the compressed cache
+//   route_step       post-attention norm → router softmax → (group-limited) top-k, scaled,
+//                    ordered by expert index
 //   side_ffn_step    what stays on the attention side: the dense MLP of a dense layer, or the
-//                    gated shared expert (qwen2_moe); nothing otherwise
+//                    shared expert (gated for qwen2_moe); nothing otherwise
 //   expert_step      one routed expert on a batch of rows
 //   combine_step     residual += Σ_k expert_k · weight_k (expert-index order) + side output
 //   logits_step      final norm → lm_head
@@ -27,18 +29,25 @@
 
 namespace moert::model {
 
-// cos/sin of RoPE per position, computed as Hugging Face does (f32 angle = pos · inv_freq).
+// cos/sin of RoPE per position, computed as Hugging Face does (f32 angle = pos · inv_freq),
+// over config.rope_dim(). With YaRN (deepseek_v2) the frequencies are blended between
+// interpolation and extrapolation and cos/sin carry the mscale ratio, as DeepSeek computes them.
 // Grown on demand; not thread-safe while growing.
 class rope_table {
 public:
   explicit rope_table(const model_config& config);
   // Makes positions [0, max_position] available.
   void ensure(std::size_t max_position);
-  // head_dim/2 cos values followed by head_dim/2 sin values.
+  // rope_dim/2 cos values followed by rope_dim/2 sin values.
   const float* row(std::size_t position) const { return cos_sin_.data() + position * 2 * inv_freq_.size(); }
+  // The factor attention scores are multiplied by before the softmax: head_dim^-0.5, times
+  // mscale(factor, mscale_all_dim)² under YaRN.
+  float attention_scale() const { return attention_scale_; }
 
 private:
   std::vector<float> inv_freq_;
+  float magnitude_ = 1.0f;  // YaRN mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+  float attention_scale_;
   std::vector<float> cos_sin_;
 };
 
@@ -59,7 +68,9 @@ void attention_step(const model_config& config, const model_weights& weights, co
                     cpu::thread_pool* pool);
 
 // normed (rows × hidden) = post-attention norm of x. For sparse layers, routes
-// (rows × top_k) = the top-k experts by router probability, sorted by expert index.
+// (rows × top_k) = the top-k experts by router probability (among the experts of the best
+// topk_group groups for group_limited_greedy), weights optionally renormalised and then
+// multiplied by routed_scaling_factor, sorted by expert index.
 void route_step(const model_config& config, const model_weights& weights, std::size_t layer,
                 const float* x, std::size_t num_rows, float* normed, routed_slot* routes,
                 cpu::thread_pool* pool);
@@ -67,7 +78,8 @@ void route_step(const model_config& config, const model_weights& weights, std::s
 // True when this layer has attention-side FFN work (dense MLP or shared expert).
 bool has_side_ffn(const model_config& config, std::size_t layer);
 
-// out (rows × hidden) = dense MLP, or sigmoid(shared_expert_gate) · shared_expert, of normed.
+// out (rows × hidden) = dense MLP, or shared expert (× sigmoid(shared_expert_gate) when gated),
+// of normed.
 void side_ffn_step(const model_config& config, const model_weights& weights, std::size_t layer,
                    const float* normed, std::size_t num_rows, float* out, cpu::thread_pool* pool);
 

@@ -90,10 +90,14 @@ private:
 
     attention_weights& a = layer.attention;
     std::string ap = p + ".self_attn";
-    MOERT_TRY(fetch_linear(ap + ".q_proj", c.q_dim(), h, c.qkv_bias, a.q));
-    MOERT_TRY(fetch_linear(ap + ".k_proj", c.kv_dim(), h, c.qkv_bias, a.k));
-    MOERT_TRY(fetch_linear(ap + ".v_proj", c.kv_dim(), h, c.qkv_bias, a.v));
-    MOERT_TRY(fetch_linear(ap + ".o_proj", h, c.q_dim(), c.o_bias, a.o));
+    if (c.mla()) {
+      MOERT_TRY(build_mla(ap, a));
+    } else {
+      MOERT_TRY(fetch_linear(ap + ".q_proj", c.q_dim(), h, c.qkv_bias, a.q));
+      MOERT_TRY(fetch_linear(ap + ".k_proj", c.kv_dim(), h, c.qkv_bias, a.k));
+      MOERT_TRY(fetch_linear(ap + ".v_proj", c.kv_dim(), h, c.qkv_bias, a.v));
+      MOERT_TRY(fetch_linear(ap + ".o_proj", h, c.q_dim(), c.o_bias, a.o));
+    }
     if (c.qk_norm) {
       MOERT_TRY(fetch(ap + ".q_norm.weight", {c.head_dim}, a.q_norm));
       MOERT_TRY(fetch(ap + ".k_norm.weight", {c.head_dim}, a.k_norm));
@@ -115,10 +119,43 @@ private:
       else
         MOERT_TRY(fetch_mlp(ep, c.moe_intermediate_size, "gate_proj", "up_proj", "down_proj", expert));
     }
-    if (c.shared_expert_intermediate_size > 0) {
-      MOERT_TRY(fetch_mlp(mp + ".shared_expert", c.shared_expert_intermediate_size, "gate_proj",
-                          "up_proj", "down_proj", layer.shared_expert));
+    if (c.shared_expert_intermediate_size > 0)
+      MOERT_TRY(fetch_mlp(mp + (c.mla() ? ".shared_experts" : ".shared_expert"),
+                          c.shared_expert_intermediate_size, "gate_proj", "up_proj", "down_proj",
+                          layer.shared_expert));
+    if (c.shared_expert_gated)
       MOERT_TRY(fetch_matrix(mp + ".shared_expert_gate.weight", 1, h, layer.shared_expert_gate));
+    return {};
+  }
+
+  status build_mla(const std::string& ap, attention_weights& a) {
+    const model_config& c = config_;
+    std::int64_t h = c.hidden_size;
+    if (c.q_lora_rank > 0) {
+      MOERT_TRY(fetch_linear(ap + ".q_a_proj", c.q_lora_rank, h, false, a.q_a));
+      MOERT_TRY(fetch(ap + ".q_a_layernorm.weight", {c.q_lora_rank}, a.q_a_norm));
+      MOERT_TRY(fetch_linear(ap + ".q_b_proj", c.q_dim(), c.q_lora_rank, false, a.q_b));
+    } else {
+      MOERT_TRY(fetch_linear(ap + ".q_proj", c.q_dim(), h, false, a.q));
+    }
+    MOERT_TRY(fetch_linear(ap + ".kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, h, false,
+                           a.kv_a));
+    MOERT_TRY(fetch(ap + ".kv_a_layernorm.weight", {c.kv_lora_rank}, a.kv_a_norm));
+    MOERT_TRY(fetch_linear(ap + ".o_proj", h, c.num_heads * c.v_head_dim, false, a.o));
+
+    // kv_b_proj rows, per head: qk_nope_head_dim of W_UK, then v_head_dim of W_UV.
+    std::size_t rank = std::size_t(c.kv_lora_rank), nope = std::size_t(c.qk_nope_head_dim);
+    std::size_t v_dim = std::size_t(c.v_head_dim);
+    std::vector<float> kv_b, k_t(rank * nope);
+    MOERT_TRY(fetch(ap + ".kv_b_proj.weight", {c.num_heads * std::int64_t(nope + v_dim), c.kv_lora_rank},
+                    kv_b));
+    for (std::size_t head = 0; head < std::size_t(c.num_heads); ++head) {
+      const float* w_uk = kv_b.data() + head * (nope + v_dim) * rank;
+      for (std::size_t d = 0; d < nope; ++d)
+        for (std::size_t j = 0; j < rank; ++j)
+          k_t[j * nope + d] = w_uk[d * rank + j];
+      a.k_absorb.push_back(cpu::packed_matrix::pack(k_t.data(), rank, nope));
+      a.v_up.push_back(cpu::packed_matrix::pack(w_uk + nope * rank, v_dim, rank));
     }
     return {};
   }

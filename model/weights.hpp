@@ -33,6 +33,16 @@ struct mlp_weights {
 struct attention_weights {
   linear_weights q, k, v, o;
   std::vector<float> q_norm, k_norm;  // per-head RMSNorm weights (qwen3), else empty
+
+  // MLA (deepseek_v2); q is q_proj when q_lora_rank is 0, k and v are unused.
+  linear_weights q_a, q_b;     // q_b(q_a_layernorm(q_a(x))) when q_lora_rank > 0
+  std::vector<float> q_a_norm;
+  linear_weights kv_a;         // kv_a_proj_with_mqa: [kv_lora_rank + qk_rope_head_dim, hidden]
+  std::vector<float> kv_a_norm;
+  // kv_b_proj split per head and absorbed, so attention runs on the compressed cache:
+  // k_absorb[h] = W_UK_hᵀ [kv_lora_rank, qk_nope_head_dim] maps q_nope into the latent space,
+  // v_up[h] = W_UV_h [v_head_dim, kv_lora_rank] maps the attended latent to the head output.
+  std::vector<cpu::packed_matrix> k_absorb, v_up;
 };
 
 struct layer_weights {
@@ -43,7 +53,7 @@ struct layer_weights {
   cpu::packed_matrix router;  // [num_experts, hidden]
   std::vector<mlp_weights> experts;
   mlp_weights shared_expert;             // empty (0 columns) when absent
-  cpu::packed_matrix shared_expert_gate;  // [1, hidden], qwen2_moe
+  cpu::packed_matrix shared_expert_gate;  // [1, hidden], when shared_expert_gated
   mlp_weights dense_mlp;
 };
 

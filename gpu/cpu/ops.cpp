@@ -23,6 +23,15 @@ void rope_rotate_half(float* x, std::size_t dim, const float* cos, const float* 
   }
 }
 
+void rope_interleaved(float* x, std::size_t dim, const float* cos, const float* sin) {
+  for (std::size_t i = 0; i < dim / 2; ++i) {
+    float a = x[2 * i];
+    float b = x[2 * i + 1];
+    x[2 * i] = a * cos[i] - b * sin[i];
+    x[2 * i + 1] = b * cos[i] + a * sin[i];
+  }
+}
+
 void silu_mul(const float* gate, const float* up, std::size_t dim, float* out) {
   for (std::size_t i = 0; i < dim; ++i) {
     float g = gate[i];
@@ -66,6 +75,31 @@ void attend(const float* q, const float* keys, const float* values, std::size_t 
       const float* v = values + p * kv_stride + kv_offset;
       float w = scores[p];
       for (std::size_t d = 0; d < head_dim; ++d)
+        oh[d] += w * v[d];
+    }
+  }
+}
+
+void attend_shared_row(const float* q, const float* rows, std::size_t row_stride, std::size_t num_positions,
+                       std::size_t num_heads, std::size_t key_dim, std::size_t value_dim, float scale,
+                       float* scores, float* out) {
+  for (std::size_t h = 0; h < num_heads; ++h) {
+    const float* qh = q + h * key_dim;
+    for (std::size_t p = 0; p < num_positions; ++p) {
+      const float* k = rows + p * row_stride;
+      float dot = 0.0f;
+      for (std::size_t d = 0; d < key_dim; ++d)
+        dot += qh[d] * k[d];
+      scores[p] = dot * scale;
+    }
+    softmax(scores, num_positions);
+    float* oh = out + h * value_dim;
+    for (std::size_t d = 0; d < value_dim; ++d)
+      oh[d] = 0.0f;
+    for (std::size_t p = 0; p < num_positions; ++p) {
+      const float* v = rows + p * row_stride;
+      float w = scores[p];
+      for (std::size_t d = 0; d < value_dim; ++d)
         oh[d] += w * v[d];
     }
   }

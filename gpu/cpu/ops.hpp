@@ -17,6 +17,10 @@ void rms_norm(const float* x, const float* weight, std::size_t dim, float eps, f
 // cos/sin hold dim/2 values for this position. In place.
 void rope_rotate_half(float* x, std::size_t dim, const float* cos, const float* sin);
 
+// Rotary embedding, interleaved convention (DeepSeek-V2): elements (2i, 2i+1) form pair i,
+// rotated like the complex number x[2i] + i·x[2i+1]. cos/sin hold dim/2 values. In place.
+void rope_interleaved(float* x, std::size_t dim, const float* cos, const float* sin);
+
 // out[i] = silu(gate[i]) · up[i], silu(x) = x / (1 + e^-x). `out` may alias `gate`.
 void silu_mul(const float* gate, const float* up, std::size_t dim, float* out);
 
@@ -30,5 +34,13 @@ void softmax(float* x, std::size_t dim);
 void attend(const float* q, const float* keys, const float* values, std::size_t kv_stride,
             std::size_t num_positions, std::size_t num_heads, std::size_t num_kv_heads,
             std::size_t head_dim, float scale, float* scores, float* out);
+
+// One query token's attention over a single shared cache row per position whose first
+// `value_dim` floats are also the value (MLA with absorbed weights). q: num_heads × key_dim.
+// Row p at rows + p·row_stride holds at least key_dim floats. `scores` is scratch of
+// num_positions floats. out: num_heads × value_dim.
+void attend_shared_row(const float* q, const float* rows, std::size_t row_stride, std::size_t num_positions,
+                       std::size_t num_heads, std::size_t key_dim, std::size_t value_dim, float scale,
+                       float* scores, float* out);
 
 }  // namespace moert::cpu

@@ -113,11 +113,23 @@ TEST_CASE("mixtral_tiny matches the independent implementation") {
   check_fixture("mixtral_tiny");
 }
 
-TEST_CASE("deepseek_v2 is refused with a clear error until [G] lands") {
+TEST_CASE("deepseek_v2_tiny matches the independent implementation") {
+  check_fixture("deepseek_v2_tiny");
+}
+
+TEST_CASE("deepseek_v2 keeps the compressed MLA row in its KV cache") {
   auto dir = test::fixture_dir("deepseek_v2_tiny");
   if (dir.empty())
     return;
-  auto config = load_config(dir);
-  REQUIRE_FALSE(config.ok());
-  CHECK(config.err().message.find("deepseek_v2") != std::string::npos);
+  auto model = load(dir, 1);
+  const model_config& c = model->config();
+  // kv_lora_rank 32 + qk_rope_head_dim 8 floats, not 2 × 4 heads × (16 + 16) expanded.
+  CHECK(c.kv_bytes_per_token_per_layer() == (32 + 8) * 4);
+  kv_cache cache{c};
+  CHECK(cache.bytes_per_token_per_layer() == (32 + 8) * sizeof(float));
+  std::vector<std::int32_t> tokens{1, 2, 3, 4, 5};
+  std::vector<forward_segment> segments{{&cache, tokens}};
+  REQUIRE(model->forward(segments, logits_for::last_token).ok());
+  CHECK(cache.num_bytes() == 5 * std::size_t(c.num_layers) * (32 + 8) * sizeof(float));
+  CHECK(cache.values(0) == nullptr);
 }

@@ -261,10 +261,16 @@ policy::model_shape Engine::shape_of(const model::model_config& c) {
   s.num_experts = std::size_t(c.num_experts);
   s.top_k = std::size_t(c.num_experts_per_tok);
   s.expert_intermediate = std::size_t(c.moe_intermediate_size);
-  s.num_shared = c.shared_expert_intermediate_size > 0 ? 1 : 0;
+  s.num_shared = c.shared_expert_intermediate_size > 0 ? 1 : 0;  // DeepSeek's are fused into one
   s.shared_intermediate = std::size_t(c.shared_expert_intermediate_size);
-  s.attention = policy::attention_kind::gqa;
-  s.gqa = {std::size_t(c.num_heads), std::size_t(c.num_kv_heads), std::size_t(c.head_dim)};
+  if (c.mla()) {
+    s.attention = policy::attention_kind::mla;
+    s.mla = {std::size_t(c.num_heads),        std::size_t(c.q_lora_rank),      std::size_t(c.kv_lora_rank),
+             std::size_t(c.qk_nope_head_dim), std::size_t(c.qk_rope_head_dim), std::size_t(c.v_head_dim)};
+  } else {
+    s.attention = policy::attention_kind::gqa;
+    s.gqa = {std::size_t(c.num_heads), std::size_t(c.num_kv_heads), std::size_t(c.head_dim)};
+  }
   s.vocab = std::size_t(c.vocab_size);
   s.dtype_bytes = 4;  // compute and KV cache are f32
   return s;

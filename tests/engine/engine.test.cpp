@@ -293,3 +293,22 @@ TEST_CASE("deepseek_v2_tiny (MLA, dense layer, shared experts) through the actor
   config.model_dir = dir.string();
   check_equivalence(config, fixture_prompts(dir), 8, 12);
 }
+
+TEST_CASE("the FinDEP view of a model keeps its shapes, GQA and MLA") {
+  auto qwen = model::parse_config(small_model, "test");
+  REQUIRE(qwen.ok());
+  auto shape = Engine::shape_of(*qwen);
+  CHECK(validate(shape).ok());
+  CHECK(shape.num_dense_layers == 1);
+  CHECK(shape.num_shared == 1);
+  CHECK(policy::kv_bytes_per_token_per_layer(shape) == std::uint64_t(qwen->kv_bytes_per_token_per_layer()));
+  auto dir = test::fixture_dir("deepseek_v2_tiny");
+  if (dir.empty())
+    return;
+  auto deepseek = model::load_config(dir);
+  REQUIRE(deepseek.ok());
+  shape = Engine::shape_of(*deepseek);
+  CHECK(validate(shape).ok());
+  CHECK(shape.attention == policy::attention_kind::mla);
+  CHECK(policy::kv_bytes_per_token_per_layer(shape) == std::uint64_t(deepseek->kv_bytes_per_token_per_layer()));
+}

@@ -3,6 +3,9 @@
 #include "core/rng.hpp"
 #include "engine/engine.hpp"
 #include "gpu/cpu/gemm.hpp"
+#include "policy/findep.hpp"
+#include "policy/replan.hpp"
+#include "policy_commands.hpp"
 #include "model/forward.hpp"
 
 #include <nlohmann/json.hpp>
@@ -29,6 +32,9 @@ struct bench_options {
   std::string findep_order = "ASAS";
   std::size_t pppipe_r1 = 2;
   std::string json_file;
+  // Reproduction 4 of issue [C]: FinDEP ÷ PPPipe measured vs predicted on a shared-expert model.
+  std::string findep_check_testbed;
+  std::size_t check_sequences = 8, check_seq_len = 64;
 };
 
 struct workload {
@@ -121,7 +127,83 @@ double busy(const EngineReport& r, const std::string& prefix) {
   return total;
 }
 
+// FinDEP's plan and the best PPPipe plan, both solved from the calibrated testbed, run on one
+// attention core + one expert core with a qwen2_moe-style model (shared expert), prefill-style
+// as the cost model assumes. Prints measured and predicted FinDEP ÷ PPPipe.
+int run_findep_check(const bench_options& o) {
+  auto bed = load_testbed(o.findep_check_testbed);
+  if (!bed) {
+    std::fprintf(stderr, "moert: error: %s\n", bed.err().what().c_str());
+    return 1;
+  }
+  nlohmann::json c = {{"model_type", "qwen2_moe"},      {"vocab_size", o.vocab},
+                      {"hidden_size", o.hidden},        {"num_hidden_layers", o.layers},
+                      {"num_attention_heads", o.heads}, {"num_key_value_heads", o.kv_heads},
+                      {"head_dim", o.head_dim},         {"num_experts", o.experts},
+                      {"num_experts_per_tok", o.top_k}, {"moe_intermediate_size", o.expert_intermediate},
+                      {"shared_expert_intermediate_size", 4 * o.expert_intermediate}};
+  auto config = model::parse_config(c.dump(), "findep check model");
+  if (!config) {
+    std::fprintf(stderr, "moert: error: %s\n", config.err().what().c_str());
+    return 1;
+  }
+  auto instance = policy::make_instance(Engine::shape_of(*config), *bed, 1, 1, o.check_seq_len,
+                                        std::size_t(config->num_layers), o.check_sequences);
+  auto findep = instance ? policy::solve(*instance) : result<policy::plan>{instance.err()};
+  auto pppipe = instance ? policy::solve_pppipe(*instance) : result<policy::plan>{instance.err()};
+  if (!findep || !pppipe) {
+    std::fprintf(stderr, "moert: error: %s\n", (!findep ? findep.err() : pppipe.err()).what().c_str());
+    return 1;
+  }
+  std::printf("# FinDEP vs PPPipe on the CPU runtime (reproduction 4 of issue [C]): qwen2_moe-style, %zu layers, "
+              "hidden %zu, %zu experts top-%zu + shared expert %zu; %zu sequences x %zu tokens (prefill); testbed %s\n",
+              o.layers, o.hidden, o.experts, o.top_k, 4 * o.expert_intermediate, o.check_sequences, o.check_seq_len,
+              bed->name.c_str());
+  std::printf("# reproduce: moert bench --findep-check %s --layers %zu --hidden %zu --experts %zu --top-k %zu "
+              "--check-sequences %zu --check-seq-len %zu --reps %zu\n",
+              o.findep_check_testbed.c_str(), o.layers, o.hidden, o.experts, o.top_k, o.check_sequences,
+              o.check_seq_len, o.reps);
+  auto weights = std::make_shared<const model::model_weights>(model::synthetic_weights(*config, 1));
+  rng gen{11};
+  workload w{"prefill", {}, o.check_sequences * o.check_seq_len};
+  for (std::size_t i = 0; i < o.check_sequences; ++i) {
+    std::vector<std::int32_t> prompt(o.check_seq_len);
+    for (auto& t : prompt)
+      t = std::int32_t(gen.next_u64() % o.vocab);
+    w.requests.push_back({i + 1, prompt, 1, {}, false});
+  }
+  auto measure = [&](const policy::plan& p) {
+    EngineConfig e;
+    e.weights = weights;
+    e.weights_config = *config;
+    e.actor_threads = 1;
+    e.plan = policy::to_execution_plan(p);
+    std::vector<sample> runs;
+    for (std::size_t r = 0; r < o.reps; ++r)
+      runs.push_back(run_engine(e, w));
+    return summarize(std::move(runs));
+  };
+  figure f = measure(*findep), pp = measure(*pppipe);
+  auto describe_plan = [](const policy::plan& p) {
+    return "m_a " + std::to_string(p.m_a) + ", r1 " + std::to_string(p.r1) + ", r2 " +
+           std::to_string(p.pppipe ? 1 : p.r2) + ", " + std::string{policy::to_string(p.order)} +
+           (p.pppipe ? " (PPPipe)" : "");
+  };
+  std::printf("| plan                               | measured tokens/s        | predicted tokens/s |\n");
+  std::printf("|------------------------------------|--------------------------|--------------------|\n");
+  std::printf("| FinDEP %-27s | %8.1f (%6.1f-%7.1f) | %18.1f |\n", describe_plan(*findep).c_str(), f.median, f.low,
+              f.high, findep->throughput);
+  std::printf("| PPPipe %-27s | %8.1f (%6.1f-%7.1f) | %18.1f |\n", describe_plan(*pppipe).c_str(), pp.median, pp.low,
+              pp.high, pppipe->throughput);
+  double measured = f.median / pp.median, predicted = findep->throughput / pppipe->throughput;
+  std::printf("FinDEP / PPPipe: measured %.3f, predicted %.3f, difference %.1f %% (goal: within 10 %%)\n", measured,
+              predicted, 100.0 * (measured - predicted) / predicted);
+  return 0;
+}
+
 int run_bench(const bench_options& o) {
+  if (!o.findep_check_testbed.empty())
+    return run_findep_check(o);
   auto config = model::parse_config(config_json(o), "bench model");
   if (!config) {
     std::fprintf(stderr, "moert: error: %s\n", config.err().what().c_str());
@@ -237,6 +319,10 @@ command_runner add_bench_command(CLI::App& app) {
   sub->add_option("--findep-order", o->findep_order, "AASS or ASAS");
   sub->add_option("--pppipe-r1", o->pppipe_r1)->check(CLI::Range(1, 64));
   sub->add_option("--json", o->json_file, "Also write the table as JSON");
+  sub->add_option("--findep-check", o->findep_check_testbed,
+                  "Instead: FinDEP / PPPipe measured vs predicted from this testbed (e.g. cpu)");
+  sub->add_option("--check-sequences", o->check_sequences)->check(CLI::Range(1, 4096));
+  sub->add_option("--check-seq-len", o->check_seq_len)->check(CLI::Range(1, 1 << 16));
   return [o] {
     if (o->top_k > o->experts || o->prefill_sequences > o->prefill_tokens) {
       std::fprintf(stderr, "moert: error: inconsistent bench shape (top-k <= experts, prefill-sequences <= prefill)\n");

@@ -1,6 +1,7 @@
 #include "engine_options.hpp"
 
 #include "model_source.hpp"
+#include "policy_commands.hpp"
 
 #include <cstdio>
 #include <fstream>
@@ -18,6 +19,8 @@ void add_engine_options(CLI::App& app, engine_options& opt) {
   app.add_option("--scheduler", opt.scheduler, "μ-queue scheduler: defrag, mtfs or flfs");
   app.add_option("--max-wait-ms", opt.max_wait_ms, "Latency guard of the μ-queues (0: off)")
       ->check(CLI::Range(0.0, 1e6));
+  app.add_option("--online", opt.online_testbed,
+                 "Re-solve the FinDEP plan online with this testbed (e.g. cpu, or a JSON path)");
   app.add_option("--trace", opt.trace_file, "Write a Chrome/Perfetto trace (JSON)");
   app.add_flag("--reference", opt.reference, "Run the bare reference forward, without actors");
 }
@@ -43,6 +46,12 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
   config.scheduler = *scheduler;
   config.defrag.max_wait = std::chrono::nanoseconds(std::int64_t(opt.max_wait_ms * 1e6));
   config.trace = !opt.trace_file.empty();
+  if (!opt.online_testbed.empty()) {
+    auto bed = load_testbed(opt.online_testbed);
+    if (!bed)
+      return bed.err();
+    config.online_testbed = *bed;
+  }
   return config;
 }
 

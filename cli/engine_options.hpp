@@ -21,6 +21,7 @@ struct engine_options {
   std::string order = "ASAS";
   std::string scheduler = "defrag";
   double max_wait_ms = 100.0;
+  std::string online_testbed;  // re-solve the plan online with this testbed (name or path)
   std::string trace_file;
   bool reference = false;  // bypass the actors: the bare single-process forward
 };

@@ -3,15 +3,18 @@
 // be handled at a time, in the order below, checking each one's receiver, sender and content:
 //
 //   setup    expert ─pull─▶ mu_queue, policy ─plan_update─▶ shard, ─scheduler_update─▶ queues,
-//            engine ─shard list─▶ ingress
+//            engine ─policy─▶ shard, engine ─shard list─▶ ingress
 //   admit    client ─admit_request─▶ ingress ─admit_request─▶ shard ─step─▶ shard
-//   per step, per layer
+//   per step shard ─shape_report─▶ policy, then per layer
 //            shard's device ─attn_done─▶ shard            (attention + router ran)
 //            shard ─routed_tokens (A2E)─▶ mu_queue d      (for each device d hosting a chosen expert)
 //            shard's device ─side_done─▶ shard            (shared expert / dense MLP ran)
 //            mu_queue d ─expert_batch─▶ expert d          (one drained μ-queue, after a pull)
 //            expert d's device ─batch_done─▶ expert d
-//            expert d ─expert_outputs (E2A)─▶ shard, ─pull─▶ mu_queue d
+//            expert d ─expert_outputs (E2A)─▶ shard
+//            expert d ─pull─▶ mu_queue d                  (sent when the expert took the batch, as
+//                                                          it has room for a second; handled only
+//                                                          now, so no next batch races batch_done)
 //   per step shard's device ─final_done─▶ shard ─token_event─▶ client's sink, shard ─step─▶ shard
 //   end      shard ─done─▶ ingress, and nothing else is pending anywhere
 //
@@ -46,6 +49,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 using namespace moert;
@@ -215,7 +219,9 @@ public:
     ingress_actor = system->spawn<ingress>(std::size_t{1} << 16);
     devices.push_back(std::make_unique<device>("attention 0", 1, nullptr));
     shard = system->spawn<attention_shard>(cctx(), std::uint32_t{0}, devices.back().get(), queues, ingress_actor, plan);
-    policy_actor_ = system->spawn<policy_actor>(std::vector<caf::actor>{shard}, queues, plan, scheduler);
+    // Offline policy (no FinDEP problem): it pushes the configured plan and only listens.
+    policy_actor_ = system->spawn<policy_actor>(cctx(), std::vector<caf::actor>{shard}, queues, plan, scheduler,
+                                                std::optional<online_problem>{});
     for (std::size_t d = 0; d < num_expert_devices; ++d) {
       all.push_back(queues[d]);
       all.push_back(experts[d]);
@@ -224,14 +230,25 @@ public:
   }
 
   ~data_path_fixture() {
-    // Also on a failed check: stop every actor, then the devices (their late completions go to
-    // terminated actors and are dropped), then the system, which waits for every actor.
-    {
-      std::lock_guard<std::recursive_mutex> guard{sched->mutex};
-      for (const auto& a : all)
-        caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
-      for (std::size_t i = 0; i < 100000 && sched->try_run_once(); ++i) {
+    // Also after a failed check, with device tasks in flight: stop every actor while the devices
+    // still exist (a handler run before an actor's exit may still post work), then the devices
+    // (completions of tasks still running go to terminated actors and are dropped), then the
+    // system. A device thread may be about to enqueue an actor (waiting for the lock), so the
+    // scheduler runs, with the lock released in between, until no actor is left running.
+    for (const auto& a : all)
+      caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+    auto deadline = std::chrono::steady_clock::now() + wait_limit;
+    while (system->registry().running() > 0) {
+      {
+        std::lock_guard<std::recursive_mutex> guard{sched->mutex};
+        while (sched->try_run_once()) {
+        }
       }
+      if (std::chrono::steady_clock::now() > deadline) {
+        system->await_actors_before_shutdown(false);  // never hang: leave the stragglers
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds{100});
     }
     devices.clear();
     all.clear();
@@ -327,6 +344,13 @@ public:
 
   void run_step(std::uint64_t step, const step_expect& want) {
     expect_atom("shard -> shard: step " + std::to_string(step), shard, &shard, step_atom::value);
+    expect_value<shape_report>("shard -> policy: shape_report (step " + std::to_string(step) + ")", policy_actor_,
+                               &shard, [&](const shape_report& r) {
+                                 REQUIRE(r.shard == 0u);
+                                 REQUIRE(r.sequences == 1u);
+                                 // The sequence's length after this step.
+                                 REQUIRE(r.context_tokens == prompt.size() + step);
+                               });
     for (std::size_t layer = 0; layer < want.layers.size(); ++layer) {
       const layer_expect& le = want.layers[layer];
       std::string where = " (step " + std::to_string(step) + ", layer " + std::to_string(layer) + ")";
@@ -473,6 +497,8 @@ public:
                                        CHECK(same_bits(out.rows->row(i), le.weighted[items[i].slot].data(), hidden));
                                      }
                                    });
+      // The expert asked for more as soon as it took the batch (up to two in flight); the queue
+      // hears it only now, so that a next batch cannot race batch_done into the expert's mailbox.
       expect_atom("expert" + dev + " -> mu_queue" + dev + ": pull" + where + batch, queue, &worker, pull_atom::value);
     }
     REQUIRE(batches >= 1);
@@ -540,6 +566,12 @@ TEST_CASE_METHOD(data_path_fixture, "one request through every hop of the data p
                                      REQUIRE(u.policy == scheduler.policy);
                                      REQUIRE(u.params.max_wait == scheduler.params.max_wait);
                                    });
+  caf::anon_send(shard, policy_atom::value, policy_actor_);
+  expect_atom("engine -> shard: where to report (the policy)", shard, nullptr, policy_atom::value,
+              [&](const caf::type_erased_tuple& c) {
+                REQUIRE((c.match_elements<caf::atom_value, caf::actor>()));
+                REQUIRE(c.get_as<caf::actor>(1) == policy_actor_);
+              });
   caf::anon_send(ingress_actor, std::vector<caf::actor>{shard});
   expect_value<std::vector<caf::actor>>("engine -> ingress: the shard list", ingress_actor, nullptr,
                                         [&](const std::vector<caf::actor>& s) {

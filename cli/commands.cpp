@@ -139,6 +139,8 @@ int run_generate_reference(const generate_options& opt) {
   if (!out)
     return fail(out.err());
   std::printf("model: %s\n       %s\n", loaded->description.c_str(), describe(m.config()).c_str());
+  for (const auto& name : loaded->unexpected_tensors)
+    std::printf("warning: tensor '%s' is not used by %s\n", name.c_str(), std::string{to_string(m.config().arch)}.c_str());
   std::printf("reference forward (no actors), %zu threads, %s; %s\n", m.num_threads(),
               opt.recompute ? "full recompute" : "KV cache", sampling_text(opt).c_str());
   print_generated(*prompts, *out);

@@ -1,7 +1,5 @@
 #include "model_source.hpp"
 
-#include "model/safetensors.hpp"
-
 #include <nlohmann/json.hpp>
 
 #include <fstream>
@@ -22,17 +20,12 @@ result<loaded_model> load_model(const std::string& model_dir, std::uint64_t weig
                       std::to_string(weight_seed) + ")";
     return out;
   }
-  auto config = model::load_config(model_dir);
-  if (!config)
-    return config.err();
-  auto ckpt = model::checkpoint::open(model_dir);
-  if (!ckpt)
-    return ckpt.err();
-  auto weights = model::load_weights(*config, *ckpt);
-  if (!weights)
-    return weights.err();
-  out.unexpected_tensors = weights->unexpected_tensors;
-  out.model = std::make_unique<model::reference_model>(*config, std::move(weights.value()), num_threads);
+  auto loaded = model::load_checkpoint(model_dir);
+  if (!loaded)
+    return loaded.err();
+  out.unexpected_tensors = loaded->weights.unexpected_tensors;
+  out.model = std::make_unique<model::reference_model>(std::move(loaded->config), std::move(loaded->weights),
+                                                       num_threads);
   out.description = "checkpoint " + model_dir;
   return out;
 }

@@ -7,10 +7,10 @@
 #include "actors/mu_queue.hpp"
 #include "actors/policy_actor.hpp"
 #include "actors/runtime.hpp"
-#include "model/safetensors.hpp"
 #include "model/weights.hpp"
 
 #include <caf/all.hpp>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <set>
@@ -98,17 +98,13 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   if (config.weights) {
     state->ctx.config = config.weights_config;
   } else if (!config.model_dir.empty()) {
-    auto parsed = model::load_config(config.model_dir);
-    if (!parsed)
-      return parsed.err();
-    auto ckpt = model::checkpoint::open(config.model_dir);
-    if (!ckpt)
-      return ckpt.err();
-    auto loaded = model::load_weights(*parsed, *ckpt);
+    auto loaded = model::load_checkpoint(config.model_dir);
     if (!loaded)
       return loaded.err();
-    state->ctx.config = *parsed;
-    weights = std::move(loaded.value());
+    state->ctx.config = std::move(loaded->config);
+    weights = std::move(loaded->weights);
+    for (const auto& name : weights.unexpected_tensors)
+      spdlog::warn("{}: tensor '{}' is not used by {}", config.model_dir, name, to_string(state->ctx.config.arch));
   } else {
     if (config.synthetic_config.empty())
       return invalid("EngineConfig needs model_dir or synthetic_config");

@@ -180,6 +180,19 @@ result<model_weights> load_weights(const model_config& config, const checkpoint&
   return weights;
 }
 
+result<loaded_checkpoint> load_checkpoint(const std::filesystem::path& dir) {
+  auto config = load_config(dir);
+  if (!config)
+    return config.err();
+  auto source = checkpoint::open(dir);
+  if (!source)
+    return source.err();
+  auto weights = load_weights(*config, *source);
+  if (!weights)
+    return weights.err();
+  return loaded_checkpoint{std::move(config.value()), std::move(weights.value())};
+}
+
 model_weights synthetic_weights(const model_config& config, std::uint64_t seed) {
   builder b{config, [seed](const std::string& name, const shape_t& shape) -> result<std::vector<float>> {
               // Each tensor gets its own stream keyed by its name, so weights do not depend on

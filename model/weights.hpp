@@ -70,6 +70,13 @@ struct model_weights {
 // expected shape (errors name the tensor and file). Unused tensors are listed, not fatal.
 result<model_weights> load_weights(const model_config& config, const checkpoint& source);
 
+// A Hugging Face checkpoint directory read whole: config.json, then every weight it needs.
+struct loaded_checkpoint {
+  model_config config;
+  model_weights weights;
+};
+result<loaded_checkpoint> load_checkpoint(const std::filesystem::path& dir);
+
 // Seeded random weights for `config` (uniform, scaled by 1/sqrt(fan_in); norms near 1).
 // The same (config, seed) always gives the same bits.
 model_weights synthetic_weights(const model_config& config, std::uint64_t seed);

@@ -23,6 +23,7 @@ namespace moert::cli {
 namespace {
 
 struct bench_options {
+  std::string model_type = "qwen3_moe";  // or deepseek_v2: MLA, YaRN, group-limited routing
   std::size_t layers = 8, hidden = 1024, heads = 16, kv_heads = 4, head_dim = 64;
   std::size_t experts = 32, top_k = 4, expert_intermediate = 512, vocab = 4096;
   std::size_t decode_batch = 64, decode_steps = 8;
@@ -60,6 +61,43 @@ figure summarize(std::vector<sample> runs) {
 }
 
 std::string config_json(const bench_options& o) {
+  if (o.model_type == "deepseek_v2") {
+    // DeepSeek-V2 proportions at mid size: MLA with a latent of hidden/4, one leading dense
+    // layer, two shared experts, group-limited routing and YaRN.
+    nlohmann::json c = {{"model_type", "deepseek_v2"},
+                        {"vocab_size", o.vocab},
+                        {"hidden_size", o.hidden},
+                        {"num_hidden_layers", o.layers},
+                        {"num_attention_heads", o.heads},
+                        {"num_key_value_heads", o.heads},
+                        {"q_lora_rank", o.hidden * 3 / 8},
+                        {"kv_lora_rank", o.hidden / 4},
+                        {"qk_nope_head_dim", o.head_dim},
+                        {"qk_rope_head_dim", o.head_dim / 2},
+                        {"v_head_dim", o.head_dim},
+                        {"n_routed_experts", o.experts},
+                        {"n_shared_experts", 2},
+                        {"num_experts_per_tok", o.top_k},
+                        {"moe_intermediate_size", o.expert_intermediate},
+                        {"intermediate_size", 4 * o.expert_intermediate},
+                        {"first_k_dense_replace", 1},
+                        {"moe_layer_freq", 1},
+                        {"topk_method", "group_limited_greedy"},
+                        {"n_group", 4},
+                        {"topk_group", 2},
+                        {"norm_topk_prob", false},
+                        {"routed_scaling_factor", 1.0},
+                        {"rope_theta", 10000.0},
+                        {"rope_scaling",
+                         {{"type", "yarn"},
+                          {"factor", 4},
+                          {"original_max_position_embeddings", 4096},
+                          {"beta_fast", 32},
+                          {"beta_slow", 1},
+                          {"mscale", 0.707},
+                          {"mscale_all_dim", 0.707}}}};
+    return c.dump();
+  }
   nlohmann::json c = {{"model_type", "qwen3_moe"},      {"vocab_size", o.vocab},
                       {"hidden_size", o.hidden},        {"num_hidden_layers", o.layers},
                       {"num_attention_heads", o.heads}, {"num_key_value_heads", o.kv_heads},
@@ -210,15 +248,20 @@ int run_bench(const bench_options& o) {
     return 1;
   }
   std::printf("# moert bench: %zu layers, hidden %zu, %zu/%zu heads of %zu, %zu experts top-%zu, expert "
-              "intermediate %zu, vocab %zu (synthetic qwen3_moe, f32)\n",
-              o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.experts, o.top_k, o.expert_intermediate, o.vocab);
+              "intermediate %zu, vocab %zu (synthetic %s, f32)\n",
+              o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.experts, o.top_k, o.expert_intermediate, o.vocab,
+              o.model_type.c_str());
+  std::printf("# KV cache: %lld bytes per token per layer, %lld bytes per token%s\n",
+              (long long)config->kv_bytes_per_token_per_layer(),
+              (long long)(config->kv_bytes_per_token_per_layer() * config->num_layers),
+              config->mla() ? " (MLA: compressed latent + rope key)" : "");
   std::printf("# decode: batch %zu x %zu steps; prefill: %zu sequences x %zu tokens; median (min-max) of %zu runs; "
               "matmul kernel %s\n",
               o.decode_batch, o.decode_steps, o.prefill_sequences, o.prefill_tokens / o.prefill_sequences, o.reps,
               cpu::matmul_kernel_name());
-  std::printf("# reproduce: moert bench --reps %zu --decode-batch %zu --prefill %zu --layers %zu --hidden %zu "
-              "--experts %zu --top-k %zu\n",
-              o.reps, o.decode_batch, o.prefill_tokens, o.layers, o.hidden, o.experts, o.top_k);
+  std::printf("# reproduce: moert bench --model-type %s --reps %zu --decode-batch %zu --prefill %zu --layers %zu "
+              "--hidden %zu --experts %zu --top-k %zu\n",
+              o.model_type.c_str(), o.reps, o.decode_batch, o.prefill_tokens, o.layers, o.hidden, o.experts, o.top_k);
   auto weights = std::make_shared<const model::model_weights>(model::synthetic_weights(*config, 1));
 
   EngineConfig base;
@@ -304,6 +347,8 @@ int run_bench(const bench_options& o) {
 command_runner add_bench_command(CLI::App& app) {
   auto o = std::make_shared<bench_options>();
   CLI::App* sub = app.add_subcommand("bench", "Runtime vs bare forward, overlap of FinDEP plans, queue schedulers");
+  sub->add_option("--model-type", o->model_type, "qwen3_moe or deepseek_v2 (synthetic, same sizes)")
+      ->check(CLI::IsMember({"qwen3_moe", "deepseek_v2"}));
   sub->add_option("--layers", o->layers)->check(CLI::Range(1, 512));
   sub->add_option("--hidden", o->hidden)->check(CLI::Range(16, 65536));
   sub->add_option("--experts", o->experts)->check(CLI::Range(1, 4096));

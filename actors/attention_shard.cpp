@@ -369,7 +369,6 @@ void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t
                                     std::vector<std::vector<float>> logits) {
   --in_flight_;
   micro_batch& mb = batches_[mb_idx];
-  mb.finished = true;
   for (std::size_t s = 0; s < mb.sequence_ids.size(); ++s) {
     std::uint64_t id = mb.sequence_ids[s];
     sequence& seq = sequences_.at(id);

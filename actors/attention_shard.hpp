@@ -62,7 +62,6 @@ private:
     bool side_pending = false;
     bool side_running = false;
     bool ready_final = false;
-    bool finished = false;
   };
 
   void admit(admit_request request);

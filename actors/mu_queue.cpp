@@ -6,7 +6,6 @@ mu_queue::mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size
                    scheduler_update scheduler, std::string track)
     : caf::event_based_actor(cfg),
       ctx_(ctx),
-      device_idx_(device_idx),
       num_local_(ctx->experts_on(device_idx)),
       queues_(std::size_t(ctx->config.num_layers) * num_local_),
       matrix_(std::size_t(ctx->config.num_layers), num_local_),

@@ -29,7 +29,6 @@ private:
   std::chrono::nanoseconds now() const;
 
   const runtime_context* ctx_;
-  std::size_t device_idx_;
   std::size_t num_local_;
   std::vector<std::deque<queued_row>> queues_;  // layer × local expert
   policy::queue_matrix matrix_;

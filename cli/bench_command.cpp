@@ -249,8 +249,8 @@ int run_bench(const bench_options& o) {
   }
   std::printf("# moert bench: %zu layers, hidden %zu, %zu/%zu heads of %zu, %zu experts top-%zu, expert "
               "intermediate %zu, vocab %zu (synthetic %s, f32)\n",
-              o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.experts, o.top_k, o.expert_intermediate, o.vocab,
-              o.model_type.c_str());
+              o.layers, o.hidden, o.heads, std::size_t(config->num_kv_heads), std::size_t(config->head_dim), o.experts,
+              o.top_k, o.expert_intermediate, o.vocab, o.model_type.c_str());
   std::printf("# KV cache: %lld bytes per token per layer, %lld bytes per token%s\n",
               (long long)config->kv_bytes_per_token_per_layer(),
               (long long)(config->kv_bytes_per_token_per_layer() * config->num_layers),

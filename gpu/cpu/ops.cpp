@@ -53,56 +53,51 @@ void softmax(float* x, std::size_t dim) {
     x[i] *= inv;
 }
 
+namespace {
+
+// One query head over `num_positions` cached rows: scores, softmax, weighted sum of values,
+// every reduction in position order. Row p's key starts at keys + p·stride, its value at
+// values + p·stride.
+void attend_head(const float* qh, const float* keys, const float* values, std::size_t stride,
+                 std::size_t num_positions, std::size_t key_dim, std::size_t value_dim, float scale,
+                 float* scores, float* oh) {
+  for (std::size_t p = 0; p < num_positions; ++p) {
+    const float* k = keys + p * stride;
+    float dot = 0.0f;
+    for (std::size_t d = 0; d < key_dim; ++d)
+      dot += qh[d] * k[d];
+    scores[p] = dot * scale;
+  }
+  softmax(scores, num_positions);
+  for (std::size_t d = 0; d < value_dim; ++d)
+    oh[d] = 0.0f;
+  for (std::size_t p = 0; p < num_positions; ++p) {
+    const float* v = values + p * stride;
+    float w = scores[p];
+    for (std::size_t d = 0; d < value_dim; ++d)
+      oh[d] += w * v[d];
+  }
+}
+
+}  // namespace
+
 void attend(const float* q, const float* keys, const float* values, std::size_t kv_stride,
             std::size_t num_positions, std::size_t num_heads, std::size_t num_kv_heads,
             std::size_t head_dim, float scale, float* scores, float* out) {
   std::size_t group = num_heads / num_kv_heads;
   for (std::size_t h = 0; h < num_heads; ++h) {
-    const float* qh = q + h * head_dim;
     std::size_t kv_offset = (h / group) * head_dim;
-    for (std::size_t p = 0; p < num_positions; ++p) {
-      const float* k = keys + p * kv_stride + kv_offset;
-      float dot = 0.0f;
-      for (std::size_t d = 0; d < head_dim; ++d)
-        dot += qh[d] * k[d];
-      scores[p] = dot * scale;
-    }
-    softmax(scores, num_positions);
-    float* oh = out + h * head_dim;
-    for (std::size_t d = 0; d < head_dim; ++d)
-      oh[d] = 0.0f;
-    for (std::size_t p = 0; p < num_positions; ++p) {
-      const float* v = values + p * kv_stride + kv_offset;
-      float w = scores[p];
-      for (std::size_t d = 0; d < head_dim; ++d)
-        oh[d] += w * v[d];
-    }
+    attend_head(q + h * head_dim, keys + kv_offset, values + kv_offset, kv_stride, num_positions, head_dim,
+                head_dim, scale, scores, out + h * head_dim);
   }
 }
 
 void attend_shared_row(const float* q, const float* rows, std::size_t row_stride, std::size_t num_positions,
                        std::size_t num_heads, std::size_t key_dim, std::size_t value_dim, float scale,
                        float* scores, float* out) {
-  for (std::size_t h = 0; h < num_heads; ++h) {
-    const float* qh = q + h * key_dim;
-    for (std::size_t p = 0; p < num_positions; ++p) {
-      const float* k = rows + p * row_stride;
-      float dot = 0.0f;
-      for (std::size_t d = 0; d < key_dim; ++d)
-        dot += qh[d] * k[d];
-      scores[p] = dot * scale;
-    }
-    softmax(scores, num_positions);
-    float* oh = out + h * value_dim;
-    for (std::size_t d = 0; d < value_dim; ++d)
-      oh[d] = 0.0f;
-    for (std::size_t p = 0; p < num_positions; ++p) {
-      const float* v = rows + p * row_stride;
-      float w = scores[p];
-      for (std::size_t d = 0; d < value_dim; ++d)
-        oh[d] += w * v[d];
-    }
-  }
+  for (std::size_t h = 0; h < num_heads; ++h)
+    attend_head(q + h * key_dim, rows, rows, row_stride, num_positions, key_dim, value_dim, scale, scores,
+                out + h * value_dim);
 }
 
 }  // namespace moert::cpu

@@ -96,7 +96,8 @@ void reference_model::moe_block(std::size_t layer, std::vector<float>& x) {
   for (std::size_t e = 0; e < expert_slots.size(); ++e)
     if (!expert_slots[e].empty())
       active.push_back(e);
-  pool_.parallel_for(active.size(), [&](std::size_t begin, std::size_t end) {
+  std::size_t work = routes.size() * 3 * hidden * std::size_t(c.moe_intermediate_size);
+  cpu::parallel_for_if_worth(&pool_, work, active.size(), [&](std::size_t begin, std::size_t end) {
     std::vector<float> in, out;
     for (std::size_t a = begin; a < end; ++a) {
       const auto& slots = expert_slots[active[a]];

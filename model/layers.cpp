@@ -112,10 +112,10 @@ void mla_attention_step(const model_config& c, const layer_weights& layer, const
                              latent.data() + t * num_heads * rank);
     }
   };
-  if (pool)
-    pool->parallel_for(num_rows, attend_rows);
-  else
-    attend_rows(0, num_rows);
+  std::size_t work = 0;  // scalar loops: a multiply-add here costs ~32 of the matmul's
+  for (const token_slot& t : tokens)
+    work += 32 * (t.position + 1) * num_heads * (row + rank);
+  cpu::parallel_for_if_worth(pool, work, num_rows, attend_rows);
 
   // Per head, the attended latent through W_UV_h, then o_proj over the heads' outputs.
   std::vector<float> attn(num_rows * num_heads * v_dim);
@@ -237,10 +237,10 @@ void attention_step(const model_config& c, const model_weights& weights, const r
                   attn.data() + t * q_dim);
     }
   };
-  if (pool)
-    pool->parallel_for(num_rows, attend_rows);
-  else
-    attend_rows(0, num_rows);
+  std::size_t work = 0;  // scalar loops: a multiply-add here costs ~32 of the matmul's
+  for (const token_slot& t : tokens)
+    work += 32 * (t.position + 1) * 2 * q_dim;
+  cpu::parallel_for_if_worth(pool, work, num_rows, attend_rows);
 
   std::vector<float> out(num_rows * hidden);
   linear(attn.data(), num_rows, a.o, out.data(), pool);

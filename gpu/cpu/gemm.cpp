@@ -16,9 +16,6 @@ constexpr std::size_t pw = packed_matrix::panel_width;
 // Panels per parallel_for task. Kernels group 1-4 panels per register tile, so a thread's
 // range ends in at most one narrower tile; finer tasks would balance little better.
 constexpr std::size_t task_panels = 4;
-// Below this many multiply-adds (about 10 µs on one core) waking a worker costs more than it
-// saves; such products run on the calling thread. The bits are the same either way.
-constexpr std::size_t min_parallel_macs = std::size_t{1} << 21;
 
 gemm_kernel best_supported() {
   if (gemm_kernel_supported(gemm_kernel::avx512))
@@ -131,10 +128,7 @@ void matmul_with(gemm_kernel kernel, const float* x, std::size_t num_rows,
     std::size_t panel_end = end * task_panels < panels ? end * task_panels : panels;
     run(args, begin * task_panels, panel_end);
   };
-  if (pool == nullptr || num_rows * w.rows() * w.cols() < min_parallel_macs)
-    body(0, tasks);
-  else
-    pool->parallel_for(tasks, body);
+  parallel_for_if_worth(pool, num_rows * w.rows() * w.cols(), tasks, body);
 }
 
 void matmul(const float* x, std::size_t num_rows, const packed_matrix& w, float* y,

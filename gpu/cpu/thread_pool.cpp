@@ -82,4 +82,12 @@ void thread_pool::worker_loop(std::size_t worker_idx) {
   }
 }
 
+void parallel_for_if_worth(thread_pool* pool, std::size_t work, std::size_t num_tasks,
+                           const std::function<void(std::size_t, std::size_t)>& fn) {
+  if (pool != nullptr && work >= min_parallel_work)
+    pool->parallel_for(num_tasks, fn);
+  else if (num_tasks > 0)
+    fn(0, num_tasks);
+}
+
 }  // namespace moert::cpu

@@ -46,4 +46,13 @@ private:
   bool stopping_ = false;
 };
 
+// Below this many multiply-adds (about 10 µs on one core) waking a worker costs more than it
+// saves, so such work runs on the calling thread. The bits are the same either way.
+inline constexpr std::size_t min_parallel_work = std::size_t{1} << 21;
+
+// pool->parallel_for(num_tasks, fn) when `pool` is set and `work` (multiply-adds, roughly) is
+// worth spreading; fn(0, num_tasks) on the calling thread otherwise.
+void parallel_for_if_worth(thread_pool* pool, std::size_t work, std::size_t num_tasks,
+                           const std::function<void(std::size_t, std::size_t)>& fn);
+
 }  // namespace moert::cpu

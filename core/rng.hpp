@@ -3,6 +3,7 @@
 // Counter-based randomness. Every draw is a pure function of its key, so a sampled token
 // depends on (seed, request, position) only, never on batching, threads or call order.
 
+#include <cstddef>
 #include <cstdint>
 
 namespace moert {
@@ -23,6 +24,10 @@ public:
   float uniform() { return float(next_u64() >> 40) * 0x1.0p-24f; }
   // Uniform in [lo, hi).
   float uniform(float lo, float hi) { return lo + (hi - lo) * uniform(); }
+  // An integer in [lo, hi] (modulo bias is negligible for the small ranges tests draw).
+  std::size_t uniform_int(std::size_t lo, std::size_t hi) {
+    return lo + std::size_t(next_u64() % std::uint64_t(hi - lo + 1));
+  }
 
 private:
   std::uint64_t state_;

@@ -6,7 +6,6 @@
 #include "core/rng.hpp"
 #include "engine/engine.hpp"
 #include "model/forward.hpp"
-#include "model/safetensors.hpp"
 #include "policy/testbed_json.hpp"
 #include "test_support.hpp"
 
@@ -27,10 +26,9 @@ const char* small_model = R"({"model_type": "qwen2_moe", "vocab_size": 211, "hid
 
 std::unique_ptr<model::reference_model> reference_for(const EngineConfig& config) {
   if (!config.model_dir.empty()) {
-    auto c = model::load_config(config.model_dir);
-    auto ckpt = model::checkpoint::open(config.model_dir);
-    auto w = model::load_weights(*c, *ckpt);
-    return std::make_unique<model::reference_model>(*c, std::move(w.value()), 1);
+    auto loaded = model::load_checkpoint(config.model_dir);
+    REQUIRE(loaded.ok());
+    return std::make_unique<model::reference_model>(std::move(loaded->config), std::move(loaded->weights), 1);
   }
   auto c = model::parse_config(config.synthetic_config, "test");
   return std::make_unique<model::reference_model>(*c, model::synthetic_weights(*c, config.weight_seed), 1);

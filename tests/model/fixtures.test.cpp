@@ -4,7 +4,6 @@
 #include <catch2/catch.hpp>
 
 #include "model/forward.hpp"
-#include "model/safetensors.hpp"
 #include "test_support.hpp"
 
 #include <nlohmann/json.hpp>
@@ -23,14 +22,10 @@ nlohmann::json read_json(const std::filesystem::path& path) {
 }
 
 std::unique_ptr<reference_model> load(const std::filesystem::path& dir, std::size_t threads) {
-  auto config = load_config(dir);
-  REQUIRE(config.ok());
-  auto ckpt = checkpoint::open(dir);
-  REQUIRE(ckpt.ok());
-  auto weights = load_weights(*config, *ckpt);
-  REQUIRE(weights.ok());
-  CHECK(weights->unexpected_tensors.empty());
-  return std::make_unique<reference_model>(*config, std::move(weights.value()), threads);
+  auto loaded = load_checkpoint(dir);
+  REQUIRE(loaded.ok());
+  CHECK(loaded->weights.unexpected_tensors.empty());
+  return std::make_unique<reference_model>(std::move(loaded->config), std::move(loaded->weights), threads);
 }
 
 float max_abs_diff(const float* a, const nlohmann::json& b) {

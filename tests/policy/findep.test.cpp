@@ -11,18 +11,14 @@ using namespace moert::policy;
 
 namespace {
 
-std::size_t uniform_int(rng& gen, std::size_t lo, std::size_t hi) {
-  return lo + std::size_t(gen.next_u64() % (hi - lo + 1));
-}
-
 // Integer durations 1..100 (t_s = 0 in 20% of cases): doubles hold them, and every sum the DES
 // and the closed forms form, exactly, so "equal" means bit-equal.
 stage_times random_times(rng& gen) {
   stage_times st;
-  st.attention = double(uniform_int(gen, 1, 100));
-  st.shared = gen.uniform() < 0.2f ? 0.0 : double(uniform_int(gen, 1, 100));
-  st.a2e = double(uniform_int(gen, 1, 100));
-  st.expert = double(uniform_int(gen, 1, 100));
+  st.attention = double(gen.uniform_int(1, 100));
+  st.shared = gen.uniform() < 0.2f ? 0.0 : double(gen.uniform_int(1, 100));
+  st.a2e = double(gen.uniform_int(1, 100));
+  st.expert = double(gen.uniform_int(1, 100));
   st.e2a = st.a2e;
   return st;
 }
@@ -52,8 +48,8 @@ findep_instance random_instance(rng& gen, std::size_t max_samples) {
   inst.tasks.shared = gen.uniform() < 0.2f ? linear_fit{} : line(5, 10);
   inst.tasks.expert = line(5, 3);
   inst.tasks.a2e = line(5, 3);
-  inst.tasks.tokens_per_sample = double(uniform_int(gen, 1, 16));
-  inst.num_layers = uniform_int(gen, 1, 4);
+  inst.tasks.tokens_per_sample = double(gen.uniform_int(1, 16));
+  inst.num_layers = gen.uniform_int(1, 4);
   inst.ag = 1;
   inst.seq_len = 1;
   inst.memory.device_bytes = 1.0;
@@ -76,7 +72,7 @@ TEST_CASE("corrected ASAS and PPPipe closed forms equal the DES exactly on 3000 
   std::size_t printed_equal = 0;
   for (int n = 0; n < 3000; ++n) {
     stage_times st = random_times(gen);
-    std::size_t layers = uniform_int(gen, 1, 6), r1 = uniform_int(gen, 1, 5), r2 = uniform_int(gen, 1, 5);
+    std::size_t layers = gen.uniform_int(1, 6), r1 = gen.uniform_int(1, 5), r2 = gen.uniform_int(1, 5);
     double sim = des(st, layers, r1, r2, segment_order::asas);
     INFO("T " << layers << " r1 " << r1 << " r2 " << r2 << " ta " << st.attention << " ts " << st.shared
               << " tc " << st.a2e << " te " << st.expert);
@@ -113,7 +109,7 @@ TEST_CASE("Theorems 1 and 3: throughput is non-decreasing in m_a and in r1 (ASAS
   rng gen{7};
   for (int n = 0; n < 300; ++n) {
     findep_instance inst = random_instance(gen, 64);
-    std::size_t r1 = uniform_int(gen, 1, 6), r2 = uniform_int(gen, 1, 6), m_a = uniform_int(gen, 1, 6);
+    std::size_t r1 = gen.uniform_int(1, 6), r2 = gen.uniform_int(1, 6), m_a = gen.uniform_int(1, 6);
     for (std::size_t a = 1; a < 8; ++a)
       REQUIRE(tps(inst, a + 1, r1, r2, segment_order::asas) >= tps(inst, a, r1, r2, segment_order::asas) * (1 - 1e-12));
     for (std::size_t r = 1; r < 8; ++r)
@@ -125,7 +121,7 @@ TEST_CASE("Theorem 2: throughput maximised over r2 is non-decreasing in m_a") {
   rng gen{8};
   for (int n = 0; n < 200; ++n) {
     findep_instance inst = random_instance(gen, 64);
-    std::size_t r1 = uniform_int(gen, 1, 6);
+    std::size_t r1 = gen.uniform_int(1, 6);
     double prev = 0.0;
     for (std::size_t m_a = 1; m_a <= 8; ++m_a) {
       double best = 0.0;
@@ -141,7 +137,7 @@ TEST_CASE("Theorem 4: the makespan is unimodal in r2 (never improves once it sto
   rng gen{9};
   for (int n = 0; n < 300; ++n) {
     findep_instance inst = random_instance(gen, 64);
-    std::size_t r1 = uniform_int(gen, 1, 6), m_a = uniform_int(gen, 1, 6);
+    std::size_t r1 = gen.uniform_int(1, 6), m_a = gen.uniform_int(1, 6);
     for (segment_order order : {segment_order::asas, segment_order::aass}) {
       bool rising = false;
       double prev = 0.0;
@@ -163,7 +159,7 @@ TEST_CASE("AASS (DES-evaluated, no proof): monotonicity in m_a and r1 holds on r
   std::size_t violations = 0;
   for (int n = 0; n < 200; ++n) {
     findep_instance inst = random_instance(gen, 64);
-    std::size_t r1 = uniform_int(gen, 1, 5), r2 = uniform_int(gen, 1, 5), m_a = uniform_int(gen, 1, 5);
+    std::size_t r1 = gen.uniform_int(1, 5), r2 = gen.uniform_int(1, 5), m_a = gen.uniform_int(1, 5);
     for (std::size_t a = 1; a < 6; ++a)
       violations += tps(inst, a + 1, r1, r2, segment_order::aass) < tps(inst, a, r1, r2, segment_order::aass) * (1 - 1e-9);
     for (std::size_t r = 1; r < 6; ++r)
@@ -179,7 +175,7 @@ TEST_CASE("the solver equals brute force over the whole grid (DES) on random ins
   solver_options opt;
   opt.r2_max = 8;
   for (int n = 0; n < 500; ++n) {
-    findep_instance inst = random_instance(gen, uniform_int(gen, 1, 24));
+    findep_instance inst = random_instance(gen, gen.uniform_int(1, 24));
     auto fast = solve(inst, opt);
     auto slow = solve_brute_force(inst, opt);
     REQUIRE(fast.ok());

@@ -12,18 +12,14 @@ using namespace moert::policy;
 
 namespace {
 
-std::size_t uniform_int(rng& gen, std::size_t lo, std::size_t hi) {
-  return lo + std::size_t(gen.next_u64() % (hi - lo + 1));
-}
-
 graph_config random_graph(rng& gen) {
   graph_config c;
-  c.times = {double(uniform_int(gen, 1, 50)), double(uniform_int(gen, 0, 50)), double(uniform_int(gen, 1, 50)),
-             double(uniform_int(gen, 1, 50)), 0.0};
+  c.times = {double(gen.uniform_int(1, 50)), double(gen.uniform_int(0, 50)), double(gen.uniform_int(1, 50)),
+             double(gen.uniform_int(1, 50)), 0.0};
   c.times.e2a = c.times.a2e;
-  c.num_layers = uniform_int(gen, 1, 4);
-  c.r1 = uniform_int(gen, 1, 4);
-  c.r2 = uniform_int(gen, 1, 4);
+  c.num_layers = gen.uniform_int(1, 4);
+  c.r1 = gen.uniform_int(1, 4);
+  c.r2 = gen.uniform_int(1, 4);
   c.order = gen.uniform() < 0.5f ? segment_order::asas : segment_order::aass;
   return c;
 }

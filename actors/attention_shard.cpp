@@ -42,11 +42,7 @@ caf::behavior attention_shard::make_behavior() {
   return {
     [this](admit_request& request) { admit(std::move(request)); },
     [this](cancel_atom, std::uint64_t id) { cancel(id); },
-    [this](plan_update& update) {
-      next_plan_ = update.plan;  // applied between steps
-      if (!step_running_)
-        plan_ = next_plan_;
-    },
+    [this](plan_update& update) { next_plan_ = update.plan; },  // start_step applies it
     [this](step_atom) { start_step(); },
     [this](policy_atom, caf::actor& policy) { policy_ = std::move(policy); },
     [this](attention_done_atom, std::uint64_t step, std::uint32_t mb) {

@@ -1,0 +1,43 @@
+#pragma once
+
+// Chat templates as transformers renders them: an interpreter of the Jinja subset that real
+// `tokenizer_config.json` templates use (whitespace control, if/elif/else, for with loop.*,
+// set and namespace(), filters, tests, string methods, slices, raise_exception, tojson), with
+// transformers' settings: trim_blocks and lstrip_blocks on. ChatML is the fallback template.
+//
+// Thread safety: a parsed template is immutable; render() may run on any thread at once.
+
+#include "core/error.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <memory>
+#include <string>
+
+namespace moert::tokenizer {
+
+class chat_template {
+public:
+  // Parses the template source; a syntax error names the line.
+  static result<chat_template> parse(const std::string& source);
+  // The ChatML template (`<|im_start|>role\ncontent<|im_end|>\n`).
+  static chat_template chatml();
+
+  // `messages` is the OpenAI-style array; `extra` adds variables (bos_token, eos_token, tools,
+  // …). A `raise_exception(msg)` in the template comes back as an error carrying msg.
+  result<std::string> render(const nlohmann::json& messages, bool add_generation_prompt,
+                             const nlohmann::json& extra = nlohmann::json::object()) const;
+
+  chat_template(const chat_template&);
+  chat_template& operator=(const chat_template&);
+  chat_template(chat_template&&) noexcept;
+  chat_template& operator=(chat_template&&) noexcept;
+  ~chat_template();
+  struct program;
+
+private:
+  explicit chat_template(std::shared_ptr<const program> parsed);
+  std::shared_ptr<const program> program_;
+};
+
+}  // namespace moert::tokenizer

@@ -1,0 +1,68 @@
+#pragma once
+
+// Hugging Face `tokenizer.json` tokenizers: byte-level BPE with a regex pre-tokenizer and an
+// optional NFC normalizer (Qwen2/Qwen3, DeepSeek), and SentencePiece-style BPE over "▁" text
+// with byte fallback (Mistral, Mixtral, Llama). Added and special tokens are split out of the
+// text before the model runs. Behaviour follows Hugging Face `tokenizers` plus the
+// transformers rules for what `add_special_tokens` adds (../shared/fixtures/tokenizers).
+//
+// Thread safety: a loaded tokenizer is immutable; encode/decode may run on any thread at once.
+
+#include "core/error.hpp"
+#include "tokenizer/chat_template.hpp"
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moert::tokenizer {
+
+class tokenizer {
+public:
+  // Reads DIR/tokenizer.json, DIR/tokenizer_config.json (optional) and the chat template
+  // (tokenizer_config.json's `chat_template`, else DIR/chat_template.jinja, else ChatML).
+  // Errors name the file and the key.
+  static result<std::shared_ptr<const tokenizer>> load(const std::string& dir);
+
+  std::vector<std::int32_t> encode(std::string_view text, bool add_special_tokens) const;
+  // skip_special_tokens=false keeps special tokens as their text (as transformers does).
+  std::string decode(std::span<const std::int32_t> ids, bool skip_special_tokens = false) const;
+
+  std::size_t vocab_size() const;                 // including added tokens
+  std::optional<std::int32_t> token_to_id(std::string_view token) const;
+  std::optional<std::int32_t> bos_id() const;
+  std::optional<std::int32_t> eos_id() const;      // tokenizer_config.json's eos_token
+  std::string bos_token() const;                   // "" when none
+  std::string eos_token() const;
+  const chat_template& chat() const;
+
+  ~tokenizer();
+  struct impl;
+  explicit tokenizer(std::unique_ptr<impl> state);
+
+private:
+  std::unique_ptr<impl> impl_;
+};
+
+// Incremental decode for streaming: push ids, get the text they complete. An incomplete UTF-8
+// sequence is held back until its last byte arrives (or flush() gives it up as U+FFFD, as the
+// full decode would). The concatenation of every push() and flush() equals decode(all ids).
+// Thread safety: one stream per request, used from one thread at a time.
+class decode_stream {
+public:
+  explicit decode_stream(std::shared_ptr<const tokenizer> tok, bool skip_special_tokens = false);
+  std::string push(std::int32_t id);
+  std::string flush();
+
+private:
+  std::shared_ptr<const tokenizer> tok_;
+  bool skip_special_;
+  std::vector<std::int32_t> ids_;
+  std::size_t emitted_bytes_ = 0;  // bytes of decode(ids_) already returned
+};
+
+}  // namespace moert::tokenizer

@@ -6,7 +6,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <cstdint>
 #include <new>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 namespace moert::cpu {
 
@@ -25,6 +29,28 @@ gemm_kernel best_supported() {
   return gemm_kernel::scalar;
 }
 
+// Copies part's rows into the panels from output row `row0` on. `out` is the element type
+// written: uint32_t / uint16_t copy the stored bits, float upcasts them.
+template <class out>
+void copy_rows(const matrix_part& part, std::byte* panels, std::size_t row0, std::size_t k) {
+  const std::size_t in_elem = size_of(part.type);
+  const auto* src = static_cast<const std::byte*>(part.data);
+  const std::size_t in_step = part.col_stride * in_elem;
+  for (std::size_t r = 0; r < part.rows; ++r) {
+    const std::size_t row = row0 + r;
+    std::byte* dst = panels + ((row / pw) * k * pw + row % pw) * sizeof(out);
+    const std::byte* in = src + r * part.row_stride * in_elem;
+    for (std::size_t kk = 0; kk < k; ++kk, in += in_step, dst += pw * sizeof(out)) {
+      out v;
+      if constexpr (std::is_same_v<out, float>)
+        convert_to_f32(part.type, in, 1, &v);
+      else
+        std::memcpy(&v, in, sizeof v);
+      std::memcpy(dst, &v, sizeof v);
+    }
+  }
+}
+
 gemm_kernel pick_kernel() {
   gemm_kernel best = best_supported();
   const char* env = std::getenv("MOERT_GEMM_KERNEL");
@@ -38,33 +64,58 @@ gemm_kernel pick_kernel() {
 
 }  // namespace
 
-void packed_matrix::aligned_free::operator()(float* p) const {
+void packed_matrix::aligned_free::operator()(std::byte* p) const {
   std::free(p);
 }
 
 packed_matrix packed_matrix::pack(const float* w, std::size_t n, std::size_t k) {
+  return pack(dtype::f32, w, n, k);
+}
+
+packed_matrix packed_matrix::pack(dtype type, const void* w, std::size_t n, std::size_t k) {
+  const matrix_part whole{w, type, n, k};
+  return pack(type, k, std::span{&whole, 1});
+}
+
+packed_matrix packed_matrix::pack(dtype type, std::size_t k, std::span<const matrix_part> parts) {
   packed_matrix m;
-  m.rows_ = n;
+  m.type_ = type;
   m.cols_ = k;
-  std::size_t bytes = m.num_bytes();
+  for (const matrix_part& part : parts) {
+    // A narrowing conversion would round, and then the bits would no longer be the stored ones.
+    if (part.type != type && type != dtype::f32)
+      throw std::invalid_argument("packed_matrix::pack: cannot store " +
+                                  std::string(safetensors_name(part.type)) + " weights as " +
+                                  std::string(safetensors_name(type)));
+    m.rows_ += part.rows;
+  }
+  const std::size_t bytes = m.num_bytes();
   if (bytes == 0)
     return m;
-  // aligned_alloc wants a size that is a multiple of the alignment; panels are 64 bytes wide.
-  m.data_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  // aligned_alloc wants a multiple of the alignment; 16-bit panels are 32 bytes per k.
+  m.data_.reset(static_cast<std::byte*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
   if (!m.data_)
     throw std::bad_alloc{};
-  float* dst = m.data_.get();
-  for (std::size_t p = 0; p < m.num_panels(); ++p)
-    for (std::size_t kk = 0; kk < k; ++kk)
-      for (std::size_t c = 0; c < pw; ++c) {
-        std::size_t row = p * pw + c;
-        *dst++ = row < n ? w[row * k + kk] : 0.0f;
-      }
+  std::memset(m.data_.get(), 0, bytes);  // padding rows past N stay +0
+
+  std::size_t row = 0;  // first output row of the current part
+  for (const matrix_part& part : parts) {
+    if (part.type == type && type == dtype::f32)
+      copy_rows<std::uint32_t>(part, m.data_.get(), row, k);
+    else if (part.type == type)
+      copy_rows<std::uint16_t>(part, m.data_.get(), row, k);
+    else
+      copy_rows<float>(part, m.data_.get(), row, k);
+    row += part.rows;
+  }
   return m;
 }
 
 float packed_matrix::at(std::size_t n, std::size_t k) const {
-  return panel(n / pw)[k * pw + n % pw];
+  float out;
+  const std::byte* p = static_cast<const std::byte*>(panel(n / pw)) + (k * pw + n % pw) * size_of(type_);
+  convert_to_f32(type_, p, 1, &out);
+  return out;
 }
 
 const char* to_string(gemm_kernel kernel) {
@@ -84,7 +135,9 @@ bool gemm_kernel_supported(gemm_kernel kernel) {
   case gemm_kernel::avx512:
     return __builtin_cpu_supports("avx512f");
   case gemm_kernel::avx2:
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    // F16C widens f16 weights; every AVX2 + FMA CPU has it, but say so rather than assume.
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
   case gemm_kernel::scalar:
     break;
   }
@@ -96,21 +149,47 @@ gemm_kernel selected_gemm_kernel() {
   return kernel;
 }
 
+namespace {
+
+float widen(float w) {
+  return w;
+}
+float widen(bf16_bits w) {
+  return bf16_to_f32(w.bits);
+}
+float widen(f16_bits w) {
+  return f16_to_f32(w.bits);
+}
+
 // The reference the SIMD kernels must match bit for bit: std::fma never rounds the
 // product, exactly like vfmadd, and -ffp-contract=off keeps the compiler from fusing
-// anything else.
-void matmul_panels_scalar(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end) {
+// anything else. 16-bit weights go through the same exact conversions as the loader's upcast.
+template <class welem>
+void matmul_panels_scalar_typed(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end) {
   for (std::size_t m = 0; m < a.num_rows; ++m) {
     const float* x = a.x + m * a.k;
     for (std::size_t p = panel_begin; p < panel_end; ++p) {
-      const float* w = a.w + p * a.k * pw;
+      const welem* w = static_cast<const welem*>(a.w) + p * a.k * pw;
       float acc[pw] = {};
       for (std::size_t kk = 0; kk < a.k; ++kk)
         for (std::size_t c = 0; c < pw; ++c)
-          acc[c] = std::fma(x[kk], w[kk * pw + c], acc[c]);
+          acc[c] = std::fma(x[kk], widen(w[kk * pw + c]), acc[c]);
       std::size_t cols = a.n - p * pw < pw ? a.n - p * pw : pw;
       std::memcpy(a.y + m * a.n + p * pw, acc, cols * sizeof(float));
     }
+  }
+}
+
+}  // namespace
+
+void matmul_panels_scalar(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end) {
+  switch (a.w_type) {
+  case dtype::f32:
+    return matmul_panels_scalar_typed<float>(a, panel_begin, panel_end);
+  case dtype::bf16:
+    return matmul_panels_scalar_typed<bf16_bits>(a, panel_begin, panel_end);
+  case dtype::f16:
+    return matmul_panels_scalar_typed<f16_bits>(a, panel_begin, panel_end);
   }
 }
 
@@ -121,7 +200,7 @@ void matmul_with(gemm_kernel kernel, const float* x, std::size_t num_rows,
   auto* run = kernel == gemm_kernel::avx512 ? &matmul_panels_avx512
               : kernel == gemm_kernel::avx2 ? &matmul_panels_avx2
                                             : &matmul_panels_scalar;
-  const gemm_args args{x, num_rows, w.cols() == 0 ? nullptr : w.panel(0), w.cols(), w.rows(), y};
+  const gemm_args args{x, num_rows, w.cols() == 0 ? nullptr : w.panel(0), w.type(), w.cols(), w.rows(), y};
   const std::size_t panels = w.num_panels();
   const std::size_t tasks = (panels + task_panels - 1) / task_panels;
   auto body = [&](std::size_t begin, std::size_t end) {

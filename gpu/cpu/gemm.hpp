@@ -1,49 +1,77 @@
 #pragma once
 
-// Batch-invariant f32 matrix multiply for nn.Linear-shaped weights.
+// Batch-invariant matrix multiply for nn.Linear-shaped weights: f32 activations and outputs,
+// weights held as f32, bf16 or f16.
 //
 // Every output element y[m][n] is one sequential chain of fused multiply-adds over
 // k = 0, 1, …, K-1 starting from +0.0f, whatever M, the tile it falls in, the instruction
 // set (AVX-512, AVX2 or scalar fallback) or the thread count. A token's output bits
 // therefore never depend on which other tokens share its batch (DESIGN.md §4).
 //
-// Units: element counts; all matrices row-major f32.
+// 16-bit weights are widened to f32 in registers right before their fma. Widening is exact
+// (every bf16 and f16 value is an f32), so a bf16 or f16 matrix gives the same bits as its
+// f32 upcast while streaming half the bytes (NaN payloads aside: F16C quiets signalling NaNs).
+//
+// Units: element counts; activations and outputs row-major f32.
 // Thread safety: a packed_matrix is immutable after pack() and may be shared by threads.
+
+#include "core/dtype.hpp"
 
 #include <cstddef>
 #include <memory>
+#include <span>
 
 namespace moert::cpu {
 
 class thread_pool;
 
+// Where pack() reads some rows of a weight: element (r, c) of this part is at
+// data + (r * row_stride + c * col_stride) elements of `type`, little-endian, any alignment.
+// col_stride 1 is a row-major slice; row_stride 1 reads a transposed matrix.
+struct matrix_part {
+  const void* data;
+  dtype type;
+  std::size_t rows;
+  std::size_t row_stride;
+  std::size_t col_stride = 1;
+};
+
 // A weight W[N][K] (out_features × in_features, the nn.Linear layout) repacked into
 // column panels of `panel_width` outputs: panel p holds W[p*16 .. p*16+15][0..K-1]
-// transposed to k-major order, zero-padded past N. 64-byte aligned.
+// transposed to k-major order, zero-padded past N, as elements of type(). 64-byte aligned.
 class packed_matrix {
 public:
   static constexpr std::size_t panel_width = 16;
 
   packed_matrix() = default;
 
-  // Copies `w` (n rows of k floats) into the packed layout.
+  // Copies `w` (n rows of k floats) into the packed layout, as f32.
   static packed_matrix pack(const float* w, std::size_t n, std::size_t k);
+  // Copies `w` (n rows of k elements of `type`, any alignment) keeping its type.
+  static packed_matrix pack(dtype type, const void* w, std::size_t n, std::size_t k);
+  // Rows of `parts` one after another (N = the sum of their rows), k columns each, stored
+  // as `type`. Each part's type must be `type`, or `type` must be f32 (an exact upcast).
+  static packed_matrix pack(dtype type, std::size_t k, std::span<const matrix_part> parts);
 
+  dtype type() const { return type_; }
   std::size_t rows() const { return rows_; }  // N, output features
   std::size_t cols() const { return cols_; }  // K, input features
   std::size_t num_panels() const { return (rows_ + panel_width - 1) / panel_width; }
-  // Panel p: cols() rows of panel_width floats.
-  const float* panel(std::size_t p) const { return data_.get() + p * cols_ * panel_width; }
-  // W[n][k], for tests and slow paths.
+  // Panel p: cols() rows of panel_width elements of type().
+  const void* panel(std::size_t p) const {
+    return data_.get() + p * cols_ * panel_width * size_of(type_);
+  }
+  // W[n][k] as f32, for tests and slow paths.
   float at(std::size_t n, std::size_t k) const;
   // Bytes held.
-  std::size_t num_bytes() const { return num_panels() * cols_ * panel_width * sizeof(float); }
+  std::size_t num_bytes() const { return num_panels() * cols_ * panel_width * size_of(type_); }
 
 private:
   struct aligned_free {
-    void operator()(float* p) const;
+    void operator()(std::byte* p) const;
   };
-  std::unique_ptr<float[], aligned_free> data_;
+  std::unique_ptr<std::byte[], aligned_free> data_;
+  dtype type_ = dtype::f32;
   std::size_t rows_ = 0;
   std::size_t cols_ = 0;
 };

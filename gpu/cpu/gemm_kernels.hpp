@@ -3,7 +3,9 @@
 // Private to the CPU backend and its tests: the per-ISA matmul kernels behind matmul().
 //
 // A kernel fills y for all rows and the columns of panels [panel_begin, panel_end). Each
-// y element stays one fma chain over k from +0.0f, so kernels differ only in speed.
+// y element stays one fma chain over k from +0.0f, so kernels differ only in speed. 16-bit
+// weights are widened to f32 in registers (exactly), which changes the bytes read, not the
+// chain.
 //
 // The ISA translation units are compiled with different -m flags. Anything they share
 // must be a template instantiated on a type local to that unit (or fully inlined), never
@@ -13,6 +15,7 @@
 #include "gpu/cpu/gemm.hpp"
 
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 
 namespace moert::cpu {
@@ -28,13 +31,23 @@ gemm_kernel selected_gemm_kernel();
 void matmul_with(gemm_kernel kernel, const float* x, std::size_t num_rows,
                  const packed_matrix& w, float* y, thread_pool* pool);
 
+// Weight element types as stored in the panels: float, or the raw bits of a 16-bit float.
+// Plain structs (no member functions), so sharing them across ISA units is safe.
+struct bf16_bits {
+  std::uint16_t bits;
+};
+struct f16_bits {
+  std::uint16_t bits;
+};
+
 // Plain values rather than a packed_matrix, so the ISA units call none of its inline members.
 struct gemm_args {
   const float* x;
   std::size_t num_rows;
-  const float* w;  // packed panels, packed_matrix::panel(0)
-  std::size_t k;   // w.cols()
-  std::size_t n;   // w.rows()
+  const void* w;  // packed panels, packed_matrix::panel(0)
+  dtype w_type;   // element type of w
+  std::size_t k;  // w.cols()
+  std::size_t n;  // w.rows()
   float* y;
 };
 
@@ -46,8 +59,8 @@ void matmul_panels_avx512(const gemm_args& a, std::size_t panel_begin, std::size
 struct gemm_tile {
   const float* x;            // first row, at the block's first k
   std::size_t x_stride;      // floats between rows of x
-  const float* w;            // first panel, at the block's first k
-  std::size_t panel_stride;  // floats between panels
+  const void* w;             // first panel, at the block's first k; elements of the tile's type
+  std::size_t panel_stride;  // elements between panels
   std::size_t k_count;
   float* y;                  // first row, first column of the tile
   std::size_t y_stride;      // floats between rows of y
@@ -55,8 +68,9 @@ struct gemm_tile {
   bool resume;               // continue the chains from y instead of +0.0f
 };
 
-// Calls isa::tile<rows, panels>(t) for run-time rows ≤ isa::max_rows, panels ≤ isa::max_panels.
-template <class isa>
+// Calls isa::tile<rows, panels, welem>(t) for run-time rows ≤ isa::max_rows,
+// panels ≤ isa::max_panels.
+template <class isa, class welem>
 void dispatch_tile(std::size_t rows, std::size_t panels, const gemm_tile& t) {
   using tile_fn = void (*)(const gemm_tile&);
   struct tile_table {
@@ -64,17 +78,18 @@ void dispatch_tile(std::size_t rows, std::size_t panels, const gemm_tile& t) {
   };
   constexpr std::size_t np = isa::max_panels;
   static constexpr tile_table table = []<std::size_t... i>(std::index_sequence<i...>) {
-    return tile_table{{&isa::template tile<i / np + 1, i % np + 1>...}};
+    return tile_table{{&isa::template tile<i / np + 1, i % np + 1, welem>...}};
   }(std::make_index_sequence<isa::max_rows * np>{});
   table.fn[(rows - 1) * np + panels - 1](t);
 }
 
 // Loop nest shared by the SIMD kernels. `isa` (local to its unit, see above) provides
-// max_rows, max_panels, panels_for(rows), k_block(rows) and tile<rows, panels>(t).
+// max_rows, max_panels, panels_for(rows), k_block(rows) and tile<rows, panels, welem>(t);
+// `welem` is the weight element type (float, bf16_bits or f16_bits).
 // Order: K blocks, then panel groups, then row tiles, so a group's K block of weights
 // stays in L1/L2 while every row tile streams past it. Between K blocks the chains are
 // parked in y as floats, which keeps each one a single sequential chain.
-template <class isa>
+template <class isa, class welem>
 void run_panel_tiles(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end) {
   constexpr std::size_t pw = packed_matrix::panel_width;
   const std::size_t num_rows = a.num_rows, k_total = a.k, n_total = a.n;
@@ -88,7 +103,7 @@ void run_panel_tiles(const gemm_args& a, std::size_t panel_begin, std::size_t pa
       const std::size_t last_col0 = (p + panels - 1) * pw;
       gemm_tile t{};
       t.x_stride = k_total;
-      t.w = a.w + (p * k_total + k0) * pw;
+      t.w = static_cast<const welem*>(a.w) + (p * k_total + k0) * pw;
       t.panel_stride = k_total * pw;
       t.k_count = k_count;
       t.y_stride = n_total;
@@ -98,9 +113,22 @@ void run_panel_tiles(const gemm_args& a, std::size_t panel_begin, std::size_t pa
         const std::size_t rows = num_rows - m < isa::max_rows ? num_rows - m : isa::max_rows;
         t.x = a.x + m * k_total + k0;
         t.y = a.y + m * n_total + p * pw;
-        dispatch_tile<isa>(rows, panels, t);
+        dispatch_tile<isa, welem>(rows, panels, t);
       }
     }
+  }
+}
+
+// run_panel_tiles for a.w_type.
+template <class isa>
+void run_panel_tiles_typed(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end) {
+  switch (a.w_type) {
+  case dtype::f32:
+    return run_panel_tiles<isa, float>(a, panel_begin, panel_end);
+  case dtype::bf16:
+    return run_panel_tiles<isa, bf16_bits>(a, panel_begin, panel_end);
+  case dtype::f16:
+    return run_panel_tiles<isa, f16_bits>(a, panel_begin, panel_end);
   }
 }
 

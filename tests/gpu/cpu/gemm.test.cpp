@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <span>
 #include <vector>
 
 namespace moert::cpu {
@@ -56,6 +57,33 @@ std::vector<float> run(gemm_kernel kernel, const std::vector<float>& x, std::siz
   return y;
 }
 
+// Random 16-bit weights of `type`. bf16: the top half of a random f32 in [-1, 1]. f16: random
+// sign and mantissa, exponents spanning subnormals to ±2^5, so the widening is tested on
+// every class of finite value.
+std::vector<std::uint16_t> random_half_bits(dtype type, std::size_t count, std::uint64_t seed) {
+  rng gen{seed};
+  std::vector<std::uint16_t> v(count);
+  for (auto& bits : v) {
+    if (type == dtype::bf16) {
+      float f = gen.uniform(-1.0f, 1.0f);
+      std::uint32_t u;
+      std::memcpy(&u, &f, sizeof u);
+      bits = std::uint16_t(u >> 16);
+    } else {
+      std::uint64_t r = gen.next_u64();
+      std::uint16_t exponent = std::uint16_t(r % 8 == 0 ? 0 : 5 + (r >> 3) % 16);  // 0 or 5..20
+      bits = std::uint16_t(((r >> 8) & 0x8000u) | (exponent << 10) | ((r >> 20) & 0x3ffu));
+    }
+  }
+  return v;
+}
+
+std::vector<float> upcast(dtype type, const std::vector<std::uint16_t>& bits) {
+  std::vector<float> out(bits.size());
+  convert_to_f32(type, bits.data(), bits.size(), out.data());
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE("packed_matrix::at returns the packed values", "[gemm]") {
@@ -65,16 +93,16 @@ TEST_CASE("packed_matrix::at returns the packed values", "[gemm]") {
     auto packed = packed_matrix::pack(w.data(), n, k);
     CHECK(packed.rows() == n);
     CHECK(packed.cols() == k);
+    CHECK(packed.type() == dtype::f32);
     CHECK(reinterpret_cast<std::uintptr_t>(packed.panel(0)) % 64 == 0);
     for (std::size_t r = 0; r < n; ++r)
       for (std::size_t c = 0; c < k; ++c)
         REQUIRE(packed.at(r, c) == w[r * k + c]);
     // Padding past N is zero, so padded lanes never produce NaN or overflow.
     std::size_t panels = packed.num_panels();
-    for (std::size_t c = n; c < panels * packed_matrix::panel_width; ++c)
+    for (std::size_t r = n; r < panels * packed_matrix::panel_width; ++r)
       for (std::size_t i = 0; i < k; ++i)
-        REQUIRE(packed.panel(panels - 1)[i * packed_matrix::panel_width +
-                                         c % packed_matrix::panel_width] == 0.0f);
+        REQUIRE(packed.at(r, i) == 0.0f);
   }
 }
 
@@ -176,6 +204,89 @@ TEST_CASE("an empty K gives zeros", "[gemm]") {
     for (float v : y)
       REQUIRE((v == 0.0f && !std::signbit(v)));
   }
+}
+
+}  // namespace moert::cpu
+
+namespace moert::cpu {
+
+TEST_CASE("16-bit weights stay 16-bit and give the bits of their f32 upcast", "[gemm][bf16]") {
+  thread_pool two{2}, three{3};
+  for (dtype type : {dtype::bf16, dtype::f16}) {
+    rng shapes{12};
+    for (int trial = 0; trial < 30; ++trial) {
+      std::size_t m = 1 + shapes.next_u64() % 40;
+      std::size_t n = 1 + shapes.next_u64() % 100;
+      std::size_t k = 1 + shapes.next_u64() % 700;
+      if (trial == 0)
+        k = 1;
+      if (trial == 1)
+        n = 16;
+      if (trial == 2)
+        k = 1500;  // more than one K block in the SIMD kernels
+      if (trial == 3)
+        m = 64;  // several row tiles
+      auto x = random_floats(m * k, 300 + trial);
+      auto bits = random_half_bits(type, n * k, 400 + trial);
+      auto wide = upcast(type, bits);
+      auto half = packed_matrix::pack(type, bits.data(), n, k);
+      auto full = packed_matrix::pack(wide.data(), n, k);
+      REQUIRE(half.type() == type);
+      REQUIRE(half.num_bytes() * 2 == full.num_bytes());
+      auto want = reference(x, wide, m, n, k);
+      for (gemm_kernel kernel : available_kernels()) {
+        INFO(safetensors_name(type) << " kernel " << to_string(kernel) << " m=" << m << " n=" << n
+                                    << " k=" << k);
+        auto got = run(kernel, x, m, half);
+        REQUIRE(same_bits(got.data(), want.data(), want.size()));
+        REQUIRE(same_bits(run(kernel, x, m, full).data(), want.data(), want.size()));
+        if (trial < 6) {
+          REQUIRE(same_bits(run(kernel, x, m, half, &two).data(), want.data(), want.size()));
+          REQUIRE(same_bits(run(kernel, x, m, half, &three).data(), want.data(), want.size()));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("a row's bits do not depend on its batch with 16-bit weights", "[gemm][bf16]") {
+  const std::size_t n = 200, k = 777, batch = 37;
+  auto x = random_floats(batch * k, 13);
+  for (dtype type : {dtype::bf16, dtype::f16}) {
+    auto bits = random_half_bits(type, n * k, 14);
+    auto packed = packed_matrix::pack(type, bits.data(), n, k);
+    for (gemm_kernel kernel : available_kernels()) {
+      INFO(safetensors_name(type) << " kernel " << to_string(kernel));
+      auto all = run(kernel, x, batch, packed);
+      for (std::size_t r = 0; r < batch; ++r) {
+        std::vector<float> row(x.begin() + r * k, x.begin() + (r + 1) * k);
+        REQUIRE(same_bits(run(kernel, row, 1, packed).data(), all.data() + r * n, n));
+      }
+    }
+  }
+}
+
+TEST_CASE("pack joins parts, reads strided sources and upcasts exactly", "[gemm][bf16]") {
+  const std::size_t k = 37, top = 21, bottom = 30;
+  auto a = random_half_bits(dtype::bf16, top * k, 15);
+  auto b = random_half_bits(dtype::bf16, k * bottom, 16);  // stored transposed: [k][bottom]
+  const matrix_part parts[] = {{a.data(), dtype::bf16, top, k, 1},
+                               {b.data(), dtype::bf16, bottom, 1, bottom}};
+  auto joined = packed_matrix::pack(dtype::bf16, k, parts);
+  auto widened = packed_matrix::pack(dtype::f32, k, parts);
+  REQUIRE(joined.rows() == top + bottom);
+  CHECK(joined.type() == dtype::bf16);
+  CHECK(widened.type() == dtype::f32);
+  for (std::size_t r = 0; r < top + bottom; ++r)
+    for (std::size_t c = 0; c < k; ++c) {
+      float want = r < top ? bf16_to_f32(a[r * k + c]) : bf16_to_f32(b[c * bottom + (r - top)]);
+      REQUIRE(joined.at(r, c) == want);
+      REQUIRE(widened.at(r, c) == want);
+    }
+  // Storing f32 weights as 16-bit would round them: refused rather than done silently.
+  std::vector<float> f(k);
+  const matrix_part narrow{f.data(), dtype::f32, 1, k};
+  CHECK_THROWS(packed_matrix::pack(dtype::bf16, k, std::span{&narrow, 1}));
 }
 
 }  // namespace moert::cpu

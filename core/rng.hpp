@@ -11,8 +11,17 @@ namespace moert {
 // SplitMix64 finaliser: a bijective 64-bit mix with good avalanche.
 std::uint64_t mix64(std::uint64_t x);
 
+// The inverse of mix64: unmix64(mix64(x)) == x.
+std::uint64_t unmix64(std::uint64_t x);
+
 // A uniform float in [0, 1) keyed by (seed, stream, counter), 24 random bits.
 float keyed_uniform(std::uint64_t seed, std::uint64_t stream, std::uint64_t counter);
+
+// The seed that makes stream `actual` draw what stream `wanted` draws under `seed`:
+// keyed_uniform(rekey_seed(seed, wanted, actual), actual, c) == keyed_uniform(seed, wanted, c)
+// for every counter c. The server keys a seeded request's draws by its seed alone while the
+// engine keys them by request id (ids must be unique, so they follow arrival order).
+std::uint64_t rekey_seed(std::uint64_t seed, std::uint64_t wanted, std::uint64_t actual);
 
 // A small deterministic generator for synthetic weights and tests. Not thread-safe.
 class rng {

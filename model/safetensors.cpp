@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <fstream>
@@ -344,7 +345,7 @@ const tensor_view* checkpoint::find(const std::string& name) const {
   return it == tensors_.end() ? nullptr : &it->second;
 }
 
-result<std::vector<float>> checkpoint::read_f32(
+result<const tensor_view*> checkpoint::view(
     const std::string& name, const std::vector<std::int64_t>& expected_shape) const {
   const tensor_view* view = find(name);
   if (view == nullptr)
@@ -354,11 +355,30 @@ result<std::vector<float>> checkpoint::read_f32(
     return bad_tensor(view->file, name,
                       "shape " + shape_string(view->shape) + ", expected " +
                           shape_string(expected_shape));
-  std::vector<float> out(view->num_elements);
+  return view;
+}
+
+result<std::vector<float>> checkpoint::read_f32(
+    const std::string& name, const std::vector<std::int64_t>& expected_shape) const {
+  auto found = view(name, expected_shape);
+  if (!found)
+    return found.err();
+  const tensor_view* v = *found;
+  std::vector<float> out(v->num_elements);
   // An empty vector's data() may be null, which memcpy must not see even for 0 bytes.
   if (!out.empty())
-    convert_to_f32(view->type, view->data, out.size(), out.data());
+    convert_to_f32(v->type, v->data, out.size(), out.data());
   return out;
+}
+
+void checkpoint::release(const tensor_view& view) const {
+  if (view.num_bytes == 0)
+    return;
+  static const std::uintptr_t page = std::uintptr_t(::sysconf(_SC_PAGESIZE));
+  auto begin = reinterpret_cast<std::uintptr_t>(view.data) & ~(page - 1);
+  auto end = (reinterpret_cast<std::uintptr_t>(view.data) + view.num_bytes + page - 1) & ~(page - 1);
+  // Failure only means the pages stay resident, so it is not an error.
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
 std::string shape_string(const std::vector<std::int64_t>& shape) {

@@ -52,10 +52,20 @@ public:
   const tensor_view* find(const std::string& name) const;
   const std::map<std::string, tensor_view>& tensors() const { return tensors_; }
 
-  // The tensor upcast to f32, after checking it exists and has exactly `expected_shape`.
+  // The tensor, after checking it exists and has exactly `expected_shape`.
   // Errors name the tensor, its file and both shapes.
+  result<const tensor_view*> view(const std::string& name,
+                                  const std::vector<std::int64_t>& expected_shape) const;
+
+  // The tensor upcast to f32, checked as by view().
   result<std::vector<float>> read_f32(const std::string& name,
                                       const std::vector<std::int64_t>& expected_shape) const;
+
+  // Drops this process's resident pages of `view`'s bytes (and of the pages it shares with
+  // neighbours), so a loader that has copied a tensor does not hold it twice. The bytes stay
+  // readable: the mapping is private and never written, so a later read faults them back in
+  // from the file. Only memory use changes.
+  void release(const tensor_view& view) const;
 
 private:
   checkpoint() = default;

@@ -3,23 +3,88 @@
 #include "core/rng.hpp"
 
 #include <cmath>
-#include <functional>
+#include <cstddef>
+#include <map>
 #include <set>
+#include <span>
 
 namespace moert::model {
 
 namespace {
 
 using shape_t = std::vector<std::int64_t>;
-// Produces the f32 values of one named tensor of the given shape.
-using tensor_source = std::function<result<std::vector<float>>(const std::string&, const shape_t&)>;
+
+// One tensor as stored: `count` little-endian elements of `type` at `data` (any alignment).
+struct stored_tensor {
+  dtype type = dtype::f32;
+  const void* data = nullptr;
+  std::size_t count = 0;
+};
+
+// Where the builder reads tensors. get() checks the shape; its bytes stay valid until
+// release(name), which tells the source the builder has copied them and will not read them
+// again (a checkpoint then drops the mapped pages, so the file and its packed copy are never
+// both resident).
+class tensor_source {
+public:
+  virtual ~tensor_source() = default;
+  virtual result<stored_tensor> get(const std::string& name, const shape_t& shape) = 0;
+  virtual void release(const std::string& name) = 0;
+};
+
+class checkpoint_source final : public tensor_source {
+public:
+  explicit checkpoint_source(const checkpoint& ck) : ck_(ck) {}
+  result<stored_tensor> get(const std::string& name, const shape_t& shape) override {
+    auto view = ck_.view(name, shape);
+    if (!view)
+      return view.err();
+    return stored_tensor{(*view)->type, (*view)->data, (*view)->num_elements};
+  }
+  void release(const std::string& name) override {
+    if (const tensor_view* view = ck_.find(name))
+      ck_.release(*view);
+  }
+
+private:
+  const checkpoint& ck_;
+};
+
+class synthetic_source final : public tensor_source {
+public:
+  explicit synthetic_source(std::uint64_t seed) : seed_(seed) {}
+  result<stored_tensor> get(const std::string& name, const shape_t& shape) override {
+    // Each tensor gets its own stream keyed by its name, so weights do not depend on
+    // the order tensors are built in.
+    std::uint64_t key = seed_;
+    for (char ch : name)
+      key = mix64(key ^ std::uint64_t(static_cast<unsigned char>(ch)));
+    rng gen{key};
+    std::size_t count = 1;
+    for (auto dim : shape)
+      count *= std::size_t(dim);
+    std::vector<float>& values = live_[name];
+    values.resize(count);
+    bool is_norm = shape.size() == 1 && name.find("norm") != std::string::npos;
+    bool is_embedding = name == "model.embed_tokens.weight";
+    float scale = is_embedding ? 1.0f : shape.size() == 2 ? 1.0f / std::sqrt(float(shape[1])) : 0.1f;
+    for (auto& v : values)
+      v = is_norm ? gen.uniform(0.8f, 1.2f) : gen.uniform(-scale, scale);
+    return stored_tensor{dtype::f32, values.data(), count};
+  }
+  void release(const std::string& name) override { live_.erase(name); }
+
+private:
+  std::uint64_t seed_;
+  std::map<std::string, std::vector<float>> live_;
+};
 
 // Builds the compute layout from any tensor source, so checkpoints and synthetic weights
 // share one path (and the synthetic default exercises the real naming and shapes).
 class builder {
 public:
-  builder(const model_config& config, tensor_source source)
-      : config_(config), source_(std::move(source)) {}
+  builder(const model_config& config, tensor_source& source, const load_options& options)
+      : config_(config), source_(source), options_(options) {}
 
   result<model_weights> build() {
     const model_config& c = config_;
@@ -30,32 +95,57 @@ public:
     for (std::int64_t i = 0; i < c.num_layers; ++i)
       MOERT_TRY(build_layer(i, out.layers[std::size_t(i)]));
     MOERT_TRY(fetch("model.norm.weight", {h}, out.final_norm));
-    if (c.tie_word_embeddings) {
-      out.lm_head = cpu::packed_matrix::pack(out.embedding.data(), std::size_t(c.vocab_size),
-                                             std::size_t(h));
-    } else {
-      MOERT_TRY(fetch_matrix("lm_head.weight", c.vocab_size, h, out.lm_head));
-    }
+    // Tied: packed again from the stored embedding, so lm_head keeps the stored type.
+    MOERT_TRY(fetch_matrix(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight",
+                           c.vocab_size, h, out.lm_head));
     return out;
   }
 
   const std::set<std::string>& used() const { return used_; }
 
 private:
+  result<stored_tensor> get(const std::string& name, const shape_t& shape) {
+    auto t = source_.get(name, shape);
+    if (t)
+      used_.insert(name);
+    return t;
+  }
+
+  // Vectors (norms, biases, the embedding table) are read as f32.
   status fetch(const std::string& name, const shape_t& shape, std::vector<float>& out) {
-    auto values = source_(name, shape);
-    if (!values)
-      return values.err();
-    used_.insert(name);
-    out = std::move(values.value());
+    auto t = get(name, shape);
+    if (!t)
+      return t.err();
+    out.resize(t->count);
+    if (t->count != 0)
+      convert_to_f32(t->type, t->data, t->count, out.data());
+    source_.release(name);
     return {};
   }
 
+  // The type a matrix made of these parts is held in: the parts' own when they agree and
+  // the options allow it, f32 otherwise (widening is exact, so the bits of results are the
+  // same either way; only the bytes held and streamed differ).
+  dtype storage_type(std::span<const cpu::matrix_part> parts, bool keep_stored) const {
+    if (!keep_stored || options_.upcast_to_f32 || parts.empty())
+      return dtype::f32;
+    for (const auto& part : parts)
+      if (part.type != parts.front().type)
+        return dtype::f32;
+    return parts.front().type;
+  }
+
+  // `keep_stored` false holds the matrix in f32 whatever the checkpoint stores: the router
+  // and the shared-expert gate, which are tiny and whose precision stays as it always was.
   status fetch_matrix(const std::string& name, std::int64_t rows, std::int64_t cols,
-                      cpu::packed_matrix& out) {
-    std::vector<float> values;
-    MOERT_TRY(fetch(name, {rows, cols}, values));
-    out = cpu::packed_matrix::pack(values.data(), std::size_t(rows), std::size_t(cols));
+                      cpu::packed_matrix& out, bool keep_stored = true) {
+    auto t = get(name, {rows, cols});
+    if (!t)
+      return t.err();
+    const cpu::matrix_part part{t->data, t->type, std::size_t(rows), std::size_t(cols)};
+    out = cpu::packed_matrix::pack(storage_type(std::span{&part, 1}, keep_stored), std::size_t(cols),
+                                   std::span{&part, 1});
+    source_.release(name);
     return {};
   }
 
@@ -67,18 +157,26 @@ private:
     return {};
   }
 
-  // gate/up/down under `prefix` with the given projection names.
+  // gate/up/down under `prefix` with the given projection names; gate and up are packed
+  // straight from their stored bytes into one matrix.
   status fetch_mlp(const std::string& prefix, std::int64_t intermediate, const char* gate_name,
                    const char* up_name, const char* down_name, mlp_weights& out) {
     std::int64_t h = config_.hidden_size;
-    std::vector<float> gate, up, down;
-    MOERT_TRY(fetch(prefix + "." + gate_name + ".weight", {intermediate, h}, gate));
-    MOERT_TRY(fetch(prefix + "." + up_name + ".weight", {intermediate, h}, up));
-    MOERT_TRY(fetch(prefix + "." + down_name + ".weight", {h, intermediate}, down));
-    gate.insert(gate.end(), up.begin(), up.end());
-    out.gate_up = cpu::packed_matrix::pack(gate.data(), std::size_t(2 * intermediate), std::size_t(h));
-    out.down = cpu::packed_matrix::pack(down.data(), std::size_t(h), std::size_t(intermediate));
-    return {};
+    const std::string gate_key = prefix + "." + gate_name + ".weight";
+    const std::string up_key = prefix + "." + up_name + ".weight";
+    auto gate = get(gate_key, {intermediate, h});
+    if (!gate)
+      return gate.err();
+    auto up = get(up_key, {intermediate, h});
+    if (!up)
+      return up.err();
+    const auto rows = std::size_t(intermediate), cols = std::size_t(h);
+    const cpu::matrix_part parts[] = {{gate->data, gate->type, rows, cols},
+                                      {up->data, up->type, rows, cols}};
+    out.gate_up = cpu::packed_matrix::pack(storage_type(parts, true), cols, parts);
+    source_.release(gate_key);
+    source_.release(up_key);
+    return fetch_matrix(prefix + "." + down_name + ".weight", h, intermediate, out.down);
   }
 
   status build_layer(std::int64_t idx, layer_weights& layer) {
@@ -109,7 +207,7 @@ private:
 
     bool mixtral = c.arch == architecture::mixtral;
     std::string mp = p + (mixtral ? ".block_sparse_moe" : ".mlp");
-    MOERT_TRY(fetch_matrix(mp + ".gate.weight", c.num_experts, h, layer.router));
+    MOERT_TRY(fetch_matrix(mp + ".gate.weight", c.num_experts, h, layer.router, false));
     layer.experts.resize(std::size_t(c.num_experts));
     for (std::int64_t e = 0; e < c.num_experts; ++e) {
       std::string ep = mp + ".experts." + std::to_string(e);
@@ -124,7 +222,7 @@ private:
                           c.shared_expert_intermediate_size, "gate_proj", "up_proj", "down_proj",
                           layer.shared_expert));
     if (c.shared_expert_gated)
-      MOERT_TRY(fetch_matrix(mp + ".shared_expert_gate.weight", 1, h, layer.shared_expert_gate));
+      MOERT_TRY(fetch_matrix(mp + ".shared_expert_gate.weight", 1, h, layer.shared_expert_gate, false));
     return {};
   }
 
@@ -146,31 +244,37 @@ private:
     // kv_b_proj rows, per head: qk_nope_head_dim of W_UK, then v_head_dim of W_UV.
     std::size_t rank = std::size_t(c.kv_lora_rank), nope = std::size_t(c.qk_nope_head_dim);
     std::size_t v_dim = std::size_t(c.v_head_dim);
-    std::vector<float> kv_b, k_t(rank * nope);
-    MOERT_TRY(fetch(ap + ".kv_b_proj.weight", {c.num_heads * std::int64_t(nope + v_dim), c.kv_lora_rank},
-                    kv_b));
+    const std::string kv_b_key = ap + ".kv_b_proj.weight";
+    auto kv_b = get(kv_b_key, {c.num_heads * std::int64_t(nope + v_dim), c.kv_lora_rank});
+    if (!kv_b)
+      return kv_b.err();
+    const std::size_t elem = size_of(kv_b->type);
     for (std::size_t head = 0; head < std::size_t(c.num_heads); ++head) {
-      const float* w_uk = kv_b.data() + head * (nope + v_dim) * rank;
-      for (std::size_t d = 0; d < nope; ++d)
-        for (std::size_t j = 0; j < rank; ++j)
-          k_t[j * nope + d] = w_uk[d * rank + j];
-      a.k_absorb.push_back(cpu::packed_matrix::pack(k_t.data(), rank, nope));
-      a.v_up.push_back(cpu::packed_matrix::pack(w_uk + nope * rank, v_dim, rank));
+      const auto* w_uk = static_cast<const std::byte*>(kv_b->data) + head * (nope + v_dim) * rank * elem;
+      // k_absorb = W_UKᵀ: row j (a latent dimension) reads column j of W_UK.
+      const cpu::matrix_part k_t{w_uk, kv_b->type, rank, 1, rank};
+      a.k_absorb.push_back(cpu::packed_matrix::pack(storage_type(std::span{&k_t, 1}, true), nope,
+                                                    std::span{&k_t, 1}));
+      const cpu::matrix_part w_uv{w_uk + nope * rank * elem, kv_b->type, v_dim, rank};
+      a.v_up.push_back(cpu::packed_matrix::pack(storage_type(std::span{&w_uv, 1}, true), rank,
+                                                std::span{&w_uv, 1}));
     }
+    source_.release(kv_b_key);
     return {};
   }
 
   const model_config& config_;
-  tensor_source source_;
+  tensor_source& source_;
+  const load_options& options_;
   std::set<std::string> used_;
 };
 
 }  // namespace
 
-result<model_weights> load_weights(const model_config& config, const checkpoint& source) {
-  builder b{config, [&](const std::string& name, const shape_t& shape) {
-              return source.read_f32(name, shape);
-            }};
+result<model_weights> load_weights(const model_config& config, const checkpoint& source,
+                                   const load_options& options) {
+  checkpoint_source src{source};
+  builder b{config, src, options};
   auto weights = b.build();
   if (!weights)
     return weights.err();
@@ -180,41 +284,70 @@ result<model_weights> load_weights(const model_config& config, const checkpoint&
   return weights;
 }
 
-result<loaded_checkpoint> load_checkpoint(const std::filesystem::path& dir) {
+result<loaded_checkpoint> load_checkpoint(const std::filesystem::path& dir, const load_options& options) {
   auto config = load_config(dir);
   if (!config)
     return config.err();
   auto source = checkpoint::open(dir);
   if (!source)
     return source.err();
-  auto weights = load_weights(*config, *source);
+  auto weights = load_weights(*config, *source, options);
   if (!weights)
     return weights.err();
   return loaded_checkpoint{std::move(config.value()), std::move(weights.value())};
 }
 
 model_weights synthetic_weights(const model_config& config, std::uint64_t seed) {
-  builder b{config, [seed](const std::string& name, const shape_t& shape) -> result<std::vector<float>> {
-              // Each tensor gets its own stream keyed by its name, so weights do not depend on
-              // the order tensors are built in.
-              std::uint64_t key = seed;
-              for (char ch : name)
-                key = mix64(key ^ std::uint64_t(static_cast<unsigned char>(ch)));
-              rng gen{key};
-              std::size_t count = 1;
-              for (auto dim : shape)
-                count *= std::size_t(dim);
-              std::vector<float> values(count);
-              bool is_norm = shape.size() == 1 && name.find("norm") != std::string::npos;
-              bool is_embedding = name == "model.embed_tokens.weight";
-              float scale = is_embedding ? 1.0f
-                            : shape.size() == 2 ? 1.0f / std::sqrt(float(shape[1]))
-                                                : 0.1f;
-              for (auto& v : values)
-                v = is_norm ? gen.uniform(0.8f, 1.2f) : gen.uniform(-scale, scale);
-              return values;
-            }};
+  synthetic_source src{seed};
+  const load_options options;
+  builder b{config, src, options};
   return std::move(b.build().value());
+}
+
+namespace {
+
+void count(const cpu::packed_matrix& m, weight_bytes& out) {
+  (m.type() == dtype::f32 ? out.f32 : m.type() == dtype::bf16 ? out.bf16 : out.f16) += m.num_bytes();
+}
+void count(const std::vector<float>& v, weight_bytes& out) {
+  out.f32 += v.size() * sizeof(float);
+}
+void count(const mlp_weights& m, weight_bytes& out) {
+  count(m.gate_up, out);
+  count(m.down, out);
+}
+void count(const linear_weights& l, weight_bytes& out) {
+  count(l.weight, out);
+  count(l.bias, out);
+}
+
+}  // namespace
+
+weight_bytes resident_bytes(const model_weights& w) {
+  weight_bytes out;
+  count(w.embedding, out);
+  count(w.final_norm, out);
+  count(w.lm_head, out);
+  for (const auto& layer : w.layers) {
+    count(layer.input_norm, out);
+    count(layer.post_attention_norm, out);
+    const auto& a = layer.attention;
+    for (const auto* l : {&a.q, &a.k, &a.v, &a.o, &a.q_a, &a.q_b, &a.kv_a})
+      count(*l, out);
+    for (const auto* v : {&a.q_norm, &a.k_norm, &a.q_a_norm, &a.kv_a_norm})
+      count(*v, out);
+    for (const auto& m : a.k_absorb)
+      count(m, out);
+    for (const auto& m : a.v_up)
+      count(m, out);
+    count(layer.router, out);
+    for (const auto& e : layer.experts)
+      count(e, out);
+    count(layer.shared_expert, out);
+    count(layer.shared_expert_gate, out);
+    count(layer.dense_mlp, out);
+  }
+  return out;
 }
 
 }  // namespace moert::model

@@ -1,8 +1,12 @@
 #pragma once
 
-// The weights of one model in compute layout: f32, linear layers packed for the
-// batch-invariant matmul (gpu/cpu/gemm.hpp), an expert's gate and up projections fused
-// into one matrix so a single pass produces both.
+// The weights of one model in compute layout: linear layers packed for the batch-invariant
+// matmul (gpu/cpu/gemm.hpp) in the checkpoint's own type (f32, bf16 or f16: the kernels widen
+// 16-bit weights in registers, exactly, so results are the bits of the f32 upcast), an
+// expert's gate and up projections fused into one matrix so a single pass produces both.
+// Vectors (norms, biases), the embedding table, the router and the shared-expert gate are
+// f32. Loading packs tensor by tensor and drops each one's mapped pages once copied, so the
+// checkpoint file and its packed copy are never both resident.
 //
 // Ownership: model_weights owns every buffer; it is immutable once loaded and may be read
 // from any thread.
@@ -66,16 +70,34 @@ struct model_weights {
   std::vector<std::string> unexpected_tensors;
 };
 
+struct load_options {
+  // Hold every matrix as f32 (what the loader did before 16-bit weights were kept): twice
+  // the bytes of a bf16 checkpoint, the same output bits. For tests and comparisons.
+  bool upcast_to_f32 = false;
+};
+
 // Loads and validates every tensor the architecture needs: each must be present with the
 // expected shape (errors name the tensor and file). Unused tensors are listed, not fatal.
-result<model_weights> load_weights(const model_config& config, const checkpoint& source);
+// Drops the resident pages of each tensor of `source` once it is copied (checkpoint::release).
+result<model_weights> load_weights(const model_config& config, const checkpoint& source,
+                                   const load_options& options = {});
 
 // A Hugging Face checkpoint directory read whole: config.json, then every weight it needs.
 struct loaded_checkpoint {
   model_config config;
   model_weights weights;
 };
-result<loaded_checkpoint> load_checkpoint(const std::filesystem::path& dir);
+result<loaded_checkpoint> load_checkpoint(const std::filesystem::path& dir,
+                                          const load_options& options = {});
+
+// Bytes of weights held in memory, by the type they are held in.
+struct weight_bytes {
+  std::size_t f32 = 0;
+  std::size_t bf16 = 0;
+  std::size_t f16 = 0;
+  std::size_t total() const { return f32 + bf16 + f16; }
+};
+weight_bytes resident_bytes(const model_weights& weights);
 
 // Seeded random weights for `config` (uniform, scaled by 1/sqrt(fan_in); norms near 1).
 // The same (config, seed) always gives the same bits.

@@ -34,17 +34,29 @@ public:
 
   std::size_t vocab_size() const;                 // including added tokens
   std::optional<std::int32_t> token_to_id(std::string_view token) const;
+  // The token's text as the vocabulary spells it (added tokens first); nullopt for an id
+  // that names no token.
+  std::optional<std::string> id_to_token(std::int32_t id) const;
+  bool is_special(std::int32_t id) const;          // an added token marked special
   std::optional<std::int32_t> bos_id() const;
   std::optional<std::int32_t> eos_id() const;      // tokenizer_config.json's eos_token
   std::string bos_token() const;                   // "" when none
   std::string eos_token() const;
   const chat_template& chat() const;
+  // The variables transformers hands a chat template besides messages: bos_token, eos_token,
+  // unk_token, pad_token and additional_special_tokens where tokenizer_config.json sets them,
+  // tools and documents as null.
+  const nlohmann::json& chat_variables() const;
+  // chat().render(messages, add_generation_prompt, chat_variables()).
+  result<std::string> apply_chat_template(const nlohmann::json& messages,
+                                          bool add_generation_prompt) const;
 
   ~tokenizer();
   struct impl;
   explicit tokenizer(std::unique_ptr<impl> state);
 
 private:
+  friend class decode_stream;
   std::unique_ptr<impl> impl_;
 };
 

@@ -68,6 +68,8 @@ struct ucx_channel::impl {
     impl* owner;
     peer_id peer;
   };
+  static constexpr std::chrono::microseconds spin_window{200};
+  clock::time_point last_progress;                      // channel thread only
   std::list<operation> ops;                             // channel thread only
   std::list<endpoint_error_context> error_contexts;     // channel thread only; stable addresses
   std::unordered_map<peer_id, std::string> failed_peers;  // channel thread only
@@ -240,11 +242,21 @@ struct ucx_channel::impl {
       }
       for (auto& command : batch)
         command();
-      while (ucp_worker_progress(worker) != 0) {
-      }
+      bool progressed = false;
+      while (ucp_worker_progress(worker) != 0)
+        progressed = true;
+      if (progressed)
+        last_progress = clock::now();
       auto wait = sweep();
       if (stop)
         break;
+      // Shared memory raises no wake-up for every protocol step (a rendezvous needs several
+      // progress calls on both sides), so while transfers are pending the thread polls for
+      // a short while before it sleeps: the core is spent only when bytes are moving.
+      if (!ops.empty() && clock::now() - last_progress < spin_window) {
+        std::this_thread::yield();
+        continue;
+      }
       auto armed = ucp_worker_arm(worker);
       if (armed == UCS_ERR_BUSY)
         continue;

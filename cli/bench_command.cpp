@@ -2,6 +2,7 @@
 
 #include "core/rng.hpp"
 #include "engine/engine.hpp"
+#include "engine_options.hpp"
 #include "gpu/cpu/gemm.hpp"
 #include "policy/findep.hpp"
 #include "policy/replan.hpp"
@@ -13,8 +14,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -36,6 +39,9 @@ struct bench_options {
   // Reproduction 4 of issue [C]: FinDEP ÷ PPPipe measured vs predicted on a shared-expert model.
   std::string findep_check_testbed;
   std::size_t check_sequences = 8, check_seq_len = 64;
+  // --model: llama-bench's three figures on a checkpoint.
+  std::string model_dir;
+  std::size_t pp_tokens = 256, tg_tokens = 64, tg_batch = 16, tg_prompt = 16, reference_threads = 2;
 };
 
 struct workload {
@@ -239,7 +245,195 @@ int run_findep_check(const bench_options& o) {
   return 0;
 }
 
+// -- moert bench --model: llama-bench's figures on a checkpoint --------------------------
+
+// One run's figures; a figure a run does not measure is 0.
+struct llama_figures {
+  double prompt = 0;  // prompt tokens/s of one pp_tokens-long prompt
+  double decode = 0;  // generated tokens/s once every sequence has its first token
+};
+
+std::vector<std::vector<std::int32_t>> random_prompts(std::size_t count, std::size_t length, std::int64_t vocab,
+                                                      std::uint64_t seed) {
+  rng gen{seed};
+  std::vector<std::vector<std::int32_t>> prompts(count, std::vector<std::int32_t>(length));
+  for (auto& p : prompts)
+    for (auto& t : p)
+      t = std::int32_t(gen.next_u64() % std::uint64_t(vocab));
+  return prompts;
+}
+
+// The reference forward's own step timings: the first step is the prefill of every prompt,
+// each later step one decode token per sequence.
+llama_figures reference_run(model::reference_model& m, const std::vector<std::vector<std::int32_t>>& prompts,
+                            std::size_t new_tokens) {
+  std::vector<model::generation_request> requests;
+  for (std::size_t i = 0; i < prompts.size(); ++i)
+    requests.push_back({i + 1, prompts[i], new_tokens, {}});
+  model::generation_stats stats;
+  auto out = model::generate(m, requests, model::decode_mode::kv_cache, &stats);
+  if (!out)
+    throw std::runtime_error(out.err().what());
+  return {double(stats.prompt_tokens) / std::max(stats.prefill_seconds, 1e-9),
+          stats.decode_tokens == 0 ? 0.0 : double(stats.decode_tokens) / std::max(stats.decode_seconds, 1e-9)};
+}
+
+// The engine timed by when its tokens arrive: prompt rate = prompt tokens ÷ (submit → last
+// first token); decode rate = tokens that arrive after every sequence has its first token ÷
+// the time from then to the last token. Engine start-up is not counted.
+llama_figures engine_run(const EngineConfig& config, const std::vector<std::vector<std::int32_t>>& prompts,
+                         std::size_t new_tokens) {
+  using clock = std::chrono::steady_clock;
+  auto engine = Engine::create(config);
+  if (!engine)
+    throw std::runtime_error(engine.err().what());
+  std::mutex mutex;
+  std::vector<std::vector<clock::time_point>> arrivals(prompts.size());
+  const auto start = clock::now();
+  std::vector<std::shared_ptr<TokenStream>> streams;
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    Request r;
+    r.prompt = prompts[i];
+    r.max_new_tokens = new_tokens;
+    r.ignore_eos = true;  // exactly new_tokens each, like llama-bench
+    streams.push_back((*engine)->submit(std::move(r), [&mutex, &arrivals, i](const TokenEvent& event) {
+      if (event.token < 0)
+        return;
+      auto now = clock::now();
+      std::lock_guard lock{mutex};
+      arrivals[i].push_back(now);
+    }));
+  }
+  for (auto& s : streams)
+    if (auto out = s->wait(); !out)
+      throw std::runtime_error(out.err().what());
+  (*engine)->shutdown();
+  std::size_t prompt_tokens = 0;
+  clock::time_point all_first = start, end = start;
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    if (arrivals[i].empty())
+      throw std::runtime_error("bench: a request ended without tokens");
+    prompt_tokens += prompts[i].size();
+    all_first = std::max(all_first, arrivals[i].front());
+    end = std::max(end, arrivals[i].back());
+  }
+  std::size_t decoded = 0;
+  for (const auto& times : arrivals)
+    decoded += std::size_t(std::count_if(times.begin(), times.end(), [&](auto t) { return t > all_first; }));
+  auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
+  return {double(prompt_tokens) / std::max(seconds(all_first - start), 1e-9),
+          decoded == 0 ? 0.0 : double(decoded) / std::max(seconds(end - all_first), 1e-9)};
+}
+
+figure summarize_values(std::vector<double> values) {
+  std::vector<sample> runs;
+  for (double v : values)
+    runs.push_back({v, {}});
+  return summarize(std::move(runs));
+}
+
+int run_model_bench(const bench_options& o) {
+  std::error_code ec;
+  std::uintmax_t file_bytes = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(o.model_dir, ec))
+    if (entry.path().extension() == ".safetensors")
+      file_bytes += entry.file_size(ec);
+  auto load_start = std::chrono::steady_clock::now();
+  auto loaded = model::load_checkpoint(o.model_dir);
+  if (!loaded) {
+    std::fprintf(stderr, "moert: error: %s\n", loaded.err().what().c_str());
+    return 1;
+  }
+  double load_s = seconds_since(load_start);
+  const model::model_config config = loaded->config;
+  model::weight_bytes held = model::resident_bytes(loaded->weights);
+  auto weights = std::make_shared<const model::model_weights>(std::move(loaded->weights));
+
+  // The engine's default: what `moert generate --model DIR` runs without placement flags.
+  auto defaults = make_engine_config(engine_options{}, "", 1);
+  if (!defaults) {
+    std::fprintf(stderr, "moert: error: %s\n", defaults.err().what().c_str());
+    return 1;
+  }
+  EngineConfig engine_config = std::move(defaults.value());
+  engine_config.weights = weights;
+  engine_config.weights_config = config;
+
+  auto mib = [](double bytes) { return bytes / double(1 << 20); };
+  std::printf("# moert bench --model %s: %s, %lld layers, hidden %lld, %lld experts top-%lld, vocab %lld\n",
+              o.model_dir.c_str(), std::string{to_string(config.arch)}.c_str(), (long long)config.num_layers,
+              (long long)config.hidden_size, (long long)config.num_experts, (long long)config.num_experts_per_tok,
+              (long long)config.vocab_size);
+  std::printf("# weights: %.1f MiB of safetensors; held %.1f MiB (f32 %.1f, bf16 %.1f, f16 %.1f); loaded in %.2f s; "
+              "matmul kernel %s\n",
+              mib(double(file_bytes)), mib(double(held.total())), mib(double(held.f32)), mib(double(held.bf16)),
+              mib(double(held.f16)), load_s, cpu::matmul_kernel_name());
+  std::printf("# figures (llama-bench's): prompt %zu = one %zu-token prompt, prompt tokens/s; decode at 1 and at %zu "
+              "sequences = %zu new tokens after a %zu-token prompt each, tokens/s once every sequence has its first "
+              "token; median (min-max) of %zu runs, modes interleaved\n",
+              o.pp_tokens, o.pp_tokens, o.tg_batch, o.tg_tokens, o.tg_prompt, o.reps);
+  std::printf("# engine default: %zu attention + %zu expert devices, %zu threads each, plan r1 %zu r2 %zu %s, "
+              "scheduler %s; reference forward: %zu threads\n",
+              engine_config.attention_devices, engine_config.expert_devices, engine_config.threads_per_device,
+              engine_config.plan.r1, engine_config.plan.r2, std::string{policy::to_string(engine_config.plan.order)}.c_str(),
+              std::string{to_string(engine_config.scheduler)}.c_str(), o.reference_threads);
+  std::printf("# reproduce: moert bench --model %s --reps %zu --pp %zu --tg %zu --tg-batch %zu --tg-prompt %zu "
+              "--reference-threads %zu\n",
+              o.model_dir.c_str(), o.reps, o.pp_tokens, o.tg_tokens, o.tg_batch, o.tg_prompt, o.reference_threads);
+  std::fflush(stdout);
+
+  model::reference_model reference{config, weights, o.reference_threads};
+  auto pp_prompt = random_prompts(1, o.pp_tokens, config.vocab_size, 1);
+  auto tg1_prompts = random_prompts(1, o.tg_prompt, config.vocab_size, 2);
+  auto tgn_prompts = random_prompts(o.tg_batch, o.tg_prompt, config.vocab_size, 3);
+  // [mode][figure]: mode 0 reference, 1 engine; figure 0 prompt, 1 decode at 1, 2 decode at tg_batch.
+  std::vector<double> runs[2][3];
+  for (std::size_t r = 0; r < o.reps; ++r)
+    for (int mode = 0; mode < 2; ++mode) {
+      auto run = [&](const std::vector<std::vector<std::int32_t>>& prompts, std::size_t n) {
+        return mode == 0 ? reference_run(reference, prompts, n) : engine_run(engine_config, prompts, n);
+      };
+      runs[mode][0].push_back(run(pp_prompt, 1).prompt);
+      runs[mode][1].push_back(run(tg1_prompts, o.tg_tokens + 1).decode);
+      runs[mode][2].push_back(run(tgn_prompts, o.tg_tokens + 1).decode);
+    }
+
+  const char* names[2] = {"reference forward", "engine, default placement"};
+  char heads[3][48];
+  std::snprintf(heads[0], sizeof heads[0], "prompt %zu", o.pp_tokens);
+  std::snprintf(heads[1], sizeof heads[1], "decode, 1 sequence");
+  std::snprintf(heads[2], sizeof heads[2], "decode, %zu sequences", o.tg_batch);
+  std::printf("\n| %-36s | %-26s | %-26s | %-26s |\n", "tokens/s", heads[0], heads[1], heads[2]);
+  std::printf("|--------------------------------------|----------------------------|----------------------------|"
+              "----------------------------|\n");
+  figure f[2][3];
+  nlohmann::json json_rows = nlohmann::json::array();
+  for (int mode = 0; mode < 2; ++mode) {
+    std::string name = std::string{names[mode]} +
+                       (mode == 0 ? ", " + std::to_string(o.reference_threads) + " threads" : std::string{});
+    std::printf("| %-36s |", name.c_str());
+    for (int k = 0; k < 3; ++k) {
+      f[mode][k] = summarize_values(runs[mode][k]);
+      std::printf(" %8.1f (%7.1f-%7.1f) |", f[mode][k].median, f[mode][k].low, f[mode][k].high);
+      json_rows.push_back({{"configuration", name}, {"figure", heads[k]}, {"tokens_per_s", f[mode][k].median},
+                           {"min", f[mode][k].low}, {"max", f[mode][k].high}});
+    }
+    std::printf("\n");
+  }
+  std::printf("| %-36s |", "engine / reference (goal >= 0.95)");
+  for (int k = 0; k < 3; ++k)
+    std::printf(" %26.3f |", f[1][k].median / std::max(f[0][k].median, 1e-9));
+  std::printf("\n");
+  if (!o.json_file.empty()) {
+    std::ofstream out{o.json_file};
+    out << json_rows.dump(2) << "\n";
+  }
+  return 0;
+}
+
 int run_bench(const bench_options& o) {
+  if (!o.model_dir.empty())
+    return run_model_bench(o);
   if (!o.findep_check_testbed.empty())
     return run_findep_check(o);
   auto config = model::parse_config(config_json(o), "bench model");
@@ -368,6 +562,17 @@ command_runner add_bench_command(CLI::App& app) {
                   "Instead: FinDEP / PPPipe measured vs predicted from this testbed (e.g. cpu)");
   sub->add_option("--check-sequences", o->check_sequences)->check(CLI::Range(1, 4096));
   sub->add_option("--check-seq-len", o->check_seq_len)->check(CLI::Range(1, 1 << 16));
+  sub->add_option("--model", o->model_dir,
+                  "Instead: llama-bench's figures (prompt, decode at 1 and at --tg-batch sequences) on this "
+                  "checkpoint, engine default vs reference forward");
+  sub->add_option("--pp", o->pp_tokens, "With --model: prompt tokens of the prompt figure")->check(CLI::Range(1, 1 << 16));
+  sub->add_option("--tg", o->tg_tokens, "With --model: decode tokens timed per sequence")->check(CLI::Range(1, 1 << 16));
+  sub->add_option("--tg-batch", o->tg_batch, "With --model: sequences of the batched decode figure")
+      ->check(CLI::Range(1, 4096));
+  sub->add_option("--tg-prompt", o->tg_prompt, "With --model: prompt tokens before the decode figures")
+      ->check(CLI::Range(1, 1 << 16));
+  sub->add_option("--reference-threads", o->reference_threads, "With --model: threads of the reference forward")
+      ->check(CLI::Range(1, 256));
   return [o] {
     if (o->top_k > o->experts || o->prefill_sequences > o->prefill_tokens) {
       std::fprintf(stderr, "moert: error: inconsistent bench shape (top-k <= experts, prefill-sequences <= prefill)\n");

@@ -1,6 +1,7 @@
 #include "bench_command.hpp"
 #include "commands.hpp"
 #include "policy_commands.hpp"
+#include "serve_command.hpp"
 
 #include <cstdio>
 #include <exception>
@@ -22,6 +23,7 @@ int main(int argc, char** argv) {
   add(moert::cli::add_solve_command);
   add(moert::cli::add_simulate_command);
   add(moert::cli::add_calibrate_command);
+  add(moert::cli::add_serve_command);
   CLI11_PARSE(app, argc, argv);
   try {
     for (auto& [sub, run] : commands)

@@ -381,6 +381,16 @@ int run_inspect(const std::string& model_dir) {
   line("active/token", p.active_per_token(c));
   for (const auto& [type, slot] : stored)
     std::printf("stored %-9s %16zu tensors %s\n", type.c_str(), slot.first, human_bytes(double(slot.second)).c_str());
+  if (!model_dir.empty()) {
+    // What the loader holds: 16-bit matrices stay 16-bit; vectors, embedding and router are f32.
+    auto loaded = model::load_checkpoint(model_dir);
+    if (!loaded)
+      return fail(loaded.err());
+    model::weight_bytes held = model::resident_bytes(loaded->weights);
+    std::printf("resident weights %s (f32 %s, bf16 %s, f16 %s)\n", human_bytes(double(held.total())).c_str(),
+                human_bytes(double(held.f32)).c_str(), human_bytes(double(held.bf16)).c_str(),
+                human_bytes(double(held.f16)).c_str());
+  }
   std::int64_t kv = c.kv_bytes_per_token_per_layer();
   std::printf("\nKV cache (f32): %lld bytes per token per layer, %s per token, %s per 4096-token sequence\n",
               (long long)kv, human_bytes(double(kv * c.num_layers)).c_str(),

@@ -3,10 +3,39 @@
 #include "model/sampler.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <numeric>
 
 namespace moert::actors {
 
 namespace {
+
+// Log-softmax of the drawn token and of the `top` best tokens (highest logit first, the lower
+// id first on a tie), over one row of logits. Only for sequences that asked: a full pass over
+// the vocabulary, in double so the normaliser does not depend on the summation's rounding.
+token_logprobs log_softmax_of(std::span<const float> logits, std::int32_t token, std::size_t top) {
+  float max = *std::max_element(logits.begin(), logits.end());
+  double sum = 0.0;
+  for (float v : logits)
+    sum += std::exp(double(v) - double(max));
+  double log_norm = double(max) + std::log(sum);
+  token_logprobs out;
+  out.logprob = float(double(logits[std::size_t(token)]) - log_norm);
+  top = std::min(top, logits.size());
+  if (top > 0) {
+    std::vector<std::int32_t> ids(logits.size());
+    std::iota(ids.begin(), ids.end(), 0);
+    std::partial_sort(ids.begin(), ids.begin() + std::ptrdiff_t(top), ids.end(), [&](std::int32_t a, std::int32_t b) {
+      float la = logits[std::size_t(a)], lb = logits[std::size_t(b)];
+      return la > lb || (la == lb && a < b);
+    });
+    for (std::size_t i = 0; i < top; ++i) {
+      out.top_tokens.push_back(ids[i]);
+      out.top_logprobs.push_back(float(double(logits[std::size_t(ids[i])]) - log_norm));
+    }
+  }
+  return out;
+}
 
 // Completions posted by the shard's own device tasks.
 using attention_done_atom = caf::atom_constant<caf::atom("attn_done")>;
@@ -54,9 +83,9 @@ caf::behavior attention_shard::make_behavior() {
         on_side_done(mb);
     },
     [this](final_done_atom, std::uint64_t step, std::uint32_t mb, std::vector<std::int32_t>& tokens,
-           std::vector<std::vector<float>>& logits) {
+           std::vector<std::vector<float>>& logits, std::vector<token_logprobs>& logprobs) {
       if (step == step_)
-        on_final_done(mb, std::move(tokens), std::move(logits));
+        on_final_done(mb, std::move(tokens), std::move(logits), std::move(logprobs));
     },
     [this](expert_outputs& out) { on_expert_outputs(out); },
   };
@@ -79,12 +108,11 @@ void attention_shard::cancel(std::uint64_t request_id) {
     send(this, step_atom::value);
 }
 
-void attention_shard::finish_request(std::uint64_t id, const std::string& error) {
+void attention_shard::finish_request(std::uint64_t id, token_event last) {
   auto it = sequences_.find(id);
-  const admit_request& req = it->second.request;
-  if (!error.empty() && req.sink)
-    (*req.sink)(token_event{id, -1, it->second.generated.size(), true, {}, {}, error});
-  send(ingress_, done_atom::value, id, std::uint64_t(req.kv_tokens()));
+  admit_request& req = it->second.request;
+  last.admitted = req.admitted;
+  send(ingress_, request_ended{id, std::uint64_t(req.kv_tokens()), std::move(last), std::move(req.sink)});
   sequences_.erase(it);
   order_.erase(std::find(order_.begin(), order_.end(), id));
 }
@@ -98,7 +126,8 @@ void attention_shard::start_step() {
     if (sequences_.at(id).cancelled)
       cancelled.push_back(id);
   for (std::uint64_t id : cancelled)
-    finish_request(id, "cancelled");
+    finish_request(id, end_event(id, sequences_.at(id).generated.size(), finish_reason::cancelled,
+                                 request_error::none, {}));
   if (order_.empty())
     return;
 
@@ -324,6 +353,9 @@ void attention_shard::run_final(std::size_t mb_idx) {
   std::vector<std::uint64_t> ids;
   std::vector<std::size_t> positions;
   std::vector<std::pair<std::size_t, std::size_t>> row_ranges;  // rows whose logits are needed
+  // Per sequence: 0 nothing asked, else 1 + the number of top log-probs (computed on the device).
+  std::vector<std::size_t> logprobs_asked;
+  std::vector<bool> keep_logits;  // the client gets logits: only then do they leave the task
   for (std::size_t s = 0; s < mb.sequence_ids.size(); ++s) {
     const sequence& seq = sequences_.at(mb.sequence_ids[s]);
     ids.push_back(mb.sequence_ids[s]);
@@ -331,11 +363,14 @@ void attention_shard::run_final(std::size_t mb_idx) {
     positions.push_back(seq.request.prompt.size() + seq.generated.size());
     bool every_prompt_row = seq.request.return_prompt_logits && seq.generated.empty();
     row_ranges.emplace_back(every_prompt_row ? mb.first_rows[s] : mb.last_rows[s], mb.last_rows[s] + 1);
+    logprobs_asked.push_back(seq.request.wants_logprobs() ? 1 + seq.request.top_logprobs : 0);
+    keep_logits.push_back(seq.request.return_logits || every_prompt_row);
   }
   caf::actor self = caf::actor_cast<caf::actor>(this);
   std::uint64_t step = step_;
   device_->post("lm_head mb" + std::to_string(mb_idx), [this, &mb, self, step, mb_idx, params, ids, positions,
-                                                         row_ranges, with_side](cpu::thread_pool& pool) {
+                                                         row_ranges, logprobs_asked, keep_logits,
+                                                         with_side](cpu::thread_pool& pool) {
     const model::model_config& c = ctx_->config;
     std::size_t hidden = std::size_t(c.hidden_size);
     std::size_t vocab = std::size_t(c.vocab_size);
@@ -348,21 +383,27 @@ void attention_shard::run_final(std::size_t mb_idx) {
     std::vector<float> logits(num_rows * vocab);
     model::logits_step(c, *ctx_->weights, rows.data(), num_rows, logits.data(), &pool);
     std::vector<std::int32_t> tokens;
-    std::vector<std::vector<float>> per_sequence;  // its logits rows; the last one drew the token
+    // Its logits rows (the last one drew the token), only when the client asked for logits.
+    std::vector<std::vector<float>> per_sequence(ids.size());
+    std::vector<token_logprobs> logprobs(ids.size());  // empty unless asked
     const float* next = logits.data();
     for (std::size_t s = 0; s < ids.size(); ++s) {
       std::size_t count = (row_ranges[s].second - row_ranges[s].first) * vocab;
-      tokens.push_back(model::sample({next + count - vocab, vocab}, params[s], ids[s], positions[s]));
-      per_sequence.emplace_back(next, next + count);
+      std::span<const float> drawn_from{next + count - vocab, vocab};
+      tokens.push_back(model::sample(drawn_from, params[s], ids[s], positions[s]));
+      if (logprobs_asked[s] > 0)
+        logprobs[s] = log_softmax_of(drawn_from, tokens.back(), logprobs_asked[s] - 1);
+      if (keep_logits[s])
+        per_sequence[s].assign(next, next + count);
       next += count;
     }
     caf::anon_send(self, final_done_atom::value, step, std::uint32_t(mb_idx), std::move(tokens),
-                   std::move(per_sequence));
+                   std::move(per_sequence), std::move(logprobs));
   });
 }
 
 void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t> tokens,
-                                    std::vector<std::vector<float>> logits) {
+                                    std::vector<std::vector<float>> logits, std::vector<token_logprobs> logprobs) {
   --in_flight_;
   micro_batch& mb = batches_[mb_idx];
   for (std::size_t s = 0; s < mb.sequence_ids.size(); ++s) {
@@ -371,20 +412,33 @@ void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t
     std::size_t fed = seq.generated.empty() ? seq.request.prompt.size() : 1;
     seq.cache.advance(fed);
     seq.generated.push_back(tokens[s]);
-    bool last = seq.generated.size() >= seq.request.max_new_tokens;
-    if (seq.request.sink) {
-      token_event event{id, tokens[s], seq.generated.size() - 1, last, {}, {}, {}};
-      std::vector<float>& rows = logits[s];
-      std::size_t vocab = std::size_t(ctx_->config.vocab_size);
-      if (seq.request.return_logits)
-        event.logits.assign(rows.end() - std::ptrdiff_t(vocab), rows.end());
-      if (seq.request.return_prompt_logits && seq.generated.size() == 1)
-        event.prompt_logits = std::move(rows);
-      (*seq.request.sink)(std::move(event));
-    }
+    const std::vector<std::int32_t>& stops = seq.request.stop_token_ids;
+    bool stop = std::binary_search(stops.begin(), stops.end(), tokens[s]);
+    bool last = stop || seq.generated.size() >= seq.request.max_new_tokens;
     ctx_->stats->count_tokens(1);
+    token_event event;
+    event.request_id = id;
+    event.token = tokens[s];
+    event.index = seq.generated.size() - 1;
+    event.last = last;
     if (last)
-      finish_request(id, {});
+      event.finish = stop ? finish_reason::stop : finish_reason::length;
+    if (seq.request.wants_logprobs()) {
+      token_logprobs& lp = logprobs[s];
+      event.logprob = lp.logprob;
+      for (std::size_t i = 0; i < lp.top_tokens.size(); ++i)
+        event.top_logprobs.emplace_back(lp.top_tokens[i], lp.top_logprobs[i]);
+    }
+    std::vector<float>& rows = logits[s];
+    std::size_t vocab = std::size_t(ctx_->config.vocab_size);
+    if (seq.request.return_logits)
+      event.logits.assign(rows.end() - std::ptrdiff_t(vocab), rows.end());
+    if (seq.request.return_prompt_logits && seq.generated.size() == 1)
+      event.prompt_logits = std::move(rows);
+    if (last)
+      finish_request(id, std::move(event));
+    else if (seq.request.sink)
+      (*seq.request.sink)(std::move(event));
   }
   if (++batches_finished_ == batches_.size()) {
     step_running_ = false;

@@ -73,11 +73,13 @@ private:
   void run_final(std::size_t mb_idx);
   void on_attention_done(std::size_t mb_idx);
   void on_side_done(std::size_t mb_idx);
-  void on_final_done(std::size_t mb_idx, std::vector<std::int32_t> tokens, std::vector<std::vector<float>> logits);
+  void on_final_done(std::size_t mb_idx, std::vector<std::int32_t> tokens, std::vector<std::vector<float>> logits,
+                     std::vector<token_logprobs> logprobs);
   void on_expert_outputs(expert_outputs& out);
   void send_a2e(std::size_t mb_idx);
   void maybe_join(std::size_t mb_idx);
-  void finish_request(std::uint64_t id, const std::string& error);
+  // The request leaves the shard; `last` reaches its sink through the ingress.
+  void finish_request(std::uint64_t id, token_event last);
 
   const runtime_context* ctx_;
   std::uint32_t shard_idx_;

@@ -4,8 +4,8 @@
 
 namespace moert::actors {
 
-ingress::ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens)
-    : caf::event_based_actor(cfg), capacity_(kv_capacity_tokens) {}
+ingress::ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens, runtime_stats* stats)
+    : caf::event_based_actor(cfg), capacity_(kv_capacity_tokens), stats_(stats) {}
 
 void ingress::on_exit() {  // break handle cycles (see attention_shard::on_exit)
   shards_.clear();
@@ -22,27 +22,33 @@ caf::behavior ingress::make_behavior() {
     },
     [this](admit_request& request) {
       if (draining_)
-        return reject(request, "the engine is shutting down");
+        return reject(request, finish_reason::error, request_error::shutdown, "the engine is shutting down");
       if (request.kv_tokens() > capacity_)
-        return reject(request, "request needs " + std::to_string(request.kv_tokens()) +
-                                   " KV tokens, a shard holds at most " + std::to_string(capacity_));
+        return reject(request, finish_reason::error, request_error::context_too_long,
+                      "request needs " + std::to_string(request.kv_tokens()) +
+                          " KV tokens, a shard holds at most " + std::to_string(capacity_));
       waiting_.push_back(std::move(request));
       place_waiting();
     },
-    [this](done_atom, std::uint64_t id, std::uint64_t kv_tokens) {
-      auto it = pinned_.find(id);
-      if (it == pinned_.end())
-        return;
-      free_[it->second] += kv_tokens;
-      pinned_.erase(it);
+    [this](request_ended& ended) {
+      if (auto it = pinned_.find(ended.request_id); it != pinned_.end()) {
+        free_[it->second] += ended.kv_tokens;
+        pinned_.erase(it);
+      }
+      publish_load();
+      // The id is free here before the client can hear that its request ended.
+      if (ended.sink)
+        (*ended.sink)(std::move(ended.last));
       place_waiting();
     },
     [this](cancel_atom, std::uint64_t id) {
       auto queued = std::find_if(waiting_.begin(), waiting_.end(),
                                  [id](const admit_request& r) { return r.request_id == id; });
       if (queued != waiting_.end()) {
-        reject(*queued, "cancelled");
+        admit_request request = std::move(*queued);
         waiting_.erase(queued);
+        publish_load();
+        reject(request, finish_reason::cancelled, request_error::none, {});
       } else if (auto it = pinned_.find(id); it != pinned_.end()) {
         send(shards_[it->second], cancel_atom::value, id);
       }
@@ -57,17 +63,24 @@ void ingress::place_waiting() {
     std::size_t best = std::size_t(std::max_element(free_.begin(), free_.end()) - free_.begin());
     admit_request& request = waiting_.front();
     if (free_[best] < request.kv_tokens())
-      return;
+      break;
     free_[best] -= request.kv_tokens();
     pinned_[request.request_id] = best;
+    request.admitted = std::chrono::steady_clock::now();
     send(shards_[best], std::move(request));
     waiting_.pop_front();
   }
+  publish_load();
 }
 
-void ingress::reject(const admit_request& request, const std::string& why) {
+void ingress::publish_load() {
+  if (stats_)
+    stats_->set_load(pinned_.size(), waiting_.size());
+}
+
+void ingress::reject(const admit_request& request, finish_reason finish, request_error code, const std::string& why) {
   if (request.sink)
-    (*request.sink)(token_event{request.request_id, -1, 0, true, {}, {}, why});
+    (*request.sink)(end_event(request.request_id, 0, finish, code, why));
 }
 
 }  // namespace moert::actors

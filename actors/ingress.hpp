@@ -1,10 +1,13 @@
 #pragma once
 
-// Entry of the data path: pins each request to the attention shard with the most free KV
-// capacity (in tokens: prompt + max_new_tokens, reserved for the request's life), queues it
-// when no shard has room yet, and refuses it outright when it could never fit.
+// Entry and exit of the data path: pins each request to the attention shard with the most
+// free KV capacity (in tokens: prompt + max_new_tokens, reserved for the request's life),
+// queues it when no shard has room yet, and refuses it outright when it could never fit.
+// A request's last event passes through here (request_ended): the ingress releases the
+// reservation and the id first, then tells the client, so an id is reusable at once.
 
 #include "actors/protocol.hpp"
+#include "actors/runtime.hpp"
 
 #include <caf/all.hpp>
 
@@ -15,16 +18,19 @@ namespace moert::actors {
 
 class ingress : public caf::event_based_actor {
 public:
-  ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens);
+  // `stats` (may be null) hears how many requests run and wait.
+  ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens, runtime_stats* stats = nullptr);
 
   caf::behavior make_behavior() override;
   void on_exit() override;
 
 private:
   void place_waiting();
-  void reject(const admit_request& request, const std::string& why);
+  void reject(const admit_request& request, finish_reason finish, request_error code, const std::string& why);
+  void publish_load();
 
   std::size_t capacity_;
+  runtime_stats* stats_;
   std::vector<caf::actor> shards_;
   std::vector<std::size_t> free_;
   std::deque<admit_request> waiting_;

@@ -5,6 +5,7 @@
 //   client ─ admit_request ─▶ ingress ─ admit_request ─▶ attention_shard
 //   attention_shard ─ routed_tokens (A2E) ─▶ mu_queue ─ expert_batch ─▶ expert
 //   expert ─ expert_outputs (E2A) ─▶ attention_shard ─ token_event ─▶ client's token_sink
+//   attention_shard ─ request_ended ─▶ ingress ─ last token_event ─▶ client's token_sink
 //   attention_shard ─ shape_report ─▶ policy ─ plan_update ─▶ attention_shard
 //   policy ─ scheduler_update ─▶ mu_queue
 //
@@ -24,8 +25,10 @@
 #include <caf/all.hpp>
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,7 +40,6 @@ namespace moert::actors {
 using pull_atom = caf::atom_constant<caf::atom("pull")>;            // expert → mu_queue: idle
 using step_atom = caf::atom_constant<caf::atom("step")>;            // shard → itself: next step
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;        // client → ingress → shard
-using done_atom = caf::atom_constant<caf::atom("done")>;            // shard → ingress: request ended
 using drain_atom = caf::atom_constant<caf::atom("drain")>;          // engine → ingress: refuse new work
 using policy_atom = caf::atom_constant<caf::atom("policy")>;        // engine → shard: where to report
 
@@ -60,8 +62,28 @@ struct admit_request {
   model::sampling_params sampling;
   bool return_logits = false;
   bool return_prompt_logits = false;
+  std::vector<std::int32_t> stop_token_ids;  // sorted: generation ends after one of these
+  bool logprobs = false;                     // log-softmax of each drawn token
+  std::size_t top_logprobs = 0;              // and of this many best tokens
   std::shared_ptr<token_sink> sink;
-  std::size_t kv_tokens() const { return prompt.size() + max_new_tokens; }
+  std::chrono::steady_clock::time_point admitted{};  // set by the ingress when it pins
+  // Prompt + new tokens, saturating: a max_new_tokens near SIZE_MAX must not wrap to a small
+  // reservation (it used to, and such a request ran until memory ran out).
+  std::size_t kv_tokens() const {
+    constexpr std::size_t most = std::numeric_limits<std::size_t>::max();
+    return max_new_tokens > most - prompt.size() ? most : prompt.size() + max_new_tokens;
+  }
+  bool wants_logprobs() const { return logprobs || top_logprobs > 0; }
+};
+
+// shard → ingress: the request left the shard (finished, stopped or cancelled). The ingress
+// releases the KV reservation and the id, and only then hands `last` to the sink: a client
+// that reuses the id on hearing the end can no longer race the old request's release.
+struct request_ended {
+  std::uint64_t request_id = 0;
+  std::uint64_t kv_tokens = 0;
+  token_event last;
+  std::shared_ptr<token_sink> sink;
 };
 
 // Pairs a send with its receipt in the trace (id 0: not traced).
@@ -124,6 +146,19 @@ struct expert_outputs {
   trace_flow flow;
 };
 
+// -- device → shard: what the sampler saw, computed only for sequences that asked ------------
+
+struct token_logprobs {
+  float logprob = 0;                     // log-softmax of the drawn token
+  std::vector<std::int32_t> top_tokens;  // the best tokens, highest logit first
+  std::vector<float> top_logprobs;       // and their log-softmax
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, token_logprobs& x) {
+  return f(caf::meta::type_name("token_logprobs"), x.logprob, x.top_tokens, x.top_logprobs);
+}
+
 // -- policy → shards and queues --------------------------------------------------------
 
 using policy::execution_plan;
@@ -148,6 +183,7 @@ struct scheduler_update {
 }  // namespace moert::actors
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::admit_request)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::request_ended)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::routed_tokens)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::expert_batch)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::expert_outputs)

@@ -1,16 +1,71 @@
 #include "actors/runtime.hpp"
 
+#include <algorithm>
+#include <bit>
 #include <set>
 
 namespace moert::actors {
 
+// -- size_histogram ------------------------------------------------------------------------
+
+std::size_t size_histogram::bucket_of(std::size_t value) {
+  if (value < exact_limit)
+    return value;
+  // value in [2^e, 2^(e+1)), e >= 10: 64 equal sub-buckets of that octave.
+  std::size_t e = std::size_t(std::bit_width(value)) - 1;
+  std::size_t sub = (value - (std::size_t{1} << e)) >> (e - 6);
+  std::size_t octave = e - 10;
+  return std::min(num_buckets() - 1, exact_limit + octave * sub_buckets + sub);
+}
+
+std::size_t size_histogram::lower_bound_of(std::size_t bucket) {
+  if (bucket < exact_limit)
+    return bucket;
+  std::size_t octave = (bucket - exact_limit) / sub_buckets, sub = (bucket - exact_limit) % sub_buckets;
+  std::size_t e = octave + 10;
+  return (std::size_t{1} << e) + (sub << (e - 6));
+}
+
+void size_histogram::add(std::size_t value) {
+  ++buckets_[bucket_of(value)];
+  ++count_;
+  sum_ += (long double)value;
+}
+
+double size_histogram::at_rank(std::uint64_t rank) const {
+  std::uint64_t seen = 0;
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    seen += buckets_[b];
+    if (seen > rank)
+      return double(lower_bound_of(b));
+  }
+  return 0.0;
+}
+
+// -- runtime_stats ---------------------------------------------------------------------------
+
+namespace {
+// Steps remembered per (layer, shard). A shard runs one step at a time, but batches of an
+// earlier step may still be recorded by a slower expert device while the next step's first
+// batches are: a few steps of memory cover that.
+constexpr std::size_t remembered_steps = 8;
+}  // namespace
+
 void runtime_stats::record_expert_batch(std::uint32_t layer, std::size_t tokens,
                                         const std::vector<std::tuple<std::uint32_t, std::uint64_t>>& waves) {
   std::lock_guard<std::mutex> guard{mutex_};
-  batch_sizes_.push_back(tokens);
+  batch_sizes_.add(tokens);
   std::set<std::tuple<std::uint32_t, std::uint64_t>> distinct(waves.begin(), waves.end());
-  for (const auto& [shard, step] : distinct)
-    ++executions_[{layer, shard, step}];
+  for (const auto& [shard, step] : distinct) {
+    ++executions_;
+    std::vector<std::uint64_t>& steps = recent_[{layer, shard}];
+    if (std::find(steps.begin(), steps.end(), step) != steps.end())
+      continue;
+    ++waves_;
+    steps.push_back(step);
+    if (steps.size() > remembered_steps)
+      steps.erase(std::min_element(steps.begin(), steps.end()));
+  }
 }
 
 void runtime_stats::record_replan(double solve_micros) {
@@ -24,19 +79,29 @@ double runtime_stats::last_solve_micros() const {
   return last_solve_micros_;
 }
 
-std::vector<std::size_t> runtime_stats::expert_batch_sizes() const {
+runtime_stats::batch_summary runtime_stats::expert_batches() const {
   std::lock_guard<std::mutex> guard{mutex_};
-  return batch_sizes_;
+  batch_summary out;
+  out.count = batch_sizes_.count();
+  if (out.count == 0)
+    return out;
+  out.mean = batch_sizes_.mean();
+  out.p50 = batch_sizes_.at_rank(out.count / 2);
+  out.p95 = batch_sizes_.at_rank(std::min(out.count - 1, out.count * 95 / 100));
+  return out;
 }
 
 double runtime_stats::executions_per_layer_wave() const {
   std::lock_guard<std::mutex> guard{mutex_};
-  if (executions_.empty())
-    return 0.0;
-  double total = 0.0;
-  for (const auto& [key, count] : executions_)
-    total += double(count);
-  return total / double(executions_.size());
+  return waves_ ? double(executions_) / double(waves_) : 0.0;
+}
+
+std::size_t runtime_stats::remembered_waves() const {
+  std::lock_guard<std::mutex> guard{mutex_};
+  std::size_t n = 0;
+  for (const auto& [key, steps] : recent_)
+    n += steps.size();
+  return n;
 }
 
 }  // namespace moert::actors

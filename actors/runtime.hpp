@@ -17,33 +17,79 @@
 
 namespace moert::actors {
 
+// Expert batch sizes as a histogram of fixed size: exact counts below `exact_limit` tokens,
+// above it 64 sub-buckets per power of two (a percentile there is off by < 1/64). The mean
+// is exact. Memory does not grow with the run (it used to keep every batch size).
+class size_histogram {
+public:
+  static constexpr std::size_t exact_limit = 1024;
+  static constexpr std::size_t sub_buckets = 64;
+
+  void add(std::size_t value);
+  std::uint64_t count() const { return count_; }
+  double mean() const { return count_ ? double(sum_) / double(count_) : 0.0; }
+  // The value of rank `rank` (0-based) in sorted order; a bucket's lower bound above the limit.
+  double at_rank(std::uint64_t rank) const;
+  static constexpr std::size_t num_buckets() { return exact_limit + 64 * sub_buckets; }
+
+private:
+  static std::size_t bucket_of(std::size_t value);
+  static std::size_t lower_bound_of(std::size_t bucket);
+
+  std::vector<std::uint64_t> buckets_ = std::vector<std::uint64_t>(num_buckets(), 0);
+  std::uint64_t count_ = 0;
+  long double sum_ = 0;
+};
+
 // Counters for the end-of-run report. Thread safety: all members may be used from any thread.
+// Memory is bounded: batch sizes go to a fixed histogram, and a (layer, wave) is remembered
+// only while its shard may still run batches of it (see record_expert_batch).
 class runtime_stats {
 public:
+  struct batch_summary {
+    std::uint64_t count = 0;
+    double mean = 0, p50 = 0, p95 = 0;
+  };
+
   void count_messages(std::uint64_t n) { messages_ += n; }
   void count_tokens(std::uint64_t n) { tokens_ += n; }
   void record_expert_batch(std::uint32_t layer, std::size_t tokens,
                            const std::vector<std::tuple<std::uint32_t, std::uint64_t>>& waves);
 
   void record_replan(double solve_micros);
+  // Requests pinned to a shard and queued at the ingress (the ingress sets both).
+  void set_load(std::size_t running, std::size_t waiting) {
+    running_ = running;
+    waiting_ = waiting;
+  }
 
   std::uint64_t messages() const { return messages_; }
   std::uint64_t replans() const { return replans_; }
   double last_solve_micros() const;
   std::uint64_t tokens() const { return tokens_; }
-  std::vector<std::size_t> expert_batch_sizes() const;
+  std::size_t running() const { return running_; }
+  std::size_t waiting() const { return waiting_; }
+  // Mean, p50 (rank n/2) and p95 (rank min(n-1, 95n/100)) of the expert batch sizes.
+  batch_summary expert_batches() const;
   // Mean expert executions per (layer, wave): a wave is one step of one shard's micro-batches
   // passing a layer. Higher means the wave was split into more, smaller batches.
   double executions_per_layer_wave() const;
+  // How many (layer, shard, step) waves are remembered now: stays bounded over a run.
+  std::size_t remembered_waves() const;
 
 private:
   std::atomic<std::uint64_t> messages_{0};
   std::atomic<std::uint64_t> tokens_{0};
   std::atomic<std::uint64_t> replans_{0};
-  double last_solve_micros_ = 0.0;  // guarded by mutex_
-  mutable std::mutex mutex_;
-  std::vector<std::size_t> batch_sizes_;
-  std::map<std::tuple<std::uint32_t, std::uint32_t, std::uint64_t>, std::size_t> executions_;
+  std::atomic<std::size_t> running_{0};
+  std::atomic<std::size_t> waiting_{0};
+  mutable std::mutex mutex_;  // guards the members below
+  double last_solve_micros_ = 0.0;
+  size_histogram batch_sizes_;
+  std::uint64_t executions_ = 0;  // Σ over waves of their expert executions
+  std::uint64_t waves_ = 0;       // distinct (layer, shard, step)
+  // Recent steps per (layer, shard) that already count as a wave; older ones are forgotten.
+  std::map<std::pair<std::uint32_t, std::uint32_t>, std::vector<std::uint64_t>> recent_;
 };
 
 struct runtime_context {

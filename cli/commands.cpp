@@ -129,6 +129,15 @@ int run_generate_reference(const generate_options& opt) {
   auto prompts = collect_prompts(opt, m.config().vocab_size);
   if (!prompts)
     return fail(prompts.err());
+  // The engine refuses these itself (context_too_long); the bare forward would run until
+  // memory runs out. Overflow-safe: -n may be anything up to 2^64 - 1.
+  std::size_t context = std::size_t(m.config().max_position_embeddings);
+  for (const auto& prompt : *prompts)
+    if (prompt.size() > context || opt.max_new_tokens > context - prompt.size())
+      return fail(make_error(error_code::invalid_argument,
+                             "prompt of " + std::to_string(prompt.size()) + " tokens + max_new_tokens " +
+                                 std::to_string(opt.max_new_tokens) + " exceed the model's context of " +
+                                 std::to_string(context) + " tokens (max_position_embeddings)"));
   std::vector<model::generation_request> requests;
   for (std::size_t i = 0; i < prompts->size(); ++i)
     requests.push_back({i + 1, (*prompts)[i], opt.max_new_tokens, {opt.temperature, opt.top_k, opt.top_p, opt.seed}});
@@ -169,9 +178,11 @@ int run_generate(const generate_options& opt) {
 
   auto start = std::chrono::steady_clock::now();
   std::vector<std::shared_ptr<TokenStream>> streams;
-  for (std::size_t i = 0; i < prompts->size(); ++i)
-    streams.push_back((*engine)->submit(
-        {i + 1, (*prompts)[i], opt.max_new_tokens, {opt.temperature, opt.top_k, opt.top_p, opt.seed}, false}));
+  for (std::size_t i = 0; i < prompts->size(); ++i) {
+    Request request{i + 1, (*prompts)[i], opt.max_new_tokens, {opt.temperature, opt.top_k, opt.top_p, opt.seed}, false};
+    request.ignore_eos = true;  // -n tokens, as the reference forward generates them
+    streams.push_back((*engine)->submit(std::move(request)));
+  }
   std::vector<std::vector<std::int32_t>> out;
   std::size_t generated = 0, prompt_tokens = 0;
   for (std::size_t i = 0; i < streams.size(); ++i) {
@@ -273,6 +284,7 @@ result<std::vector<eval_result>> eval_engine(const eval_options& opt, std::strin
   for (std::size_t i = 0; i < prompts->size(); ++i) {
     Request request{i + 1, (*prompts)[i], std::max<std::size_t>(1, opt.greedy), {}, false};
     request.return_prompt_logits = true;
+    request.ignore_eos = true;  // --greedy N tokens, compared with Hugging Face's
     streams.push_back((*engine)->submit(std::move(request)));
   }
   std::vector<eval_result> out(prompts->size());

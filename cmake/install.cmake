@@ -1,7 +1,8 @@
 # `cmake --install` lays moert out as a CMake package: the static libraries under the
 # moert:: namespace (moert::engine pulls in the rest), their headers under include/ with the
-# repository's paths ("engine/engine.hpp"), the `moert` CLI in bin/, and moertConfig.cmake
-# with the FindCAF.cmake it needs (Debian's CAF 0.17 ships no CMake config).
+# repository's paths ("model/config.hpp") beside the embedder's <moert/engine.hpp>, the
+# `moert` CLI in bin/, and moertConfig.cmake with the FindCAF.cmake it needs (Debian's CAF
+# 0.17 ships no CMake config).
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
@@ -18,7 +19,10 @@ install(TARGETS ${_moert_libraries} EXPORT moertTargets
 install(TARGETS moert RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 install(DIRECTORY core gpu model policy actors engine
   DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
-  FILES_MATCHING PATTERN "*.hpp")
+  FILES_MATCHING PATTERN "*.hpp"
+  PATTERN "engine/include" EXCLUDE)
+# The embedder's header: #include <moert/engine.hpp> (moert's own types, no CAF, no kernels).
+install(DIRECTORY engine/include/moert DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 
 install(EXPORT moertTargets NAMESPACE moert:: DESTINATION ${MOERT_INSTALL_CMAKEDIR})
 configure_package_config_file(cmake/moertConfig.cmake.in

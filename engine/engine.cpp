@@ -13,9 +13,40 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <set>
 
 namespace moert {
+
+// -- names ---------------------------------------------------------------------------
+
+const char* to_string(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::none: return "none";
+    case FinishReason::length: return "length";
+    case FinishReason::stop: return "stop";
+    case FinishReason::cancelled: return "cancelled";
+    case FinishReason::error: return "error";
+  }
+  return "unknown";
+}
+
+const char* to_string(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::none: return "none";
+    case ErrorCode::invalid_request: return "invalid_request";
+    case ErrorCode::context_too_long: return "context_too_long";
+    case ErrorCode::overloaded: return "overloaded";
+    case ErrorCode::shutdown: return "shutdown";
+    case ErrorCode::internal: return "internal";
+  }
+  return "unknown";
+}
+
+// The actors' enums are the public ones, value for value.
+static_assert(int(FinishReason::error) == int(actors::finish_reason::error));
+static_assert(int(ErrorCode::internal) == int(actors::request_error::internal));
 
 // -- TokenStream ------------------------------------------------------------------
 
@@ -24,11 +55,15 @@ void TokenStream::push(TokenEvent event) {
     std::lock_guard<std::mutex> guard{mutex_};
     if (ended_)
       return;
-    if (event.error.empty())
+    if (event.token >= 0)
       tokens_.push_back(event.token);
-    else
+    if (event.error_code != ErrorCode::none)
       error_ = event.error;
-    ended_ = event.last;
+    if (event.last) {
+      ended_ = true;
+      finish_ = event.finish_reason;
+      error_code_ = event.error_code;
+    }
     events_.push_back(std::move(event));
   }
   changed_.notify_all();
@@ -47,14 +82,26 @@ std::optional<TokenEvent> TokenStream::next() {
 result<std::vector<std::int32_t>> TokenStream::wait() {
   std::unique_lock<std::mutex> lock{mutex_};
   changed_.wait(lock, [this] { return ended_; });
-  if (!error_.empty())
+  if (error_code_ != ErrorCode::none)
     return make_error(error_code::invalid_argument, error_);
+  if (finish_ == FinishReason::cancelled)
+    return make_error(error_code::invalid_argument, "cancelled");
   return tokens_;
 }
 
 bool TokenStream::done() const {
   std::lock_guard<std::mutex> guard{mutex_};
   return ended_;
+}
+
+FinishReason TokenStream::finish_reason() const {
+  std::lock_guard<std::mutex> guard{mutex_};
+  return finish_;
+}
+
+ErrorCode TokenStream::error_code() const {
+  std::lock_guard<std::mutex> guard{mutex_};
+  return error_code_;
 }
 
 // -- Engine -------------------------------------------------------------------------
@@ -71,14 +118,70 @@ struct Engine::impl {
   caf::actor ingress;
   std::vector<caf::actor> all_actors;
 
-  std::mutex mutex;
+  mutable std::mutex mutex;  // guards the members below, and `ingress` once created
   std::condition_variable idle;
-  std::set<std::uint64_t> live_ids;
+  std::set<std::uint64_t> live_ids;  // submitted and not yet ended
   std::uint64_t next_id = 1;
   bool accepting = true;
   bool stopped = false;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  // How requests ended, by FinishReason (index).
+  std::array<std::atomic<std::uint64_t>, 5> finished{};
 };
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+double ms_between(clock::time_point from, clock::time_point to) {
+  return std::max(0.0, std::chrono::duration<double, std::milli>(to - from).count());
+}
+
+// What the sink remembers of one request to time it.
+struct request_clock {
+  clock::time_point submitted;
+  clock::time_point first_token{};
+  clock::time_point last_token{};
+  std::size_t tokens = 0;
+
+  void saw(const actors::token_event& e, clock::time_point now) {
+    if (e.token < 0)
+      return;
+    if (tokens++ == 0)
+      first_token = now;
+    last_token = now;
+  }
+
+  RequestTimings timings(clock::time_point admitted, clock::time_point now) const {
+    RequestTimings t;
+    t.total_ms = ms_between(submitted, now);
+    // Never admitted (refused, or cancelled while queued): it waited its whole life.
+    t.queue_wait_ms = admitted == clock::time_point{} ? t.total_ms : std::min(ms_between(submitted, admitted), t.total_ms);
+    t.time_to_first_token_ms = tokens ? ms_between(submitted, first_token) : 0.0;
+    t.mean_time_between_tokens_ms = tokens >= 2 ? ms_between(first_token, last_token) / double(tokens - 1) : 0.0;
+    return t;
+  }
+};
+
+TokenEvent to_public(actors::token_event&& e) {
+  TokenEvent out;
+  out.request_id = e.request_id;
+  out.token = e.token;
+  out.index = e.index;
+  out.last = e.last;
+  out.finish_reason = FinishReason(int(e.finish));
+  out.error_code = ErrorCode(int(e.error_code));
+  out.error = std::move(e.error);
+  out.logprob = e.logprob;
+  out.top_logprobs.reserve(e.top_logprobs.size());
+  for (auto [token, logprob] : e.top_logprobs)
+    out.top_logprobs.push_back({token, logprob});
+  out.logits = std::move(e.logits);
+  out.prompt_logits = std::move(e.prompt_logits);
+  return out;
+}
+
+}  // namespace
 
 Engine::Engine(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
 
@@ -146,7 +249,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->all_actors.push_back(queue);
     state->all_actors.push_back(sys.spawn<actors::expert>(ctx, d, dev, queue));
   }
-  state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens);
+  state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats);
   state->all_actors.push_back(state->ingress);
   std::vector<caf::actor> shards;
   for (std::size_t a = 0; a < config.attention_devices; ++a) {
@@ -171,35 +274,68 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
 
 std::shared_ptr<TokenStream> Engine::submit(Request request, std::function<void(const TokenEvent&)> on_token) {
   auto stream = std::make_shared<TokenStream>();
+  clock::time_point submitted = clock::now();
   const model::model_config& c = impl_->ctx.config;
-  auto refuse = [&](const std::string& why) {
-    TokenEvent event{request.id, -1, 0, true, {}, {}, why};
+  auto refuse = [&](ErrorCode code, const std::string& why) {
+    TokenEvent event;
+    event.request_id = request.id;
+    event.last = true;
+    event.finish_reason = FinishReason::error;
+    event.error_code = code;
+    event.error = why;
+    event.timings.queue_wait_ms = event.timings.total_ms = ms_between(submitted, clock::now());
+    ++impl_->finished[std::size_t(FinishReason::error)];
     if (on_token)
       on_token(event);
     stream->push(std::move(event));
     return stream;
   };
   if (request.prompt.empty())
-    return refuse("empty prompt");
+    return refuse(ErrorCode::invalid_request, "empty prompt");
   for (std::size_t i = 0; i < request.prompt.size(); ++i)
     if (request.prompt[i] < 0 || request.prompt[i] >= c.vocab_size)
-      return refuse("token id " + std::to_string(request.prompt[i]) + " at position " + std::to_string(i) +
-                    " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+      return refuse(ErrorCode::invalid_request, "token id " + std::to_string(request.prompt[i]) + " at position " +
+                                                    std::to_string(i) + " is outside the vocabulary [0, " +
+                                                    std::to_string(c.vocab_size) + ")");
   if (request.max_new_tokens == 0)
-    return refuse("max_new_tokens must be at least 1");
+    return refuse(ErrorCode::invalid_request, "max_new_tokens must be at least 1");
+  if (request.top_logprobs > 20)
+    return refuse(ErrorCode::invalid_request,
+                  "top_logprobs " + std::to_string(request.top_logprobs) + " is outside 0..20");
+  // Overflow-safe: max_new_tokens may be anything a caller typed (SIZE_MAX included).
+  std::size_t context = max_context_tokens();
+  if (request.prompt.size() > context)
+    return refuse(ErrorCode::context_too_long, "prompt of " + std::to_string(request.prompt.size()) +
+                                                   " tokens exceeds the model's context of " +
+                                                   std::to_string(context) + " tokens (max_position_embeddings)");
+  if (request.max_new_tokens > context - request.prompt.size())
+    return refuse(ErrorCode::context_too_long,
+                  "prompt of " + std::to_string(request.prompt.size()) + " tokens + max_new_tokens " +
+                      std::to_string(request.max_new_tokens) + " exceed the model's context of " +
+                      std::to_string(context) + " tokens (max_position_embeddings)");
+  // Decided under the lock, answered outside it: `on_token` may submit again.
+  std::optional<std::pair<ErrorCode, std::string>> refusal;
   {
     std::lock_guard<std::mutex> guard{impl_->mutex};
-    if (!impl_->accepting)
-      return refuse("the engine is shut down");
-    if (request.id == 0) {
-      while (impl_->live_ids.count(impl_->next_id))
-        ++impl_->next_id;
-      request.id = impl_->next_id++;
-    } else if (impl_->live_ids.count(request.id)) {
-      return refuse("request id " + std::to_string(request.id) + " is already in use");
+    std::size_t limit = impl_->config.max_inflight_requests;
+    if (!impl_->accepting) {
+      refusal.emplace(ErrorCode::shutdown, "the engine is shut down");
+    } else if (limit > 0 && impl_->live_ids.size() >= limit) {
+      refusal.emplace(ErrorCode::overloaded, "overloaded: " + std::to_string(impl_->live_ids.size()) +
+                                                 " requests in flight, the limit is " + std::to_string(limit));
+    } else if (request.id != 0 && impl_->live_ids.count(request.id)) {
+      refusal.emplace(ErrorCode::invalid_request, "request id " + std::to_string(request.id) + " is already in use");
+    } else {
+      if (request.id == 0) {
+        while (impl_->live_ids.count(impl_->next_id))
+          ++impl_->next_id;
+        request.id = impl_->next_id++;
+      }
+      impl_->live_ids.insert(request.id);
     }
-    impl_->live_ids.insert(request.id);
   }
+  if (refusal)
+    return refuse(refusal->first, refusal->second);
   actors::admit_request admit;
   admit.request_id = request.id;
   admit.prompt = std::move(request.prompt);
@@ -207,26 +343,54 @@ std::shared_ptr<TokenStream> Engine::submit(Request request, std::function<void(
   admit.sampling = request.sampling;
   admit.return_logits = request.return_logits;
   admit.return_prompt_logits = request.return_prompt_logits;
+  admit.stop_token_ids = std::move(request.stop_token_ids);
+  if (!request.ignore_eos)
+    admit.stop_token_ids.insert(admit.stop_token_ids.end(), c.eos_token_ids.begin(), c.eos_token_ids.end());
+  std::sort(admit.stop_token_ids.begin(), admit.stop_token_ids.end());
+  admit.stop_token_ids.erase(std::unique(admit.stop_token_ids.begin(), admit.stop_token_ids.end()),
+                             admit.stop_token_ids.end());
+  admit.logprobs = request.logprobs;
+  admit.top_logprobs = request.top_logprobs;
   impl* state = impl_.get();
   std::uint64_t id = request.id;
+  // Events come one at a time per request (token_sink), so the clock needs no lock.
   admit.sink = std::make_shared<actors::token_sink>(
-      [stream, on_token = std::move(on_token), state, id](actors::token_event event) {
+      [stream, on_token = std::move(on_token), state, id, timer = request_clock{submitted}](
+          actors::token_event event) mutable {
+        clock::time_point now = clock::now();
+        timer.saw(event, now);
         bool last = event.last;
-        if (on_token)
-          on_token(event);
-        stream->push(std::move(event));
+        clock::time_point admitted = event.admitted;
+        TokenEvent out = to_public(std::move(event));
         if (last) {
+          out.timings = timer.timings(admitted, now);
+          ++state->finished[std::size_t(out.finish_reason)];
+          // The id is free before anybody can hear that the request ended.
           std::lock_guard<std::mutex> guard{state->mutex};
           state->live_ids.erase(id);
           state->idle.notify_all();
         }
+        if (on_token)
+          on_token(out);
+        stream->push(std::move(out));
       });
-  caf::anon_send(impl_->ingress, std::move(admit));
+  caf::actor ingress;
+  {
+    std::lock_guard<std::mutex> guard{impl_->mutex};
+    ingress = impl_->ingress;
+  }
+  caf::anon_send(ingress, std::move(admit));
   return stream;
 }
 
 void Engine::cancel(std::uint64_t request_id) {
-  caf::anon_send(impl_->ingress, actors::cancel_atom::value, request_id);
+  caf::actor ingress;
+  {
+    std::lock_guard<std::mutex> guard{impl_->mutex};
+    ingress = impl_->ingress;  // null once shut down
+  }
+  if (ingress)
+    caf::anon_send(ingress, actors::cancel_atom::value, request_id);
 }
 
 void Engine::shutdown() {
@@ -242,7 +406,10 @@ void Engine::shutdown() {
   for (auto& actor : impl_->all_actors)
     caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
   impl_->all_actors.clear();
-  impl_->ingress = nullptr;
+  {
+    std::lock_guard<std::mutex> guard{impl_->mutex};
+    impl_->ingress = nullptr;
+  }
   impl_->system->await_all_actors_done();
 }
 
@@ -276,26 +443,47 @@ const model::model_config& Engine::model_config() const {
   return impl_->ctx.config;
 }
 
+std::size_t Engine::vocab_size() const {
+  return std::size_t(impl_->ctx.config.vocab_size);
+}
+
+std::size_t Engine::max_context_tokens() const {
+  return std::size_t(impl_->ctx.config.max_position_embeddings);
+}
+
+std::vector<std::int32_t> Engine::eos_token_ids() const {
+  return impl_->ctx.config.eos_token_ids;
+}
+
+EngineLoad Engine::load() const {
+  std::size_t live;
+  {
+    std::lock_guard<std::mutex> guard{impl_->mutex};
+    live = impl_->live_ids.size();
+  }
+  // Submitted but not yet pinned (also on the way to the ingress) counts as waiting.
+  std::size_t running = std::min(impl_->stats.running(), live);
+  return {running, live - running};
+}
+
 EngineReport Engine::report() const {
   EngineReport out;
   double lifetime = std::chrono::duration<double>(std::chrono::steady_clock::now() - impl_->started).count();
   for (const auto& dev : impl_->devices)
     out.devices.push_back({dev->name(), std::chrono::duration<double>(dev->busy_time()).count() / lifetime});
-  auto sizes = impl_->stats.expert_batch_sizes();
-  if (!sizes.empty()) {
-    std::sort(sizes.begin(), sizes.end());
-    double sum = 0;
-    for (auto s : sizes)
-      sum += double(s);
-    out.expert_batch_mean = sum / double(sizes.size());
-    out.expert_batch_p50 = double(sizes[sizes.size() / 2]);
-    out.expert_batch_p95 = double(sizes[std::min(sizes.size() - 1, sizes.size() * 95 / 100)]);
-  }
+  auto batches = impl_->stats.expert_batches();
+  out.expert_batch_mean = batches.mean;
+  out.expert_batch_p50 = batches.p50;
+  out.expert_batch_p95 = batches.p95;
   out.executions_per_layer_wave = impl_->stats.executions_per_layer_wave();
   out.tokens = impl_->stats.tokens();
   out.replans = impl_->stats.replans();
   out.last_solve_micros = impl_->stats.last_solve_micros();
   out.messages_per_token = out.tokens ? double(impl_->stats.messages()) / double(out.tokens) : 0.0;
+  out.finished_length = impl_->finished[std::size_t(FinishReason::length)];
+  out.finished_stop = impl_->finished[std::size_t(FinishReason::stop)];
+  out.cancelled = impl_->finished[std::size_t(FinishReason::cancelled)];
+  out.errors = impl_->finished[std::size_t(FinishReason::error)];
   return out;
 }
 

@@ -124,6 +124,25 @@ private:
   std::string message_;
 };
 
+// eos_token_id: an int, a list of ints, or null/absent (no EOS).
+void read_eos(field_reader& in, model_config& config) {
+  if (!in.has("eos_token_id"))
+    return;
+  const json& value = in.root()["eos_token_id"];
+  std::vector<std::int64_t> ids;
+  if (value.is_number_integer())
+    ids.push_back(value.get<std::int64_t>());
+  else if (value.is_array())
+    ids = in.int_list_or_empty("eos_token_id");
+  else
+    return in.fail("field 'eos_token_id' must be an integer or a list of integers, got " + value.dump());
+  // An id outside the vocabulary can never be generated: it is dropped rather than making
+  // an otherwise valid checkpoint unloadable.
+  for (std::int64_t id : ids)
+    if (id >= 0 && id < config.vocab_size)
+      config.eos_token_ids.push_back(std::int32_t(id));
+}
+
 void read_common(field_reader& in, model_config& config) {
   config.vocab_size = in.positive_int("vocab_size");
   config.hidden_size = in.positive_int("hidden_size");
@@ -135,6 +154,7 @@ void read_common(field_reader& in, model_config& config) {
   config.max_position_embeddings = in.positive_int_or("max_position_embeddings", 4096);
   config.num_experts_per_tok = in.positive_int("num_experts_per_tok");
   config.tie_word_embeddings = in.boolean_or("tie_word_embeddings", false);
+  read_eos(in, config);
 
   std::string act = in.string_or("hidden_act", "silu");
   if (act != "silu")

@@ -73,6 +73,8 @@ struct model_config {
   bool o_bias = false;      // bias on o_proj
   bool qk_norm = false;     // per-head RMSNorm of q and k before RoPE (qwen3)
   bool tie_word_embeddings = false;
+  // config.json eos_token_id (an int or a list; may be absent): generation stops after one.
+  std::vector<std::int32_t> eos_token_ids;
   dtype torch_dtype = dtype::f32;  // the declared storage type; compute is f32
 
   // Multi-head latent attention (deepseek_v2). q_lora_rank 0 = plain q_proj.

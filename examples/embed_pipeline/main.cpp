@@ -1,7 +1,7 @@
 // A serving pipeline that embeds moert: client threads submit requests to one Engine and
 // collect each request's tokens. Then it checks moert's promise: the same requests on a
 // differently placed engine (other device counts, plan and scheduler) give the same tokens.
-#include "engine/engine.hpp"
+#include <moert/engine.hpp>
 
 #include <cstdio>
 #include <thread>

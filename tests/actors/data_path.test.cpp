@@ -16,7 +16,9 @@
 //                                                          it has room for a second; handled only
 //                                                          now, so no next batch races batch_done)
 //   per step shard's device ─final_done─▶ shard ─token_event─▶ client's sink, shard ─step─▶ shard
-//   end      shard ─done─▶ ingress, and nothing else is pending anywhere
+//            (the last token instead: shard ─request_ended─▶ ingress, which releases the
+//            request and only then hands the last token_event to the sink)
+//   end      nothing else is pending anywhere
 //
 // Every payload is compared bit for bit with an independent re-computation by the model's layer
 // functions (`shadow` below), and the generated tokens with the reference forward.
@@ -385,7 +387,7 @@ public:
     expect_atom("shard's device -> shard: lm_head + sampler done (step " + std::to_string(step) + ")", shard,
                 nullptr, final_done, [&](const caf::type_erased_tuple& c) {
                   REQUIRE((c.match_elements<caf::atom_value, std::uint64_t, std::uint32_t, std::vector<std::int32_t>,
-                                            std::vector<std::vector<float>>>()));
+                                            std::vector<std::vector<float>>, std::vector<token_logprobs>>()));
                   REQUIRE(c.get_as<std::uint64_t>(1) == step);
                   REQUIRE(c.get_as<std::uint32_t>(2) == 0u);
                   REQUIRE(c.get_as<std::vector<std::int32_t>>(3) == std::vector<std::int32_t>{want.token});
@@ -393,6 +395,10 @@ public:
                   REQUIRE(logits.size() == 1);
                   REQUIRE(logits[0].size() == want.logits.size());
                   REQUIRE(same_bits(logits[0].data(), want.logits.data(), want.logits.size()));
+                  // Log-probs are computed only for sequences that ask; this one did not.
+                  const auto& logprobs = c.get_as<std::vector<token_logprobs>>(5);
+                  REQUIRE(logprobs.size() == 1);
+                  CHECK(logprobs[0].top_tokens.empty());
                 });
   }
 
@@ -604,13 +610,30 @@ TEST_CASE_METHOD(data_path_fixture, "one request through every hop of the data p
     INFO("step " << s + 1);
     REQUIRE(events.size() == s);
     run_step(s + 1, steps[s]);
-    // The final_done handler called the sink with the token (on the shard's thread).
+    bool last = s + 1 == max_new_tokens;
+    if (last) {
+      // The last token goes through the ingress: it frees the request's KV reservation and id
+      // first, and only then tells the client (who may reuse the id at once).
+      REQUIRE(events.size() == s);
+      expect_value<request_ended>("shard -> ingress: request_ended", ingress_actor, &shard,
+                                  [&](const request_ended& m) {
+                                    REQUIRE(m.request_id == request_id);
+                                    REQUIRE(m.kv_tokens == prompt.size() + max_new_tokens);
+                                    REQUIRE(m.sink == request.sink);
+                                    REQUIRE(m.last.token == steps[s].token);
+                                    REQUIRE(m.last.finish == finish_reason::length);
+                                    REQUIRE(m.last.admitted != std::chrono::steady_clock::time_point{});
+                                  });
+    }
+    // The final_done handler (or, for the last, the ingress) called the sink with the token.
     REQUIRE(events.size() == s + 1);
     const token_event& e = events.back();
     CHECK(e.request_id == request_id);
     CHECK(e.token == steps[s].token);
     CHECK(e.index == s);
-    CHECK(e.last == (s + 1 == max_new_tokens));
+    CHECK(e.last == last);
+    CHECK(e.finish == (last ? finish_reason::length : finish_reason::none));
+    CHECK(e.error_code == request_error::none);
     CHECK(e.error.empty());
     REQUIRE(e.logits.size() == steps[s].logits.size());
     CHECK(same_bits(e.logits.data(), steps[s].logits.data(), e.logits.size()));
@@ -618,12 +641,7 @@ TEST_CASE_METHOD(data_path_fixture, "one request through every hop of the data p
       REQUIRE(pending() == std::vector<caf::actor>{shard});  // only the next step is pending
   }
 
-  // -- the end: the shard releases the request's KV reservation and goes idle -------------------
-  expect_atom("shard -> ingress: done", ingress_actor, &shard, done_atom::value, [&](const caf::type_erased_tuple& c) {
-    REQUIRE((c.match_elements<caf::atom_value, std::uint64_t, std::uint64_t>()));
-    REQUIRE(c.get_as<std::uint64_t>(1) == request_id);
-    REQUIRE(c.get_as<std::uint64_t>(2) == prompt.size() + max_new_tokens);
-  });
+  // -- the end: the shard goes idle ------------------------------------------------------------
   expect_atom("shard -> shard: step (nothing left to run)", shard, &shard, step_atom::value);
   REQUIRE(pending().empty());
 

@@ -83,6 +83,7 @@ void check_equivalence(EngineConfig base, const std::vector<std::vector<std::int
       sampling = {0.8f, 40, 0.95f, 77};  // every other request samples
     ref_requests.push_back({i + 1, prompts[i], steps, sampling});
     requests.push_back({i + 1, prompts[i], steps, sampling, true});
+    requests.back().ignore_eos = true;  // the fixtures have an EOS; the reference runs `steps` tokens
   }
   auto expected = model::generate(*ref, ref_requests, model::decode_mode::kv_cache);
   REQUIRE(expected.ok());
@@ -229,6 +230,8 @@ TEST_CASE("bad requests end their stream with an error; cancel stops a request")
   auto out = long_one->wait();
   REQUIRE_FALSE(out.ok());
   CHECK(out.err().message == "cancelled");
+  CHECK(long_one->finish_reason() == FinishReason::cancelled);
+  CHECK(long_one->error_code() == ErrorCode::none);
 
   (*engine)->shutdown();
   CHECK(error_of({0, {1}, 2, {}, false}).find("shut down") != std::string::npos);

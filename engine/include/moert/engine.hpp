@@ -1,0 +1,225 @@
+#pragma once
+
+// moert's embedding API: build an Engine from a configuration, submit requests from any
+// number of threads, and read each request's tokens as a stream (pull) or by callback.
+//
+//   #include <moert/engine.hpp>
+//   auto engine = moert::Engine::create(config);            // result<unique_ptr<Engine>>
+//   auto stream = (*engine)->submit({.prompt = {1, 2, 3}, .max_new_tokens = 8});
+//   while (auto event = stream->next()) use(event->token);
+//
+// Given a seed, tokens and logits are bit-identical to the single-process reference forward
+// whatever the number of devices, the plan or the queue scheduler (DESIGN.md §4).
+//
+// This header speaks moert's own types only: it pulls in neither CAF nor a kernel header
+// (the model's weights are forward-declared; include "model/weights.hpp" to build them).
+//
+// Thread safety: every Engine member and every TokenStream member may be called from any
+// thread. shutdown() (also run by the destructor) waits for every accepted request to finish.
+
+#include "core/error.hpp"
+#include "model/config.hpp"
+#include "model/sampler.hpp"
+#include "policy/defrag.hpp"
+#include "policy/perf_model.hpp"
+#include "policy/plan.hpp"
+#include "policy/replan.hpp"
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moert {
+
+namespace model {
+struct model_weights;  // model/weights.hpp
+}
+
+// -- events --------------------------------------------------------------------------
+
+// Why a request ended; set on its last event only.
+enum class FinishReason {
+  none,       // not the last event
+  length,     // max_new_tokens generated
+  stop,       // the last token is an EOS or one of Request::stop_token_ids
+  cancelled,  // Engine::cancel
+  error,      // see TokenEvent::error_code
+};
+
+enum class ErrorCode {
+  none,
+  invalid_request,   // empty prompt, token outside the vocabulary, id in use, bad parameter
+  context_too_long,  // prompt (+ max_new_tokens) beyond max_context_tokens() or a shard's KV
+  overloaded,        // EngineConfig::max_inflight_requests reached: retry later
+  shutdown,          // the engine stopped accepting requests
+  internal,          // a bug or a failed component: the message says which
+};
+
+const char* to_string(FinishReason reason);
+const char* to_string(ErrorCode code);
+
+struct TopLogprob {
+  std::int32_t token;
+  float logprob;
+};
+
+// On the last event of a request, in milliseconds of the steady clock.
+struct RequestTimings {
+  double queue_wait_ms = 0;               // submit -> admitted to a shard
+  double time_to_first_token_ms = 0;      // submit -> first token
+  double mean_time_between_tokens_ms = 0; // over tokens 2..n
+  double total_ms = 0;                    // submit -> last event
+};
+
+// One generated token, or the end of a request.
+struct TokenEvent {
+  std::uint64_t request_id = 0;
+  std::int32_t token = -1;  // -1 on a last event that carries no token (error, cancel)
+  std::size_t index = 0;    // 0 for the first generated token
+  bool last = false;        // no more events follow for this request
+  FinishReason finish_reason = FinishReason::none;
+  ErrorCode error_code = ErrorCode::none;
+  std::string error;                      // non-empty exactly when error_code != none
+  float logprob = 0;                      // log-softmax of `token`, when Request::logprobs
+  std::vector<TopLogprob> top_logprobs;   // the Request::top_logprobs best, highest first
+  std::vector<float> logits;              // the logits the token was drawn from, when return_logits
+  std::vector<float> prompt_logits;       // first event, when return_prompt_logits (prompt × vocab)
+  RequestTimings timings;                 // last event only
+};
+
+// -- configuration and requests --------------------------------------------------------
+
+struct EngineConfig {
+  std::string model_dir;         // a Hugging Face checkpoint directory, or empty for …
+  std::string synthetic_config;  // … a synthetic model: HF config.json text, seeded weights
+  std::uint64_t weight_seed = 1;
+  // Or a model already in memory, shared with its other users (wins over the two above).
+  std::shared_ptr<const model::model_weights> weights;
+  model::model_config weights_config;
+  std::size_t attention_devices = 1;  // ag: attention shards
+  std::size_t expert_devices = 1;     // eg: expert devices (experts placed round-robin)
+  std::size_t threads_per_device = 1;
+  // Every shard and expert posts to one device: the runtime on a single core, for comparing
+  // its overhead with the bare forward.
+  bool single_device = false;
+  policy::execution_plan plan;
+  // Online FinDEP: with a testbed, the policy actor re-solves the plan whenever the observed
+  // batch or context length leaves the replan band (`plan` is then only the starting plan).
+  std::optional<policy::testbed> online_testbed;
+  policy::replan_params replan;
+  policy::queue_policy scheduler = policy::queue_policy::defrag;
+  policy::defrag_params defrag;
+  std::size_t kv_capacity_tokens = std::size_t{1} << 20;  // per shard, prompt + new tokens
+  std::size_t actor_threads = 2;                          // CAF scheduler threads
+  bool trace = false;                                     // record a Perfetto trace
+  // Admission: requests submitted and not yet ended (running or queued). Beyond it submit()
+  // ends the stream at once with ErrorCode::overloaded. 0 = unlimited.
+  std::size_t max_inflight_requests = 0;
+};
+
+struct Request {
+  std::uint64_t id = 0;  // 0: the engine assigns one. Sampling is keyed by it.
+  std::vector<std::int32_t> prompt;
+  std::size_t max_new_tokens = 16;
+  model::sampling_params sampling;
+  bool return_logits = false;         // logits each token was drawn from
+  bool return_prompt_logits = false;  // logits at every prompt position, on the first event
+  // Generation ends (finish stop) after emitting one of these; the model's EOS ids
+  // (Engine::eos_token_ids) are added unless ignore_eos. The stop token is the last event's.
+  std::vector<std::int32_t> stop_token_ids = {};
+  bool ignore_eos = false;
+  bool logprobs = false;          // TokenEvent::logprob
+  std::size_t top_logprobs = 0;   // 0..20: TokenEvent::top_logprobs
+};
+
+// The events of one request, in order. Events arrive on engine threads and queue here.
+class TokenStream {
+public:
+  // The next event, blocking until there is one; nullopt once the request has ended.
+  std::optional<TokenEvent> next();
+  // Every token of the request, or the error that ended it (also "cancelled").
+  result<std::vector<std::int32_t>> wait();
+  bool done() const;
+  // Of the last event; none while the request runs.
+  FinishReason finish_reason() const;
+  ErrorCode error_code() const;
+
+  // Engine side: appends an event (thread-safe).
+  void push(TokenEvent event);
+
+private:
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<TokenEvent> events_;
+  std::vector<std::int32_t> tokens_;
+  std::string error_;
+  FinishReason finish_ = FinishReason::none;
+  ErrorCode error_code_ = ErrorCode::none;
+  bool ended_ = false;
+};
+
+// End-of-run figures (DESIGN.md §6).
+struct EngineReport {
+  struct device_load {
+    std::string name;
+    double busy_fraction;  // busy time ÷ engine lifetime
+  };
+  std::vector<device_load> devices;
+  double expert_batch_mean = 0, expert_batch_p50 = 0, expert_batch_p95 = 0;
+  double executions_per_layer_wave = 0;  // fragmentation: expert runs per (layer, wave)
+  double messages_per_token = 0;
+  std::uint64_t tokens = 0;
+  std::uint64_t replans = 0;         // online FinDEP re-solves
+  double last_solve_micros = 0;
+  // Requests by how they ended (rejected ones count as errors).
+  std::uint64_t finished_length = 0, finished_stop = 0, cancelled = 0, errors = 0;
+};
+
+// Requests admitted to a shard (running) and submitted but not yet admitted (waiting), now.
+struct EngineLoad {
+  std::size_t running = 0, waiting = 0;
+};
+
+class Engine {
+public:
+  static result<std::unique_ptr<Engine>> create(EngineConfig config);
+  ~Engine();
+
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Never blocks on inference. A bad request (empty prompt, token id outside the vocabulary,
+  // no tokens asked for, id in use, context too long, overload, engine shut down) yields a
+  // stream that ends with an error code. `on_token`, if set, runs on an engine thread for
+  // each event before it is queued, one call at a time per request; keep it short. When a
+  // request's last event is seen (here or on the stream), its id is free for a new request.
+  std::shared_ptr<TokenStream> submit(Request request, std::function<void(const TokenEvent&)> on_token = {});
+  // Ends the request with FinishReason::cancelled (unknown or ended ids are ignored).
+  void cancel(std::uint64_t request_id);
+  // Refuses new requests, finishes the accepted ones, stops every actor and device.
+  void shutdown();
+
+  const model::model_config& model_config() const;
+  std::size_t vocab_size() const;
+  std::size_t max_context_tokens() const;  // max_position_embeddings: prompt + new tokens
+  std::vector<std::int32_t> eos_token_ids() const;  // config.json eos_token_id; may be empty
+  EngineLoad load() const;
+  // The FinDEP view of the model: the shapes the cost and memory models use.
+  static policy::model_shape shape_of(const model::model_config& config);
+  EngineReport report() const;
+  // Chrome/Perfetto trace JSON (empty unless EngineConfig::trace).
+  std::string trace_json() const;
+
+private:
+  struct impl;
+  explicit Engine(std::unique_ptr<impl> state);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace moert

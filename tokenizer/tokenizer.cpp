@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -356,11 +357,47 @@ std::string utf8proc_transform(const std::string& s, utf8proc_option_t options) 
   return out;
 }
 
+// NFC, normalizing only the runs that can change. Code points below U+0300 are NFC already,
+// are starters and are never the second part of a composition, so the text can be cut before
+// each of them; a run that holds a code point >= U+0300 is normalized from the starter before it.
+std::string nfc(const std::string& s) {
+  bool any = false;
+  for (unsigned char c : s)
+    any = any || c >= 0xCC;  // lead bytes of U+0300 and above
+  if (!any)
+    return s;
+  std::string out;
+  out.reserve(s.size());
+  std::size_t pending = 0, candidate = 0, run_start = 0;
+  bool in_run = false;
+  for (std::size_t i = 0; i < s.size();) {
+    std::size_t b = i;
+    std::int32_t cp = next_cp(s, i);
+    if (cp < 0x300) {
+      if (in_run) {
+        out += utf8proc_transform(s.substr(run_start, b - run_start), UTF8PROC_COMPOSE);
+        pending = b;
+        in_run = false;
+      }
+      candidate = b;
+    } else if (!in_run) {
+      in_run = true;
+      run_start = std::max(candidate, pending);
+      out.append(s, pending, run_start - pending);
+    }
+  }
+  if (in_run)
+    out += utf8proc_transform(s.substr(run_start), UTF8PROC_COMPOSE);
+  else
+    out.append(s, pending, std::string::npos);
+  return out;
+}
+
 void apply_normalizer(const normalizer_step& step, std::string& s) {
   using k = normalizer_step::kind;
   switch (step.k) {
     case k::nfc:
-      s = utf8proc_transform(s, UTF8PROC_COMPOSE);
+      s = nfc(s);
       break;
     case k::nfd:
       s = utf8proc_transform(s, UTF8PROC_DECOMPOSE);
@@ -506,7 +543,7 @@ using offsets = std::vector<std::pair<std::size_t, std::size_t>>;
 
 // HF's NormalizedString::split: `hits` are the matches; the gaps between them are pieces too.
 void split_by(std::string_view s, const offsets& hits, split_behavior behavior, bool invert,
-              std::vector<std::string>& out) {
+              std::vector<std::string_view>& out) {
   struct part {
     std::size_t b, e;
     bool match;
@@ -572,7 +609,7 @@ void split_by(std::string_view s, const offsets& hits, split_behavior behavior, 
   }
   for (auto p : merged)
     if (!p.match && p.e > p.b)
-      out.emplace_back(s.substr(p.b, p.e - p.b));
+      out.push_back(s.substr(p.b, p.e - p.b));
 }
 
 const char k_gpt2_pattern[] =
@@ -980,9 +1017,111 @@ struct merge_info {
   std::int32_t new_id;
 };
 
+// Pair (left id, right id) -> merge, open addressing with linear probing: the lookup in the
+// inner loop of BPE, several times faster than std::unordered_map.
+class merge_table {
+public:
+  void reserve(std::size_t n) {
+    std::size_t cap = 16;
+    while (cap < n * 2)
+      cap <<= 1;
+    slots_.assign(cap, slot{k_empty, {}});
+    mask_ = cap - 1;
+  }
+  void insert(std::uint64_t key, merge_info value) {
+    if ((size_ + 1) * 2 > slots_.size()) {
+      auto old = std::move(slots_);
+      reserve(std::max<std::size_t>(16, size_ * 2 + 2));
+      size_ = 0;
+      for (const auto& s : old)
+        if (s.key != k_empty)
+          insert(s.key, s.value);
+    }
+    for (std::size_t i = hash(key) & mask_;; i = (i + 1) & mask_) {
+      if (slots_[i].key == k_empty) {
+        slots_[i] = {key, value};
+        ++size_;
+        return;
+      }
+      if (slots_[i].key == key) {
+        slots_[i].value = value;  // HF collects merges into a map: a repeated pair keeps the last rank
+        return;
+      }
+    }
+  }
+  const merge_info* find(std::uint64_t key) const {
+    if (slots_.empty())
+      return nullptr;
+    for (std::size_t i = hash(key) & mask_;; i = (i + 1) & mask_) {
+      if (slots_[i].key == key)
+        return &slots_[i].value;
+      if (slots_[i].key == k_empty)
+        return nullptr;
+    }
+  }
+
+private:
+  static constexpr std::uint64_t k_empty = ~std::uint64_t{0};
+  static std::size_t hash(std::uint64_t k) {
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    return static_cast<std::size_t>(k);
+  }
+  struct slot {
+    std::uint64_t key;
+    merge_info value;
+  };
+  std::vector<slot> slots_;
+  std::size_t mask_ = 0;
+  std::size_t size_ = 0;
+};
+
+// Words already run through BPE (HF keeps such a cache too). Sharded so that threads encoding
+// at once rarely meet on a lock; each shard stops growing when full.
+class word_cache {
+public:
+  bool find(std::string_view word, std::vector<std::int32_t>& out) const {
+    auto& sh = shards_[shard_of(word)];
+    std::lock_guard<std::mutex> lock{sh.mutex};
+    auto it = sh.map.find(word);
+    if (it == sh.map.end())
+      return false;
+    out.insert(out.end(), it->second.begin(), it->second.end());
+    return true;
+  }
+  void insert(std::string_view word, const std::int32_t* ids, std::size_t n) const {
+    auto& sh = shards_[shard_of(word)];
+    std::lock_guard<std::mutex> lock{sh.mutex};
+    if (sh.map.size() < k_per_shard)
+      sh.map.emplace(std::string{word}, std::vector<std::int32_t>(ids, ids + n));
+  }
+  static constexpr std::size_t k_max_word = 256;
+
+private:
+  static constexpr std::size_t k_shards = 16, k_per_shard = 4096;
+  struct hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  struct shard {
+    std::mutex mutex;
+    std::unordered_map<std::string, std::vector<std::int32_t>, hash, std::equal_to<>> map;
+  };
+  static std::size_t shard_of(std::string_view w) {
+    std::size_t h = 0;
+    for (unsigned char c : w)
+      h = h * 31 + c;
+    return h % k_shards;
+  }
+  mutable std::array<shard, k_shards> shards_;
+};
+
 struct bpe_model {
   vocab_map vocab;
-  std::unordered_map<std::uint64_t, merge_info> merges;
+  merge_table merges;
+  std::vector<std::int32_t> char_ids;  // code point -> id of the one-character token, -1 if none
+  word_cache cache;
   std::optional<std::int32_t> unk_id;
   bool fuse_unk = false;
   bool byte_fallback = false;
@@ -990,6 +1129,10 @@ struct bpe_model {
   std::string continuing_subword_prefix;
   std::string end_of_word_suffix;
   std::array<std::int32_t, 256> byte_ids{};  // "<0xAB>" ids, -1 when absent
+  // Byte-level vocabularies: the id of each byte's stand-in character. byte_mode when all 256
+  // exist and there is no subword prefix/suffix, so BPE may start from raw bytes.
+  std::array<std::int32_t, 256> byte_level_ids{};
+  bool byte_mode = false;
 
   static std::uint64_t pair_key(std::int32_t a, std::int32_t b) {
     return (static_cast<std::uint64_t>(static_cast<std::uint32_t>(a)) << 32) | static_cast<std::uint32_t>(b);
@@ -1016,17 +1159,57 @@ struct bpe_model {
 
   // HF's BPE::merge_word: initial symbols (chars, byte fallback, unk), then the lowest-rank pair
   // (leftmost first) is merged until none is left.
-  void encode_word(std::string_view word, std::vector<std::int32_t>& out) const {
-    if (ignore_merges)
-      if (auto id = find(word)) {
+  // `raw_bytes`: the word is raw bytes whose ByteLevel mapping is left to us (byte_mode).
+  void encode_word(std::string_view word, bool raw_bytes, std::vector<std::int32_t>& out) const {
+    if (ignore_merges) {
+      std::string mapped;
+      if (raw_bytes)
+        for (unsigned char c : word)
+          mapped += bytes_map().to_text[c];
+      if (auto id = find(raw_bytes ? std::string_view{mapped} : word)) {
         out.push_back(*id);
         return;
       }
+    }
+    bool cacheable = word.size() <= word_cache::k_max_word;
+    if (cacheable && cache.find(word, out))
+      return;
+    std::size_t first_out = out.size();
+    if (raw_bytes)
+      merge_bytes(word, out);
+    else
+      merge_word(word, out);
+    if (cacheable)
+      cache.insert(word, out.data() + first_out, out.size() - first_out);
+  }
+
+  // BPE from raw bytes: each byte starts as the token of its GPT-2 stand-in character.
+  void merge_bytes(std::string_view word, std::vector<std::int32_t>& out) const {
     thread_local std::vector<symbol> symbols;
-    thread_local std::vector<candidate> heap;
+    symbols.clear();
+    for (unsigned char c : word) {
+      int idx = static_cast<int>(symbols.size());
+      symbols.push_back({byte_level_ids[c], idx - 1, idx + 1, 1});
+    }
+    if (!symbols.empty())
+      symbols.back().next = -1;
+    run_merges(symbols, out);
+  }
+
+  std::optional<std::int32_t> find_char(std::string_view ch) const {
+    std::size_t i = 0;
+    std::int32_t cp = next_cp(ch, i);
+    if (cp >= 0 && static_cast<std::size_t>(cp) < char_ids.size()) {
+      std::int32_t id = char_ids[cp];
+      return id >= 0 ? std::optional<std::int32_t>{id} : std::nullopt;
+    }
+    return find(ch);
+  }
+
+  void merge_word(std::string_view word, std::vector<std::int32_t>& out) const {
+    thread_local std::vector<symbol> symbols;
     thread_local std::string piece;
     symbols.clear();
-    heap.clear();
     std::optional<std::pair<std::int32_t, std::uint32_t>> pending_unk;
     auto push = [&](std::int32_t id, std::uint32_t len) {
       int idx = static_cast<int>(symbols.size());
@@ -1047,7 +1230,7 @@ struct bpe_model {
       bool first = begin == 0, last = i == word.size();
       std::optional<std::int32_t> id;
       if ((first || continuing_subword_prefix.empty()) && (!last || end_of_word_suffix.empty())) {
-        id = find(ch);
+        id = find_char(ch);
       } else {
         piece.clear();
         if (!first)
@@ -1084,15 +1267,20 @@ struct bpe_model {
       }
     }
     flush_unk();
+    run_merges(symbols, out);
+  }
 
+  void run_merges(std::vector<symbol>& symbols, std::vector<std::int32_t>& out) const {
+    thread_local std::vector<candidate> heap;
+    heap.clear();
     auto consider = [&](int left) {
       int right = symbols[left].next;
       if (right < 0)
         return;
-      auto it = merges.find(pair_key(symbols[left].id, symbols[right].id));
-      if (it == merges.end())
+      const merge_info* m = merges.find(pair_key(symbols[left].id, symbols[right].id));
+      if (!m)
         return;
-      heap.push_back({it->second.rank, left, it->second.new_id});
+      heap.push_back({m->rank, left, m->new_id});
       std::push_heap(heap.begin(), heap.end(), std::greater<>{});
     };
     for (int i = 0; i + 1 < static_cast<int>(symbols.size()); ++i)
@@ -1105,8 +1293,8 @@ struct bpe_model {
       if (left.len == 0 || left.next < 0)
         continue;
       symbol& right = symbols[left.next];
-      auto it = merges.find(pair_key(left.id, right.id));
-      if (it == merges.end() || it->second.new_id != top.new_id)
+      const merge_info* m = merges.find(pair_key(left.id, right.id));
+      if (!m || m->new_id != top.new_id)
         continue;  // stale: one side has merged since this pair was queued
       left.id = top.new_id;
       left.len += right.len;
@@ -1198,16 +1386,21 @@ struct tokenizer::impl {
 
   // -- encode --
 
+  // Pieces are views into the input or into `arena` (text a step rewrote). When ByteLevel is the
+  // last step its mapping is left to the model, which starts BPE from the raw bytes.
   void pre_tokenize(std::string_view text, bool at_start, std::vector<std::int32_t>& out) const {
-    thread_local std::vector<std::string> pieces, next;
+    thread_local std::vector<std::string_view> pieces, next, parts;
+    thread_local std::deque<std::string> arena;
     thread_local offsets hits;
-    pieces.assign(1, std::string{text});
-    for (const auto& step : pre_tokenizer) {
+    arena.clear();
+    pieces.assign(1, text);
+    for (std::size_t step_idx = 0; step_idx < pre_tokenizer.size(); ++step_idx) {
+      const auto& step = pre_tokenizer[step_idx];
       next.clear();
       using k = pre_step::kind;
       switch (step.k) {
         case k::split:
-          for (const auto& p : pieces) {
+          for (auto p : pieces) {
             if (step.regex)
               step.regex->find_all(p, hits);
             else
@@ -1217,31 +1410,38 @@ struct tokenizer::impl {
           break;
         case k::byte_level: {
           const auto& map = bytes_map();
-          for (auto& p : pieces) {
-            std::string src = std::move(p);
-            if (step.add_prefix_space && (src.empty() || src[0] != ' '))
-              src.insert(0, " ");
-            thread_local std::vector<std::string> parts;
+          bool map_here = !(step_idx + 1 == pre_tokenizer.size() && model.byte_mode);
+          for (auto p : pieces) {
+            std::string_view src = p;
+            if (step.add_prefix_space && (src.empty() || src[0] != ' ')) {
+              arena.push_back(" ");
+              arena.back() += src;
+              src = arena.back();
+            }
             parts.clear();
             if (step.regex) {
               step.regex->find_all(src, hits);
               split_by(src, hits, split_behavior::isolated, false, parts);
             } else if (!src.empty()) {
-              parts.push_back(std::move(src));
+              parts.push_back(src);
             }
-            for (const auto& part : parts) {
-              std::string mapped;
+            for (auto part : parts) {
+              if (!map_here) {
+                next.push_back(part);
+                continue;
+              }
+              std::string& mapped = arena.emplace_back();
               mapped.reserve(part.size() * 2);
               for (unsigned char c : part)
                 mapped += map.to_text[c];
-              next.push_back(std::move(mapped));
+              next.push_back(mapped);
             }
           }
           break;
         }
         case k::metaspace:
-          for (auto& p : pieces) {
-            std::string s = p;
+          for (auto p : pieces) {
+            std::string& s = arena.emplace_back(p);
             replace_all(s, " ", step.replacement);
             bool prepend = step.scheme == pre_step::prepend_scheme::always ||
                            (step.scheme == pre_step::prepend_scheme::first && at_start);
@@ -1251,12 +1451,12 @@ struct tokenizer::impl {
               find_literal(s, step.replacement, hits);
               split_by(s, hits, split_behavior::merged_with_next, false, next);
             } else if (!s.empty()) {
-              next.push_back(std::move(s));
+              next.push_back(s);
             }
           }
           break;
         case k::digits:
-          for (const auto& p : pieces) {
+          for (auto p : pieces) {
             hits.clear();
             for (std::size_t i = 0; i < p.size();) {
               std::size_t b = i;
@@ -1270,8 +1470,9 @@ struct tokenizer::impl {
       }
       std::swap(pieces, next);
     }
-    for (const auto& p : pieces)
-      model.encode_word(p, out);
+    bool raw_bytes = model.byte_mode && !pre_tokenizer.empty() && pre_tokenizer.back().k == pre_step::kind::byte_level;
+    for (auto p : pieces)
+      model.encode_word(p, raw_bytes, out);
   }
 
   void encode_text(std::string_view text, std::vector<std::int32_t>& out) const {
@@ -1430,6 +1631,22 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
           model.byte_ids[b] = *id;
       }
 
+    // One-character tokens by code point, for the first step of BPE.
+    model.char_ids.assign(0x3100, -1);
+    for (const auto& [text, id] : model.vocab) {
+      std::size_t i = 0;
+      std::int32_t cp = next_cp(text, i);
+      if (i == text.size() && cp >= 0 && static_cast<std::size_t>(cp) < model.char_ids.size())
+        model.char_ids[cp] = id;
+    }
+
+    model.byte_mode = model.continuing_subword_prefix.empty() && model.end_of_word_suffix.empty();
+    for (int b = 0; b < 256; ++b) {
+      auto id = model.find(bytes_map().to_text[b]);
+      model.byte_level_ids[b] = id ? *id : -1;
+      model.byte_mode = model.byte_mode && id.has_value();
+    }
+
     auto merges = m.find("merges");
     if (merges == m.end() || !merges->is_array())
       return config_error(tj + ": model.merges", "expected an array");
@@ -1469,8 +1686,7 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
       if (!inew)
         return config_error(tj + ": model.merges[" + std::to_string(rank) + "]",
                             "the merged token '" + joined + "' is not in model.vocab");
-      model.merges.emplace(bpe_model::pair_key(*ia, *ib),
-                           merge_info{static_cast<std::int32_t>(rank), *inew});
+      model.merges.insert(bpe_model::pair_key(*ia, *ib), merge_info{static_cast<std::int32_t>(rank), *inew});
     }
 
     // added tokens

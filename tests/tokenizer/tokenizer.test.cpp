@@ -180,6 +180,12 @@ TEST_CASE("Unicode: NFC for qwen3 only, byte fallback and U+FFFD rules per token
   CHECK(qwen->decode(qwen->encode(nfd, false)) == nfc);
   CHECK(ds->encode(nfd, false) != ds->encode(nfc, false));
   CHECK(mistral->encode(nfd, false) != mistral->encode(nfc, false));
+  // NFC on runs: composition, reordering of marks, Hangul jamo, a leading mark, mixed text
+  CHECK(qwen->decode(qwen->encode("x a\xCC\x81\xCC\xA3 y", false)) == "x \xE1\xBA\xA1\xCC\x81 y");
+  CHECK(qwen->decode(qwen->encode("\xE1\x84\x80\xE1\x85\xA1!", false)) == "\xEA\xB0\x80!");
+  CHECK(qwen->decode(qwen->encode("\xCC\x81" "abc", false)) == "\xCC\x81" "abc");
+  CHECK(qwen->decode(qwen->encode("caf" "e\xCC\x81 \xE4\xBD\xA0 Zoe\xCC\x88", false)) ==
+        "caf\xC3\xA9 \xE4\xBD\xA0 Zo\xC3\xAB");
   // U+F900 is NFC-normalized to U+8C48 by qwen3
   CHECK(qwen->decode(qwen->encode("\xEF\xA4\x80", false)) == "\xE8\xB1\x88");
   // NBSP is whitespace for \s

@@ -155,6 +155,9 @@ TEST_CASE("bad input: one clear error line, non-zero exit") {
   expect_error("inspect --model " + (dir / "f64").string(), "float64");
   expect_error("generate --prompt 1,99999", "token id 99999");
   expect_error("generate --prompt ,", "--prompt is empty");
+  // -n 2^64-1 used to wrap the KV reservation and run until memory ran out.
+  expect_error("generate -n 18446744073709551615", "max_position_embeddings");
+  expect_error("generate --reference -n 18446744073709551615", "max_position_embeddings");
   if (!fixture.empty()) {
     std::string model = " --model " + fixture.string();
     write(dir / "big_id.json", "[[1, 2, 384]]");

@@ -18,15 +18,25 @@ namespace moert::tokenizer {
 
 class chat_template {
 public:
-  // Parses the template source; a syntax error names the line.
+  // Parses the template source; a syntax error (error_code::invalid_config) names the line,
+  // the column and what was expected.
   static result<chat_template> parse(const std::string& source);
   // The ChatML template (`<|im_start|>role\ncontent<|im_end|>\n`).
   static chat_template chatml();
 
   // `messages` is the OpenAI-style array; `extra` adds variables (bos_token, eos_token, tools,
-  // …). A `raise_exception(msg)` in the template comes back as an error carrying msg.
+  // …). As transformers does, `tools` and `documents` are none unless `extra` sets them, a
+  // `*_token` given as an AddedToken object ({"content": …}) is passed as its text, and a null
+  // `*_token` is left undefined.
+  // Errors: `raise_exception(msg)` in the template gives error_code::invalid_argument whose
+  // message is exactly msg; any other failure (a runtime type error, an undefined value used,
+  // a size or step limit) gives error_code::invalid_config naming the template line.
   result<std::string> render(const nlohmann::json& messages, bool add_generation_prompt,
                              const nlohmann::json& extra = nlohmann::json::object()) const;
+  // The same with insertion-ordered objects: `tojson` and `.items()` then keep the keys in
+  // the order the request gave them (Python dicts do; nlohmann::json sorts them).
+  result<std::string> render(const nlohmann::ordered_json& messages, bool add_generation_prompt,
+                             const nlohmann::ordered_json& extra) const;
 
   chat_template(const chat_template&);
   chat_template& operator=(const chat_template&);

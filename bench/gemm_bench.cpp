@@ -1,6 +1,8 @@
 // moert's batch-invariant matmul against OpenBLAS sgemm on nn.Linear shapes.
 //
-// Usage: gemm_bench [--quick]
+// Usage: gemm_bench [--quick] [--weights f32|bf16|f16]
+// --weights packs moert's weights in that type (widened in registers; the values are the
+// f32 weights rounded to it, so max_rel then shows the rounding, not a kernel error).
 // GFLOP/s = 2·M·N·K / time; each cell is the median and min–max over repetitions that
 // each run for at least `min_rep_seconds`. Weights are packed once, outside the timing,
 // as the runtime does at load time.
@@ -15,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -63,11 +66,17 @@ std::string cell(const stats& s) {
 
 int main(int argc, char** argv) {
   bool quick = false;
+  moert::dtype weight_type = moert::dtype::f32;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--weights") == 0 && i + 1 < argc &&
+               (std::strcmp(argv[i + 1], "f32") == 0 || std::strcmp(argv[i + 1], "bf16") == 0 ||
+                std::strcmp(argv[i + 1], "f16") == 0)) {
+      std::string t = argv[++i];
+      weight_type = t == "f32" ? moert::dtype::f32 : t == "bf16" ? moert::dtype::bf16 : moert::dtype::f16;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--weights f32|bf16|f16]\n", argv[0]);
       return 2;
     }
   }
@@ -82,8 +91,9 @@ int main(int argc, char** argv) {
       std::printf(" %s=%s", name, value);
   for (int i = 0; i < argc; ++i)
     std::printf(" %s", argv[i]);
-  std::printf("\n# moert kernel: %s   openblas core: %s   reps: %d x >= %.2f s\n",
-              moert::cpu::matmul_kernel_name(), openblas_get_corename(), reps, min_seconds);
+  std::printf("\n# moert kernel: %s, %s weights   openblas core: %s   reps: %d x >= %.2f s\n",
+              moert::cpu::matmul_kernel_name(), std::string{moert::safetensors_name(weight_type)}.c_str(),
+              openblas_get_corename(), reps, min_seconds);
   std::printf("# GFLOP/s = 2*M*N*K/time, median [min-max]; max_rel = max|moert-blas|/max|blas|\n");
   std::printf("%5s %5s %5s %3s  %-22s %-22s %6s %8s\n", "M", "K", "N", "thr", "moert", "openblas",
               "ratio", "max_rel");
@@ -96,7 +106,24 @@ int main(int argc, char** argv) {
     std::vector<float> w(n * k);
     for (float& v : w)
       v = gen.uniform(-1.0f, 1.0f);
-    auto packed = moert::cpu::packed_matrix::pack(w.data(), n, k);
+    // Rounded to the weight type, so both libraries multiply the same values.
+    std::vector<std::uint16_t> half(w.size());
+    if (weight_type != moert::dtype::f32) {
+      for (std::size_t i = 0; i < w.size(); ++i) {
+        std::uint32_t u;
+        std::memcpy(&u, &w[i], sizeof u);
+        if (weight_type == moert::dtype::bf16) {
+          half[i] = std::uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        } else {
+          _Float16 h = static_cast<_Float16>(w[i]);
+          std::memcpy(&half[i], &h, sizeof h);
+        }
+      }
+      moert::convert_to_f32(weight_type, half.data(), w.size(), w.data());
+    }
+    auto packed = weight_type == moert::dtype::f32
+                      ? moert::cpu::packed_matrix::pack(w.data(), n, k)
+                      : moert::cpu::packed_matrix::pack(weight_type, half.data(), n, k);
     for (std::size_t m : batch) {
       std::vector<float> x(m * k), y(m * n), y_blas(m * n);
       for (float& v : x)

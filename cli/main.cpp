@@ -2,6 +2,7 @@
 #include "commands.hpp"
 #include "policy_commands.hpp"
 #include "serve_command.hpp"
+#include "tokenize_command.hpp"
 
 #include <cstdio>
 #include <exception>
@@ -24,6 +25,7 @@ int main(int argc, char** argv) {
   add(moert::cli::add_simulate_command);
   add(moert::cli::add_calibrate_command);
   add(moert::cli::add_serve_command);
+  add(moert::cli::add_tokenize_command);
   CLI11_PARSE(app, argc, argv);
   try {
     for (auto& [sub, run] : commands)

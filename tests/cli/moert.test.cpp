@@ -112,6 +112,24 @@ TEST_CASE("inspect prints the components") {
   CHECK(r.out.find("KV cache") != std::string::npos);
 }
 
+TEST_CASE("bench --model prints llama-bench's figures for the engine and the reference, and how to rerun") {
+  auto fixture = moert::test::fixture_dir("qwen3_moe_tiny");
+  if (fixture.empty())
+    return;  // the eval test below marks the binary skipped
+  auto r = run("bench --model " + fixture.string() + " --reps 2 --pp 16 --tg 4 --tg-batch 3 --tg-prompt 2");
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("# reproduce: moert bench --model " + fixture.string() + " --reps 2 --pp 16 --tg 4") !=
+        std::string::npos);
+  for (const char* needle : {"| reference forward, 2 threads", "| engine, default placement", "prompt 16",
+                             "decode, 1 sequence", "decode, 3 sequences", "held "})
+    CHECK(r.out.find(needle) != std::string::npos);
+
+  auto inspect = run("inspect --model " + fixture.string());
+  REQUIRE(inspect.exit_code == 0);
+  CHECK(inspect.out.find("resident weights") != std::string::npos);
+}
+
 TEST_CASE("eval writes the fixture layout and matches its greedy tokens") {
   auto fixture = moert::test::fixture_dir("qwen3_moe_tiny");
   if (fixture.empty()) {

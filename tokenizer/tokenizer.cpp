@@ -1341,6 +1341,155 @@ result<json> parse_json(const fs::path& path) {
   }
 }
 
+// tokenizer.json in one pass: model.vocab and model.merges (hundreds of thousands of entries)
+// go straight into flat vectors, everything else becomes a json DOM. A DOM of the vocabulary
+// alone (a std::map of 150k keys) took most of the load time.
+class tokenizer_json_reader {
+public:
+  struct merge_entry {
+    std::string a, b;
+    bool joined;  // "a b" form: `a` holds the whole line
+  };
+
+  json root;
+  bool has_vocab = false, has_merges = false;
+  std::vector<std::pair<std::string, std::int64_t>> vocab;
+  std::vector<merge_entry> merges;
+  std::string bad;  // the first malformed entry, "key: what"
+
+  bool null() { return value(json(nullptr)); }
+  bool boolean(bool v) { return value(json(v)); }
+  bool number_integer(json::number_integer_t v) {
+    if (mode_ == mode::vocab)
+      return vocab_id(v);
+    return value(json(v));
+  }
+  bool number_unsigned(json::number_unsigned_t v) {
+    if (mode_ == mode::vocab)
+      return vocab_id(v > static_cast<json::number_unsigned_t>(INT64_MAX) ? -1 : static_cast<std::int64_t>(v));
+    return value(json(v));
+  }
+  bool number_float(json::number_float_t v, const std::string&) { return value(json(v)); }
+  bool string(std::string& v) {
+    if (mode_ == mode::merges) {
+      merges.push_back({std::move(v), {}, true});
+      return true;
+    }
+    if (mode_ == mode::merge_pair) {
+      parts_.push_back(std::move(v));
+      return true;
+    }
+    return value(json(std::move(v)));
+  }
+  bool binary(json::binary_t&) { return value(json(nullptr)); }
+  bool key(std::string& k) {
+    key_ = std::move(k);
+    return true;
+  }
+  bool start_object(std::size_t) {
+    if (mode_ == mode::dom && in_model() && key_ == "vocab") {
+      has_vocab = true;
+      mode_ = mode::vocab;
+      return true;
+    }
+    return open(json::object());
+  }
+  bool end_object() {
+    if (mode_ == mode::vocab) {
+      mode_ = mode::dom;
+      return true;
+    }
+    return close();
+  }
+  bool start_array(std::size_t) {
+    if (mode_ == mode::dom && in_model() && key_ == "merges") {
+      has_merges = true;
+      mode_ = mode::merges;
+      return true;
+    }
+    if (mode_ == mode::merges) {
+      mode_ = mode::merge_pair;
+      parts_.clear();
+      return true;
+    }
+    return open(json::array());
+  }
+  bool end_array() {
+    if (mode_ == mode::merges) {
+      mode_ = mode::dom;
+      return true;
+    }
+    if (mode_ == mode::merge_pair) {
+      mode_ = mode::merges;
+      if (parts_.size() != 2)
+        return fail("model.merges[" + std::to_string(merges.size()) + "]: expected \"a b\" or [\"a\", \"b\"]");
+      merges.push_back({std::move(parts_[0]), std::move(parts_[1]), false});
+      return true;
+    }
+    return close();
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) {
+    return fail(std::string{"malformed JSON: "} + e.what());
+  }
+
+private:
+  enum class mode { dom, vocab, merges, merge_pair };
+
+  bool in_model() const { return stack_.size() == 2 && keys_[1] == "model" && stack_[1]->is_object(); }
+
+  bool fail(std::string what) {
+    if (bad.empty())
+      bad = std::move(what);
+    return false;
+  }
+  bool vocab_id(std::int64_t v) {
+    if (v < 0 || v > INT32_MAX)
+      return fail("model.vocab[\"" + key_ + "\"]: expected a non-negative id");
+    vocab.emplace_back(std::move(key_), v);
+    return true;
+  }
+  json* insert(json&& v) {
+    if (mode_ == mode::vocab) {
+      fail("model.vocab[\"" + key_ + "\"]: expected a non-negative id");
+      return nullptr;
+    }
+    if (mode_ != mode::dom) {
+      fail("model.merges[" + std::to_string(merges.size()) + "]: expected \"a b\" or [\"a\", \"b\"]");
+      return nullptr;
+    }
+    if (stack_.empty()) {
+      root = std::move(v);
+      return &root;
+    }
+    json* parent = stack_.back();
+    if (parent->is_object())
+      return &((*parent)[key_] = std::move(v));
+    parent->push_back(std::move(v));
+    return &parent->back();
+  }
+  bool value(json&& v) { return insert(std::move(v)) != nullptr; }
+  bool open(json&& v) {
+    std::string k = stack_.empty() || !stack_.back()->is_object() ? std::string{} : key_;
+    json* at = insert(std::move(v));
+    if (!at)
+      return false;
+    stack_.push_back(at);
+    keys_.push_back(std::move(k));
+    return true;
+  }
+  bool close() {
+    stack_.pop_back();
+    keys_.pop_back();
+    return true;
+  }
+
+  mode mode_ = mode::dom;
+  std::vector<json*> stack_;
+  std::vector<std::string> keys_;
+  std::string key_;
+  std::vector<std::string> parts_;
+};
+
 // bos_token / eos_token / … in tokenizer_config.json: a string or an AddedToken object.
 std::optional<std::string> config_token(const json& config, const char* key) {
   auto it = config.find(key);
@@ -1378,6 +1527,7 @@ struct tokenizer::impl {
   std::size_t num_ids = 0;
 
   std::vector<std::int32_t> prefix_ids, suffix_ids;  // added by add_special_tokens
+  bool clean_up_spaces = false;  // tokenizer_config.json clean_up_tokenization_spaces
 
   std::optional<std::int32_t> bos, eos;
   std::string bos_text, eos_text;
@@ -1528,6 +1678,39 @@ struct tokenizer::impl {
 
   // The full decode, and in *stable how many of its leading bytes no later id can change.
   std::string decode(std::span<const std::int32_t> ids, bool skip_special, std::size_t* stable) const {
+    std::size_t raw_stable = 0;
+    std::string text = decode_raw(ids, skip_special, stable ? &raw_stable : nullptr);
+    if (!clean_up_spaces) {
+      if (stable)
+        *stable = raw_stable;
+      return text;
+    }
+    std::string clean = clean_up_tokenization(text);
+    if (stable) {
+      // Each replacement looks at most a few bytes ahead and scans left to right, so the cleaned
+      // text of a prefix that ends 8 bytes before the stable point, less its own last 8 bytes,
+      // is final.
+      std::size_t cut = raw_stable >= 8 ? raw_stable - 8 : 0;
+      while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80)
+        --cut;
+      std::string head = clean_up_tokenization(text.substr(0, cut));
+      std::size_t keep = head.size() >= 8 ? head.size() - 8 : 0;
+      while (keep > 0 && (static_cast<unsigned char>(head[keep]) & 0xC0) == 0x80)
+        --keep;
+      *stable = clean.compare(0, keep, head, 0, keep) == 0 ? keep : 0;
+    }
+    return clean;
+  }
+
+  // transformers' PreTrainedTokenizerBase.clean_up_tokenization, when the config asks for it.
+  static std::string clean_up_tokenization(std::string s) {
+    for (auto [from, to] : {std::pair{" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"},
+                            {" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}})
+      replace_all(s, from, to);
+    return s;
+  }
+
+  std::string decode_raw(std::span<const std::int32_t> ids, bool skip_special, std::size_t* stable) const {
     if (stream == stream_kind::byte_level) {
       std::string bytes;
       for (auto id : ids)
@@ -1569,10 +1752,15 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
     const std::string tj = tok_path.string();
     if (!fs::is_regular_file(tok_path))
       return make_error(error_code::io_error, "no tokenizer.json in " + dir);
-    auto doc = parse_json(tok_path);
-    if (!doc)
-      return doc.err();
-    const json& j = *doc;
+    auto tok_text = read_file(tok_path);
+    if (!tok_text)
+      return tok_text.err();
+    tokenizer_json_reader reader;
+    if (!json::sax_parse(*tok_text, &reader) || !reader.bad.empty())
+      return config_error(tj, reader.bad.empty() ? "malformed JSON" : reader.bad);
+    tok_text->clear();
+    tok_text->shrink_to_fit();
+    const json& j = reader.root;
     if (!j.is_object())
       return config_error(tj, "expected a JSON object");
 
@@ -1594,19 +1782,16 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
     if (auto d = m.find("dropout"); d != m.end() && !d->is_null() && !(d->is_number() && d->get<double>() == 0.0))
       return unsupported_error(tj + ": model.dropout", "BPE dropout is not supported");
     auto& model = state->model;
-    auto vit = m.find("vocab");
-    if (vit == m.end() || !vit->is_object())
+    if (!reader.has_vocab)
       return config_error(tj + ": model.vocab", "expected an object of token -> id");
-    model.vocab.reserve(vit->size());
+    model.vocab.reserve(reader.vocab.size());
     std::int32_t max_id = -1;
-    for (auto it = vit->begin(); it != vit->end(); ++it) {
-      if (!it.value().is_number_integer() || it.value().get<std::int64_t>() < 0 ||
-          it.value().get<std::int64_t>() > INT32_MAX)
-        return config_error(tj + ": model.vocab[\"" + it.key() + "\"]", "expected a non-negative id");
-      auto id = it.value().get<std::int32_t>();
-      model.vocab.emplace(it.key(), id);
+    for (auto& [text, id64] : reader.vocab) {
+      auto id = static_cast<std::int32_t>(id64);
+      model.vocab.insert_or_assign(std::move(text), id);  // a repeated key keeps its last id, as a JSON map does
       max_id = std::max(max_id, id);
     }
+    reader.vocab = {};
     auto str_or_null = [&](const char* key) {
       auto it = m.find(key);
       return it != m.end() && it->is_string() ? it->get<std::string>() : std::string{};
@@ -1647,30 +1832,25 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
       model.byte_mode = model.byte_mode && id.has_value();
     }
 
-    auto merges = m.find("merges");
-    if (merges == m.end() || !merges->is_array())
+    if (!reader.has_merges)
       return config_error(tj + ": model.merges", "expected an array");
-    model.merges.reserve(merges->size());
+    model.merges.reserve(reader.merges.size());
     std::size_t prefix_len = model.continuing_subword_prefix.size();
     std::string joined;
-    for (std::size_t rank = 0; rank < merges->size(); ++rank) {
-      const json& e = (*merges)[rank];
+    for (std::size_t rank = 0; rank < reader.merges.size(); ++rank) {
+      const auto& e = reader.merges[rank];
       std::string_view a, b;
-      std::string line;
-      if (e.is_string()) {
-        const auto& s = e.get_ref<const std::string&>();
+      if (e.joined) {
+        const auto& s = e.a;
         auto sp = s.find(' ');
         if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos)
           return config_error(tj + ": model.merges[" + std::to_string(rank) + "]",
                               "expected \"a b\", got \"" + s + "\"");
         a = std::string_view{s}.substr(0, sp);
         b = std::string_view{s}.substr(sp + 1);
-      } else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
-        a = e[0].get_ref<const std::string&>();
-        b = e[1].get_ref<const std::string&>();
       } else {
-        return config_error(tj + ": model.merges[" + std::to_string(rank) + "]",
-                            "expected \"a b\" or [\"a\", \"b\"]");
+        a = e.a;
+        b = e.b;
       }
       auto ia = model.find(a), ib = model.find(b);
       if (!ia || !ib)
@@ -1859,6 +2039,8 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
       if (!state->eos)
         return config_error(cj + ": eos_token", "'" + *t + "' is not a token of tokenizer.json");
     }
+    // Absent means false, transformers' default since 4.45.
+    state->clean_up_spaces = get_bool(config, "clean_up_tokenization_spaces", false);
     // transformers rebuilds the post-processor of these fast tokenizers from add_bos_token /
     // add_eos_token (LlamaTokenizerFast.update_post_processor), whatever tokenizer.json says.
     std::string cls = config.value("tokenizer_class", std::string{});

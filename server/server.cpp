@@ -242,9 +242,13 @@ struct request_context {
       finished = true;
       return o;
     };
+    steady::time_point next_check = steady::now() + poll_interval;
     for (;;) {
       std::optional<TokenEvent> e = channel->pop_for(poll_interval);
-      if (!e) {
+      // Between events, and at most every poll_interval while tokens stream in (a token may
+      // come faster than the interval, so a timeout alone would never see the flags).
+      if (!e || steady::now() >= next_check) {
+        next_check = steady::now() + poll_interval;
         if (server->shutting_down) {
           out.error = api_error{503, "the server is shutting down", "server_error", "", "shutdown"};
           return stop_early(out);
@@ -259,7 +263,8 @@ struct request_context {
                                 "timeout"};
           return stop_early(out);
         }
-        continue;
+        if (!e)
+          continue;
       }
       std::string delta;
       if (e->token >= 0) {

@@ -30,9 +30,9 @@ namespace {
 
 // -- limits ---------------------------------------------------------------------------------
 
-constexpr int max_parse_nesting = 96;       // brackets, unary chains, nested blocks
-constexpr int max_ast_depth = 256;          // operator chains (left-deep trees) included
-constexpr int max_eval_depth = 600;         // evaluator recursion, macro calls included
+constexpr int max_parse_nesting = 96;  // brackets, unary chains, nested blocks
+constexpr int max_ast_depth = 256;     // operator chains (left-deep trees) included
+constexpr int max_eval_depth = 600;    // evaluator recursion, macro calls included
 constexpr int max_macro_depth = 48;
 constexpr std::uint64_t max_steps = 20'000'000;  // expression/statement evaluations per render
 constexpr std::size_t max_bytes = 64u << 20;     // output and any single string
@@ -54,7 +54,8 @@ struct template_failure {
 thread_local std::uint64_t* current_steps = nullptr;
 
 void charge(std::uint64_t steps) {
-  if (!current_steps) return;
+  if (!current_steps)
+    return;
   *current_steps += steps;
   if (*current_steps > max_steps)
     fail_plain("the template ran more than " + std::to_string(max_steps) + " steps");
@@ -76,7 +77,8 @@ std::u32string decode_utf8(std::string_view s) {
       continue;
     }
     int len = c >= 0xF0 && c < 0xF5 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 0;
-    if (c >= 0xF5) len = 0;
+    if (c >= 0xF5)
+      len = 0;
     char32_t cp = 0;
     bool ok = len > 0 && i + len <= s.size();
     if (ok) {
@@ -127,50 +129,62 @@ void append_utf8(std::string& out, char32_t cp) {
 std::string encode_utf8(std::u32string_view s) {
   std::string out;
   out.reserve(s.size());
-  for (char32_t c : s) append_utf8(out, c);
+  for (char32_t c : s)
+    append_utf8(out, c);
   return out;
 }
 
 bool is_ascii(std::string_view s) {
   for (char c : s)
-    if (static_cast<unsigned char>(c) >= 0x80) return false;
+    if (static_cast<unsigned char>(c) >= 0x80)
+      return false;
   return true;
 }
 
 std::size_t utf8_length(std::string_view s) {
-  if (is_ascii(s)) return s.size();
+  if (is_ascii(s))
+    return s.size();
   return decode_utf8(s).size();
 }
 
 // Python's str.isspace().
 bool py_space(char32_t c) {
   return c == ' ' || (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x1F) || c == 0x85 ||
-         c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 ||
-         c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+         c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 ||
+         c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
 char32_t to_upper_cp(char32_t c) {
-  if (c < 0x80) return (c >= 'a' && c <= 'z') ? c - 32 : c;
-  if (c >= 0xDC80 && c <= 0xDCFF) return c;
+  if (c < 0x80)
+    return (c >= 'a' && c <= 'z') ? c - 32 : c;
+  if (c >= 0xDC80 && c <= 0xDCFF)
+    return c;
   return static_cast<char32_t>(utf8proc_toupper(static_cast<utf8proc_int32_t>(c)));
 }
 char32_t to_lower_cp(char32_t c) {
-  if (c < 0x80) return (c >= 'A' && c <= 'Z') ? c + 32 : c;
-  if (c >= 0xDC80 && c <= 0xDCFF) return c;
+  if (c < 0x80)
+    return (c >= 'A' && c <= 'Z') ? c + 32 : c;
+  if (c >= 0xDC80 && c <= 0xDCFF)
+    return c;
   return static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(c)));
 }
 bool is_alpha_cp(char32_t c) {
-  if (c < 0x80) return (c | 32) >= 'a' && (c | 32) <= 'z';
-  if (c >= 0xDC80 && c <= 0xDCFF) return false;
+  if (c < 0x80)
+    return (c | 32) >= 'a' && (c | 32) <= 'z';
+  if (c >= 0xDC80 && c <= 0xDCFF)
+    return false;
   auto cat = utf8proc_category(static_cast<utf8proc_int32_t>(c));
   return cat >= UTF8PROC_CATEGORY_LU && cat <= UTF8PROC_CATEGORY_LO;
 }
-bool is_digit_cp(char32_t c) { return c >= '0' && c <= '9'; }
+bool is_digit_cp(char32_t c) {
+  return c >= '0' && c <= '9';
+}
 
 std::string map_case(std::string_view s, bool upper) {
   if (is_ascii(s)) {
     std::string out(s);
-    for (char& c : out) c = static_cast<char>(upper ? to_upper_cp(c) : to_lower_cp(c));
+    for (char& c : out)
+      c = static_cast<char>(upper ? to_upper_cp(c) : to_lower_cp(c));
     return out;
   }
   std::string out;
@@ -188,8 +202,10 @@ std::string map_case(std::string_view s, bool upper) {
 
 // float.__repr__: the shortest round-trip digits, fixed notation for 1e-4 <= |x| < 1e16.
 std::string py_float_repr(double d) {
-  if (std::isnan(d)) return "nan";
-  if (std::isinf(d)) return d > 0 ? "inf" : "-inf";
+  if (std::isnan(d))
+    return "nan";
+  if (std::isinf(d))
+    return d > 0 ? "inf" : "-inf";
   char buf[64];
   auto res = std::to_chars(buf, buf + sizeof buf, d, std::chars_format::scientific);
   std::string s(buf, res.ptr);
@@ -202,7 +218,8 @@ std::string py_float_repr(double d) {
   int exp = std::atoi(s.c_str() + epos + 1);
   std::string digits;
   for (std::size_t i = 0; i < epos; ++i)
-    if (s[i] != '.') digits.push_back(s[i]);
+    if (s[i] != '.')
+      digits.push_back(s[i]);
   int decpt = exp + 1;
   if (decpt > -4 && decpt <= 16) {
     if (decpt <= 0) {
@@ -214,7 +231,8 @@ std::string py_float_repr(double d) {
     }
   } else {
     out += digits.substr(0, 1);
-    if (digits.size() > 1) out += "." + digits.substr(1);
+    if (digits.size() > 1)
+      out += "." + digits.substr(1);
     char e[16];
     std::snprintf(e, sizeof e, "e%c%02d", exp < 0 ? '-' : '+', exp < 0 ? -exp : exp);
     out += e;
@@ -242,13 +260,21 @@ public:
   bool empty() const { return str().empty(); }
   const char* c_str() const { return str().c_str(); }
   template <class... A>
-  std::size_t find(A&&... a) const { return str().find(std::forward<A>(a)...); }
+  std::size_t find(A&&... a) const {
+    return str().find(std::forward<A>(a)...);
+  }
   template <class... A>
-  std::size_t rfind(A&&... a) const { return str().rfind(std::forward<A>(a)...); }
+  std::size_t rfind(A&&... a) const {
+    return str().rfind(std::forward<A>(a)...);
+  }
   template <class... A>
-  int compare(A&&... a) const { return str().compare(std::forward<A>(a)...); }
+  int compare(A&&... a) const {
+    return str().compare(std::forward<A>(a)...);
+  }
   template <class... A>
-  std::string substr(A&&... a) const { return str().substr(std::forward<A>(a)...); }
+  std::string substr(A&&... a) const {
+    return str().substr(std::forward<A>(a)...);
+  }
   char operator[](std::size_t k) const { return str()[k]; }
   bool operator==(const shared_string& o) const { return p_ == o.p_ || str() == o.str(); }
   bool operator==(const std::string& o) const { return str() == o; }
@@ -258,7 +284,17 @@ private:
 };
 
 enum class vk : std::uint8_t {
-  undefined, none, boolean, integer, floating, string, list, dict, ns, loop, callable
+  undefined,
+  none,
+  boolean,
+  integer,
+  floating,
+  string,
+  list,
+  dict,
+  ns,
+  loop,
+  callable
 };
 
 struct object_base {
@@ -274,10 +310,29 @@ struct value {
   shared_string s;  // the string; for undefined, the error text jinja2 would give on use
   std::shared_ptr<object_base> obj;
 
-  static value none() { value v; v.kind = vk::none; return v; }
-  static value boolean(bool x) { value v; v.kind = vk::boolean; v.b = x; return v; }
-  static value integer(std::int64_t x) { value v; v.kind = vk::integer; v.i = x; return v; }
-  static value floating(double x) { value v; v.kind = vk::floating; v.f = x; return v; }
+  static value none() {
+    value v;
+    v.kind = vk::none;
+    return v;
+  }
+  static value boolean(bool x) {
+    value v;
+    v.kind = vk::boolean;
+    v.b = x;
+    return v;
+  }
+  static value integer(std::int64_t x) {
+    value v;
+    v.kind = vk::integer;
+    v.i = x;
+    return v;
+  }
+  static value floating(double x) {
+    value v;
+    v.kind = vk::floating;
+    v.f = x;
+    return v;
+  }
   static value string(std::string x) {
     charge(x.size() / 16);
     value v;
@@ -285,7 +340,11 @@ struct value {
     v.s = std::move(x);
     return v;
   }
-  static value undefined(std::string hint) { value v; v.s = std::move(hint); return v; }
+  static value undefined(std::string hint) {
+    value v;
+    v.s = std::move(hint);
+    return v;
+  }
 
   bool is_undefined() const { return kind == vk::undefined; }
   bool is_number() const {
@@ -335,7 +394,7 @@ struct stmt;
 struct callable_obj : object_base {
   enum class type { builtin, method, macro, cycle, caller } t = type::builtin;
   std::string name;
-  value self;  // the receiver of a bound method, or the loop of loop.cycle
+  value self;                   // the receiver of a bound method, or the loop of loop.cycle
   const stmt* macro = nullptr;  // a macro, or the {% call %} block of a caller
   // caller(): the scope of its {% call %} block, valid only while `alive` is true (a caller
   // stored away and called after its block ended is refused, not a dangling pointer)
@@ -354,7 +413,8 @@ value make_list(std::vector<value> items, bool tuple = false) {
   charge(items.size());
   auto l = std::make_shared<list_obj>();
   std::uint32_t d = 0;
-  for (const auto& v : items) d = std::max(d, v.depth());
+  for (const auto& v : items)
+    d = std::max(d, v.depth());
   l->depth = d + 1;
   check_depth(l->depth);
   l->items = std::move(items);
@@ -367,7 +427,8 @@ value make_list(std::vector<value> items, bool tuple = false) {
 
 value make_dict(std::shared_ptr<dict_obj> d) {
   std::uint32_t depth = 0;
-  for (const auto& [k, v] : d->items) depth = std::max(depth, v.depth());
+  for (const auto& [k, v] : d->items)
+    depth = std::max(depth, v.depth());
   d->depth = depth + 1;
   check_depth(d->depth);
   value v;
@@ -391,10 +452,18 @@ value make_callable(callable_obj::type t, std::string name, value self = {},
   return v;
 }
 
-const list_obj& as_list(const value& v) { return static_cast<const list_obj&>(*v.obj); }
-const dict_obj& as_dict(const value& v) { return static_cast<const dict_obj&>(*v.obj); }
-namespace_obj& as_ns(const value& v) { return static_cast<namespace_obj&>(*v.obj); }
-const loop_obj& as_loop(const value& v) { return static_cast<const loop_obj&>(*v.obj); }
+const list_obj& as_list(const value& v) {
+  return static_cast<const list_obj&>(*v.obj);
+}
+const dict_obj& as_dict(const value& v) {
+  return static_cast<const dict_obj&>(*v.obj);
+}
+namespace_obj& as_ns(const value& v) {
+  return static_cast<namespace_obj&>(*v.obj);
+}
+const loop_obj& as_loop(const value& v) {
+  return static_cast<const loop_obj&>(*v.obj);
+}
 const callable_obj& as_callable(const value& v) {
   return static_cast<const callable_obj&>(*v.obj);
 }
@@ -402,44 +471,65 @@ const callable_obj& as_callable(const value& v) {
 // Python's type names, as error messages and Undefined hints spell them.
 std::string type_name(const value& v) {
   switch (v.kind) {
-    case vk::undefined: return "Undefined";
-    case vk::none: return "NoneType";
-    case vk::boolean: return "bool";
-    case vk::integer: return "int";
-    case vk::floating: return "float";
-    case vk::string: return "str";
-    case vk::list: return as_list(v).tuple ? "tuple" : "list";
-    case vk::dict: return "dict";
-    case vk::ns: return "Namespace";
-    case vk::loop: return "LoopContext";
-    case vk::callable: return "function";
+    case vk::undefined:
+      return "Undefined";
+    case vk::none:
+      return "NoneType";
+    case vk::boolean:
+      return "bool";
+    case vk::integer:
+      return "int";
+    case vk::floating:
+      return "float";
+    case vk::string:
+      return "str";
+    case vk::list:
+      return as_list(v).tuple ? "tuple" : "list";
+    case vk::dict:
+      return "dict";
+    case vk::ns:
+      return "Namespace";
+    case vk::loop:
+      return "LoopContext";
+    case vk::callable:
+      return "function";
   }
   return "object";
 }
 
 // jinja2's object_type_repr: "dict object", "None", …
 std::string object_repr(const value& v) {
-  if (v.kind == vk::none) return "None";
+  if (v.kind == vk::none)
+    return "None";
   return type_name(v) + " object";
 }
 
 bool truthy(const value& v) {
   switch (v.kind) {
     case vk::undefined:
-    case vk::none: return false;
-    case vk::boolean: return v.b;
-    case vk::integer: return v.i != 0;
-    case vk::floating: return v.f != 0;
-    case vk::string: return !v.s.empty();
-    case vk::list: return !as_list(v).items.empty();
-    case vk::dict: return !as_dict(v).items.empty();
-    default: return true;
+    case vk::none:
+      return false;
+    case vk::boolean:
+      return v.b;
+    case vk::integer:
+      return v.i != 0;
+    case vk::floating:
+      return v.f != 0;
+    case vk::string:
+      return !v.s.empty();
+    case vk::list:
+      return !as_list(v).items.empty();
+    case vk::dict:
+      return !as_dict(v).items.empty();
+    default:
+      return true;
   }
 }
 
 std::string py_str_repr(const std::string& s) {
   char quote = '\'';
-  if (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) quote = '"';
+  if (s.find('\'') != std::string::npos && s.find('"') == std::string::npos)
+    quote = '"';
   std::string out(1, quote);
   for (char ch : s) {
     unsigned char c = static_cast<unsigned char>(ch);
@@ -469,19 +559,34 @@ void append_repr(std::string& out, const value& v);
 // Python's str(): what `{{ x }}` prints.
 void append_str(std::string& out, const value& v) {
   switch (v.kind) {
-    case vk::undefined: break;
-    case vk::none: out += "None"; break;
-    case vk::boolean: out += v.b ? "True" : "False"; break;
-    case vk::integer: out += std::to_string(v.i); break;
-    case vk::floating: out += py_float_repr(v.f); break;
-    case vk::string: out += v.s; break;
-    default: append_repr(out, v); break;
+    case vk::undefined:
+      break;
+    case vk::none:
+      out += "None";
+      break;
+    case vk::boolean:
+      out += v.b ? "True" : "False";
+      break;
+    case vk::integer:
+      out += std::to_string(v.i);
+      break;
+    case vk::floating:
+      out += py_float_repr(v.f);
+      break;
+    case vk::string:
+      out += v.s;
+      break;
+    default:
+      append_repr(out, v);
+      break;
   }
-  if (out.size() > max_bytes) fail_plain("string longer than " + std::to_string(max_bytes) + " bytes");
+  if (out.size() > max_bytes)
+    fail_plain("string longer than " + std::to_string(max_bytes) + " bytes");
 }
 
 std::string to_str(const value& v) {
-  if (v.kind == vk::string) return v.s;
+  if (v.kind == vk::string)
+    return v.s;
   std::string out;
   append_str(out, v);
   return out;
@@ -489,17 +594,24 @@ std::string to_str(const value& v) {
 
 void append_repr(std::string& out, const value& v) {
   switch (v.kind) {
-    case vk::undefined: out += "Undefined"; break;
-    case vk::string: out += py_str_repr(v.s); break;
+    case vk::undefined:
+      out += "Undefined";
+      break;
+    case vk::string:
+      out += py_str_repr(v.s);
+      break;
     case vk::list: {
       const auto& l = as_list(v);
       out += l.tuple ? "(" : "[";
       for (std::size_t k = 0; k < l.items.size(); ++k) {
-        if (k) out += ", ";
+        if (k)
+          out += ", ";
         append_repr(out, l.items[k]);
-        if (out.size() > max_bytes) fail_plain("string too long");
+        if (out.size() > max_bytes)
+          fail_plain("string too long");
       }
-      if (l.tuple && l.items.size() == 1) out += ",";
+      if (l.tuple && l.items.size() == 1)
+        out += ",";
       out += l.tuple ? ")" : "]";
       break;
     }
@@ -507,24 +619,32 @@ void append_repr(std::string& out, const value& v) {
       out += "{";
       bool first = true;
       for (const auto& [k, item] : as_dict(v).items) {
-        if (!first) out += ", ";
+        if (!first)
+          out += ", ";
         first = false;
         out += py_str_repr(k) + ": ";
         append_repr(out, item);
-        if (out.size() > max_bytes) fail_plain("string too long");
+        if (out.size() > max_bytes)
+          fail_plain("string too long");
       }
       out += "}";
       break;
     }
-    case vk::ns: out += "<Namespace>"; break;
+    case vk::ns:
+      out += "<Namespace>";
+      break;
     case vk::loop: {
       const auto& l = as_loop(v);
       out += "<LoopContext " + std::to_string(l.index0 + 1) + "/" +
              std::to_string(l.items->items.size()) + ">";
       break;
     }
-    case vk::callable: out += "<function " + as_callable(v).name + ">"; break;
-    default: append_str(out, v); break;
+    case vk::callable:
+      out += "<function " + as_callable(v).name + ">";
+      break;
+    default:
+      append_str(out, v);
+      break;
   }
 }
 
@@ -543,13 +663,27 @@ void append_json_string(std::string& out, const std::string& s) {
   for (char ch : s) {
     unsigned char c = static_cast<unsigned char>(ch);
     switch (ch) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];
@@ -564,21 +698,34 @@ void append_json_string(std::string& out, const std::string& s) {
 }
 
 void append_json(std::string& out, const value& v, const json_style& st, int level) {
-  if (out.size() > max_bytes) fail_plain("tojson output too long");
+  if (out.size() > max_bytes)
+    fail_plain("tojson output too long");
   auto newline = [&](int lvl) {
     out.push_back('\n');
-    for (int k = 0; k < lvl; ++k) out += st.indent_text;
+    for (int k = 0; k < lvl; ++k)
+      out += st.indent_text;
   };
   switch (v.kind) {
-    case vk::none: out += "null"; return;
-    case vk::boolean: out += v.b ? "true" : "false"; return;
-    case vk::integer: out += std::to_string(v.i); return;
-    case vk::floating:
-      if (std::isnan(v.f)) out += "NaN";
-      else if (std::isinf(v.f)) out += v.f > 0 ? "Infinity" : "-Infinity";
-      else out += py_float_repr(v.f);
+    case vk::none:
+      out += "null";
       return;
-    case vk::string: append_json_string(out, v.s); return;
+    case vk::boolean:
+      out += v.b ? "true" : "false";
+      return;
+    case vk::integer:
+      out += std::to_string(v.i);
+      return;
+    case vk::floating:
+      if (std::isnan(v.f))
+        out += "NaN";
+      else if (std::isinf(v.f))
+        out += v.f > 0 ? "Infinity" : "-Infinity";
+      else
+        out += py_float_repr(v.f);
+      return;
+    case vk::string:
+      append_json_string(out, v.s);
+      return;
     case vk::list: {
       const auto& l = as_list(v);
       if (l.items.empty()) {
@@ -587,11 +734,14 @@ void append_json(std::string& out, const value& v, const json_style& st, int lev
       }
       out += "[";
       for (std::size_t k = 0; k < l.items.size(); ++k) {
-        if (k) out += st.item_sep;
-        if (st.indent) newline(level + 1);
+        if (k)
+          out += st.item_sep;
+        if (st.indent)
+          newline(level + 1);
         append_json(out, l.items[k], st, level + 1);
       }
-      if (st.indent) newline(level);
+      if (st.indent)
+        newline(level);
       out += "]";
       return;
     }
@@ -602,19 +752,22 @@ void append_json(std::string& out, const value& v, const json_style& st, int lev
         return;
       }
       std::vector<const std::pair<std::string, value>*> order;
-      for (const auto& kv : d.items) order.push_back(&kv);
+      for (const auto& kv : d.items)
+        order.push_back(&kv);
       if (st.sort_keys)
-        std::sort(order.begin(), order.end(),
-                  [](auto* a, auto* b) { return a->first < b->first; });
+        std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->first < b->first; });
       out += "{";
       for (std::size_t k = 0; k < order.size(); ++k) {
-        if (k) out += st.item_sep;
-        if (st.indent) newline(level + 1);
+        if (k)
+          out += st.item_sep;
+        if (st.indent)
+          newline(level + 1);
         append_json_string(out, order[k]->first);
         out += st.key_sep;
         append_json(out, order[k]->second, st, level + 1);
       }
-      if (st.indent) newline(level);
+      if (st.indent)
+        newline(level);
       out += "}";
       return;
     }
@@ -627,33 +780,42 @@ void append_json(std::string& out, const value& v, const json_style& st, int lev
 
 bool equal(const value& a, const value& b) {
   if (a.is_number() && b.is_number()) {
-    if (a.kind == vk::floating || b.kind == vk::floating) return a.as_double() == b.as_double();
+    if (a.kind == vk::floating || b.kind == vk::floating)
+      return a.as_double() == b.as_double();
     return a.as_int() == b.as_int();
   }
-  if (a.kind != b.kind) return false;
+  if (a.kind != b.kind)
+    return false;
   switch (a.kind) {
     case vk::undefined:
-    case vk::none: return true;
-    case vk::string: return a.s == b.s;
+    case vk::none:
+      return true;
+    case vk::string:
+      return a.s == b.s;
     case vk::list: {
       const auto& x = as_list(a);
       const auto& y = as_list(b);
-      if (x.tuple != y.tuple || x.items.size() != y.items.size()) return false;
+      if (x.tuple != y.tuple || x.items.size() != y.items.size())
+        return false;
       for (std::size_t k = 0; k < x.items.size(); ++k)
-        if (!equal(x.items[k], y.items[k])) return false;
+        if (!equal(x.items[k], y.items[k]))
+          return false;
       return true;
     }
     case vk::dict: {
       const auto& x = as_dict(a);
       const auto& y = as_dict(b);
-      if (x.items.size() != y.items.size()) return false;
+      if (x.items.size() != y.items.size())
+        return false;
       for (const auto& [k, v] : x.items) {
         const value* o = y.find(k);
-        if (!o || !equal(v, *o)) return false;
+        if (!o || !equal(v, *o))
+          return false;
       }
       return true;
     }
-    default: return a.obj == b.obj;
+    default:
+      return a.obj == b.obj;
   }
 }
 
@@ -675,21 +837,35 @@ int compare(const value& a, const value& b, const char* op) {
     const auto& x = as_list(a).items;
     const auto& y = as_list(b).items;
     for (std::size_t k = 0; k < x.size() && k < y.size(); ++k) {
-      if (equal(x[k], y[k])) continue;
+      if (equal(x[k], y[k]))
+        continue;
       return compare(x[k], y[k], op);
     }
     return x.size() < y.size() ? -1 : x.size() > y.size() ? 1 : 0;
   }
-  if (a.is_undefined()) fail_plain(a.s);
-  if (b.is_undefined()) fail_plain(b.s);
+  if (a.is_undefined())
+    fail_plain(a.s);
+  if (b.is_undefined())
+    fail_plain(b.s);
   fail_plain(std::string("'") + op + "' not supported between instances of '" + type_name(a) +
              "' and '" + type_name(b) + "'");
 }
 
 // -- lexer ------------------------------------------------------------------------------------
 
-enum class tt { data, var_begin, var_end, block_begin, block_end, name, string, integer,
-                floating, op, eof };
+enum class tt {
+  data,
+  var_begin,
+  var_end,
+  block_begin,
+  block_end,
+  name,
+  string,
+  integer,
+  floating,
+  op,
+  eof
+};
 
 struct token {
   tt type;
@@ -710,15 +886,18 @@ public:
     for (std::size_t k = 0; k < src_.size(); ++k) {
       if (src_[k] == '\r') {
         norm.push_back('\n');
-        if (k + 1 < src_.size() && src_[k + 1] == '\n') ++k;
+        if (k + 1 < src_.size() && src_[k + 1] == '\n')
+          ++k;
       } else {
         norm.push_back(src_[k]);
       }
     }
-    if (!norm.empty() && norm.back() == '\n') norm.pop_back();
+    if (!norm.empty() && norm.back() == '\n')
+      norm.pop_back();
     src_ = std::move(norm);
     for (std::size_t k = 0; k < src_.size(); ++k)
-      if (src_[k] == '\n') line_starts_.push_back(k + 1);
+      if (src_[k] == '\n')
+        line_starts_.push_back(k + 1);
   }
 
   std::vector<token> run() {
@@ -734,7 +913,8 @@ public:
       char kind = src_[open + 1];
       std::size_t after = open + 2;
       char sign = 0;
-      if (after < n && (src_[after] == '-' || src_[after] == '+')) sign = src_[after++];
+      if (after < n && (src_[after] == '-' || src_[after] == '+'))
+        sign = src_[after++];
       std::string text = src_.substr(pos, open - pos);
 
       // {% raw %} … {% endraw %}
@@ -797,9 +977,11 @@ private:
   std::size_t find_open(std::size_t pos) const {
     while (true) {
       std::size_t k = src_.find('{', pos);
-      if (k == std::string::npos || k + 1 >= src_.size()) return std::string::npos;
+      if (k == std::string::npos || k + 1 >= src_.size())
+        return std::string::npos;
       char c = src_[k + 1];
-      if (c == '{' || c == '%' || c == '#') return k;
+      if (c == '{' || c == '%' || c == '#')
+        return k;
       pos = k + 1;
     }
   }
@@ -809,21 +991,25 @@ private:
   }
   static std::string rstrip_ws(const std::string& s) {
     std::size_t e = s.size();
-    while (e > 0 && is_ws(s[e - 1])) --e;
+    while (e > 0 && is_ws(s[e - 1]))
+      --e;
     return s.substr(0, e);
   }
   static bool all_ws(const std::string& s, std::size_t from) {
     for (std::size_t k = from; k < s.size(); ++k)
-      if (!is_ws(s[k])) return false;
+      if (!is_ws(s[k]))
+        return false;
     return true;
   }
   std::size_t skip_ws(std::size_t p) const {
-    while (p < src_.size() && is_ws(src_[p])) ++p;
+    while (p < src_.size() && is_ws(src_[p]))
+      ++p;
     return p;
   }
 
   void emit_data(std::size_t pos, std::string text) {
-    if (text.empty()) return;
+    if (text.empty())
+      return;
     token t{tt::data, std::move(text), 0, 0, 0, 0};
     locate(pos, t);
     toks_.push_back(std::move(t));
@@ -832,7 +1018,8 @@ private:
   // After "{%" and its sign: `\s*raw\s*(-%}\s*|%})`; sets where the raw body starts.
   bool match_raw_begin(std::size_t p, std::size_t& body) const {
     p = skip_ws(p);
-    if (src_.compare(p, 3, "raw") != 0) return false;
+    if (src_.compare(p, 3, "raw") != 0)
+      return false;
     p += 3;
     if (p < src_.size() && (std::isalnum(static_cast<unsigned char>(src_[p])) || src_[p] == '_'))
       return false;
@@ -852,19 +1039,24 @@ private:
     std::size_t p = body;
     while (true) {
       std::size_t k = src_.find("{%", p);
-      if (k == std::string::npos) fail_at(open, "missing end of raw directive ('endraw')");
+      if (k == std::string::npos)
+        fail_at(open, "missing end of raw directive ('endraw')");
       std::size_t q = k + 2;
       char sign = 0;
-      if (q < src_.size() && (src_[q] == '-' || src_[q] == '+')) sign = src_[q++];
+      if (q < src_.size() && (src_[q] == '-' || src_[q] == '+'))
+        sign = src_[q++];
       q = skip_ws(q);
       if (src_.compare(q, 6, "endraw") == 0) {
         std::size_t e = skip_ws(q + 6);
         std::size_t end = std::string::npos;
-        if (src_.compare(e, 3, "+%}") == 0) end = e + 3;
-        else if (src_.compare(e, 3, "-%}") == 0) end = skip_ws(e + 3);
+        if (src_.compare(e, 3, "+%}") == 0)
+          end = e + 3;
+        else if (src_.compare(e, 3, "-%}") == 0)
+          end = skip_ws(e + 3);
         else if (src_.compare(e, 2, "%}") == 0) {
           end = e + 2;
-          if (end < src_.size() && src_[end] == '\n') ++end;
+          if (end < src_.size() && src_[end] == '\n')
+            ++end;
         }
         if (end != std::string::npos) {
           std::string text = src_.substr(body, k - body);
@@ -873,7 +1065,8 @@ private:
           } else if (sign != '+') {
             std::size_t l_pos = text.rfind('\n');
             l_pos = l_pos == std::string::npos ? 0 : l_pos + 1;
-            if (l_pos > 0 && l_pos < text.size() && all_ws(text, l_pos)) text.erase(l_pos);
+            if (l_pos > 0 && l_pos < text.size() && all_ws(text, l_pos))
+              text.erase(l_pos);
           }
           emit_data(body, std::move(text));
           return end;
@@ -887,21 +1080,21 @@ private:
     std::size_t p = body;
     while (true) {
       std::size_t k = src_.find("#}", p);
-      if (k == std::string::npos) fail_at(open, "missing end of comment tag ('#}')");
-      if (k > body && src_[k - 1] == '-') return skip_ws(k + 2);
-      if (k > body && src_[k - 1] == '+') return k + 2;
+      if (k == std::string::npos)
+        fail_at(open, "missing end of comment tag ('#}')");
+      if (k > body && src_[k - 1] == '-')
+        return skip_ws(k + 2);
+      if (k > body && src_[k - 1] == '+')
+        return k + 2;
       std::size_t end = k + 2;
-      if (end < src_.size() && src_[end] == '\n') ++end;  // trim_blocks
+      if (end < src_.size() && src_[end] == '\n')
+        ++end;  // trim_blocks
       return end;
     }
   }
 
-  static bool name_start(char c) {
-    return std::isalpha(static_cast<unsigned char>(c)) || c == '_';
-  }
-  static bool name_char(char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
-  }
+  static bool name_start(char c) { return std::isalpha(static_cast<unsigned char>(c)) || c == '_'; }
+  static bool name_char(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }
 
   std::size_t lex_tag(bool variable, std::size_t p, std::size_t open) {
     {
@@ -919,14 +1112,19 @@ private:
       if (balance.empty()) {
         std::size_t end = std::string::npos;
         if (variable) {
-          if (src_.compare(p, 3, "-}}") == 0) end = skip_ws(p + 3);
-          else if (src_.compare(p, 2, "}}") == 0) end = p + 2;
+          if (src_.compare(p, 3, "-}}") == 0)
+            end = skip_ws(p + 3);
+          else if (src_.compare(p, 2, "}}") == 0)
+            end = p + 2;
         } else {
-          if (src_.compare(p, 3, "+%}") == 0) end = p + 3;
-          else if (src_.compare(p, 3, "-%}") == 0) end = skip_ws(p + 3);
+          if (src_.compare(p, 3, "+%}") == 0)
+            end = p + 3;
+          else if (src_.compare(p, 3, "-%}") == 0)
+            end = skip_ws(p + 3);
           else if (src_.compare(p, 2, "%}") == 0) {
             end = p + 2;
-            if (end < n && src_[end] == '\n') ++end;  // trim_blocks
+            if (end < n && src_[end] == '\n')
+              ++end;  // trim_blocks
           }
         }
         if (end != std::string::npos) {
@@ -941,7 +1139,8 @@ private:
       char c = src_[p];
       if (name_start(c)) {
         std::size_t q = p;
-        while (q < n && name_char(src_[q])) ++q;
+        while (q < n && name_char(src_[q]))
+          ++q;
         t.type = tt::name;
         t.text = src_.substr(p, q - p);
         p = q;
@@ -953,7 +1152,8 @@ private:
         static const char* ops2[] = {"//", "**", "==", "!=", ">=", "<="};
         std::string op;
         for (const char* o : ops2)
-          if (src_.compare(p, 2, o) == 0) op = o;
+          if (src_.compare(p, 2, o) == 0)
+            op = o;
         if (op.empty()) {
           if (std::strchr("+-/*%~[](){}><=.:|,;", c) == nullptr || c == 0)
             fail_at(p, std::string("unexpected character '") + c + "'");
@@ -964,9 +1164,11 @@ private:
           if (balance.size() > static_cast<std::size_t>(max_parse_nesting))
             fail_at(p, "brackets nested too deeply");
         } else if (op == ")" || op == "]" || op == "}") {
-          if (balance.empty()) fail_at(p, "unexpected '" + op + "'");
+          if (balance.empty())
+            fail_at(p, "unexpected '" + op + "'");
           if (balance.back() != op[0])
-            fail_at(p, "unexpected '" + op + "', expected '" + std::string(1, balance.back()) + "'");
+            fail_at(p,
+                    "unexpected '" + op + "', expected '" + std::string(1, balance.back()) + "'");
           balance.pop_back();
         }
         t.text = op;
@@ -993,7 +1195,8 @@ private:
     }
     if (q < n && (src_[q] == 'e' || src_[q] == 'E')) {
       std::size_t r = q + 1;
-      if (r < n && (src_[r] == '+' || src_[r] == '-')) ++r;
+      if (r < n && (src_[r] == '+' || src_[r] == '-'))
+        ++r;
       if (r < n && std::isdigit(static_cast<unsigned char>(src_[r]))) {
         q = digits(r);
         is_float = true;
@@ -1001,14 +1204,16 @@ private:
     }
     std::string text;
     for (std::size_t k = p; k < q; ++k)
-      if (src_[k] != '_') text.push_back(src_[k]);
+      if (src_[k] != '_')
+        text.push_back(src_[k]);
     if (is_float) {
       t.type = tt::floating;
       t.fval = std::strtod(text.c_str(), nullptr);
     } else {
       t.type = tt::integer;
       auto res = std::from_chars(text.data(), text.data() + text.size(), t.ival);
-      if (res.ec != std::errc{}) fail_at(p, "integer literal too large: " + text);
+      if (res.ec != std::errc{})
+        fail_at(p, "integer literal too large: " + text);
     }
     t.text = text;
     return q;
@@ -1021,42 +1226,69 @@ private:
     std::string out;
     std::size_t q = p + 1;
     auto hex = [&](std::size_t at, int count, std::uint32_t& cp) {
-      if (at + count > n) return false;
+      if (at + count > n)
+        return false;
       cp = 0;
       for (int k = 0; k < count; ++k) {
         char c = src_[at + k];
         int d = std::isdigit(static_cast<unsigned char>(c)) ? c - '0'
-                : (c >= 'a' && c <= 'f') ? c - 'a' + 10
-                : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1;
-        if (d < 0) return false;
+                : (c >= 'a' && c <= 'f')                    ? c - 'a' + 10
+                : (c >= 'A' && c <= 'F')                    ? c - 'A' + 10
+                                                            : -1;
+        if (d < 0)
+          return false;
         cp = cp * 16 + d;
       }
       return true;
     };
     while (true) {
-      if (q >= n) fail_at(p, "unterminated string literal");
+      if (q >= n)
+        fail_at(p, "unterminated string literal");
       char c = src_[q];
-      if (c == quote) break;
+      if (c == quote)
+        break;
       if (c != '\\') {
         out.push_back(c);
         ++q;
         continue;
       }
-      if (q + 1 >= n) fail_at(p, "unterminated string literal");
+      if (q + 1 >= n)
+        fail_at(p, "unterminated string literal");
       char e = src_[q + 1];
       q += 2;
       switch (e) {
-        case 'n': out.push_back('\n'); break;
-        case 't': out.push_back('\t'); break;
-        case 'r': out.push_back('\r'); break;
-        case '\\': out.push_back('\\'); break;
-        case '\'': out.push_back('\''); break;
-        case '"': out.push_back('"'); break;
-        case 'a': out.push_back('\a'); break;
-        case 'b': out.push_back('\b'); break;
-        case 'f': out.push_back('\f'); break;
-        case 'v': out.push_back('\v'); break;
-        case '\n': break;  // a backslash-newline continues the line
+        case 'n':
+          out.push_back('\n');
+          break;
+        case 't':
+          out.push_back('\t');
+          break;
+        case 'r':
+          out.push_back('\r');
+          break;
+        case '\\':
+          out.push_back('\\');
+          break;
+        case '\'':
+          out.push_back('\'');
+          break;
+        case '"':
+          out.push_back('"');
+          break;
+        case 'a':
+          out.push_back('\a');
+          break;
+        case 'b':
+          out.push_back('\b');
+          break;
+        case 'f':
+          out.push_back('\f');
+          break;
+        case 'v':
+          out.push_back('\v');
+          break;
+        case '\n':
+          break;  // a backslash-newline continues the line
         case 'x':
         case 'u':
         case 'U': {
@@ -1093,8 +1325,28 @@ private:
 // -- AST --------------------------------------------------------------------------------------
 
 enum class ek {
-  literal, name, getattr, getitem, slice, call, filter, test, neg, pos, not_, and_, or_,
-  binop, concat, compare, cond, list, tuple, dict, placeholder, splat
+  literal,
+  name,
+  getattr,
+  getitem,
+  slice,
+  call,
+  filter,
+  test,
+  neg,
+  pos,
+  not_,
+  and_,
+  or_,
+  binop,
+  concat,
+  compare,
+  cond,
+  list,
+  tuple,
+  dict,
+  placeholder,
+  splat
 };
 
 struct expr;
@@ -1105,15 +1357,29 @@ struct expr {
   int line = 0;
   int depth = 1;
   value lit;
-  std::string name;  // variable, attribute, filter or test name; operator of a binop
+  std::string name;            // variable, attribute, filter or test name; operator of a binop
   std::vector<expr_ptr> args;  // children; their meaning depends on kind (see parser)
   std::vector<std::string> kwnames;
   std::vector<expr_ptr> kwargs;
   std::vector<std::string> ops;  // compare: the operator before each args[k + 1]
 };
 
-enum class sk { data, output, if_, for_, set, set_ns, set_block, macro, break_, continue_,
-                filter_block, with, block, call_block };
+enum class sk {
+  data,
+  output,
+  if_,
+  for_,
+  set,
+  set_ns,
+  set_block,
+  macro,
+  break_,
+  continue_,
+  filter_block,
+  with,
+  block,
+  call_block
+};
 
 struct stmt;
 using body_t = std::vector<std::unique_ptr<stmt>>;
@@ -1129,8 +1395,8 @@ struct stmt {
   std::vector<expr_ptr> conds;       // if / elif tests; with values
   std::vector<body_t> bodies;        // if / elif bodies
   body_t body, else_body;
-  std::vector<expr_ptr> defaults;    // macro / caller parameter defaults (nullptr = required)
-  bool uses_varargs = false;         // a macro whose body names varargs / kwargs
+  std::vector<expr_ptr> defaults;  // macro / caller parameter defaults (nullptr = required)
+  bool uses_varargs = false;       // a macro whose body names varargs / kwargs
   bool uses_kwargs = false;
 };
 
@@ -1157,34 +1423,44 @@ private:
   struct nesting_guard {
     parser& p;
     explicit nesting_guard(parser& pp) : p(pp) {
-      if (++p.nesting_ > max_parse_nesting) p.fail(p.cur(), "template nested too deeply");
+      if (++p.nesting_ > max_parse_nesting)
+        p.fail(p.cur(), "template nested too deeply");
     }
     ~nesting_guard() { --p.nesting_; }
   };
 
   const token& cur() const { return toks_[pos_]; }
-  const token& peek(std::size_t k = 1) const {
-    return toks_[std::min(pos_ + k, toks_.size() - 1)];
-  }
+  const token& peek(std::size_t k = 1) const { return toks_[std::min(pos_ + k, toks_.size() - 1)]; }
   void advance() {
-    if (pos_ + 1 < toks_.size()) ++pos_;
+    if (pos_ + 1 < toks_.size())
+      ++pos_;
   }
   bool is_op(const char* s) const { return cur().type == tt::op && cur().text == s; }
   bool is_name(const char* s) const { return cur().type == tt::name && cur().text == s; }
 
   static std::string describe(const token& t) {
     switch (t.type) {
-      case tt::data: return "template text";
-      case tt::var_begin: return "'{{'";
-      case tt::var_end: return "'}}'";
-      case tt::block_begin: return "'{%'";
-      case tt::block_end: return "'%}'";
-      case tt::name: return "'" + t.text + "'";
-      case tt::string: return "a string";
+      case tt::data:
+        return "template text";
+      case tt::var_begin:
+        return "'{{'";
+      case tt::var_end:
+        return "'}}'";
+      case tt::block_begin:
+        return "'{%'";
+      case tt::block_end:
+        return "'%}'";
+      case tt::name:
+        return "'" + t.text + "'";
+      case tt::string:
+        return "a string";
       case tt::integer:
-      case tt::floating: return "a number";
-      case tt::op: return "'" + t.text + "'";
-      case tt::eof: return "the end of the template";
+      case tt::floating:
+        return "a number";
+      case tt::op:
+        return "'" + t.text + "'";
+      case tt::eof:
+        return "the end of the template";
     }
     return "a token";
   }
@@ -1198,17 +1474,20 @@ private:
   }
 
   void expect_op(const char* s) {
-    if (!is_op(s)) fail_expected(std::string("'") + s + "'");
+    if (!is_op(s))
+      fail_expected(std::string("'") + s + "'");
     advance();
   }
   std::string expect_name(const char* what) {
-    if (cur().type != tt::name) fail_expected(what);
+    if (cur().type != tt::name)
+      fail_expected(what);
     std::string n = cur().text;
     advance();
     return n;
   }
   void expect_block_end(const char* after) {
-    if (cur().type != tt::block_end) fail_expected(std::string("'%}' after ") + after);
+    if (cur().type != tt::block_end)
+      fail_expected(std::string("'%}' after ") + after);
     advance();
   }
 
@@ -1221,11 +1500,14 @@ private:
   expr_ptr finish(expr_ptr e) {
     int d = 0;
     for (const auto& a : e->args)
-      if (a) d = std::max(d, a->depth);
+      if (a)
+        d = std::max(d, a->depth);
     for (const auto& a : e->kwargs)
-      if (a) d = std::max(d, a->depth);
+      if (a)
+        d = std::max(d, a->depth);
     e->depth = d + 1;
-    if (e->depth > max_ast_depth) fail(cur(), "expression nested too deeply");
+    if (e->depth > max_ast_depth)
+      fail(cur(), "expression nested too deeply");
     return e;
   }
 
@@ -1234,7 +1516,8 @@ private:
   static std::string join_tags(const std::vector<const char*>& tags) {
     std::string s;
     for (std::size_t k = 0; k < tags.size(); ++k) {
-      if (k) s += k + 1 == tags.size() ? " or " : ", ";
+      if (k)
+        s += k + 1 == tags.size() ? " or " : ", ";
       s += std::string("'") + tags[k] + "'";
     }
     return s;
@@ -1247,10 +1530,10 @@ private:
     while (true) {
       const token& t = cur();
       if (t.type == tt::eof) {
-        if (end_tags.empty()) return body;
+        if (end_tags.empty())
+          return body;
         fail(t, "unexpected end of template, expected " + join_tags(end_tags) +
-                    (open_line_ ? " to close the block opened at line " +
-                                      std::to_string(open_line_)
+                    (open_line_ ? " to close the block opened at line " + std::to_string(open_line_)
                                 : ""));
       }
       if (t.type == tt::data) {
@@ -1266,7 +1549,8 @@ private:
         s->line = t.line;
         advance();
         s->e = parse_tuple(true, {});
-        if (cur().type != tt::var_end) fail_expected("'}}'");
+        if (cur().type != tt::var_end)
+          fail_expected("'}}'");
         advance();
         body.push_back(std::move(s));
       } else if (t.type == tt::block_begin) {
@@ -1291,7 +1575,8 @@ private:
 
   std::unique_ptr<stmt> parse_statement(const std::vector<const char*>& enclosing) {
     const token& t = cur();
-    if (t.type != tt::name) fail_expected("a tag name");
+    if (t.type != tt::name)
+      fail_expected("a tag name");
     std::string tag = t.text;
     int line = t.line;
     advance();
@@ -1318,14 +1603,16 @@ private:
     } else if (tag == "for") {
       s->kind = sk::for_;
       s->targets = parse_targets("for");
-      if (!is_name("in")) fail_expected("'in' after the loop variable");
+      if (!is_name("in"))
+        fail_expected("'in' after the loop variable");
       advance();
       s->e = parse_tuple(false, {"recursive"});
       if (is_name("if")) {
         advance();
         s->cond = parse_expression(true);
       }
-      if (is_name("recursive")) fail(cur(), "recursive for loops are not supported");
+      if (is_name("recursive"))
+        fail(cur(), "recursive for loops are not supported");
       expect_block_end("the 'for' header");
       ++loop_depth_;
       s->body = parse_body({"endfor", "else"}, found);
@@ -1353,9 +1640,11 @@ private:
           s->e = parse_tuple(true, {});
           expect_block_end("the 'set' value");
         } else {
-          if (s->targets.size() != 1) fail_expected("'='");
+          if (s->targets.size() != 1)
+            fail_expected("'='");
           s->kind = sk::set_block;
-          if (is_op("|")) s->e = parse_filter_chain(line);
+          if (is_op("|"))
+            s->e = parse_filter_chain(line);
           expect_block_end("the 'set' target");
           s->body = parse_body({"endset"}, found);
           expect_block_end("'endset'");
@@ -1377,14 +1666,17 @@ private:
       }
       names_seen_.insert(names_seen_.end(), saved_names.begin(), saved_names.end());
       loop_depth_ = saved_loops;
-      if (cur().type == tt::name) advance();  // `{% endmacro name %}`
+      if (cur().type == tt::name)
+        advance();  // `{% endmacro name %}`
       expect_block_end("'endmacro'");
     } else if (tag == "call") {
       // {% call(params) macro(args) %}body{% endcall %}: the macro gets caller()
       s->kind = sk::call_block;
-      if (is_op("(")) parse_signature(*s);
+      if (is_op("("))
+        parse_signature(*s);
       s->e = parse_expression(true);
-      if (s->e->kind != ek::call) fail(t, "a 'call' block needs a macro call");
+      if (s->e->kind != ek::call)
+        fail(t, "a 'call' block needs a macro call");
       expect_block_end("the 'call' expression");
       int saved_loops = loop_depth_;
       loop_depth_ = 0;
@@ -1392,7 +1684,8 @@ private:
       loop_depth_ = saved_loops;
       expect_block_end("'endcall'");
     } else if (tag == "break" || tag == "continue") {
-      if (loop_depth_ == 0) fail(t, "'" + tag + "' outside of a for loop");
+      if (loop_depth_ == 0)
+        fail(t, "'" + tag + "' outside of a for loop");
       s->kind = tag == "break" ? sk::break_ : sk::continue_;
       expect_block_end(tag == "break" ? "'break'" : "'continue'");
     } else if (tag == "filter") {
@@ -1404,7 +1697,8 @@ private:
     } else if (tag == "with") {
       s->kind = sk::with;
       while (cur().type != tt::block_end) {
-        if (!s->targets.empty()) expect_op(",");
+        if (!s->targets.empty())
+          expect_op(",");
         s->targets.push_back(expect_name("a variable name"));
         expect_op("=");
         s->conds.push_back(parse_expression(true));
@@ -1420,7 +1714,8 @@ private:
       expect_block_end("'endgeneration'");
     } else {
       std::string msg = "unknown tag '" + tag + "'";
-      if (!enclosing.empty()) msg += ", expected " + join_tags(enclosing);
+      if (!enclosing.empty())
+        msg += ", expected " + join_tags(enclosing);
       if (tag == "include" || tag == "import" || tag == "extends" || tag == "from" ||
           tag == "block" || tag == "do")
         msg = "the '" + tag + "' tag is not supported in chat templates";
@@ -1433,8 +1728,10 @@ private:
   void parse_signature(stmt& s) {
     expect_op("(");
     while (!is_op(")")) {
-      if (!s.targets.empty()) expect_op(",");
-      if (is_op(")")) break;
+      if (!s.targets.empty())
+        expect_op(",");
+      if (is_op(")"))
+        break;
       s.targets.push_back(expect_name("a parameter name"));
       if (is_op("=")) {
         advance();
@@ -1449,14 +1746,18 @@ private:
   std::vector<std::string> parse_targets(const char* what) {
     std::vector<std::string> names;
     bool paren = is_op("(");
-    if (paren) advance();
+    if (paren)
+      advance();
     while (true) {
       names.push_back(expect_name((std::string("a variable name after '") + what + "'").c_str()));
-      if (!is_op(",")) break;
+      if (!is_op(","))
+        break;
       advance();
-      if (cur().type != tt::name) break;
+      if (cur().type != tt::name)
+        break;
     }
-    if (paren) expect_op(")");
+    if (paren)
+      expect_op(")");
     return names;
   }
 
@@ -1465,7 +1766,8 @@ private:
     auto e = node(ek::placeholder, line);
     bool first = true;
     while (is_op("|") || (!leading_pipe && first)) {
-      if (is_op("|")) advance();
+      if (is_op("|"))
+        advance();
       first = false;
       e = parse_filter(std::move(e));
     }
@@ -1477,9 +1779,11 @@ private:
   bool is_tuple_end(const std::vector<const char*>& extra) const {
     if (cur().type == tt::var_end || cur().type == tt::block_end || cur().type == tt::eof)
       return true;
-    if (is_op(")")) return true;
+    if (is_op(")"))
+      return true;
     for (const char* n : extra)
-      if (is_name(n)) return true;
+      if (is_name(n))
+        return true;
     return false;
   }
 
@@ -1489,15 +1793,20 @@ private:
     std::vector<expr_ptr> items;
     bool is_tuple = false;
     while (true) {
-      if (!items.empty()) expect_op(",");
-      if (is_tuple_end(extra)) break;
+      if (!items.empty())
+        expect_op(",");
+      if (is_tuple_end(extra))
+        break;
       items.push_back(parse_expression(with_condexpr));
-      if (is_op(",")) is_tuple = true;
-      else break;
+      if (is_op(","))
+        is_tuple = true;
+      else
+        break;
     }
     if (!is_tuple) {
       if (items.empty()) {
-        if (!explicit_parens) fail_expected("an expression");
+        if (!explicit_parens)
+          fail_expected("an expression");
       } else {
         return std::move(items[0]);
       }
@@ -1509,7 +1818,8 @@ private:
 
   expr_ptr parse_expression(bool with_condexpr) {
     nesting_guard guard(*this);
-    if (!with_condexpr) return parse_or();
+    if (!with_condexpr)
+      return parse_or();
     int line = cur().line;
     expr_ptr e = parse_or();
     while (is_name("if")) {
@@ -1575,9 +1885,8 @@ private:
     expr_ptr cmp;
     while (true) {
       std::string op;
-      if (cur().type == tt::op &&
-          (cur().text == "==" || cur().text == "!=" || cur().text == "<" ||
-           cur().text == ">" || cur().text == "<=" || cur().text == ">=")) {
+      if (cur().type == tt::op && (cur().text == "==" || cur().text == "!=" || cur().text == "<" ||
+                                   cur().text == ">" || cur().text == "<=" || cur().text == ">=")) {
         op = cur().text;
         advance();
       } else if (is_name("in")) {
@@ -1596,7 +1905,8 @@ private:
       }
       cmp->ops.push_back(op);
       cmp->args.push_back(parse_math1());
-      if (cmp->args.size() > max_items) fail(cur(), "expression too long");
+      if (cmp->args.size() > max_items)
+        fail(cur(), "expression too long");
     }
     return cmp ? finish(std::move(cmp)) : std::move(first);
   }
@@ -1615,13 +1925,15 @@ private:
   expr_ptr parse_concat() {
     int line = cur().line;
     expr_ptr first = parse_math2();
-    if (!is_op("~")) return first;
+    if (!is_op("~"))
+      return first;
     auto c = node(ek::concat, line);
     c->args.push_back(std::move(first));
     while (is_op("~")) {
       advance();
       c->args.push_back(parse_math2());
-      if (c->args.size() > max_items) fail(cur(), "expression too long");
+      if (c->args.size() > max_items)
+        fail(cur(), "expression too long");
     }
     return finish(std::move(c));
   }
@@ -1661,7 +1973,8 @@ private:
       e = parse_primary();
     }
     e = parse_postfix(std::move(e));
-    if (with_filter) e = parse_filter_expr(std::move(e));
+    if (with_filter)
+      e = parse_filter_expr(std::move(e));
     return e;
   }
 
@@ -1671,13 +1984,17 @@ private:
     if (t.type == tt::name) {
       const std::string& n = t.text;
       auto e = node(ek::literal, line);
-      if (n == "true" || n == "True") e->lit = value::boolean(true);
-      else if (n == "false" || n == "False") e->lit = value::boolean(false);
-      else if (n == "none" || n == "None") e->lit = value::none();
+      if (n == "true" || n == "True")
+        e->lit = value::boolean(true);
+      else if (n == "false" || n == "False")
+        e->lit = value::boolean(false);
+      else if (n == "none" || n == "None")
+        e->lit = value::none();
       else {
         e->kind = ek::name;
         e->name = n;
-        if (n == "varargs" || n == "kwargs") names_seen_.push_back(n);
+        if (n == "varargs" || n == "kwargs")
+          names_seen_.push_back(n);
       }
       advance();
       return e;
@@ -1708,8 +2025,10 @@ private:
       advance();
       auto e = node(ek::list, line);
       while (!is_op("]")) {
-        if (!e->args.empty()) expect_op(",");
-        if (is_op("]")) break;
+        if (!e->args.empty())
+          expect_op(",");
+        if (is_op("]"))
+          break;
         e->args.push_back(parse_expression(true));
       }
       advance();
@@ -1719,8 +2038,10 @@ private:
       advance();
       auto e = node(ek::dict, line);
       while (!is_op("}")) {
-        if (!e->args.empty()) expect_op(",");
-        if (is_op("}")) break;
+        if (!e->args.empty())
+          expect_op(",");
+        if (is_op("}"))
+          break;
         e->args.push_back(parse_expression(true));
         expect_op(":");
         e->args.push_back(parse_expression(true));
@@ -1785,14 +2106,17 @@ private:
     std::vector<expr_ptr> parts;
     bool is_slice = false;
     expr_ptr start, stop, step;
-    if (!is_op(":")) start = parse_expression(true);
+    if (!is_op(":"))
+      start = parse_expression(true);
     if (is_op(":")) {
       is_slice = true;
       advance();
-      if (!is_op("]") && !is_op(":")) stop = parse_expression(true);
+      if (!is_op("]") && !is_op(":"))
+        stop = parse_expression(true);
       if (is_op(":")) {
         advance();
-        if (!is_op("]")) step = parse_expression(true);
+        if (!is_op("]"))
+          step = parse_expression(true);
       }
     } else if (is_op(",")) {
       fail(cur(), "tuple subscripts are not supported");
@@ -1817,8 +2141,10 @@ private:
     expect_op("(");
     bool any = false;
     while (!is_op(")")) {
-      if (any) expect_op(",");
-      if (is_op(")")) break;
+      if (any)
+        expect_op(",");
+      if (is_op(")"))
+        break;
       any = true;
       if (is_op("*")) {
         auto star = node(ek::splat, cur().line);
@@ -1868,7 +2194,8 @@ private:
     auto e = node(ek::filter, cur().line);
     e->name = dotted_name("a filter name after '|'");
     e->args.push_back(std::move(operand));
-    if (is_op("(")) parse_call_args(*e);
+    if (is_op("("))
+      parse_call_args(*e);
     return finish(std::move(e));
   }
 
@@ -1922,7 +2249,8 @@ struct scope {
   const value* lookup(const std::string& name) const {
     for (const scope* s = this; s; s = s->parent)
       for (const auto& [k, v] : s->vars)
-        if (k == name) return &v;
+        if (k == name)
+          return &v;
     return nullptr;
   }
   void set(const std::string& name, value v) {
@@ -1943,7 +2271,8 @@ struct call_args {
 
   const value* get(std::size_t idx, const char* name) const {
     for (const auto& [k, v] : kw)
-      if (k == name) return &v;
+      if (k == name)
+        return &v;
     return idx < pos.size() ? &pos[idx] : nullptr;
   }
 };
@@ -1954,17 +2283,21 @@ const char* builtin_names[] = {"range", "namespace", "raise_exception", "strftim
 std::vector<std::size_t> slice_indices(std::int64_t len, const value& start, const value& stop,
                                        const value& step) {
   auto as_opt = [](const value& v, const char* what) -> std::optional<std::int64_t> {
-    if (v.kind == vk::none || v.is_undefined()) return std::nullopt;
-    if (!v.is_int_like()) fail_plain(std::string("slice ") + what + " must be an integer");
+    if (v.kind == vk::none || v.is_undefined())
+      return std::nullopt;
+    if (!v.is_int_like())
+      fail_plain(std::string("slice ") + what + " must be an integer");
     return v.as_int();
   };
   std::int64_t st = as_opt(step, "step").value_or(1);
-  if (st == 0) fail_plain("slice step cannot be zero");
+  if (st == 0)
+    fail_plain("slice step cannot be zero");
   auto a = as_opt(start, "start");
   auto b = as_opt(stop, "stop");
   std::int64_t lo, hi;
   auto clamp = [&](std::int64_t x, std::int64_t low, std::int64_t high) {
-    if (x < 0) x += len;
+    if (x < 0)
+      x += len;
     return std::clamp(x, low, high);
   };
   if (st > 0) {
@@ -1976,9 +2309,11 @@ std::vector<std::size_t> slice_indices(std::int64_t len, const value& start, con
   }
   std::vector<std::size_t> out;
   if (st > 0)
-    for (std::int64_t k = lo; k < hi; k += st) out.push_back(static_cast<std::size_t>(k));
+    for (std::int64_t k = lo; k < hi; k += st)
+      out.push_back(static_cast<std::size_t>(k));
   else
-    for (std::int64_t k = lo; k > hi; k += st) out.push_back(static_cast<std::size_t>(k));
+    for (std::int64_t k = lo; k > hi; k += st)
+      out.push_back(static_cast<std::size_t>(k));
   return out;
 }
 
@@ -1989,7 +2324,8 @@ public:
     current_steps = nullptr;
     // namespaces may reference each other (even themselves): empty them so that every
     // shared_ptr cycle is broken and nothing tears down recursively.
-    for (auto& ns : namespaces_) ns->attrs.items.clear();
+    for (auto& ns : namespaces_)
+      ns->attrs.items.clear();
   }
 
   std::string out;
@@ -2000,7 +2336,8 @@ private:
   struct depth_guard {
     renderer& r;
     explicit depth_guard(renderer& rr) : r(rr) {
-      if (++r.depth_ > max_eval_depth) r.fail("the template recursed too deeply");
+      if (++r.depth_ > max_eval_depth)
+        r.fail("the template recursed too deeply");
     }
     ~depth_guard() { --r.depth_; }
   };
@@ -2036,7 +2373,8 @@ private:
     depth_guard guard(*this);
     for (const auto& s : body) {
       flow f = exec(*s, sc);
-      if (f != flow::normal) return f;
+      if (f != flow::normal)
+        return f;
     }
     return flow::normal;
   }
@@ -2074,7 +2412,8 @@ private:
       fail(std::string(items.size() < targets.size() ? "not enough" : "too many") +
            " values to unpack (expected " + std::to_string(targets.size()) + ", got " +
            std::to_string(items.size()) + ")");
-    for (std::size_t k = 0; k < targets.size(); ++k) sc.set(targets[k], items[k]);
+    for (std::size_t k = 0; k < targets.size(); ++k)
+      sc.set(targets[k], items[k]);
   }
 
   flow exec(const stmt& s, scope& sc) {
@@ -2086,15 +2425,21 @@ private:
         check_size(out);
         charge(s.text.size() / 16);
         return flow::normal;
-      case sk::output: emit(eval(*s.e, sc)); return flow::normal;
+      case sk::output:
+        emit(eval(*s.e, sc));
+        return flow::normal;
       case sk::if_:
         for (std::size_t k = 0; k < s.conds.size(); ++k) {
           line_ = s.conds[k]->line;
-          if (truthy(eval(*s.conds[k], sc))) return exec_body(s.bodies[k], sc);
+          if (truthy(eval(*s.conds[k], sc)))
+            return exec_body(s.bodies[k], sc);
         }
         return exec_body(s.else_body, sc);
-      case sk::for_: return exec_for(s, sc);
-      case sk::set: assign(sc, s.targets, eval(*s.e, sc)); return flow::normal;
+      case sk::for_:
+        return exec_for(s, sc);
+      case sk::set:
+        assign(sc, s.targets, eval(*s.e, sc));
+        return flow::normal;
       case sk::set_ns: {
         const value* target = sc.lookup(s.targets[0]);
         if (!target || target->kind != vk::ns)
@@ -2105,15 +2450,18 @@ private:
       }
       case sk::set_block: {
         value v = value::string(capture(s.body, sc));
-        if (s.e) v = apply_chain(*s.e, std::move(v), sc);
+        if (s.e)
+          v = apply_chain(*s.e, std::move(v), sc);
         sc.set(s.targets[0], std::move(v));
         return flow::normal;
       }
       case sk::macro:
         sc.set(s.text, make_callable(callable_obj::type::macro, s.text, {}, &s));
         return flow::normal;
-      case sk::break_: return flow::break_;
-      case sk::continue_: return flow::continue_;
+      case sk::break_:
+        return flow::break_;
+      case sk::continue_:
+        return flow::continue_;
       case sk::filter_block: {
         value v = value::string(capture(s.body, sc));
         emit(apply_chain(*s.e, std::move(v), sc));
@@ -2125,7 +2473,8 @@ private:
           inner.set(s.targets[k], eval(*s.conds[k], sc));
         return exec_body(s.body, inner);
       }
-      case sk::block: return exec_body(s.body, sc);
+      case sk::block:
+        return exec_body(s.body, sc);
       case sk::call_block: {
         value caller = make_callable(callable_obj::type::caller, "caller", {}, &s);
         auto& c = static_cast<callable_obj&>(*caller.obj);
@@ -2157,7 +2506,8 @@ private:
         tick();
         scope filter_scope{&sc, {}};
         assign(filter_scope, s.targets, item);
-        if (truthy(eval(*s.cond, filter_scope))) kept.push_back(std::move(item));
+        if (truthy(eval(*s.cond, filter_scope)))
+          kept.push_back(std::move(item));
       }
       items = std::move(kept);
     }
@@ -2181,7 +2531,8 @@ private:
       loop_value.obj = std::move(lp);
       inner.set("loop", std::move(loop_value));
       flow f = exec_body(s.body, inner);
-      if (f == flow::break_) break;
+      if (f == flow::break_)
+        break;
     }
     return flow::normal;
   }
@@ -2190,11 +2541,14 @@ private:
 
   std::vector<value> iterate(const value& v) {
     switch (v.kind) {
-      case vk::undefined: return {};
-      case vk::list: return as_list(v).items;
+      case vk::undefined:
+        return {};
+      case vk::list:
+        return as_list(v).items;
       case vk::dict: {
         std::vector<value> keys;
-        for (const auto& [k, item] : as_dict(v).items) keys.push_back(value::string(k));
+        for (const auto& [k, item] : as_dict(v).items)
+          keys.push_back(value::string(k));
         return keys;
       }
       case vk::string: {
@@ -2206,7 +2560,8 @@ private:
         }
         return chars;
       }
-      default: fail("'" + type_name(v) + "' object is not iterable");
+      default:
+        fail("'" + type_name(v) + "' object is not iterable");
     }
   }
 
@@ -2215,15 +2570,21 @@ private:
   value eval(const expr& e, scope& sc) {
     depth_guard guard(*this);
     tick();
-    if (e.line) line_ = e.line;
+    if (e.line)
+      line_ = e.line;
     switch (e.kind) {
-      case ek::literal: return e.lit;
-      case ek::placeholder: return placeholder_;
-      case ek::splat: fail("'*' is only allowed in call arguments");
+      case ek::literal:
+        return e.lit;
+      case ek::placeholder:
+        return placeholder_;
+      case ek::splat:
+        fail("'*' is only allowed in call arguments");
       case ek::name: {
-        if (const value* v = sc.lookup(e.name)) return *v;
+        if (const value* v = sc.lookup(e.name))
+          return *v;
         for (const char* b : builtin_names)
-          if (e.name == b) return make_callable(callable_obj::type::builtin, e.name);
+          if (e.name == b)
+            return make_callable(callable_obj::type::builtin, e.name);
         return value::undefined("'" + e.name + "' is undefined");
       }
       case ek::getattr: {
@@ -2241,7 +2602,8 @@ private:
         value obj = eval(*e.args[0], sc);
         value parts[3];
         for (int k = 0; k < 3; ++k)
-          if (e.args[k + 1]) parts[k] = eval(*e.args[k + 1], sc);
+          if (e.args[k + 1])
+            parts[k] = eval(*e.args[k + 1], sc);
         line_ = e.line;
         return located([&] { return slice(obj, parts[0], parts[1], parts[2]); });
       }
@@ -2267,16 +2629,21 @@ private:
       case ek::pos: {
         value v = eval(*e.args[0], sc);
         line_ = e.line;
-        if (v.is_undefined()) fail_undefined(v);
-        if (!v.is_number()) fail("bad operand type for unary " +
-                                 std::string(e.kind == ek::neg ? "-" : "+") + ": '" +
-                                 type_name(v) + "'");
-        if (e.kind == ek::pos) return v.kind == vk::boolean ? value::integer(v.as_int()) : v;
-        if (v.kind == vk::floating) return value::floating(-v.f);
-        if (v.as_int() == std::numeric_limits<std::int64_t>::min()) fail("integer overflow");
+        if (v.is_undefined())
+          fail_undefined(v);
+        if (!v.is_number())
+          fail("bad operand type for unary " + std::string(e.kind == ek::neg ? "-" : "+") + ": '" +
+               type_name(v) + "'");
+        if (e.kind == ek::pos)
+          return v.kind == vk::boolean ? value::integer(v.as_int()) : v;
+        if (v.kind == vk::floating)
+          return value::floating(-v.f);
+        if (v.as_int() == std::numeric_limits<std::int64_t>::min())
+          fail("integer overflow");
         return value::integer(-v.as_int());
       }
-      case ek::not_: return value::boolean(!truthy(eval(*e.args[0], sc)));
+      case ek::not_:
+        return value::boolean(!truthy(eval(*e.args[0], sc)));
       case ek::and_: {
         value l = eval(*e.args[0], sc);
         return truthy(l) ? eval(*e.args[1], sc) : l;
@@ -2308,14 +2675,17 @@ private:
           value r = eval(*e.args[k + 1], sc);
           line_ = e.line;
           bool ok = located([&] { return compare_op(e.ops[k], l, r); });
-          if (!ok) return value::boolean(false);
+          if (!ok)
+            return value::boolean(false);
           l = std::move(r);
         }
         return value::boolean(true);
       }
       case ek::cond: {
-        if (truthy(eval(*e.args[1], sc))) return eval(*e.args[0], sc);
-        if (e.args[2]) return eval(*e.args[2], sc);
+        if (truthy(eval(*e.args[1], sc)))
+          return eval(*e.args[0], sc);
+        if (e.args[2])
+          return eval(*e.args[2], sc);
         return value::undefined("the inline if-expression on line " + std::to_string(e.line) +
                                 " evaluated to false and no else section was defined.");
       }
@@ -2323,7 +2693,8 @@ private:
       case ek::tuple: {
         std::vector<value> items;
         items.reserve(e.args.size());
-        for (const auto& a : e.args) items.push_back(eval(*a, sc));
+        for (const auto& a : e.args)
+          items.push_back(eval(*a, sc));
         return located([&] { return make_list(std::move(items), e.kind == ek::tuple); });
       }
       case ek::dict: {
@@ -2331,7 +2702,8 @@ private:
         for (std::size_t k = 0; k + 1 < e.args.size(); k += 2) {
           value key = eval(*e.args[k], sc);
           value v = eval(*e.args[k + 1], sc);
-          if (key.kind != vk::string) fail("only string keys are supported in dict literals");
+          if (key.kind != vk::string)
+            fail("only string keys are supported in dict literals");
           d->set(key.s, std::move(v));
         }
         return located([&] { return make_dict(std::move(d)); });
@@ -2344,7 +2716,8 @@ private:
     call_args a;
     for (std::size_t k = 1; k < e.args.size(); ++k) {
       if (e.args[k]->kind == ek::splat) {
-        for (auto& v : iterate(eval(*e.args[k]->args[0], sc))) a.pos.push_back(std::move(v));
+        for (auto& v : iterate(eval(*e.args[k]->args[0], sc)))
+          a.pos.push_back(std::move(v));
       } else {
         a.pos.push_back(eval(*e.args[k], sc));
       }
@@ -2352,8 +2725,10 @@ private:
     for (std::size_t k = 0; k < e.kwargs.size(); ++k) {
       value v = eval(*e.kwargs[k], sc);
       if (e.kwnames[k] == "**") {
-        if (v.kind != vk::dict) fail("argument after ** must be a mapping, not " + type_name(v));
-        for (const auto& [key, item] : as_dict(v).items) a.kw.emplace_back(key, item);
+        if (v.kind != vk::dict)
+          fail("argument after ** must be a mapping, not " + type_name(v));
+        for (const auto& [key, item] : as_dict(v).items)
+          a.kw.emplace_back(key, item);
       } else {
         a.kw.emplace_back(e.kwnames[k], std::move(v));
       }
@@ -2362,14 +2737,21 @@ private:
   }
 
   bool compare_op(const std::string& op, const value& l, const value& r) {
-    if (op == "==") return equal(l, r);
-    if (op == "!=") return !equal(l, r);
-    if (op == "in") return contains(r, l);
-    if (op == "not in") return !contains(r, l);
+    if (op == "==")
+      return equal(l, r);
+    if (op == "!=")
+      return !equal(l, r);
+    if (op == "in")
+      return contains(r, l);
+    if (op == "not in")
+      return !contains(r, l);
     int c = compare(l, r, op.c_str());
-    if (op == "<") return c < 0;
-    if (op == ">") return c > 0;
-    if (op == "<=") return c <= 0;
+    if (op == "<")
+      return c < 0;
+    if (op == ">")
+      return c > 0;
+    if (op == "<=")
+      return c <= 0;
     return c >= 0;
   }
 
@@ -2381,17 +2763,23 @@ private:
         return container.s.find(item.s) != std::string::npos;
       case vk::list:
         for (const auto& v : as_list(container).items)
-          if (equal(v, item)) return true;
+          if (equal(v, item))
+            return true;
         return false;
-      case vk::dict: return item.kind == vk::string && as_dict(container).find(item.s);
-      case vk::undefined: return false;
-      default: fail("argument of type '" + type_name(container) + "' is not iterable");
+      case vk::dict:
+        return item.kind == vk::string && as_dict(container).find(item.s);
+      case vk::undefined:
+        return false;
+      default:
+        fail("argument of type '" + type_name(container) + "' is not iterable");
     }
   }
 
   value binop(const std::string& op, const value& l, const value& r) {
-    if (l.is_undefined()) fail_undefined(l);
-    if (r.is_undefined()) fail_undefined(r);
+    if (l.is_undefined())
+      fail_undefined(l);
+    if (r.is_undefined())
+      fail_undefined(r);
     auto unsupported = [&]() -> value {
       fail("unsupported operand type(s) for " + op + ": '" + type_name(l) + "' and '" +
            type_name(r) + "'");
@@ -2399,72 +2787,92 @@ private:
     if (l.is_number() && r.is_number()) {
       bool fl = l.kind == vk::floating || r.kind == vk::floating;
       if (op == "/") {
-        if (r.as_double() == 0) fail("division by zero");
+        if (r.as_double() == 0)
+          fail("division by zero");
         return value::floating(l.as_double() / r.as_double());
       }
       if (op == "**") {
         if (!fl && r.as_int() >= 0) {
           std::int64_t base = l.as_int(), result = 1;
           for (std::int64_t k = 0; k < r.as_int(); ++k) {
-            if (__builtin_mul_overflow(result, base, &result)) fail("integer overflow in '**'");
-            if (result == 0 || result == 1) break;
+            if (__builtin_mul_overflow(result, base, &result))
+              fail("integer overflow in '**'");
+            if (result == 0 || result == 1)
+              break;
           }
-          if (result == 1 && base == -1 && (r.as_int() % 2)) result = -1;
+          if (result == 1 && base == -1 && (r.as_int() % 2))
+            result = -1;
           return value::integer(result);
         }
         return value::floating(std::pow(l.as_double(), r.as_double()));
       }
       if (fl) {
         double a = l.as_double(), b = r.as_double();
-        if (op == "+") return value::floating(a + b);
-        if (op == "-") return value::floating(a - b);
-        if (op == "*") return value::floating(a * b);
-        if (b == 0) fail("float division by zero");
+        if (op == "+")
+          return value::floating(a + b);
+        if (op == "-")
+          return value::floating(a - b);
+        if (op == "*")
+          return value::floating(a * b);
+        if (b == 0)
+          fail("float division by zero");
         double m = std::fmod(a, b);
-        if (m != 0 && ((m < 0) != (b < 0))) m += b;
-        if (op == "%") return value::floating(m);
+        if (m != 0 && ((m < 0) != (b < 0)))
+          m += b;
+        if (op == "%")
+          return value::floating(m);
         if (op == "//") {
           double div = (a - m) / b;
           double fd = std::floor(div);
-          if (div - fd > 0.5) fd += 1.0;
+          if (div - fd > 0.5)
+            fd += 1.0;
           return value::floating(fd);
         }
         return unsupported();
       }
       std::int64_t a = l.as_int(), b = r.as_int(), res = 0;
       if (op == "+") {
-        if (__builtin_add_overflow(a, b, &res)) fail("integer overflow in '+'");
+        if (__builtin_add_overflow(a, b, &res))
+          fail("integer overflow in '+'");
         return value::integer(res);
       }
       if (op == "-") {
-        if (__builtin_sub_overflow(a, b, &res)) fail("integer overflow in '-'");
+        if (__builtin_sub_overflow(a, b, &res))
+          fail("integer overflow in '-'");
         return value::integer(res);
       }
       if (op == "*") {
-        if (__builtin_mul_overflow(a, b, &res)) fail("integer overflow in '*'");
+        if (__builtin_mul_overflow(a, b, &res))
+          fail("integer overflow in '*'");
         return value::integer(res);
       }
-      if (b == 0) fail("integer division or modulo by zero");
-      if (a == std::numeric_limits<std::int64_t>::min() && b == -1) fail("integer overflow");
+      if (b == 0)
+        fail("integer division or modulo by zero");
+      if (a == std::numeric_limits<std::int64_t>::min() && b == -1)
+        fail("integer overflow");
       std::int64_t q = a / b, m = a % b;
       if (m != 0 && ((m < 0) != (b < 0))) {
         m += b;
         --q;
       }
-      if (op == "//") return value::integer(q);
-      if (op == "%") return value::integer(m);
+      if (op == "//")
+        return value::integer(q);
+      if (op == "%")
+        return value::integer(m);
       return unsupported();
     }
     if (op == "+") {
       if (l.kind == vk::string && r.kind == vk::string) {
-        if (l.s.size() + r.s.size() > max_bytes) fail("string too long");
+        if (l.s.size() + r.s.size() > max_bytes)
+          fail("string too long");
         return value::string(l.s.str() + r.s.str());
       }
-      if (l.kind == vk::list && r.kind == vk::list &&
-          as_list(l).tuple == as_list(r).tuple) {
-        if (as_list(l).items.size() + as_list(r).items.size() > max_items) fail("list too long");
+      if (l.kind == vk::list && r.kind == vk::list && as_list(l).tuple == as_list(r).tuple) {
+        if (as_list(l).items.size() + as_list(r).items.size() > max_items)
+          fail("list too long");
         std::vector<value> items = as_list(l).items;
-        for (const auto& v : as_list(r).items) items.push_back(v);
+        for (const auto& v : as_list(r).items)
+          items.push_back(v);
         return make_list(std::move(items), as_list(l).tuple);
       }
       if (l.kind == vk::string)
@@ -2476,33 +2884,40 @@ private:
     if (op == "*") {
       const value* seq = l.is_int_like() ? &r : &l;
       const value* count = l.is_int_like() ? &l : &r;
-      if (!count->is_int_like()) return unsupported();
+      if (!count->is_int_like())
+        return unsupported();
       std::int64_t n = std::max<std::int64_t>(0, count->as_int());
       if (seq->kind == vk::string) {
         if (n && seq->s.size() > max_bytes / static_cast<std::uint64_t>(n))
           fail("string too long");
         std::string s;
-        for (std::int64_t k = 0; k < n; ++k) s += seq->s;
+        for (std::int64_t k = 0; k < n; ++k)
+          s += seq->s;
         return value::string(std::move(s));
       }
       if (seq->kind == vk::list) {
         const auto& src = as_list(*seq).items;
-        if (n && src.size() > max_items / static_cast<std::uint64_t>(n)) fail("list too long");
+        if (n && src.size() > max_items / static_cast<std::uint64_t>(n))
+          fail("list too long");
         std::vector<value> items;
-        for (std::int64_t k = 0; k < n; ++k) items.insert(items.end(), src.begin(), src.end());
+        for (std::int64_t k = 0; k < n; ++k)
+          items.insert(items.end(), src.begin(), src.end());
         return make_list(std::move(items), as_list(*seq).tuple);
       }
       return unsupported();
     }
-    if (op == "%" && l.kind == vk::string) return value::string(percent_format(l.s, r));
+    if (op == "%" && l.kind == vk::string)
+      return value::string(percent_format(l.s, r));
     return unsupported();
   }
 
   // str % args with %s, %r, %d, %i, %f and %% (the forms templates use).
   std::string percent_format(const std::string& fmt, const value& args) {
     std::vector<value> list;
-    if (args.kind == vk::list && as_list(args).tuple) list = as_list(args).items;
-    else list.push_back(args);
+    if (args.kind == vk::list && as_list(args).tuple)
+      list = as_list(args).items;
+    else
+      list.push_back(args);
     std::string out;
     std::size_t next = 0;
     for (std::size_t k = 0; k < fmt.size(); ++k) {
@@ -2510,22 +2925,27 @@ private:
         out.push_back(fmt[k]);
         continue;
       }
-      if (++k >= fmt.size()) fail("incomplete format");
+      if (++k >= fmt.size())
+        fail("incomplete format");
       char c = fmt[k];
       if (c == '%') {
         out.push_back('%');
         continue;
       }
-      if (next >= list.size()) fail("not enough arguments for format string");
+      if (next >= list.size())
+        fail("not enough arguments for format string");
       const value& v = list[next++];
-      if (c == 's') append_str(out, v);
-      else if (c == 'r') append_repr(out, v);
+      if (c == 's')
+        append_str(out, v);
+      else if (c == 'r')
+        append_repr(out, v);
       else if (c == 'd' || c == 'i') {
-        if (!v.is_number()) fail("%d format: a real number is required, not " + type_name(v));
-        out += std::to_string(v.kind == vk::floating ? static_cast<std::int64_t>(v.f)
-                                                     : v.as_int());
+        if (!v.is_number())
+          fail("%d format: a real number is required, not " + type_name(v));
+        out += std::to_string(v.kind == vk::floating ? static_cast<std::int64_t>(v.f) : v.as_int());
       } else if (c == 'f') {
-        if (!v.is_number()) fail("must be real number, not " + type_name(v));
+        if (!v.is_number())
+          fail("must be real number, not " + type_name(v));
         char buf[64];
         std::snprintf(buf, sizeof buf, "%f", v.as_double());
         out += buf;
@@ -2534,7 +2954,8 @@ private:
       }
       check_size(out);
     }
-    if (next < list.size()) fail("not all arguments converted during string formatting");
+    if (next < list.size())
+      fail("not all arguments converted during string formatting");
     return out;
   }
 
@@ -2542,23 +2963,27 @@ private:
 
   static bool is_str_method(const std::string& n) {
     static const char* names[] = {
-        "startswith", "endswith", "split", "rsplit", "strip", "lstrip", "rstrip", "upper",
-        "lower", "title", "capitalize", "replace", "find", "rfind", "index", "count", "join",
-        "format", "splitlines", "isdigit", "isalpha", "isalnum", "isspace", "isupper",
-        "islower", "removeprefix", "removesuffix", "zfill", "swapcase", "partition",
-        "rpartition", "casefold", "center", "ljust", "rjust"};
+        "startswith", "endswith",     "split",        "rsplit",  "strip",      "lstrip",
+        "rstrip",     "upper",        "lower",        "title",   "capitalize", "replace",
+        "find",       "rfind",        "index",        "count",   "join",       "format",
+        "splitlines", "isdigit",      "isalpha",      "isalnum", "isspace",    "isupper",
+        "islower",    "removeprefix", "removesuffix", "zfill",   "swapcase",   "partition",
+        "rpartition", "casefold",     "center",       "ljust",   "rjust"};
     for (const char* m : names)
-      if (n == m) return true;
+      if (n == m)
+        return true;
     return false;
   }
 
   value get_attr(const value& obj, const std::string& name) {
     switch (obj.kind) {
-      case vk::undefined: fail_undefined(obj);
+      case vk::undefined:
+        fail_undefined(obj);
       case vk::dict: {
         if (name == "items" || name == "keys" || name == "values" || name == "get")
           return located([&] { return make_callable(callable_obj::type::method, name, obj); });
-        if (const value* v = as_dict(obj).find(name)) return *v;
+        if (const value* v = as_dict(obj).find(name))
+          return *v;
         break;
       }
       case vk::string:
@@ -2573,10 +2998,13 @@ private:
           fail("access to attribute '" + name + "' of 'list' object is unsafe");
         break;
       case vk::ns:
-        if (const value* v = as_ns(obj).attrs.find(name)) return *v;
+        if (const value* v = as_ns(obj).attrs.find(name))
+          return *v;
         break;
-      case vk::loop: return loop_attr(obj, name);
-      default: break;
+      case vk::loop:
+        return loop_attr(obj, name);
+      default:
+        break;
     }
     return value::undefined("'" + object_repr(obj) + "' has no attribute '" + name + "'");
   }
@@ -2585,15 +3013,24 @@ private:
     const auto& l = as_loop(obj);
     std::int64_t n = static_cast<std::int64_t>(l.items->items.size());
     std::int64_t i0 = static_cast<std::int64_t>(l.index0);
-    if (name == "index0") return value::integer(i0);
-    if (name == "index") return value::integer(i0 + 1);
-    if (name == "revindex") return value::integer(n - i0);
-    if (name == "revindex0") return value::integer(n - i0 - 1);
-    if (name == "first") return value::boolean(i0 == 0);
-    if (name == "last") return value::boolean(i0 == n - 1);
-    if (name == "length") return value::integer(n);
-    if (name == "depth") return value::integer(1);
-    if (name == "depth0") return value::integer(0);
+    if (name == "index0")
+      return value::integer(i0);
+    if (name == "index")
+      return value::integer(i0 + 1);
+    if (name == "revindex")
+      return value::integer(n - i0);
+    if (name == "revindex0")
+      return value::integer(n - i0 - 1);
+    if (name == "first")
+      return value::boolean(i0 == 0);
+    if (name == "last")
+      return value::boolean(i0 == n - 1);
+    if (name == "length")
+      return value::integer(n);
+    if (name == "depth")
+      return value::integer(1);
+    if (name == "depth0")
+      return value::integer(0);
     if (name == "previtem")
       return i0 > 0 ? l.items->items[i0 - 1] : value::undefined("there is no previous item");
     if (name == "nextitem")
@@ -2604,29 +3041,32 @@ private:
   }
 
   value get_item(const value& obj, const value& key) {
-    if (obj.is_undefined()) fail_undefined(obj);
+    if (obj.is_undefined())
+      fail_undefined(obj);
     switch (obj.kind) {
       case vk::dict:
         if (key.kind == vk::string) {
-          if (const value* v = as_dict(obj).find(key.s)) return *v;
+          if (const value* v = as_dict(obj).find(key.s))
+            return *v;
           return get_attr(obj, key.s);
         }
         break;
       case vk::list:
       case vk::string: {
         if (key.is_int_like()) {
-          std::int64_t len = obj.kind == vk::list
-                                 ? static_cast<std::int64_t>(as_list(obj).items.size())
-                                 : -1;
+          std::int64_t len =
+              obj.kind == vk::list ? static_cast<std::int64_t>(as_list(obj).items.size()) : -1;
           std::u32string chars;
           if (obj.kind == vk::string) {
             chars = decode_utf8(obj.s);
             len = static_cast<std::int64_t>(chars.size());
           }
           std::int64_t k = key.as_int();
-          if (k < 0) k += len;
+          if (k < 0)
+            k += len;
           if (k >= 0 && k < len) {
-            if (obj.kind == vk::list) return as_list(obj).items[k];
+            if (obj.kind == vk::list)
+              return as_list(obj).items[k];
             std::string one;
             append_utf8(one, chars[k]);
             return value::string(std::move(one));
@@ -2634,21 +3074,25 @@ private:
           return value::undefined("'" + object_repr(obj) + "' has no element " +
                                   std::to_string(key.as_int()));
         }
-        if (key.kind == vk::string) return get_attr(obj, key.s);
+        if (key.kind == vk::string)
+          return get_attr(obj, key.s);
         break;
       }
       case vk::ns:
       case vk::loop:
-        if (key.kind == vk::string) return get_attr(obj, key.s);
+        if (key.kind == vk::string)
+          return get_attr(obj, key.s);
         break;
-      default: break;
+      default:
+        break;
     }
     std::string k = key.kind == vk::string ? "'" + key.s.str() + "'" : to_str(key);
     return value::undefined("'" + object_repr(obj) + "' has no attribute " + k);
   }
 
   value slice(const value& obj, const value& a, const value& b, const value& c) {
-    if (obj.is_undefined()) fail_undefined(obj);
+    if (obj.is_undefined())
+      fail_undefined(obj);
     if (obj.kind == vk::list) {
       const auto& items = as_list(obj).items;
       std::vector<value> out;
@@ -2669,20 +3113,26 @@ private:
   // ---- calls ----
 
   value call(const value& callee, const call_args& a, scope& sc) {
-    if (callee.is_undefined()) fail_undefined(callee);
-    if (callee.kind != vk::callable) fail("'" + type_name(callee) + "' object is not callable");
+    if (callee.is_undefined())
+      fail_undefined(callee);
+    if (callee.kind != vk::callable)
+      fail("'" + type_name(callee) + "' object is not callable");
     const auto& c = as_callable(callee);
     switch (c.t) {
-      case callable_obj::type::builtin: return call_builtin(c.name, a);
+      case callable_obj::type::builtin:
+        return call_builtin(c.name, a);
       case callable_obj::type::method:
         return located([&] { return call_method(c.self, c.name, a); });
       case callable_obj::type::cycle: {
-        if (a.pos.empty()) fail("no items for cycling given");
+        if (a.pos.empty())
+          fail("no items for cycling given");
         return a.pos[as_loop(c.self).index0 % a.pos.size()];
       }
-      case callable_obj::type::macro: return call_macro(*c.macro, a, sc);
+      case callable_obj::type::macro:
+        return call_macro(*c.macro, a, sc);
       case callable_obj::type::caller: {
-        if (!c.alive || !*c.alive) fail("caller() called after its 'call' block ended");
+        if (!c.alive || !*c.alive)
+          fail("caller() called after its 'call' block ended");
         return call_macro(*c.macro, a, *c.block_scope, true);
       }
     }
@@ -2706,7 +3156,8 @@ private:
     scope inner{is_caller ? &block_scope : &root_, {}};
     auto extra_kw = std::make_shared<dict_obj>();
     for (const auto& [k, v] : a.kw) {
-      if (std::find(m.targets.begin(), m.targets.end(), k) != m.targets.end()) continue;
+      if (std::find(m.targets.begin(), m.targets.end(), k) != m.targets.end())
+        continue;
       if (k == "caller" && !is_caller) {
         inner.set("caller", v);
       } else if (m.uses_kwargs) {
@@ -2717,16 +3168,20 @@ private:
     }
     if (!is_caller) {
       std::vector<value> extra_pos;
-      for (std::size_t k = m.targets.size(); k < a.pos.size(); ++k) extra_pos.push_back(a.pos[k]);
+      for (std::size_t k = m.targets.size(); k < a.pos.size(); ++k)
+        extra_pos.push_back(a.pos[k]);
       inner.set("varargs", make_list(std::move(extra_pos)));
       inner.set("kwargs", make_dict(std::move(extra_kw)));
     }
     for (std::size_t k = 0; k < m.targets.size(); ++k) {
       const value* v = a.get(k, m.targets[k].c_str());
-      if (v) inner.set(m.targets[k], *v);
-      else if (m.defaults[k]) inner.set(m.targets[k], eval(*m.defaults[k], inner));
-      else inner.set(m.targets[k], value::undefined("parameter '" + m.targets[k] +
-                                                    "' was not provided"));
+      if (v)
+        inner.set(m.targets[k], *v);
+      else if (m.defaults[k])
+        inner.set(m.targets[k], eval(*m.defaults[k], inner));
+      else
+        inner.set(m.targets[k],
+                  value::undefined("parameter '" + m.targets[k] + "' was not provided"));
     }
     int saved_line = line_;
     value result = value::string(capture(m.body, inner));
@@ -2742,10 +3197,13 @@ private:
     if (name == "namespace") {
       auto ns = std::make_shared<namespace_obj>();
       for (const auto& v : a.pos) {
-        if (v.kind != vk::dict) fail("namespace() takes dicts and keyword arguments");
-        for (const auto& [k, item] : as_dict(v).items) ns->attrs.set(k, item);
+        if (v.kind != vk::dict)
+          fail("namespace() takes dicts and keyword arguments");
+        for (const auto& [k, item] : as_dict(v).items)
+          ns->attrs.set(k, item);
       }
-      for (const auto& [k, v] : a.kw) ns->attrs.set(k, v);
+      for (const auto& [k, v] : a.kw)
+        ns->attrs.set(k, v);
       namespaces_.push_back(ns);
       value v;
       v.kind = vk::ns;
@@ -2754,19 +3212,25 @@ private:
     }
     if (name == "range") {
       std::int64_t args[3] = {0, 0, 1};
-      if (a.pos.empty() || a.pos.size() > 3) fail("range expected 1 to 3 arguments");
+      if (a.pos.empty() || a.pos.size() > 3)
+        fail("range expected 1 to 3 arguments");
       for (const auto& v : a.pos)
-        if (!v.is_int_like()) fail("'" + type_name(v) + "' object cannot be interpreted as an integer");
-      if (a.pos.size() == 1) args[1] = a.pos[0].as_int();
+        if (!v.is_int_like())
+          fail("'" + type_name(v) + "' object cannot be interpreted as an integer");
+      if (a.pos.size() == 1)
+        args[1] = a.pos[0].as_int();
       else {
         args[0] = a.pos[0].as_int();
         args[1] = a.pos[1].as_int();
-        if (a.pos.size() == 3) args[2] = a.pos[2].as_int();
+        if (a.pos.size() == 3)
+          args[2] = a.pos[2].as_int();
       }
-      if (args[2] == 0) fail("range() arg 3 must not be zero");
+      if (args[2] == 0)
+        fail("range() arg 3 must not be zero");
       std::vector<value> items;
       for (std::int64_t k = args[0]; args[2] > 0 ? k < args[1] : k > args[1]; k += args[2]) {
-        if (items.size() >= max_items) fail("range too large");
+        if (items.size() >= max_items)
+          fail("range too large");
         items.push_back(value::integer(k));
         tick();
       }
@@ -2779,25 +3243,29 @@ private:
       localtime_r(&now, &tm);
       char buf[512];
       std::size_t n = fmt.empty() ? 0 : std::strftime(buf, sizeof buf, fmt.c_str(), &tm);
-      if (n == 0 && !fmt.empty()) fail("strftime_now: the format gives too long or empty a result");
+      if (n == 0 && !fmt.empty())
+        fail("strftime_now: the format gives too long or empty a result");
       return value::string(std::string(buf, n));
     }
     if (name == "dict") {
       auto d = std::make_shared<dict_obj>();
       for (const auto& v : a.pos) {
-        if (v.kind != vk::dict) fail("dict() takes dicts and keyword arguments");
-        for (const auto& [k, item] : as_dict(v).items) d->set(k, item);
+        if (v.kind != vk::dict)
+          fail("dict() takes dicts and keyword arguments");
+        for (const auto& [k, item] : as_dict(v).items)
+          d->set(k, item);
       }
-      for (const auto& [k, v] : a.kw) d->set(k, v);
+      for (const auto& [k, v] : a.kw)
+        d->set(k, v);
       return make_dict(std::move(d));
     }
     fail("'" + name + "' is not callable");
   }
 
-  std::string arg_str(const call_args& a, std::size_t idx, const char* name,
-                      const char* method) {
+  std::string arg_str(const call_args& a, std::size_t idx, const char* name, const char* method) {
     const value* v = a.get(idx, name);
-    if (!v) fail(std::string(method) + "() missing argument '" + name + "'");
+    if (!v)
+      fail(std::string(method) + "() missing argument '" + name + "'");
     if (v->kind != vk::string)
       fail(std::string(method) + "() argument must be str, not " + type_name(*v));
     return v->s;
@@ -2810,9 +3278,11 @@ private:
     };
     std::size_t b = 0, e = s.size();
     if (left)
-      while (b < e && strip(s[b])) ++b;
+      while (b < e && strip(s[b]))
+        ++b;
     if (right)
-      while (e > b && strip(s[e - 1])) --e;
+      while (e > b && strip(s[e - 1]))
+        --e;
     return s.substr(b, e - b);
   }
 
@@ -2821,7 +3291,8 @@ private:
       fail("strip arg must be None or str");
     std::u32string set;
     bool have = chars && chars->kind == vk::string;
-    if (have) set = decode_utf8(chars->s);
+    if (have)
+      set = decode_utf8(chars->s);
     return value::string(
         encode_utf8(strip_chars(decode_utf8(s), have ? &set : nullptr, left, right)));
   }
@@ -2835,37 +3306,46 @@ private:
       if (!from_right) {
         std::size_t k = 0;
         while (true) {
-          while (k < u.size() && py_space(u[k])) ++k;
-          if (k >= u.size()) break;
+          while (k < u.size() && py_space(u[k]))
+            ++k;
+          if (k >= u.size())
+            break;
           if (max >= 0 && static_cast<std::int64_t>(words.size()) == max) {
             words.push_back(u.substr(k));  // Python keeps the remainder's trailing space
             break;
           }
           std::size_t st = k;
-          while (k < u.size() && !py_space(u[k])) ++k;
+          while (k < u.size() && !py_space(u[k]))
+            ++k;
           words.push_back(u.substr(st, k - st));
         }
       } else {
         std::size_t k = u.size();
         while (true) {
-          while (k > 0 && py_space(u[k - 1])) --k;
-          if (k == 0) break;
+          while (k > 0 && py_space(u[k - 1]))
+            --k;
+          if (k == 0)
+            break;
           if (max >= 0 && static_cast<std::int64_t>(words.size()) == max) {
             words.push_back(u.substr(0, k));
             break;
           }
           std::size_t e = k;
-          while (k > 0 && !py_space(u[k - 1])) --k;
+          while (k > 0 && !py_space(u[k - 1]))
+            --k;
           words.push_back(u.substr(k, e - k));
         }
         std::reverse(words.begin(), words.end());
       }
-      for (auto& w : words) parts.push_back(encode_utf8(w));
+      for (auto& w : words)
+        parts.push_back(encode_utf8(w));
       return parts;
     }
-    if (sep->kind != vk::string) fail("must be str or None, not " + type_name(*sep));
+    if (sep->kind != vk::string)
+      fail("must be str or None, not " + type_name(*sep));
     const std::string& d = sep->s;
-    if (d.empty()) fail("empty separator");
+    if (d.empty())
+      fail("empty separator");
     if (!from_right) {
       std::size_t start = 0;
       while (true) {
@@ -2882,10 +3362,10 @@ private:
     } else {
       std::size_t end = s.size();
       while (true) {
-        std::size_t k = (max >= 0 && static_cast<std::int64_t>(parts.size()) == max) ||
-                                end < d.size()
-                            ? std::string::npos
-                            : s.rfind(d, end - d.size());
+        std::size_t k =
+            (max >= 0 && static_cast<std::int64_t>(parts.size()) == max) || end < d.size()
+                ? std::string::npos
+                : s.rfind(d, end - d.size());
         if (k == std::string::npos) {
           parts.push_back(s.substr(0, end));
           break;
@@ -2901,15 +3381,18 @@ private:
   static value str_list(std::vector<std::string> parts) {
     std::vector<value> items;
     items.reserve(parts.size());
-    for (auto& p : parts) items.push_back(value::string(std::move(p)));
+    for (auto& p : parts)
+      items.push_back(value::string(std::move(p)));
     return make_list(std::move(items));
   }
 
   std::int64_t int_arg(const call_args& a, std::size_t idx, const char* name,
                        std::int64_t fallback) {
     const value* v = a.get(idx, name);
-    if (!v || v->kind == vk::none) return fallback;
-    if (!v->is_int_like()) fail(std::string("'") + name + "' must be an integer");
+    if (!v || v->kind == vk::none)
+      return fallback;
+    if (!v->is_int_like())
+      fail(std::string("'") + name + "' must be an integer");
     return v->as_int();
   }
 
@@ -2926,7 +3409,8 @@ private:
 
   static std::string py_capitalize(const std::string& s) {
     std::u32string u = decode_utf8(s);
-    for (std::size_t k = 0; k < u.size(); ++k) u[k] = k == 0 ? to_upper_cp(u[k]) : to_lower_cp(u[k]);
+    for (std::size_t k = 0; k < u.size(); ++k)
+      u[k] = k == 0 ? to_upper_cp(u[k]) : to_lower_cp(u[k]);
     return encode_utf8(u);
   }
 
@@ -2942,7 +3426,8 @@ private:
           out += to;
           ++done;
         }
-        if (k < u.size()) append_utf8(out, u[k]);
+        if (k < u.size())
+          append_utf8(out, u[k]);
         check_size(out);
       }
       return out;
@@ -2951,7 +3436,8 @@ private:
     std::int64_t done = 0;
     while (count < 0 || done < count) {
       std::size_t k = s.find(from, start);
-      if (k == std::string::npos) break;
+      if (k == std::string::npos)
+        break;
       out.append(s, start, k - start);
       out += to;
       check_size(out);
@@ -2977,23 +3463,29 @@ private:
         ++k;
       } else if (c == '{') {
         std::size_t e = fmt.find('}', k);
-        if (e == std::string::npos) fail("Single '{' encountered in format string");
+        if (e == std::string::npos)
+          fail("Single '{' encountered in format string");
         std::string field = fmt.substr(k + 1, e - k - 1);
         if (field.find_first_of(":!.[") != std::string::npos)
           fail("format specs in str.format are not supported");
         const value* v = nullptr;
         if (field.empty()) {
-          if (auto_idx >= a.pos.size()) fail("Replacement index out of range for positional args");
+          if (auto_idx >= a.pos.size())
+            fail("Replacement index out of range for positional args");
           v = &a.pos[auto_idx++];
-        } else if (std::all_of(field.begin(), field.end(),
-                               [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); })) {
+        } else if (std::all_of(field.begin(), field.end(), [](char ch) {
+                     return std::isdigit(static_cast<unsigned char>(ch));
+                   })) {
           std::size_t idx = std::stoul(field);
-          if (idx >= a.pos.size()) fail("Replacement index out of range for positional args");
+          if (idx >= a.pos.size())
+            fail("Replacement index out of range for positional args");
           v = &a.pos[idx];
         } else {
           for (const auto& [n, item] : a.kw)
-            if (n == field) v = &item;
-          if (!v) fail("KeyError: '" + field + "'");
+            if (n == field)
+              v = &item;
+          if (!v)
+            fail("KeyError: '" + field + "'");
         }
         append_str(out, *v);
         check_size(out);
@@ -3018,43 +3510,53 @@ private:
       }
       if (name == "keys") {
         std::vector<value> items;
-        for (const auto& [k, v] : d.items) items.push_back(value::string(k));
+        for (const auto& [k, v] : d.items)
+          items.push_back(value::string(k));
         return make_list(std::move(items));
       }
       if (name == "values") {
         std::vector<value> items;
-        for (const auto& [k, v] : d.items) items.push_back(v);
+        for (const auto& [k, v] : d.items)
+          items.push_back(v);
         return make_list(std::move(items));
       }
       if (name == "get") {
-        if (a.pos.empty()) fail("get expected at least 1 argument");
+        if (a.pos.empty())
+          fail("get expected at least 1 argument");
         if (a.pos[0].kind == vk::string)
-          if (const value* v = d.find(a.pos[0].s)) return *v;
+          if (const value* v = d.find(a.pos[0].s))
+            return *v;
         return a.pos.size() > 1 ? a.pos[1] : value::none();
       }
     }
     if (self.kind == vk::list) {
       const auto& items = as_list(self).items;
-      if (a.pos.empty()) fail(name + "() takes exactly one argument");
+      if (a.pos.empty())
+        fail(name + "() takes exactly one argument");
       std::int64_t count = 0;
       for (std::size_t k = 0; k < items.size(); ++k) {
         if (equal(items[k], a.pos[0])) {
-          if (name == "index") return value::integer(static_cast<std::int64_t>(k));
+          if (name == "index")
+            return value::integer(static_cast<std::int64_t>(k));
           ++count;
         }
       }
-      if (name == "index") fail(to_str(a.pos[0]) + " is not in list");
+      if (name == "index")
+        fail(to_str(a.pos[0]) + " is not in list");
       return value::integer(count);
     }
     const std::string& s = self.s;
     if (name == "startswith" || name == "endswith") {
       const value* arg = a.get(0, "prefix");
-      if (!arg) fail(name + "() takes at least 1 argument");
+      if (!arg)
+        fail(name + "() takes at least 1 argument");
       std::vector<std::string> options;
-      if (arg->kind == vk::string) options.push_back(arg->s);
+      if (arg->kind == vk::string)
+        options.push_back(arg->s);
       else if (arg->kind == vk::list && as_list(*arg).tuple) {
         for (const auto& v : as_list(*arg).items) {
-          if (v.kind != vk::string) fail("tuple for " + name + " must only contain str");
+          if (v.kind != vk::string)
+            fail("tuple for " + name + " must only contain str");
           options.push_back(v.s);
         }
       } else {
@@ -3064,12 +3566,15 @@ private:
       if (a.pos.size() > 1) {
         std::u32string u = decode_utf8(s);
         std::int64_t len = static_cast<std::int64_t>(u.size());
-        auto norm = [&](std::int64_t x) { return std::clamp(x < 0 ? x + len : x, std::int64_t{0}, len); };
+        auto norm = [&](std::int64_t x) {
+          return std::clamp(x < 0 ? x + len : x, std::int64_t{0}, len);
+        };
         std::int64_t b = norm(int_arg(a, 1, "start", 0));
         std::int64_t e = a.pos.size() > 2 ? norm(int_arg(a, 2, "end", len)) : len;
         std::string sub = e > b ? encode_utf8(u.substr(b, e - b)) : std::string();
         for (const auto& o : options) {
-          if (e - b < 0) continue;
+          if (e - b < 0)
+            continue;
           if (name == "startswith" ? sub.rfind(o, 0) == 0
                                    : (sub.size() >= o.size() &&
                                       sub.compare(sub.size() - o.size(), o.size(), o) == 0))
@@ -3078,91 +3583,112 @@ private:
         return value::boolean(false);
       }
       for (const auto& o : options) {
-        if (name == "startswith" ? view.substr(0, o.size()) == o
-                                 : (view.size() >= o.size() &&
-                                    view.substr(view.size() - o.size()) == o))
+        if (name == "startswith"
+                ? view.substr(0, o.size()) == o
+                : (view.size() >= o.size() && view.substr(view.size() - o.size()) == o))
           return value::boolean(true);
       }
       return value::boolean(false);
     }
     if (name == "split" || name == "rsplit")
-      return str_list(py_split(s, a.get(0, "sep"), int_arg(a, 1, "maxsplit", -1),
-                               name == "rsplit"));
+      return str_list(
+          py_split(s, a.get(0, "sep"), int_arg(a, 1, "maxsplit", -1), name == "rsplit"));
     if (name == "splitlines") {
       std::vector<std::string> lines;
       std::size_t start = 0;
       for (std::size_t k = 0; k < s.size(); ++k) {
         if (s[k] == '\n' || s[k] == '\r') {
           lines.push_back(s.substr(start, k - start));
-          if (s[k] == '\r' && k + 1 < s.size() && s[k + 1] == '\n') ++k;
+          if (s[k] == '\r' && k + 1 < s.size() && s[k + 1] == '\n')
+            ++k;
           start = k + 1;
         }
       }
-      if (start < s.size()) lines.push_back(s.substr(start));
+      if (start < s.size())
+        lines.push_back(s.substr(start));
       return str_list(std::move(lines));
     }
-    if (name == "strip") return py_strip(s, a.get(0, "chars"), true, true);
-    if (name == "lstrip") return py_strip(s, a.get(0, "chars"), true, false);
-    if (name == "rstrip") return py_strip(s, a.get(0, "chars"), false, true);
-    if (name == "upper") return value::string(map_case(s, true));
-    if (name == "lower" || name == "casefold") return value::string(map_case(s, false));
-    if (name == "title") return value::string(py_title(s));
-    if (name == "capitalize") return value::string(py_capitalize(s));
+    if (name == "strip")
+      return py_strip(s, a.get(0, "chars"), true, true);
+    if (name == "lstrip")
+      return py_strip(s, a.get(0, "chars"), true, false);
+    if (name == "rstrip")
+      return py_strip(s, a.get(0, "chars"), false, true);
+    if (name == "upper")
+      return value::string(map_case(s, true));
+    if (name == "lower" || name == "casefold")
+      return value::string(map_case(s, false));
+    if (name == "title")
+      return value::string(py_title(s));
+    if (name == "capitalize")
+      return value::string(py_capitalize(s));
     if (name == "swapcase") {
       std::u32string u = decode_utf8(s);
-      for (char32_t& c : u) c = to_upper_cp(c) == c ? to_lower_cp(c) : to_upper_cp(c);
+      for (char32_t& c : u)
+        c = to_upper_cp(c) == c ? to_lower_cp(c) : to_upper_cp(c);
       return value::string(encode_utf8(u));
     }
     if (name == "replace")
       return value::string(py_replace(s, arg_str(a, 0, "old", "replace"),
-                                      arg_str(a, 1, "new", "replace"),
-                                      int_arg(a, 2, "count", -1)));
+                                      arg_str(a, 1, "new", "replace"), int_arg(a, 2, "count", -1)));
     if (name == "find" || name == "rfind" || name == "index" || name == "count") {
       std::string sub = arg_str(a, 0, "sub", name.c_str());
       if (name == "count") {
-        if (sub.empty()) return value::integer(static_cast<std::int64_t>(utf8_length(s)) + 1);
+        if (sub.empty())
+          return value::integer(static_cast<std::int64_t>(utf8_length(s)) + 1);
         std::int64_t n = 0;
-        for (std::size_t k = s.find(sub); k != std::string::npos; k = s.find(sub, k + sub.size())) ++n;
+        for (std::size_t k = s.find(sub); k != std::string::npos; k = s.find(sub, k + sub.size()))
+          ++n;
         return value::integer(n);
       }
       std::size_t k = name == "rfind" ? s.rfind(sub) : s.find(sub);
       if (k == std::string::npos) {
-        if (name == "index") fail("substring not found");
+        if (name == "index")
+          fail("substring not found");
         return value::integer(-1);
       }
-      return value::integer(static_cast<std::int64_t>(utf8_length(std::string_view(s).substr(0, k))));
+      return value::integer(
+          static_cast<std::int64_t>(utf8_length(std::string_view(s).substr(0, k))));
     }
     if (name == "join") {
-      if (a.pos.empty()) fail("join() takes exactly one argument");
+      if (a.pos.empty())
+        fail("join() takes exactly one argument");
       std::string out;
       bool first = true;
       for (const auto& v : iterate(a.pos[0])) {
-        if (v.kind != vk::string) fail("sequence item: expected str instance, " + type_name(v) + " found");
-        if (!first) out += s;
+        if (v.kind != vk::string)
+          fail("sequence item: expected str instance, " + type_name(v) + " found");
+        if (!first)
+          out += s;
         first = false;
         out += v.s;
         check_size(out);
       }
       return value::string(std::move(out));
     }
-    if (name == "format") return value::string(py_format(s, a));
+    if (name == "format")
+      return value::string(py_format(s, a));
     if (name == "removeprefix") {
       std::string p = arg_str(a, 0, "prefix", "removeprefix");
       return value::string(s.rfind(p, 0) == 0 ? s.substr(p.size()) : s);
     }
     if (name == "removesuffix") {
       std::string p = arg_str(a, 0, "suffix", "removesuffix");
-      bool ends = !p.empty() && s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
+      bool ends =
+          !p.empty() && s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
       return value::string(ends ? s.substr(0, s.size() - p.size()) : s);
     }
     if (name == "partition" || name == "rpartition") {
       std::string sep = arg_str(a, 0, "sep", name.c_str());
-      if (sep.empty()) fail("empty separator");
+      if (sep.empty())
+        fail("empty separator");
       std::size_t k = name == "partition" ? s.find(sep) : s.rfind(sep);
       std::vector<value> parts;
       if (k == std::string::npos) {
-        if (name == "partition") parts = {value::string(s), value::string(""), value::string("")};
-        else parts = {value::string(""), value::string(""), value::string(s)};
+        if (name == "partition")
+          parts = {value::string(s), value::string(""), value::string("")};
+        else
+          parts = {value::string(""), value::string(""), value::string(s)};
       } else {
         parts = {value::string(s.substr(0, k)), value::string(sep),
                  value::string(s.substr(k + sep.size()))};
@@ -3171,21 +3697,28 @@ private:
     }
     if (name == "zfill" || name == "center" || name == "ljust" || name == "rjust") {
       std::int64_t width = int_arg(a, 0, "width", 0);
-      if (width > static_cast<std::int64_t>(max_bytes)) fail("width too large");
+      if (width > static_cast<std::int64_t>(max_bytes))
+        fail("width too large");
       std::u32string u = decode_utf8(s);
       std::int64_t pad = width - static_cast<std::int64_t>(u.size());
-      if (pad <= 0) return value::string(s);
+      if (pad <= 0)
+        return value::string(s);
       std::string fill = name == "zfill" ? "0" : " ";
-      if (name != "zfill" && a.pos.size() > 1) fill = arg_str(a, 1, "fillchar", name.c_str());
+      if (name != "zfill" && a.pos.size() > 1)
+        fill = arg_str(a, 1, "fillchar", name.c_str());
       auto rep = [&](std::int64_t n) {
         std::string r;
-        for (std::int64_t k = 0; k < n; ++k) r += fill;
+        for (std::int64_t k = 0; k < n; ++k)
+          r += fill;
         return r;
       };
-      if (name == "ljust") return value::string(s + rep(pad));
-      if (name == "rjust") return value::string(rep(pad) + s);
+      if (name == "ljust")
+        return value::string(s + rep(pad));
+      if (name == "rjust")
+        return value::string(rep(pad) + s);
       if (name == "zfill") {
-        if (!s.empty() && (s[0] == '-' || s[0] == '+')) return value::string(s.substr(0, 1) + rep(pad) + s.substr(1));
+        if (!s.empty() && (s[0] == '-' || s[0] == '+'))
+          return value::string(s.substr(0, 1) + rep(pad) + s.substr(1));
         return value::string(rep(pad) + s);
       }
       std::int64_t left = pad / 2 + (pad & width & 1);
@@ -3195,16 +3728,21 @@ private:
       std::u32string u = decode_utf8(s);
       return value::boolean(!u.empty() && std::all_of(u.begin(), u.end(), pred));
     };
-    if (name == "isdigit") return all_of(is_digit_cp);
-    if (name == "isalpha") return all_of(is_alpha_cp);
-    if (name == "isalnum") return all_of([](char32_t c) { return is_alpha_cp(c) || is_digit_cp(c); });
-    if (name == "isspace") return all_of(py_space);
+    if (name == "isdigit")
+      return all_of(is_digit_cp);
+    if (name == "isalpha")
+      return all_of(is_alpha_cp);
+    if (name == "isalnum")
+      return all_of([](char32_t c) { return is_alpha_cp(c) || is_digit_cp(c); });
+    if (name == "isspace")
+      return all_of(py_space);
     if (name == "isupper" || name == "islower") {
       std::u32string u = decode_utf8(s);
       bool cased = false;
       for (char32_t c : u) {
         bool up = to_lower_cp(c) != c, low = to_upper_cp(c) != c;
-        if (name == "isupper" ? low : up) return value::boolean(false);
+        if (name == "isupper" ? low : up)
+          return value::boolean(false);
         cased = cased || up || low;
       }
       return value::boolean(cased);
@@ -3228,13 +3766,17 @@ private:
     std::size_t start = 0;
     while (true) {
       std::size_t dot = path.find('.', start);
-      std::string part = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+      std::string part =
+          path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
       bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) {
         return std::isdigit(static_cast<unsigned char>(c));
       });
-      if (cur.is_undefined()) return cur;
-      cur = numeric ? get_item(cur, value::integer(std::stoll(part))) : get_item(cur, value::string(part));
-      if (dot == std::string::npos) return cur;
+      if (cur.is_undefined())
+        return cur;
+      cur = numeric ? get_item(cur, value::integer(std::stoll(part)))
+                    : get_item(cur, value::string(part));
+      if (dot == std::string::npos)
+        return cur;
       start = dot + 1;
     }
   }
@@ -3250,14 +3792,16 @@ private:
     std::size_t first_arg = 0;
     std::string attr;
     if (by_attr) {
-      if (a.pos.empty() || a.pos[0].kind != vk::string) fail("selectattr/rejectattr need an attribute name");
+      if (a.pos.empty() || a.pos[0].kind != vk::string)
+        fail("selectattr/rejectattr need an attribute name");
       attr = a.pos[0].s;
       first_arg = 1;
     }
     std::string test;
     std::vector<value> test_args;
     if (a.pos.size() > first_arg) {
-      if (a.pos[first_arg].kind != vk::string) fail("the test name must be a string");
+      if (a.pos[first_arg].kind != vk::string)
+        fail("the test name must be a string");
       test = a.pos[first_arg].s;
       test_args.assign(a.pos.begin() + first_arg + 1, a.pos.end());
     }
@@ -3265,7 +3809,8 @@ private:
       tick();
       value subject = by_attr ? attr_path(item, attr) : item;
       bool ok = test.empty() ? truthy(subject) : test_by_name(test, subject, test_args);
-      if (ok == keep) out.push_back(item);
+      if (ok == keep)
+        out.push_back(item);
     }
     return out;
   }
@@ -3273,7 +3818,8 @@ private:
   // sort key comparison with jinja2's case_sensitive=False default
   value sort_key(const value& v, bool case_sensitive, const std::string& attr) {
     value k = attr.empty() ? v : attr_path(v, attr);
-    if (!case_sensitive && k.kind == vk::string) return value::string(map_case(k.s, false));
+    if (!case_sensitive && k.kind == vk::string)
+      return value::string(map_case(k.s, false));
     return k;
   }
 
@@ -3296,18 +3842,31 @@ private:
     }
     if (name == "safe" || name == "string" || name == "forceescape" || name == "e" ||
         name == "escape") {
-      if (name == "safe") return v;
+      if (name == "safe")
+        return v;
       std::string s = to_str(v);
-      if (name == "string") return value::string(std::move(s));
+      if (name == "string")
+        return value::string(std::move(s));
       std::string out;
       for (char c : s) {
         switch (c) {
-          case '&': out += "&amp;"; break;
-          case '<': out += "&lt;"; break;
-          case '>': out += "&gt;"; break;
-          case '"': out += "&#34;"; break;
-          case '\'': out += "&#39;"; break;
-          default: out.push_back(c);
+          case '&':
+            out += "&amp;";
+            break;
+          case '<':
+            out += "&lt;";
+            break;
+          case '>':
+            out += "&gt;";
+            break;
+          case '"':
+            out += "&#34;";
+            break;
+          case '\'':
+            out += "&#39;";
+            break;
+          default:
+            out.push_back(c);
         }
       }
       return value::string(std::move(out));
@@ -3316,9 +3875,12 @@ private:
       json_style st;
       if (const value* ind = a.get(0, "indent"); ind && ind->kind != vk::none) {
         st.indent = true;
-        if (ind->kind == vk::string) st.indent_text = ind->s;
-        else if (ind->is_int_like()) st.indent_text = std::string(std::clamp<std::int64_t>(ind->as_int(), 0, 64), ' ');
-        else fail("tojson: indent must be an integer or a string");
+        if (ind->kind == vk::string)
+          st.indent_text = ind->s;
+        else if (ind->is_int_like())
+          st.indent_text = std::string(std::clamp<std::int64_t>(ind->as_int(), 0, 64), ' ');
+        else
+          fail("tojson: indent must be an integer or a string");
         st.item_sep = ",";
       }
       if (const value* sep = a.get(2, "separators"); sep && sep->kind == vk::list) {
@@ -3335,17 +3897,26 @@ private:
     }
     if (name == "length" || name == "count") {
       switch (v.kind) {
-        case vk::undefined: return value::integer(0);
-        case vk::string: return value::integer(static_cast<std::int64_t>(utf8_length(v.s)));
-        case vk::list: return value::integer(static_cast<std::int64_t>(as_list(v).items.size()));
-        case vk::dict: return value::integer(static_cast<std::int64_t>(as_dict(v).items.size()));
-        default: fail("object of type '" + type_name(v) + "' has no len()");
+        case vk::undefined:
+          return value::integer(0);
+        case vk::string:
+          return value::integer(static_cast<std::int64_t>(utf8_length(v.s)));
+        case vk::list:
+          return value::integer(static_cast<std::int64_t>(as_list(v).items.size()));
+        case vk::dict:
+          return value::integer(static_cast<std::int64_t>(as_dict(v).items.size()));
+        default:
+          fail("object of type '" + type_name(v) + "' has no len()");
       }
     }
-    if (name == "trim") return py_strip(to_str(v), a.get(0, "chars"), true, true);
-    if (name == "upper") return value::string(map_case(to_str(v), true));
-    if (name == "lower") return value::string(map_case(to_str(v), false));
-    if (name == "capitalize") return value::string(py_capitalize(to_str(v)));
+    if (name == "trim")
+      return py_strip(to_str(v), a.get(0, "chars"), true, true);
+    if (name == "upper")
+      return value::string(map_case(to_str(v), true));
+    if (name == "lower")
+      return value::string(map_case(to_str(v), false));
+    if (name == "capitalize")
+      return value::string(py_capitalize(to_str(v)));
     if (name == "title") {
       // jinja2's do_title: words start after whitespace, '-', '(', '{', '[' or '<'
       std::u32string u = decode_utf8(to_str(v));
@@ -3362,22 +3933,26 @@ private:
       return value::string(encode_utf8(u));
     }
     if (name == "replace") {
-      if (a.pos.size() < 2) fail("replace needs two arguments");
-      return value::string(py_replace(to_str(v), to_str(a.pos[0]), to_str(a.pos[1]),
-                                      int_arg(a, 2, "count", -1)));
+      if (a.pos.size() < 2)
+        fail("replace needs two arguments");
+      return value::string(
+          py_replace(to_str(v), to_str(a.pos[0]), to_str(a.pos[1]), int_arg(a, 2, "count", -1)));
     }
     if (name == "int") {
       std::int64_t fallback = int_arg(a, 0, "default", 0);
-      if (v.is_int_like()) return value::integer(v.as_int());
+      if (v.is_int_like())
+        return value::integer(v.as_int());
       if (v.kind == vk::floating) {
-        if (!std::isfinite(v.f) || std::fabs(v.f) > 9.2e18) return value::integer(fallback);
+        if (!std::isfinite(v.f) || std::fabs(v.f) > 9.2e18)
+          return value::integer(fallback);
         return value::integer(static_cast<std::int64_t>(v.f));
       }
       if (v.kind == vk::string) {
         std::string s = encode_utf8(strip_chars(decode_utf8(v.s), nullptr, true, true));
         std::int64_t out = 0;
         auto res = std::from_chars(s.data() + (s.size() && s[0] == '+'), s.data() + s.size(), out);
-        if (res.ec == std::errc{} && res.ptr == s.data() + s.size() && !s.empty()) return value::integer(out);
+        if (res.ec == std::errc{} && res.ptr == s.data() + s.size() && !s.empty())
+          return value::integer(out);
         char* end = nullptr;
         double d = std::strtod(s.c_str(), &end);
         if (!s.empty() && end == s.c_str() + s.size() && std::isfinite(d) && std::fabs(d) < 9.2e18)
@@ -3388,30 +3963,37 @@ private:
     if (name == "float") {
       const value* fb = a.get(0, "default");
       double fallback = fb && fb->is_number() ? fb->as_double() : 0.0;
-      if (v.is_number()) return value::floating(v.as_double());
+      if (v.is_number())
+        return value::floating(v.as_double());
       if (v.kind == vk::string) {
         std::string s = encode_utf8(strip_chars(decode_utf8(v.s), nullptr, true, true));
         char* end = nullptr;
         double d = std::strtod(s.c_str(), &end);
-        if (!s.empty() && end == s.c_str() + s.size()) return value::floating(d);
+        if (!s.empty() && end == s.c_str() + s.size())
+          return value::floating(d);
       }
       return value::floating(fallback);
     }
     if (name == "abs") {
-      if (v.kind == vk::floating) return value::floating(std::fabs(v.f));
+      if (v.kind == vk::floating)
+        return value::floating(std::fabs(v.f));
       if (v.is_int_like()) {
-        if (v.as_int() == std::numeric_limits<std::int64_t>::min()) fail("integer overflow");
+        if (v.as_int() == std::numeric_limits<std::int64_t>::min())
+          fail("integer overflow");
         return value::integer(std::llabs(v.as_int()));
       }
       fail("bad operand type for abs(): '" + type_name(v) + "'");
     }
     if (name == "round") {
-      if (!v.is_number()) fail("round: a number is required, not " + type_name(v));
+      if (!v.is_number())
+        fail("round: a number is required, not " + type_name(v));
       std::int64_t precision = int_arg(a, 0, "precision", 0);
       std::string method = a.get(1, "method") ? to_str(*a.get(1, "method")) : "common";
       double scale = std::pow(10.0, static_cast<double>(precision));
       double x = v.as_double() * scale;
-      double r = method == "ceil" ? std::ceil(x) : method == "floor" ? std::floor(x) : std::nearbyint(x);
+      double r = method == "ceil"    ? std::ceil(x)
+                 : method == "floor" ? std::floor(x)
+                                     : std::nearbyint(x);
       if (method != "common" && method != "ceil" && method != "floor")
         fail("method must be common, ceil or floor");
       return value::floating(r / scale);
@@ -3422,7 +4004,8 @@ private:
       std::string out;
       bool first = true;
       for (const auto& item : iterate(v)) {
-        if (!first) out += sep;
+        if (!first)
+          out += sep;
         first = false;
         append_str(out, attr ? attr_path(item, to_str(*attr)) : item);
         check_size(out);
@@ -3432,17 +4015,22 @@ private:
     if (name == "first" || name == "last") {
       if (v.kind == vk::list) {
         const auto& items = as_list(v).items;
-        if (items.empty()) return value::undefined("No first item, sequence was empty.");
+        if (items.empty())
+          return value::undefined("No first item, sequence was empty.");
         return name == "first" ? items.front() : items.back();
       }
       std::vector<value> items = iterate(v);
-      if (items.empty()) return value::undefined("No first item, sequence was empty.");
+      if (items.empty())
+        return value::undefined("No first item, sequence was empty.");
       return name == "first" ? items.front() : items.back();
     }
-    if (name == "list") return make_list(iterate(v));
+    if (name == "list")
+      return make_list(iterate(v));
     if (name == "items") {
-      if (v.is_undefined()) return make_list({});
-      if (v.kind != vk::dict) fail("items: can only get item pairs from a mapping");
+      if (v.is_undefined())
+        return make_list({});
+      if (v.kind != vk::dict)
+        fail("items: can only get item pairs from a mapping");
       return call_method(v, "items", {});
     }
     if (name == "reverse") {
@@ -3459,11 +4047,13 @@ private:
       std::vector<value> out;
       const value* attr = nullptr;
       for (const auto& [k, x] : a.kw)
-        if (k == "attribute") attr = &x;
+        if (k == "attribute")
+          attr = &x;
       if (attr) {
         const value* fallback = nullptr;
         for (const auto& [k, x] : a.kw)
-          if (k == "default") fallback = &x;
+          if (k == "default")
+            fallback = &x;
         for (const auto& item : iterate(v)) {
           tick();
           value r = attr_path(item, to_str(*attr));
@@ -3471,17 +4061,23 @@ private:
         }
         return make_list(std::move(out));
       }
-      if (a.pos.empty() || a.pos[0].kind != vk::string) fail("map: a filter name or attribute= is required");
+      if (a.pos.empty() || a.pos[0].kind != vk::string)
+        fail("map: a filter name or attribute= is required");
       call_args rest;
       rest.pos.assign(a.pos.begin() + 1, a.pos.end());
       rest.kw = a.kw;
-      for (const auto& item : iterate(v)) out.push_back(apply_filter(a.pos[0].s, item, rest, sc));
+      for (const auto& item : iterate(v))
+        out.push_back(apply_filter(a.pos[0].s, item, rest, sc));
       return make_list(std::move(out));
     }
-    if (name == "select") return make_list(select(v, a, false, true));
-    if (name == "reject") return make_list(select(v, a, false, false));
-    if (name == "selectattr") return make_list(select(v, a, true, true));
-    if (name == "rejectattr") return make_list(select(v, a, true, false));
+    if (name == "select")
+      return make_list(select(v, a, false, true));
+    if (name == "reject")
+      return make_list(select(v, a, false, false));
+    if (name == "selectattr")
+      return make_list(select(v, a, true, true));
+    if (name == "rejectattr")
+      return make_list(select(v, a, true, false));
     if (name == "unique" || name == "sort" || name == "min" || name == "max") {
       bool case_sensitive = kw_bool(name == "sort" ? 1 : 0, "case_sensitive", false);
       std::string attr = kw_str(name == "sort" ? 2 : 1, "attribute");
@@ -3491,7 +4087,8 @@ private:
         for (auto& item : items) {
           value k = sort_key(item, case_sensitive, attr);
           bool seen = false;
-          for (const auto& s : keys) seen = seen || equal(s, k);
+          for (const auto& s : keys)
+            seen = seen || equal(s, k);
           if (!seen) {
             keys.push_back(std::move(k));
             out.push_back(std::move(item));
@@ -3501,29 +4098,35 @@ private:
         return make_list(std::move(out));
       }
       std::vector<std::pair<value, value>> keyed;
-      for (auto& item : items) keyed.emplace_back(sort_key(item, case_sensitive, attr), std::move(item));
+      for (auto& item : items)
+        keyed.emplace_back(sort_key(item, case_sensitive, attr), std::move(item));
       std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
         return compare(x.first, y.first, "<") < 0;
       });
       if (name == "sort") {
-        if (kw_bool(0, "reverse", false)) std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
-          return compare(x.first, y.first, "<") > 0;
-        });
+        if (kw_bool(0, "reverse", false))
+          std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
+            return compare(x.first, y.first, "<") > 0;
+          });
         std::vector<value> out;
-        for (auto& kv : keyed) out.push_back(std::move(kv.second));
+        for (auto& kv : keyed)
+          out.push_back(std::move(kv.second));
         return make_list(std::move(out));
       }
-      if (keyed.empty()) return value::undefined("No aggregated item, sequence was empty.");
+      if (keyed.empty())
+        return value::undefined("No aggregated item, sequence was empty.");
       return name == "min" ? keyed.front().second : keyed.back().second;
     }
     if (name == "dictsort") {
-      if (v.kind != vk::dict) fail("dictsort: a mapping is required");
+      if (v.kind != vk::dict)
+        fail("dictsort: a mapping is required");
       bool case_sensitive = kw_bool(0, "case_sensitive", false);
       std::string by = kw_str(1, "by");
       bool by_value = by == "value";
       bool rev = kw_bool(2, "reverse", false);
       std::vector<value> pairs;
-      for (const auto& [k, x] : as_dict(v).items) pairs.push_back(make_list({value::string(k), x}, true));
+      for (const auto& [k, x] : as_dict(v).items)
+        pairs.push_back(make_list({value::string(k), x}, true));
       std::stable_sort(pairs.begin(), pairs.end(), [&](const value& x, const value& y) {
         value kx = sort_key(as_list(x).items[by_value ? 1 : 0], case_sensitive, "");
         value ky = sort_key(as_list(y).items[by_value ? 1 : 0], case_sensitive, "");
@@ -3536,13 +4139,18 @@ private:
       std::string attr = kw_str(0, "attribute");
       const value* start = a.get(1, "start");
       value total = start ? *start : value::integer(0);
-      for (const auto& item : iterate(v)) total = binop("+", total, attr.empty() ? item : attr_path(item, attr));
+      for (const auto& item : iterate(v))
+        total = binop("+", total, attr.empty() ? item : attr_path(item, attr));
       return total;
     }
     if (name == "indent") {
       const value* w = a.get(0, "width");
-      std::string pad = w && w->kind == vk::string ? w->s.str()
-                        : std::string(static_cast<std::size_t>(std::clamp<std::int64_t>(w ? (w->is_int_like() ? w->as_int() : 4) : 4, 0, 256)), ' ');
+      std::string pad =
+          w && w->kind == vk::string
+              ? w->s.str()
+              : std::string(static_cast<std::size_t>(std::clamp<std::int64_t>(
+                                w ? (w->is_int_like() ? w->as_int() : 4) : 4, 0, 256)),
+                            ' ');
       bool first = kw_bool(1, "first", false);
       bool blank = kw_bool(2, "blank", false);
       std::string s = to_str(v) + "\n";
@@ -3555,26 +4163,32 @@ private:
         }
       std::string out;
       if (blank) {
-        for (std::size_t k = 0; k < lines.size(); ++k) out += (k ? "\n" + pad : "") + lines[k];
+        for (std::size_t k = 0; k < lines.size(); ++k)
+          out += (k ? "\n" + pad : "") + lines[k];
       } else {
         out = lines.empty() ? "" : lines[0];
-        for (std::size_t k = 1; k < lines.size(); ++k) out += "\n" + (lines[k].empty() ? "" : pad) + lines[k];
+        for (std::size_t k = 1; k < lines.size(); ++k)
+          out += "\n" + (lines[k].empty() ? "" : pad) + lines[k];
       }
-      if (first) out = pad + out;
+      if (first)
+        out = pad + out;
       check_size(out);
       return value::string(std::move(out));
     }
     if (name == "attr") {
-      if (a.pos.empty()) fail("attr needs a name");
+      if (a.pos.empty())
+        fail("attr needs a name");
       return get_attr(v, to_str(a.pos[0]));
     }
-    if (name == "format") return value::string(percent_format(to_str(v), make_list(a.pos, true)));
+    if (name == "format")
+      return value::string(percent_format(to_str(v), make_list(a.pos, true)));
     if (name == "wordcount") {
       std::int64_t n = 0;
       bool in_word = false;
       for (char32_t c : decode_utf8(to_str(v))) {
         bool w = is_alpha_cp(c) || is_digit_cp(c) || c == '_';
-        if (w && !in_word) ++n;
+        if (w && !in_word)
+          ++n;
         in_word = w;
       }
       return value::integer(n);
@@ -3591,53 +4205,80 @@ private:
 
   bool apply_test(const std::string& name, const value& v, const call_args& a) {
     auto arg = [&]() -> const value& {
-      if (a.pos.empty()) fail("test '" + name + "' needs an argument");
+      if (a.pos.empty())
+        fail("test '" + name + "' needs an argument");
       return a.pos[0];
     };
-    if (name == "defined") return !v.is_undefined();
-    if (name == "undefined") return v.is_undefined();
-    if (name == "none") return v.kind == vk::none;
-    if (name == "boolean") return v.kind == vk::boolean;
-    if (name == "true") return v.kind == vk::boolean && v.b;
-    if (name == "false") return v.kind == vk::boolean && !v.b;
-    if (name == "integer") return v.kind == vk::integer;
-    if (name == "float") return v.kind == vk::floating;
-    if (name == "number") return v.is_number();
-    if (name == "string") return v.kind == vk::string;
-    if (name == "mapping") return v.kind == vk::dict;
+    if (name == "defined")
+      return !v.is_undefined();
+    if (name == "undefined")
+      return v.is_undefined();
+    if (name == "none")
+      return v.kind == vk::none;
+    if (name == "boolean")
+      return v.kind == vk::boolean;
+    if (name == "true")
+      return v.kind == vk::boolean && v.b;
+    if (name == "false")
+      return v.kind == vk::boolean && !v.b;
+    if (name == "integer")
+      return v.kind == vk::integer;
+    if (name == "float")
+      return v.kind == vk::floating;
+    if (name == "number")
+      return v.is_number();
+    if (name == "string")
+      return v.kind == vk::string;
+    if (name == "mapping")
+      return v.kind == vk::dict;
     if (name == "iterable")
       return v.kind == vk::list || v.kind == vk::dict || v.kind == vk::string || v.is_undefined();
     if (name == "sequence")
       return v.kind == vk::list || v.kind == vk::dict || v.kind == vk::string || v.is_undefined();
-    if (name == "callable") return v.kind == vk::callable;
+    if (name == "callable")
+      return v.kind == vk::callable;
     if (name == "sameas") {
       const value& o = arg();
-      if (v.obj || o.obj) return v.obj == o.obj && v.kind == o.kind;
+      if (v.obj || o.obj)
+        return v.obj == o.obj && v.kind == o.kind;
       return v.kind == o.kind && (v.kind == vk::none || v.kind == vk::undefined ||
                                   (v.kind == vk::boolean && v.b == o.b));
     }
-    if (name == "escaped") return false;
-    if (name == "eq" || name == "equalto" || name == "==") return equal(v, arg());
-    if (name == "ne" || name == "!=") return !equal(v, arg());
-    if (name == "lt" || name == "lessthan" || name == "<") return compare(v, arg(), "<") < 0;
-    if (name == "le" || name == "<=") return compare(v, arg(), "<=") <= 0;
-    if (name == "gt" || name == "greaterthan" || name == ">") return compare(v, arg(), ">") > 0;
-    if (name == "ge" || name == ">=") return compare(v, arg(), ">=") >= 0;
-    if (name == "in") return contains(arg(), v);
+    if (name == "escaped")
+      return false;
+    if (name == "eq" || name == "equalto" || name == "==")
+      return equal(v, arg());
+    if (name == "ne" || name == "!=")
+      return !equal(v, arg());
+    if (name == "lt" || name == "lessthan" || name == "<")
+      return compare(v, arg(), "<") < 0;
+    if (name == "le" || name == "<=")
+      return compare(v, arg(), "<=") <= 0;
+    if (name == "gt" || name == "greaterthan" || name == ">")
+      return compare(v, arg(), ">") > 0;
+    if (name == "ge" || name == ">=")
+      return compare(v, arg(), ">=") >= 0;
+    if (name == "in")
+      return contains(arg(), v);
     if (name == "odd" || name == "even" || name == "divisibleby") {
-      if (!v.is_int_like()) fail("test '" + name + "' needs an integer");
+      if (!v.is_int_like())
+        fail("test '" + name + "' needs an integer");
       std::int64_t n = v.as_int();
-      if (name == "odd") return n % 2 != 0;
-      if (name == "even") return n % 2 == 0;
+      if (name == "odd")
+        return n % 2 != 0;
+      if (name == "even")
+        return n % 2 == 0;
       const value& d = arg();
-      if (!d.is_int_like() || d.as_int() == 0) fail("divisibleby needs a non-zero integer");
+      if (!d.is_int_like() || d.as_int() == 0)
+        fail("divisibleby needs a non-zero integer");
       return n % d.as_int() == 0;
     }
     if (name == "lower" || name == "upper") {
       std::string s = to_str(v);
       return s == map_case(s, name == "upper");
     }
-    if (name == "filter" || name == "test") return false;
+    if (name == "filter" || name == "test")
+      return false;
     fail("no test named '" + name + "'");
   }
 
@@ -3658,8 +4299,10 @@ value from_json(const J& j, int depth) {
     fail_plain("chat template input nested deeper than " + std::to_string(max_value_depth) +
                " levels");
   switch (j.type()) {
-    case nlohmann::json::value_t::null: return value::none();
-    case nlohmann::json::value_t::boolean: return value::boolean(j.template get<bool>());
+    case nlohmann::json::value_t::null:
+      return value::none();
+    case nlohmann::json::value_t::boolean:
+      return value::boolean(j.template get<bool>());
     case nlohmann::json::value_t::number_integer:
       return value::integer(j.template get<std::int64_t>());
     case nlohmann::json::value_t::number_unsigned: {
@@ -3668,20 +4311,25 @@ value from_json(const J& j, int depth) {
         return value::floating(static_cast<double>(u));
       return value::integer(static_cast<std::int64_t>(u));
     }
-    case nlohmann::json::value_t::number_float: return value::floating(j.template get<double>());
-    case nlohmann::json::value_t::string: return value::string(j.template get<std::string>());
+    case nlohmann::json::value_t::number_float:
+      return value::floating(j.template get<double>());
+    case nlohmann::json::value_t::string:
+      return value::string(j.template get<std::string>());
     case nlohmann::json::value_t::array: {
       std::vector<value> items;
       items.reserve(j.size());
-      for (const auto& x : j) items.push_back(from_json(x, depth + 1));
+      for (const auto& x : j)
+        items.push_back(from_json(x, depth + 1));
       return make_list(std::move(items));
     }
     case nlohmann::json::value_t::object: {
       auto d = std::make_shared<dict_obj>();
-      for (auto it = j.begin(); it != j.end(); ++it) d->set(it.key(), from_json(it.value(), depth + 1));
+      for (auto it = j.begin(); it != j.end(); ++it)
+        d->set(it.key(), from_json(it.value(), depth + 1));
       return make_dict(std::move(d));
     }
-    default: return value::undefined("unsupported JSON value");
+    default:
+      return value::undefined("unsupported JSON value");
   }
 }
 
@@ -3691,7 +4339,8 @@ template <class J>
 void add_variable(scope& root, const std::string& key, const J& j) {
   bool token_key = key.size() > 6 && key.compare(key.size() - 6, 6, "_token") == 0;
   if (token_key) {
-    if (j.is_null()) return;
+    if (j.is_null())
+      return;
     if (j.is_object() && j.contains("content") && j["content"].is_string()) {
       root.set(key, value::string(j["content"].template get<std::string>()));
       return;
@@ -3720,14 +4369,16 @@ result<std::string> render_impl(const chat_template::program& prog, const J& mes
     root.set("tools", value::none());
     root.set("documents", value::none());
     if (extra.is_object())
-      for (auto it = extra.begin(); it != extra.end(); ++it) add_variable(root, it.key(), it.value());
+      for (auto it = extra.begin(); it != extra.end(); ++it)
+        add_variable(root, it.key(), it.value());
     root.set("messages", from_json(messages, 0));
     root.set("add_generation_prompt", value::boolean(add_generation_prompt));
     renderer r(root);
     r.run(prog.body);
     return std::move(r.out);
   } catch (const template_failure& f) {
-    if (f.raised) return make_error(error_code::invalid_argument, f.message);
+    if (f.raised)
+      return make_error(error_code::invalid_argument, f.message);
     if (f.message.rfind("chat template", 0) == 0)
       return make_error(error_code::invalid_config, f.message);
     return make_error(error_code::invalid_config, "chat template error: " + f.message);
@@ -3784,8 +4435,7 @@ result<std::string> chat_template::render(const nlohmann::ordered_json& messages
   return render_impl(*program_, messages, add_generation_prompt, extra);
 }
 
-chat_template::chat_template(std::shared_ptr<const program> parsed)
-    : program_(std::move(parsed)) {}
+chat_template::chat_template(std::shared_ptr<const program> parsed) : program_(std::move(parsed)) {}
 chat_template::chat_template(const chat_template&) = default;
 chat_template& chat_template::operator=(const chat_template&) = default;
 chat_template::chat_template(chat_template&&) noexcept = default;

@@ -86,7 +86,9 @@ struct TokenEvent {
   FinishReason finish_reason = FinishReason::none;
   ErrorCode error_code = ErrorCode::none;
   std::string error;                      // non-empty exactly when error_code != none
-  float logprob = 0;                      // log-softmax of `token`, when Request::logprobs
+  // log-softmax of `token` over the raw logits (before temperature, top-k, top-p), when
+  // Request::logprobs or top_logprobs > 0
+  float logprob = 0;
   std::vector<TopLogprob> top_logprobs;   // the Request::top_logprobs best, highest first
   std::vector<float> logits;              // the logits the token was drawn from, when return_logits
   std::vector<float> prompt_logits;       // first event, when return_prompt_logits (prompt × vocab)

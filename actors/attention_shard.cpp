@@ -439,6 +439,8 @@ void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t
       finish_request(id, std::move(event));
     else if (seq.request.sink)
       (*seq.request.sink)(std::move(event));
+    else  // a shard in another process: the ingress holds the client's sink
+      send(ingress_, std::move(event));
   }
   if (++batches_finished_ == batches_.size()) {
     step_running_ = false;

@@ -23,6 +23,8 @@ caf::behavior ingress::make_behavior() {
     [this](admit_request& request) {
       if (draining_)
         return reject(request, finish_reason::error, request_error::shutdown, "the engine is shutting down");
+      if (!lost_.empty())
+        return reject(request, finish_reason::error, request_error::internal, lost_);
       if (request.kv_tokens() > capacity_)
         return reject(request, finish_reason::error, request_error::context_too_long,
                       "request needs " + std::to_string(request.kv_tokens()) +
@@ -31,15 +33,25 @@ caf::behavior ingress::make_behavior() {
       place_waiting();
     },
     [this](request_ended& ended) {
+      std::shared_ptr<token_sink> sink = std::move(ended.sink);
       if (auto it = pinned_.find(ended.request_id); it != pinned_.end()) {
-        free_[it->second] += ended.kv_tokens;
+        free_[it->second.shard] += ended.kv_tokens;
+        if (!sink)  // from a shard in another process
+          sink = std::move(it->second.sink);
+        if (ended.last.admitted == std::chrono::steady_clock::time_point{})
+          ended.last.admitted = it->second.admitted;
         pinned_.erase(it);
       }
       publish_load();
       // The id is free here before the client can hear that its request ended.
-      if (ended.sink)
-        (*ended.sink)(std::move(ended.last));
+      if (sink)
+        (*sink)(std::move(ended.last));
       place_waiting();
+    },
+    // A token from a shard in another process.
+    [this](token_event& event) {
+      if (auto it = pinned_.find(event.request_id); it != pinned_.end() && it->second.sink)
+        (*it->second.sink)(std::move(event));
     },
     [this](cancel_atom, std::uint64_t id) {
       auto queued = std::find_if(waiting_.begin(), waiting_.end(),
@@ -50,10 +62,25 @@ caf::behavior ingress::make_behavior() {
         publish_load();
         reject(request, finish_reason::cancelled, request_error::none, {});
       } else if (auto it = pinned_.find(id); it != pinned_.end()) {
-        send(shards_[it->second], cancel_atom::value, id);
+        send(shards_[it->second.shard], cancel_atom::value, id);
       }
     },
     [this](drain_atom) { draining_ = true; },
+    // A cluster node is gone: every request may have tokens there, so all of them end with
+    // the reason, and new ones are refused with it.
+    [this](node_lost_atom, std::string& reason) {
+      lost_ = reason;
+      for (auto& [id, pinned] : pinned_)
+        if (pinned.sink)
+          (*pinned.sink)(end_event(id, 0, finish_reason::error, request_error::internal, reason));
+      pinned_.clear();
+      while (!waiting_.empty()) {
+        reject(waiting_.front(), finish_reason::error, request_error::internal, reason);
+        waiting_.pop_front();
+      }
+      std::fill(free_.begin(), free_.end(), std::size_t{0});
+      publish_load();
+    },
   };
 }
 
@@ -65,8 +92,8 @@ void ingress::place_waiting() {
     if (free_[best] < request.kv_tokens())
       break;
     free_[best] -= request.kv_tokens();
-    pinned_[request.request_id] = best;
     request.admitted = std::chrono::steady_clock::now();
+    pinned_[request.request_id] = pinned_request{best, request.sink, request.admitted};
     send(shards_[best], std::move(request));
     waiting_.pop_front();
   }

@@ -34,8 +34,14 @@ private:
   std::vector<caf::actor> shards_;
   std::vector<std::size_t> free_;
   std::deque<admit_request> waiting_;
-  std::map<std::uint64_t, std::size_t> pinned_;  // request → shard
+  struct pinned_request {
+    std::size_t shard;
+    std::shared_ptr<token_sink> sink;  // the client's: a remote shard sends its events here
+    std::chrono::steady_clock::time_point admitted;
+  };
+  std::map<std::uint64_t, pinned_request> pinned_;
   bool draining_ = false;
+  std::string lost_;  // why a cluster node is gone, once one is
 };
 
 }  // namespace moert::actors

@@ -24,7 +24,9 @@
 
 #include <caf/all.hpp>
 
+#include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -42,6 +44,7 @@ using step_atom = caf::atom_constant<caf::atom("step")>;            // shard →
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;        // client → ingress → shard
 using drain_atom = caf::atom_constant<caf::atom("drain")>;          // engine → ingress: refuse new work
 using policy_atom = caf::atom_constant<caf::atom("policy")>;        // engine → shard: where to report
+using node_lost_atom = caf::atom_constant<caf::atom("node_lost")>;  // engine → ingress: a node is gone
 
 // -- shared payloads --------------------------------------------------------------
 
@@ -180,13 +183,171 @@ struct scheduler_update {
   policy::defrag_params params;
 };
 
+
+// -- the wire ------------------------------------------------------------------------------
+//
+// Every message above that can cross a process has an inspect() (CAF 0.17 form). Inside one
+// process CAF never serializes, so leases stay zero copy; across processes a row block travels
+// as bytes (std::vector<uint8_t> takes CAF's memcpy path, vector<float> would not) holding
+// only the rows its receiver uses, with the row indices renumbered to match. What a receiver
+// reads is checked (row counts, indices, sizes) before it is used. A client's sink never
+// travels: a remote shard sends its events to the ingress, which holds the sinks.
+
+namespace wire {
+
+// The rows of `block` named by `rows` (in first-use order), packed; `renumbered[i]` is the
+// packed index of rows[i].
+inline std::vector<std::uint8_t> pack_rows(const row_block& block, const std::vector<std::uint32_t>& rows,
+                                           std::vector<std::uint32_t>& renumbered) {
+  std::vector<std::uint32_t> order;  // original row of each packed row
+  renumbered.resize(rows.size());
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    auto at = std::find(order.begin(), order.end(), rows[i]);
+    renumbered[i] = std::uint32_t(at - order.begin());
+    if (at == order.end())
+      order.push_back(rows[i]);
+  }
+  std::size_t row_bytes = block.row_floats * sizeof(float);
+  std::vector<std::uint8_t> bytes(order.size() * row_bytes);
+  for (std::size_t i = 0; i < order.size(); ++i)
+    std::memcpy(bytes.data() + i * row_bytes, block.row(order[i]), row_bytes);
+  return bytes;
+}
+
+// The block a receiver rebuilds; null when the sizes do not agree.
+inline std::shared_ptr<row_block> unpack_rows(std::uint32_t row_floats, const std::vector<std::uint8_t>& bytes,
+                                              std::size_t& num_rows) {
+  std::size_t row_bytes = std::size_t(row_floats) * sizeof(float);
+  if ((row_bytes == 0 && !bytes.empty()) || (row_bytes != 0 && bytes.size() % row_bytes != 0))
+    return nullptr;
+  auto block = std::make_shared<row_block>();
+  block->row_floats = row_floats;
+  block->data.resize(bytes.size() / sizeof(float));
+  std::memcpy(block->data.data(), bytes.data(), bytes.size());
+  num_rows = row_bytes ? bytes.size() / row_bytes : 0;
+  return block;
+}
+
+inline caf::error malformed(const char* what) {
+  return caf::make_error(caf::sec::invalid_argument, std::string("malformed ") + what);
+}
+
+}  // namespace wire
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, token_event& x) {
+  return f(caf::meta::type_name("token_event"), x.request_id, x.token, x.index, x.last, x.finish, x.error_code,
+           x.error, x.logprob, x.top_logprobs, x.logits, x.prompt_logits);
+}
+
+// The sink and the admission time stay in the process that holds the client.
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, admit_request& x) {
+  return f(caf::meta::type_name("admit_request"), x.request_id, x.prompt, x.max_new_tokens,
+           x.sampling.temperature, x.sampling.top_k, x.sampling.top_p, x.sampling.seed, x.return_logits,
+           x.return_prompt_logits, x.stop_token_ids, x.logprobs, x.top_logprobs);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, request_ended& x) {
+  return f(caf::meta::type_name("request_ended"), x.request_id, x.kv_tokens, x.last);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, batch_key& x) {
+  return f(caf::meta::type_name("batch_key"), x.shard, x.step, x.micro_batch, x.layer);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, route_entry& x) {
+  return f(caf::meta::type_name("route_entry"), x.row, x.slot, x.local_expert, x.weight);
+}
+
+// A2E over a wire: only the rows this expert device's routes name.
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, routed_tokens& x) {
+  std::uint32_t row_floats = x.rows ? std::uint32_t(x.rows->row_floats) : 0;
+  if constexpr (Inspector::reads_state) {
+    std::vector<std::uint32_t> rows, renumbered;
+    for (const auto& route : x.routes)
+      rows.push_back(route.row);
+    std::vector<std::uint8_t> bytes;
+    if (x.rows)
+      bytes = wire::pack_rows(*x.rows, rows, renumbered);
+    std::vector<route_entry> routes = x.routes;
+    for (std::size_t i = 0; i < routes.size() && i < renumbered.size(); ++i)
+      routes[i].row = renumbered[i];
+    return f(caf::meta::type_name("routed_tokens"), x.key, x.chunk, row_floats, bytes, routes, x.reply_to,
+             x.flow.id, x.flow.from_track);
+  } else {
+    std::vector<std::uint8_t> bytes;
+    auto err = f(caf::meta::type_name("routed_tokens"), x.key, x.chunk, row_floats, bytes, x.routes, x.reply_to,
+                 x.flow.id, x.flow.from_track);
+    if (err)
+      return err;
+    std::size_t num_rows = 0;
+    auto block = wire::unpack_rows(row_floats, bytes, num_rows);
+    if (!block)
+      return wire::malformed("routed_tokens: row bytes");
+    for (const auto& route : x.routes)
+      if (route.row >= num_rows)
+        return wire::malformed("routed_tokens: a route names a row that was not sent");
+    x.rows = std::move(block);
+    x.flow.sent = std::chrono::steady_clock::now();
+    return err;
+  }
+}
+
+// E2A over a wire: only the rows this destination's entries name.
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, expert_outputs& x) {
+  std::uint32_t row_floats = x.rows ? std::uint32_t(x.rows->row_floats) : 0;
+  if constexpr (Inspector::reads_state) {
+    std::vector<std::uint32_t> renumbered;
+    std::vector<std::uint8_t> bytes;
+    if (x.rows)
+      bytes = wire::pack_rows(*x.rows, x.rows_idx, renumbered);
+    return f(caf::meta::type_name("expert_outputs"), x.key, row_floats, bytes, renumbered, x.slots, x.flow.id,
+             x.flow.from_track);
+  } else {
+    std::vector<std::uint8_t> bytes;
+    auto err = f(caf::meta::type_name("expert_outputs"), x.key, row_floats, bytes, x.rows_idx, x.slots, x.flow.id,
+                 x.flow.from_track);
+    if (err)
+      return err;
+    std::size_t num_rows = 0;
+    auto block = wire::unpack_rows(row_floats, bytes, num_rows);
+    if (!block || x.rows_idx.size() != x.slots.size())
+      return wire::malformed("expert_outputs: row bytes or entry counts");
+    for (auto row : x.rows_idx)
+      if (row >= num_rows)
+        return wire::malformed("expert_outputs: an entry names a row that was not sent");
+    x.rows = std::move(block);
+    x.flow.sent = std::chrono::steady_clock::now();
+    return err;
+  }
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, plan_update& x) {
+  return f(caf::meta::type_name("plan_update"), x.plan.r1, x.plan.m_a, x.plan.r2, x.plan.order);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, shape_report& x) {
+  return f(caf::meta::type_name("shape_report"), x.shard, x.sequences, x.context_tokens);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, scheduler_update& x) {
+  return f(caf::meta::type_name("scheduler_update"), x.policy, x.params.delta, x.params.lookahead,
+           x.params.max_wait);
+}
+
+// Names every message type that can cross a process, for both ends' actor_system_config.
+void register_message_types(caf::actor_system_config& config);
+
 }  // namespace moert::actors
 
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::admit_request)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::request_ended)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::routed_tokens)
+// Local only: an expert_batch is handed from a device's μ-queue to its expert in one process.
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::expert_batch)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::expert_outputs)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::plan_update)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::scheduler_update)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::shape_report)

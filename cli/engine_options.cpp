@@ -1,5 +1,7 @@
 #include "engine_options.hpp"
 
+#include "transport/handshake.hpp"
+
 #include "model_source.hpp"
 #include "policy_commands.hpp"
 
@@ -23,6 +25,9 @@ void add_engine_options(CLI::App& app, engine_options& opt) {
                  "Re-solve the FinDEP plan online with this testbed (e.g. cpu, or a JSON path)");
   app.add_option("--trace", opt.trace_file, "Write a Chrome/Perfetto trace (JSON)");
   app.add_flag("--reference", opt.reference, "Run the bare reference forward, without actors");
+  app.add_option("--cluster", opt.cluster_file,
+                 "Cluster file: shards and experts run on `moert node` processes (overrides --ag/--eg)");
+  app.add_option("--secret-file", opt.secret_file, "The cluster's shared secret (mode 0600)");
 }
 
 result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,
@@ -51,6 +56,20 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
     if (!bed)
       return bed.err();
     config.online_testbed = *bed;
+  }
+  if (!opt.cluster_file.empty()) {
+    auto cluster = load_cluster_config(opt.cluster_file);
+    if (!cluster.ok())
+      return cluster.err();
+    config.cluster = std::move(*cluster);
+    if (!opt.secret_file.empty()) {
+      auto secret = transport::load_secret(opt.secret_file);
+      if (!secret.ok())
+        return secret.err();
+      config.cluster_secret = std::move(*secret);
+    }
+  } else if (!opt.secret_file.empty()) {
+    return make_error(error_code::invalid_argument, "--secret-file is for --cluster");
   }
   return config;
 }

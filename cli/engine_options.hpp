@@ -24,6 +24,8 @@ struct engine_options {
   std::string online_testbed;  // re-solve the plan online with this testbed (name or path)
   std::string trace_file;
   bool reference = false;  // bypass the actors: the bare single-process forward
+  std::string cluster_file;  // run on `moert node` processes (configs/clusters/README.md)
+  std::string secret_file;   // the cluster's shared secret
 };
 
 void add_engine_options(CLI::App& app, engine_options& opt);

@@ -1,5 +1,6 @@
 #include "bench_command.hpp"
 #include "commands.hpp"
+#include "node_command.hpp"
 #include "policy_commands.hpp"
 #include "serve_command.hpp"
 #include "tokenize_command.hpp"
@@ -26,6 +27,7 @@ int main(int argc, char** argv) {
   add(moert::cli::add_calibrate_command);
   add(moert::cli::add_serve_command);
   add(moert::cli::add_tokenize_command);
+  add(moert::cli::add_node_command);
   CLI11_PARSE(app, argc, argv);
   try {
     for (auto& [sub, run] : commands)

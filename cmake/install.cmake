@@ -7,7 +7,7 @@ include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
 set(MOERT_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/moert)
-set(_moert_libraries moert_core moert_gpu_cpu moert_model moert_policy moert_actors moert_engine)
+set(_moert_libraries moert_core moert_gpu_cpu moert_model moert_policy moert_transport moert_actors moert_engine)
 foreach(_lib IN LISTS _moert_libraries)
   string(REPLACE "moert_" "" _name ${_lib})
   set_target_properties(${_lib} PROPERTIES EXPORT_NAME ${_name})
@@ -17,7 +17,7 @@ endforeach()
 install(TARGETS ${_moert_libraries} EXPORT moertTargets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})  # include/ comes with moert::core
 install(TARGETS moert RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
-install(DIRECTORY core gpu model policy actors engine
+install(DIRECTORY core gpu model policy transport actors engine
   DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
   FILES_MATCHING PATTERN "*.hpp"
   PATTERN "engine/include" EXCLUDE)

@@ -7,6 +7,7 @@
 #include "actors/mu_queue.hpp"
 #include "actors/policy_actor.hpp"
 #include "actors/runtime.hpp"
+#include "engine/cluster.hpp"
 #include "model/weights.hpp"
 
 #include <caf/all.hpp>
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <map>
 #include <set>
 
 namespace moert {
@@ -117,6 +119,10 @@ struct Engine::impl {
   std::unique_ptr<caf::actor_system> system;
   caf::actor ingress;
   std::vector<caf::actor> all_actors;
+  // Cluster mode: the gates to the nodes (they relay CAF's connections) and the watcher
+  // that ends every request when a node is lost. Empty in one process.
+  std::optional<cluster_session> cluster;
+  caf::actor cluster_watch;
 
   mutable std::mutex mutex;  // guards the members below, and `ingress` once created
   std::condition_variable idle;
@@ -183,6 +189,41 @@ TokenEvent to_public(actors::token_event&& e) {
 
 }  // namespace
 
+namespace {
+
+// Watches every node and every actor a node hosts for this engine; the first one lost (its
+// process died, or stopped answering heartbeats past the liveness timeout) ends every request
+// with an error naming the node. Recovery is the fault issue's; here nothing may hang.
+caf::actor spawn_cluster_watch(caf::actor_system& sys, const cluster_config& cluster, const cluster_session& session,
+                               caf::actor ingress) {
+  std::vector<std::pair<caf::actor, std::string>> watched;
+  for (std::size_t i = 0; i < cluster.nodes.size(); ++i)
+    watched.emplace_back(session.nodes[i], cluster.nodes[i].name);
+  for (std::size_t d = 0; d < session.queues.size(); ++d)
+    watched.emplace_back(session.queues[d], cluster.nodes[cluster.node_of_expert_device(d)].name);
+  for (std::size_t a = 0; a < session.shards.size(); ++a)
+    watched.emplace_back(session.shards[a], cluster.nodes[cluster.node_of_shard(a)].name);
+  return sys.spawn([watched, ingress](caf::event_based_actor* self) -> caf::behavior {
+    std::map<caf::actor_addr, std::string> names;
+    for (const auto& [actor, name] : watched) {
+      names.emplace(actor.address(), name);
+      self->monitor(actor);
+    }
+    auto reported = std::make_shared<bool>(false);
+    self->set_down_handler([self, names, ingress, reported](const caf::down_msg& down) {
+      auto it = names.find(down.source);
+      if (it == names.end() || *reported)
+        return;
+      *reported = true;
+      caf::anon_send(ingress, actors::node_lost_atom::value,
+                     "node " + it->second + " was lost (" + self->system().render(down.reason) + ")");
+    });
+    return {[](caf::exit_msg&) {}};
+  });
+}
+
+}  // namespace
+
 Engine::Engine(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
 
 Engine::~Engine() {
@@ -196,9 +237,25 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   if (config.plan.r1 == 0 || config.plan.r2 == 0)
     return invalid("plan: r1 and r2 must be at least 1");
 
+  if (config.cluster) {
+    if (config.weights)
+      return invalid("a cluster's nodes load the model themselves: give model_dir or synthetic_config, not weights");
+    if (config.single_device)
+      return invalid("single_device runs in one process: it cannot be combined with a cluster");
+    config.attention_devices = config.cluster->attention_devices();
+    config.expert_devices = config.cluster->expert_devices();
+  }
+
   auto state = std::make_unique<impl>();
   model::model_weights weights;
-  if (config.weights) {
+  if (config.cluster) {
+    // This process holds no layer: the model's shape is all it needs.
+    auto parsed = !config.model_dir.empty() ? model::load_config(config.model_dir)
+                                            : model::parse_config(config.synthetic_config, "synthetic model config");
+    if (!parsed)
+      return parsed.err();
+    state->ctx.config = *parsed;
+  } else if (config.weights) {
     state->ctx.config = config.weights_config;
   } else if (!config.model_dir.empty()) {
     auto loaded = model::load_checkpoint(config.model_dir);
@@ -220,14 +277,17 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   if (config.expert_devices > std::size_t(state->ctx.config.num_experts))
     return invalid("expert_devices (" + std::to_string(config.expert_devices) + ") exceeds the number of experts (" +
                    std::to_string(state->ctx.config.num_experts) + ")");
-  state->ctx.weights =
-      config.weights ? config.weights : std::make_shared<const model::model_weights>(std::move(weights));
+  if (!config.cluster)
+    state->ctx.weights =
+        config.weights ? config.weights : std::make_shared<const model::model_weights>(std::move(weights));
   state->ctx.num_expert_devices = config.expert_devices;
   state->ctx.stats = &state->stats;
   state->ctx.trace = config.trace ? &state->trace : nullptr;
 
   state->system_config.set("scheduler.max-threads", config.actor_threads);
   state->system_config.set("logger.verbosity", caf::atom("quiet"));
+  if (config.cluster)
+    configure_for_cluster(state->system_config, config.cluster->heartbeat, config.cluster->liveness_timeout);
   state->system = std::make_unique<caf::actor_system>(state->system_config);
   caf::actor_system& sys = *state->system;
   const actors::runtime_context* ctx = &state->ctx;
@@ -242,22 +302,46 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   };
   actors::scheduler_update scheduler{config.scheduler, config.defrag};
   std::vector<caf::actor> queues;
-  for (std::size_t d = 0; d < config.expert_devices; ++d) {
+  std::vector<caf::actor> shards;
+  if (config.cluster) {
+    state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats);
+    state->all_actors.push_back(state->ingress);
+    cluster_request ask;
+    ask.model = {config.model_dir, config.synthetic_config, config.weight_seed};
+    ask.threads_per_device = std::uint32_t(config.threads_per_device);
+    ask.scheduler = scheduler;
+    ask.plan = {config.plan};
+    ask.ingress = state->ingress;
+    ask.timeout = config.cluster_timeout;
+    auto session = connect_cluster(sys, *config.cluster, config.cluster_secret, ask);
+    if (!session.ok()) {
+      caf::anon_send_exit(state->ingress, caf::exit_reason::user_shutdown);
+      return session.err();
+    }
+    queues = session->queues;
+    shards = session->shards;
+    state->cluster_watch = spawn_cluster_watch(sys, *config.cluster, *session, state->ingress);
+    state->all_actors.push_back(state->cluster_watch);
+    state->cluster = std::move(*session);
+  }
+  for (std::size_t d = 0; !config.cluster && d < config.expert_devices; ++d) {
     actors::device* dev = make_device("expert " + std::to_string(d));
     caf::actor queue = sys.spawn<actors::mu_queue>(ctx, d, scheduler, dev->name());
     queues.push_back(queue);
     state->all_actors.push_back(queue);
     state->all_actors.push_back(sys.spawn<actors::expert>(ctx, d, dev, queue));
   }
-  state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats);
-  state->all_actors.push_back(state->ingress);
-  std::vector<caf::actor> shards;
-  for (std::size_t a = 0; a < config.attention_devices; ++a) {
+  if (!config.cluster) {
+    state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats);
+    state->all_actors.push_back(state->ingress);
+  }
+  for (std::size_t a = 0; !config.cluster && a < config.attention_devices; ++a) {
     actors::device* dev = make_device("attention " + std::to_string(a));
     shards.push_back(sys.spawn<actors::attention_shard>(ctx, std::uint32_t(a), dev, queues, state->ingress,
                                                         config.plan));
   }
-  state->all_actors.insert(state->all_actors.end(), shards.begin(), shards.end());
+  if (!config.cluster)  // a node stops its own actors when this engine goes
+    state->all_actors.insert(state->all_actors.end(), shards.begin(), shards.end());
   std::optional<actors::online_problem> online;
   if (config.online_testbed)
     online = actors::online_problem{shape_of(state->ctx.config), *config.online_testbed, config.attention_devices,
@@ -403,6 +487,9 @@ void Engine::shutdown() {
     impl_->idle.wait(lock, [this] { return impl_->live_ids.empty(); });
     impl_->stopped = true;
   }
+  if (impl_->cluster)
+    for (const auto& node : impl_->cluster->nodes)
+      caf::anon_send(node, actors::release_atom::value);
   for (auto& actor : impl_->all_actors)
     caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
   impl_->all_actors.clear();

@@ -18,6 +18,7 @@
 // thread. shutdown() (also run by the destructor) waits for every accepted request to finish.
 
 #include "core/error.hpp"
+#include "engine/cluster_config.hpp"
 #include "model/config.hpp"
 #include "model/sampler.hpp"
 #include "policy/defrag.hpp"
@@ -123,6 +124,17 @@ struct EngineConfig {
   // Admission: requests submitted and not yet ended (running or queued). Beyond it submit()
   // ends the stream at once with ErrorCode::overloaded. 0 = unlimited.
   std::size_t max_inflight_requests = 0;
+  // A cluster: `moert node` processes host the attention shards and expert devices the
+  // file places on them (it then decides attention_devices and expert_devices); this process
+  // keeps the ingress, the policy actor and the token sinks. Tokens and logits are those of
+  // one process with the same numbers of devices. Nodes load model_dir (or build the
+  // synthetic model) themselves; `weights` cannot travel.
+  std::optional<cluster_config> cluster;
+  // The cluster's shared secret (transport/auth_gate): every connection to a node passes a
+  // mutual HMAC handshake first. Empty: connect directly, which only loopback nodes allow.
+  std::string cluster_secret;
+  // How long bring-up waits for a node to connect and load its part.
+  std::chrono::milliseconds cluster_timeout{60000};
 };
 
 struct Request {

@@ -1,0 +1,128 @@
+#include "actors/node_host.hpp"
+
+#include "actors/attention_shard.hpp"
+#include "actors/expert.hpp"
+#include "actors/mu_queue.hpp"
+#include "model/weights.hpp"
+
+namespace moert::actors {
+
+void register_node_message_types(caf::actor_system_config& config) {
+  register_message_types(config);
+  config.add_message_type<model_source>("moert::model_source");
+  config.add_message_type<host_experts>("moert::host_experts");
+  config.add_message_type<host_shards>("moert::host_shards");
+}
+
+node_host::node_host(caf::actor_config& cfg, std::string name)
+    : caf::event_based_actor(cfg), name_(std::move(name)) {}
+
+node_host::~node_host() {
+  teardown();
+}
+
+void node_host::on_exit() {
+  teardown();
+}
+
+std::string node_host::ensure_model(const model_source& source, std::uint32_t total_expert_devices,
+                                    const caf::actor& owner) {
+  if (owner_ && owner != owner_)
+    return "node " + name_ + " already serves another engine";
+  std::string key = source.model_dir + '\n' + source.synthetic_config + '\n' + std::to_string(source.weight_seed) +
+                    '\n' + std::to_string(total_expert_devices);
+  if (ctx_) {
+    if (key != loaded_key_)
+      return "node " + name_ + ": one engine asked for two different models or placements";
+    return {};
+  }
+  auto ctx = std::make_unique<runtime_context>();
+  if (!source.model_dir.empty()) {
+    auto loaded = model::load_checkpoint(source.model_dir);
+    if (!loaded)
+      return "node " + name_ + ": " + loaded.err().what();
+    ctx->config = std::move(loaded->config);
+    ctx->weights = std::make_shared<const model::model_weights>(std::move(loaded->weights));
+  } else {
+    auto parsed = model::parse_config(source.synthetic_config, "synthetic model config");
+    if (!parsed)
+      return "node " + name_ + ": " + parsed.err().what();
+    ctx->config = *parsed;
+    ctx->weights = std::make_shared<const model::model_weights>(model::synthetic_weights(*parsed, source.weight_seed));
+  }
+  if (total_expert_devices == 0 || total_expert_devices > std::uint32_t(ctx->config.num_experts))
+    return "node " + name_ + ": " + std::to_string(total_expert_devices) + " expert devices for " +
+           std::to_string(ctx->config.num_experts) + " experts";
+  stats_ = std::make_unique<runtime_stats>();
+  ctx->num_expert_devices = total_expert_devices;
+  ctx->stats = stats_.get();
+  ctx_ = std::move(ctx);
+  loaded_key_ = std::move(key);
+  owner_ = owner;
+  monitor(owner_);
+  return {};
+}
+
+// Stops what this node hosts for its engine. Order matters: the actors stop first (so no one
+// posts to a device any more), the devices then finish their queued tasks, and only then are
+// the actors' objects released (those tasks still point into them).
+void node_host::teardown() {
+  for (const auto& actor : hosted_)
+    caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
+  for (const auto& actor : hosted_) {
+    caf::scoped_actor waiter{system()};
+    waiter->monitor(actor);
+    waiter->receive([](const caf::down_msg&) {}, caf::after(std::chrono::seconds{5}) >> [] {});
+  }
+  devices_.clear();
+  hosted_.clear();
+  if (owner_)
+    demonitor(owner_);
+  owner_ = nullptr;
+  ctx_.reset();
+  stats_.reset();
+  loaded_key_.clear();
+}
+
+caf::behavior node_host::make_behavior() {
+  set_down_handler([this](const caf::down_msg& down) {
+    if (owner_ && down.source == owner_.address())
+      teardown();
+  });
+  return {
+    [this](host_atom, host_experts& ask) -> caf::result<std::vector<caf::actor>> {
+      if (auto failure = ensure_model(ask.model, ask.total_expert_devices, ask.owner); !failure.empty())
+        return caf::make_error(caf::sec::runtime_error, failure);
+      if (ask.num_devices == 0 || ask.first_device + ask.num_devices > ask.total_expert_devices)
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": expert devices out of range");
+      std::vector<caf::actor> queues;
+      for (std::uint32_t d = ask.first_device; d < ask.first_device + ask.num_devices; ++d) {
+        auto& dev = devices_.emplace_back(
+            std::make_unique<device>(name_ + ": expert " + std::to_string(d), ask.threads_per_device, nullptr));
+        caf::actor queue = system().spawn<mu_queue>(ctx_.get(), d, ask.scheduler, dev->name());
+        hosted_.push_back(queue);
+        hosted_.push_back(system().spawn<expert>(ctx_.get(), d, dev.get(), queue));
+        queues.push_back(queue);
+      }
+      return queues;
+    },
+    [this](host_atom, host_shards& ask) -> caf::result<std::vector<caf::actor>> {
+      if (auto failure = ensure_model(ask.model, ask.total_expert_devices, ask.owner); !failure.empty())
+        return caf::make_error(caf::sec::runtime_error, failure);
+      if (ask.num_shards == 0 || ask.queues.size() != ask.total_expert_devices)
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": shards need every expert queue");
+      std::vector<caf::actor> shards;
+      for (std::uint32_t a = ask.first_shard; a < ask.first_shard + ask.num_shards; ++a) {
+        auto& dev = devices_.emplace_back(
+            std::make_unique<device>(name_ + ": attention " + std::to_string(a), ask.threads_per_device, nullptr));
+        caf::actor shard = system().spawn<attention_shard>(ctx_.get(), a, dev.get(), ask.queues, ask.owner, ask.plan.plan);
+        hosted_.push_back(shard);
+        shards.push_back(shard);
+      }
+      return shards;
+    },
+    [this](release_atom) { teardown(); },
+  };
+}
+
+}  // namespace moert::actors

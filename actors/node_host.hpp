@@ -1,0 +1,103 @@
+#pragma once
+
+// The actor a `moert node` process publishes: it hosts, for one engine at a time, the expert
+// devices (a μ-queue and an expert actor each) and the attention shards the cluster file
+// places on this node. The engine asks with host_experts / host_shards and wires the handles
+// it gets back; the node loads the model itself from the checkpoint path (every node can
+// read it) or builds the same synthetic model from its config text and seed.
+//
+// The node watches the engine that asked: when it goes (shutdown, crash, lost connection)
+// the hosted actors are stopped and the devices torn down, and the node serves the next one.
+//
+// Runs detached (its own thread): loading a checkpoint blocks only this actor.
+
+#include "actors/device.hpp"
+#include "actors/protocol.hpp"
+#include "actors/runtime.hpp"
+
+#include <caf/all.hpp>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moert::actors {
+
+using host_atom = caf::atom_constant<caf::atom("host")>;
+using release_atom = caf::atom_constant<caf::atom("release")>;
+
+// Where a node finds the model: a checkpoint directory, or a synthetic model's config.json
+// text and weight seed (what EngineConfig::synthetic_config builds in one process).
+struct model_source {
+  std::string model_dir;
+  std::string synthetic_config;
+  std::uint64_t weight_seed = 1;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, model_source& x) {
+  return f(caf::meta::type_name("model_source"), x.model_dir, x.synthetic_config, x.weight_seed);
+}
+
+// Expert devices [first_device, first_device + num_devices) of `total_expert_devices`.
+// Reply: their μ-queues, in device order.
+struct host_experts {
+  model_source model;
+  std::uint32_t first_device = 0;
+  std::uint32_t num_devices = 0;
+  std::uint32_t total_expert_devices = 0;
+  std::uint32_t threads_per_device = 1;
+  scheduler_update scheduler;
+  caf::actor owner;  // the engine's ingress: the node tears down when it goes
+};
+
+// Attention shards [first_shard, first_shard + num_shards). Reply: the shards, in order.
+struct host_shards {
+  model_source model;
+  std::uint32_t first_shard = 0;
+  std::uint32_t num_shards = 0;
+  std::uint32_t total_expert_devices = 0;
+  std::uint32_t threads_per_device = 1;
+  plan_update plan;
+  std::vector<caf::actor> queues;  // every expert device's μ-queue, in global order
+  caf::actor owner;                // the engine's ingress (hears each request's end)
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, host_experts& x) {
+  return f(caf::meta::type_name("host_experts"), x.model, x.first_device, x.num_devices, x.total_expert_devices,
+           x.threads_per_device, x.scheduler, x.owner);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, host_shards& x) {
+  return f(caf::meta::type_name("host_shards"), x.model, x.first_shard, x.num_shards, x.total_expert_devices,
+           x.threads_per_device, x.plan, x.queues, x.owner);
+}
+
+void register_node_message_types(caf::actor_system_config& config);
+
+class node_host : public caf::event_based_actor {
+public:
+  // `name` labels the node's devices ("e0: expert 1").
+  node_host(caf::actor_config& cfg, std::string name);
+  ~node_host() override;
+
+  caf::behavior make_behavior() override;
+  void on_exit() override;
+
+private:
+  // Loads the model once per engine; returns the error (naming the source) or "".
+  std::string ensure_model(const model_source& source, std::uint32_t total_expert_devices, const caf::actor& owner);
+  void teardown();
+
+  std::string name_;
+  std::unique_ptr<runtime_stats> stats_;
+  std::unique_ptr<runtime_context> ctx_;
+  std::string loaded_key_;  // what ctx_ was built from
+  caf::actor owner_;
+  std::vector<std::unique_ptr<device>> devices_;
+  std::vector<caf::actor> hosted_;
+};
+
+}  // namespace moert::actors

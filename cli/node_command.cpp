@@ -1,0 +1,109 @@
+#include "node_command.hpp"
+
+#include "actors/node_host.hpp"
+#include "engine/cluster.hpp"
+#include "engine/cluster_config.hpp"
+#include "transport/auth_gate.hpp"
+#include "transport/handshake.hpp"
+
+#include <caf/io/all.hpp>
+
+#include <csignal>
+#include <cstdio>
+#include <memory>
+#include <pthread.h>
+#include <stdexcept>
+
+namespace moert::cli {
+namespace {
+
+struct node_options {
+  std::string listen = "127.0.0.1:7101";
+  std::string secret_file;
+  std::string name;
+  std::size_t scheduler_threads = 2;
+  int heartbeat_ms = 200;
+  int liveness_timeout_ms = 1500;
+};
+
+int run_node(const node_options& options) {
+  auto endpoint = parse_host_port(options.listen, "--listen");
+  if (!endpoint.ok())
+    throw std::runtime_error(endpoint.err().message);
+  std::string secret;
+  if (!options.secret_file.empty()) {
+    auto loaded = transport::load_secret(options.secret_file);
+    if (!loaded.ok())
+      throw std::runtime_error(loaded.err().message);
+    secret = std::move(*loaded);
+  } else if (!transport::is_loopback(endpoint->host)) {
+    throw std::runtime_error("--listen " + options.listen +
+                             " is not a loopback address: a node reachable from other machines needs --secret-file");
+  }
+  if (options.heartbeat_ms <= 0 || options.liveness_timeout_ms <= options.heartbeat_ms)
+    throw std::runtime_error("--liveness-timeout-ms must exceed --heartbeat-ms, both positive");
+
+  // Signals are taken by sigwait below: block them before CAF starts its threads.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  caf::actor_system_config config;
+  config.set("scheduler.max-threads", options.scheduler_threads);
+  config.set("logger.verbosity", caf::atom("quiet"));
+  configure_for_cluster(config, std::chrono::milliseconds{options.heartbeat_ms},
+                        std::chrono::milliseconds{options.liveness_timeout_ms});
+  caf::actor_system system{config};
+  std::string name = options.name.empty() ? options.listen : options.name;
+  auto host = system.spawn<actors::node_host, caf::detached>(name);
+
+  std::unique_ptr<transport::inbound_gate> gate;
+  if (secret.empty()) {
+    // Loopback without a secret: CAF listens on the address itself.
+    auto port = system.middleman().publish(host, endpoint->port, endpoint->host.c_str(), true);
+    if (!port)
+      throw std::runtime_error("cannot listen on " + options.listen + ": " + system.render(port.error()));
+  } else {
+    // CAF listens on loopback only; the gate takes the public address and lets through only
+    // peers that prove they hold the secret.
+    auto caf_port = system.middleman().publish(host, 0, "127.0.0.1", true);
+    if (!caf_port)
+      throw std::runtime_error("cannot listen on loopback: " + system.render(caf_port.error()));
+    auto started = transport::inbound_gate::start(endpoint->host, endpoint->port, secret, *caf_port);
+    if (!started.ok())
+      throw std::runtime_error(started.err().message);
+    gate = std::move(*started);
+  }
+  std::printf("moert node %s: listening on %s (%s)\n", name.c_str(), options.listen.c_str(),
+              secret.empty() ? "loopback, no secret" : "peers must hold the shared secret");
+  std::fflush(stdout);
+
+  int received = 0;
+  sigwait(&stop_signals, &received);
+  std::printf("moert node %s: stopping (signal %d)\n", name.c_str(), received);
+  caf::anon_send_exit(host, caf::exit_reason::user_shutdown);
+  gate.reset();
+  return 0;
+}
+
+}  // namespace
+
+command_runner add_node_command(CLI::App& app) {
+  auto options = std::make_shared<node_options>();
+  CLI::App* sub = app.add_subcommand("node", "Run a node daemon hosting the shards and experts a cluster file places on it");
+  sub->add_option("--listen", options->listen, "HOST:PORT to listen on (loopback unless told otherwise)")
+      ->capture_default_str();
+  sub->add_option("--secret-file", options->secret_file,
+                  "shared secret (mode 0600): peers must prove they hold it; required off loopback");
+  sub->add_option("--name", options->name, "the node's name in reports (default: the listen address)");
+  sub->add_option("--threads", options->scheduler_threads, "CAF scheduler threads")->capture_default_str();
+  sub->add_option("--heartbeat-ms", options->heartbeat_ms, "CAF heartbeat interval")->capture_default_str();
+  sub->add_option("--liveness-timeout-ms", options->liveness_timeout_ms,
+                  "a peer silent this long is dead")->capture_default_str();
+  return [options] { return run_node(*options); };
+}
+
+}  // namespace moert::cli

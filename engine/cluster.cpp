@@ -1,0 +1,100 @@
+#include "engine/cluster.hpp"
+
+#include <caf/io/all.hpp>
+
+namespace moert {
+
+void configure_for_cluster(caf::actor_system_config& config, std::chrono::milliseconds heartbeat,
+                           std::chrono::milliseconds liveness_timeout) {
+  actors::register_node_message_types(config);
+  config.load<caf::io::middleman>();
+  config.set("middleman.heartbeat-interval", caf::timespan{heartbeat});
+  config.set("middleman.connection-timeout", caf::timespan{liveness_timeout});
+}
+
+namespace {
+
+error node_error(const cluster_node& node, const std::string& what) {
+  return make_error(error_code::io_error, "node " + node.name + " (" + node.host + ":" + std::to_string(node.port) +
+                                             "): " + what);
+}
+
+result<std::vector<caf::actor>> ask_node(caf::actor_system& system, const caf::actor& node_actor,
+                                         const cluster_node& node, const caf::message& what,
+                                         std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{system};
+  std::optional<std::vector<caf::actor>> reply;
+  std::string failure;
+  self->request(node_actor, timeout, what)
+      .receive([&](std::vector<caf::actor>& actors) { reply = std::move(actors); },
+               [&](caf::error& err) { failure = system.render(err); });
+  if (!reply)
+    return node_error(node, failure.empty() ? "no answer" : failure);
+  return std::move(*reply);
+}
+
+}  // namespace
+
+result<cluster_session> connect_cluster(caf::actor_system& system, const cluster_config& cluster,
+                                        const std::string& secret, const cluster_request& ask) {
+  cluster_session session;
+  for (const auto& node : cluster.nodes) {
+    std::string host = node.host;
+    std::uint16_t port = node.port;
+    if (!secret.empty()) {
+      transport::gate_limits limits;
+      limits.handshake_timeout = std::min<std::chrono::milliseconds>(ask.timeout, std::chrono::milliseconds{5000});
+      auto gate = transport::outbound_gate::start(node.host, node.port, secret, limits);
+      if (!gate.ok())
+        return node_error(node, gate.err().message);
+      host = "127.0.0.1";
+      port = (*gate)->local_port();
+      session.gates.push_back(std::move(*gate));
+    } else if (!transport::is_loopback(node.host)) {
+      return node_error(node, "a node beyond loopback needs the cluster secret (--secret-file)");
+    }
+    auto remote = system.middleman().remote_actor(host, port);
+    if (!remote)
+      return node_error(node, "cannot connect: " + system.render(remote.error()) +
+                                  (secret.empty() ? "" : " (wrong secret, or the node is not running)"));
+    session.nodes.push_back(*remote);
+  }
+
+  auto total_experts = std::uint32_t(cluster.expert_devices());
+  std::uint32_t next_device = 0;
+  for (std::size_t i = 0; i < cluster.nodes.size(); ++i) {
+    const auto& node = cluster.nodes[i];
+    if (node.expert_devices == 0)
+      continue;
+    actors::host_experts host{ask.model,         next_device,  std::uint32_t(node.expert_devices), total_experts,
+                              ask.threads_per_device, ask.scheduler, ask.ingress};
+    auto queues = ask_node(system, session.nodes[i], node, caf::make_message(actors::host_atom::value, host),
+                           ask.timeout);
+    if (!queues.ok())
+      return queues.err();
+    if (queues->size() != node.expert_devices)
+      return node_error(node, "answered with the wrong number of expert queues");
+    session.queues.insert(session.queues.end(), queues->begin(), queues->end());
+    next_device += std::uint32_t(node.expert_devices);
+  }
+
+  std::uint32_t next_shard = 0;
+  for (std::size_t i = 0; i < cluster.nodes.size(); ++i) {
+    const auto& node = cluster.nodes[i];
+    if (node.attention_devices == 0)
+      continue;
+    actors::host_shards host{ask.model,  next_shard,     std::uint32_t(node.attention_devices), total_experts,
+                             ask.threads_per_device, ask.plan, session.queues, ask.ingress};
+    auto shards = ask_node(system, session.nodes[i], node, caf::make_message(actors::host_atom::value, host),
+                           ask.timeout);
+    if (!shards.ok())
+      return shards.err();
+    if (shards->size() != node.attention_devices)
+      return node_error(node, "answered with the wrong number of shards");
+    session.shards.insert(session.shards.end(), shards->begin(), shards->end());
+    next_shard += std::uint32_t(node.attention_devices);
+  }
+  return session;
+}
+
+}  // namespace moert

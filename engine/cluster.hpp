@@ -1,0 +1,46 @@
+#pragma once
+
+// Bring-up of an engine's cluster (internal to engine/): connects to every node through an
+// authenticating gate, asks the expert nodes for their μ-queues and the attention nodes for
+// their shards, and keeps what must live as long as the engine (the gates).
+
+#include "actors/node_host.hpp"
+#include "engine/cluster_config.hpp"
+#include "transport/auth_gate.hpp"
+
+#include <caf/all.hpp>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moert {
+
+struct cluster_session {
+  std::vector<std::unique_ptr<transport::outbound_gate>> gates;
+  std::vector<caf::actor> nodes;   // node_host per cluster node, in file order
+  std::vector<caf::actor> queues;  // μ-queue per global expert device
+  std::vector<caf::actor> shards;  // per global attention shard
+};
+
+struct cluster_request {
+  actors::model_source model;
+  std::uint32_t threads_per_device = 1;
+  actors::scheduler_update scheduler;
+  actors::plan_update plan;
+  caf::actor ingress;
+  std::chrono::milliseconds timeout{60000};
+};
+
+// Sets CAF's heartbeat and connection timeout (off by default in 0.17) and registers the
+// message types: call on the config before the actor system exists, in the engine and in
+// every node alike.
+void configure_for_cluster(caf::actor_system_config& config, std::chrono::milliseconds heartbeat,
+                           std::chrono::milliseconds liveness_timeout);
+
+// Every wait is bounded by `ask.timeout`; errors name the node.
+result<cluster_session> connect_cluster(caf::actor_system& system, const cluster_config& cluster,
+                                        const std::string& secret, const cluster_request& ask);
+
+}  // namespace moert

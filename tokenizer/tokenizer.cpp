@@ -1010,7 +1010,66 @@ struct string_hash {
   std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
 };
 
-using vocab_map = std::unordered_map<std::string, std::int32_t, string_hash, std::equal_to<>>;
+// The model's vocabulary: id -> text, and text -> id by open addressing over the ids (no node
+// per entry; 150k tokens load and look up several times faster than a std::unordered_map).
+class vocab_table {
+public:
+  // entries: (text, id); a repeated text keeps its last id, as a JSON object does.
+  void build(std::vector<std::pair<std::string, std::int64_t>>&& entries) {
+    std::int64_t max_id = -1;
+    for (const auto& e : entries)
+      max_id = std::max(max_id, e.second);
+    tokens_.assign(static_cast<std::size_t>(max_id + 1), {});
+    present_.assign(tokens_.size(), false);
+    std::size_t cap = 16;
+    while (cap < entries.size() * 2)
+      cap <<= 1;
+    slots_.assign(cap, slot{0, -1});
+    mask_ = cap - 1;
+    for (auto& [text, id64] : entries) {
+      auto id = static_cast<std::int32_t>(id64);
+      std::uint64_t h = std::hash<std::string_view>{}(text);
+      tokens_[id] = std::move(text);
+      present_[id] = true;
+      for (std::size_t i = h & mask_;; i = (i + 1) & mask_) {
+        if (slots_[i].id < 0) {
+          slots_[i] = {h, id};
+          ++size_;
+          break;
+        }
+        if (slots_[i].hash == h && tokens_[slots_[i].id] == tokens_[id]) {
+          slots_[i].id = id;
+          break;
+        }
+      }
+    }
+  }
+  std::optional<std::int32_t> find(std::string_view text) const {
+    if (slots_.empty())
+      return std::nullopt;
+    std::uint64_t h = std::hash<std::string_view>{}(text);
+    for (std::size_t i = h & mask_;; i = (i + 1) & mask_) {
+      const slot& sl = slots_[i];
+      if (sl.id < 0)
+        return std::nullopt;
+      if (sl.hash == h && tokens_[sl.id] == text)
+        return sl.id;
+    }
+  }
+  std::size_t num_ids() const { return tokens_.size(); }
+  bool has(std::size_t id) const { return id < present_.size() && present_[id]; }
+  const std::string& text(std::size_t id) const { return tokens_[id]; }
+
+private:
+  struct slot {
+    std::uint64_t hash;
+    std::int32_t id;  // -1: empty
+  };
+  std::vector<std::string> tokens_;
+  std::vector<bool> present_;
+  std::vector<slot> slots_;
+  std::size_t mask_ = 0, size_ = 0;
+};
 
 struct merge_info {
   std::int32_t rank;
@@ -1118,7 +1177,7 @@ private:
 };
 
 struct bpe_model {
-  vocab_map vocab;
+  vocab_table vocab;
   merge_table merges;
   std::vector<std::int32_t> char_ids;  // code point -> id of the one-character token, -1 if none
   word_cache cache;
@@ -1138,12 +1197,7 @@ struct bpe_model {
     return (static_cast<std::uint64_t>(static_cast<std::uint32_t>(a)) << 32) | static_cast<std::uint32_t>(b);
   }
 
-  std::optional<std::int32_t> find(std::string_view s) const {
-    auto it = vocab.find(s);
-    if (it == vocab.end())
-      return std::nullopt;
-    return it->second;
-  }
+  std::optional<std::int32_t> find(std::string_view s) const { return vocab.find(s); }
 
   struct symbol {
     std::int32_t id;
@@ -1521,7 +1575,7 @@ struct tokenizer::impl {
   added_matcher raw_matcher;       // added tokens with normalized=false, matched on the input
   added_matcher norm_matcher;      // normalized=true, matched after normalization
 
-  std::vector<std::string> id_token;  // id -> token text, "" when the id is unused
+  std::vector<const std::string*> id_token;  // id -> token text (into model.vocab or added)
   std::vector<std::uint8_t> id_flags; // bit 0: exists, bit 1: special
   std::vector<std::string> id_bytes;  // byte-level decoders only: id -> bytes
   std::size_t num_ids = 0;
@@ -1726,7 +1780,7 @@ struct tokenizer::impl {
     tokens.reserve(ids.size());
     for (auto id : ids)
       if (kept(id, skip_special))
-        tokens.push_back(id_token[id]);
+        tokens.push_back(*id_token[id]);
     std::size_t run_start = tokens.size();
     if (stable && has_byte_fallback)
       while (run_start > 0 && byte_token_value(tokens[run_start - 1]) >= 0)
@@ -1784,14 +1838,9 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
     auto& model = state->model;
     if (!reader.has_vocab)
       return config_error(tj + ": model.vocab", "expected an object of token -> id");
-    model.vocab.reserve(reader.vocab.size());
-    std::int32_t max_id = -1;
-    for (auto& [text, id64] : reader.vocab) {
-      auto id = static_cast<std::int32_t>(id64);
-      model.vocab.insert_or_assign(std::move(text), id);  // a repeated key keeps its last id, as a JSON map does
-      max_id = std::max(max_id, id);
-    }
+    model.vocab.build(std::move(reader.vocab));
     reader.vocab = {};
+    auto max_id = static_cast<std::int32_t>(model.vocab.num_ids()) - 1;
     auto str_or_null = [&](const char* key) {
       auto it = m.find(key);
       return it != m.end() && it->is_string() ? it->get<std::string>() : std::string{};
@@ -1818,11 +1867,15 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
 
     // One-character tokens by code point, for the first step of BPE.
     model.char_ids.assign(0x3100, -1);
-    for (const auto& [text, id] : model.vocab) {
+    for (std::size_t id = 0; id < model.vocab.num_ids(); ++id) {
+      const std::string& text = model.vocab.text(id);
+      if (!model.vocab.has(id) || text.empty() || text.size() > 4)
+        continue;
       std::size_t i = 0;
       std::int32_t cp = next_cp(text, i);
-      if (i == text.size() && cp >= 0 && static_cast<std::size_t>(cp) < model.char_ids.size())
-        model.char_ids[cp] = id;
+      if (i == text.size() && cp >= 0 && static_cast<std::size_t>(cp) < model.char_ids.size() &&
+          model.find(text) == static_cast<std::int32_t>(id))
+        model.char_ids[cp] = static_cast<std::int32_t>(id);
     }
 
     model.byte_mode = model.continuing_subword_prefix.empty() && model.end_of_word_suffix.empty();
@@ -1903,14 +1956,16 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
 
     // id tables
     state->num_ids = static_cast<std::size_t>(max_id + 1);
-    state->id_token.assign(state->num_ids, {});
+    static const std::string k_none;
+    state->id_token.assign(state->num_ids, &k_none);
     state->id_flags.assign(state->num_ids, 0);
-    for (const auto& [text, id] : model.vocab) {
-      state->id_token[id] = text;
-      state->id_flags[id] = 1;
-    }
+    for (std::size_t id = 0; id < model.vocab.num_ids(); ++id)
+      if (model.vocab.has(id)) {
+        state->id_token[id] = &model.vocab.text(id);
+        state->id_flags[id] = 1;
+      }
     for (const auto& tok : state->added) {
-      state->id_token[tok.id] = tok.content;
+      state->id_token[tok.id] = &tok.content;
       state->id_flags[tok.id] = static_cast<std::uint8_t>(1 | (tok.special ? 2 : 0));
     }
 
@@ -1921,7 +1976,7 @@ result<std::shared_ptr<const tokenizer>> tokenizer::load(const std::string& dir)
       state->id_bytes.resize(state->num_ids);
       for (std::size_t id = 0; id < state->num_ids; ++id)
         if (state->id_flags[id] & 1)
-          state->id_bytes[id] = byte_level_bytes(state->id_token[id]);
+          state->id_bytes[id] = byte_level_bytes(*state->id_token[id]);
     } else {
       bool fused = false;
       for (const auto& step : state->decoder) {
@@ -2144,7 +2199,7 @@ std::optional<std::int32_t> tokenizer::token_to_id(std::string_view token) const
 std::optional<std::string> tokenizer::id_to_token(std::int32_t id) const {
   if (!impl_->exists(id))
     return std::nullopt;
-  return impl_->id_token[id];
+  return *impl_->id_token[id];
 }
 
 bool tokenizer::is_special(std::int32_t id) const {

@@ -3289,8 +3289,23 @@ private:
   value py_strip(const std::string& s, const value* chars, bool left, bool right) {
     if (chars && chars->kind != vk::none && chars->kind != vk::string)
       fail("strip arg must be None or str");
-    std::u32string set;
     bool have = chars && chars->kind == vk::string;
+    if (!have || is_ascii(chars->s)) {
+      // bytes suffice while the edges are ASCII; a non-ASCII edge may be a Unicode space
+      auto strip_byte = [&](unsigned char c) {
+        return have ? chars->s.find(static_cast<char>(c)) != std::string::npos
+                    : py_space(c);
+      };
+      std::size_t b = 0, e = s.size();
+      if (left)
+        while (b < e && static_cast<unsigned char>(s[b]) < 0x80 && strip_byte(s[b])) ++b;
+      if (right)
+        while (e > b && static_cast<unsigned char>(s[e - 1]) < 0x80 && strip_byte(s[e - 1])) --e;
+      bool unicode_edge = (left && b < e && static_cast<unsigned char>(s[b]) >= 0x80) ||
+                          (right && e > b && static_cast<unsigned char>(s[e - 1]) >= 0x80);
+      if (have || !unicode_edge) return value::string(s.substr(b, e - b));
+    }
+    std::u32string set;
     if (have)
       set = decode_utf8(chars->s);
     return value::string(

@@ -1647,8 +1647,9 @@ struct tokenizer::impl {
           for (auto p : pieces) {
             std::string& s = arena.emplace_back(p);
             replace_all(s, " ", step.replacement);
+            // "first": only the piece that starts the input (HF: offsets_original().0 == 0)
             bool prepend = step.scheme == pre_step::prepend_scheme::always ||
-                           (step.scheme == pre_step::prepend_scheme::first && at_start);
+                           (step.scheme == pre_step::prepend_scheme::first && at_start && p.data() == text.data());
             if (prepend && s.compare(0, step.replacement.size(), step.replacement) != 0)
               s.insert(0, step.replacement);
             if (step.split) {

@@ -380,6 +380,40 @@ TEST_CASE("a tiny tokenizer.json works; malformed ones give errors naming the fi
     }
   }
 
+  {
+    // Metaspace (prepend_scheme first: not after an added token) and its decoder
+    auto t = json::parse(R"({"added_tokens": [{"id": 5, "content": "<x>", "special": false,
+        "lstrip": false, "rstrip": false, "normalized": false, "single_word": false}],
+      "normalizer": null, "post_processor": null,
+      "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": true},
+      "decoder": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": true},
+      "model": {"type": "BPE", "vocab": {"\u2581a": 0, "\u2581b": 1, "a": 2, "b": 3, "\u2581": 4},
+                "merges": ["\u2581 a", "\u2581 b"]}})");
+    fs::path dir = scratch("metaspace");
+    std::ofstream{dir / "tokenizer.json"} << t.dump();
+    auto tok = tokenizer::load(dir.string());
+    REQUIRE(tok.ok());
+    CHECK((*tok)->encode("a b", false) == std::vector<std::int32_t>{0, 1});
+    CHECK((*tok)->encode("<x>a b", false) == std::vector<std::int32_t>{5, 2, 1});
+    CHECK((*tok)->decode(std::vector<std::int32_t>{0, 1}) == "a b");
+    CHECK((*tok)->decode(std::vector<std::int32_t>{5, 2, 1}) == "<x>a b");
+  }
+  for (auto [behavior, expected] : {std::pair{"Isolated", std::vector<std::int32_t>{0, 4, 1}},
+                                    std::pair{"MergedWithPrevious", std::vector<std::int32_t>{5, 1}},
+                                    std::pair{"Removed", std::vector<std::int32_t>{0, 1}},
+                                    std::pair{"Contiguous", std::vector<std::int32_t>{0, 4, 1}}}) {
+    auto t = tiny();
+    t["model"]["vocab"] = json::parse(R"({"a": 0, "b": 1, "ab": 2, "-": 4, "a-": 5})");
+    t["model"]["merges"] = json::parse(R"(["a b", "a -"])");
+    t["pre_tokenizer"] = json{{"type", "Split"}, {"pattern", {{"String", "-"}}}, {"behavior", behavior}};
+    fs::path dir = scratch(std::string{"split_"} + behavior);
+    std::ofstream{dir / "tokenizer.json"} << t.dump();
+    auto tok = tokenizer::load(dir.string());
+    REQUIRE(tok.ok());
+    INFO(behavior);
+    CHECK((*tok)->encode("a-b", false) == expected);
+  }
+
   auto missing = tokenizer::load((scratch("empty")).string());
   REQUIRE_FALSE(missing.ok());
   CHECK(missing.err().what().find("tokenizer.json") != std::string::npos);

@@ -1,4 +1,5 @@
 #include "actors/attention_shard.hpp"
+#include "actors/tensor_link.hpp"
 
 #include "model/sampler.hpp"
 
@@ -87,7 +88,10 @@ caf::behavior attention_shard::make_behavior() {
       if (step == step_)
         on_final_done(mb, std::move(tokens), std::move(logits), std::move(logprobs));
     },
-    [this](expert_outputs& out) { on_expert_outputs(out); },
+    [this](expert_outputs& out) {
+      if (!(ctx_->link && ctx_->link->fetch(this, out)))  // rows by UCX come back completed
+        on_expert_outputs(out);
+    },
   };
 }
 
@@ -307,7 +311,10 @@ void attention_shard::send_a2e(std::size_t mb_idx) {
       if (ctx_->trace)
         msg.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), device_->name()};
       ctx_->stats->count_messages(1);
-      send(queues_[dev], std::move(msg));
+      if (ctx_->link && ctx_->link->remote(queues_[dev]))
+        ctx_->link->ship(this, queues_[dev], std::move(msg));
+      else
+        send(queues_[dev], std::move(msg));
     }
   }
 }

@@ -1,4 +1,5 @@
 #include "actors/expert.hpp"
+#include "actors/tensor_link.hpp"
 
 #include <map>
 #include <tuple>
@@ -49,7 +50,10 @@ caf::behavior expert::make_behavior() {
         if (ctx_->trace)
           out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), device_->name()};
         ctx_->stats->count_messages(1);
-        send(dest, std::move(out));
+        if (ctx_->link && ctx_->link->remote(dest))
+          ctx_->link->ship(this, dest, std::move(out));
+        else
+          send(dest, std::move(out));
       }
       pull_if_room();
     },

@@ -1,4 +1,5 @@
 #include "actors/mu_queue.hpp"
+#include "actors/tensor_link.hpp"
 
 namespace moert::actors {
 
@@ -23,7 +24,10 @@ void mu_queue::on_exit() {  // break handle cycles (see attention_shard::on_exit
 
 caf::behavior mu_queue::make_behavior() {
   return {
-    [this](routed_tokens& msg) { enqueue(msg); },
+    [this](routed_tokens& msg) {
+      if (!(ctx_->link && ctx_->link->fetch(this, msg)))  // rows by UCX come back completed
+        enqueue(msg);
+    },
     [this](pull_atom) {
       expert_ = caf::actor_cast<caf::actor>(current_sender());
       expert_waiting_ = true;

@@ -56,6 +56,7 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
   stats_ = std::make_unique<runtime_stats>();
   ctx->num_expert_devices = total_expert_devices;
   ctx->stats = stats_.get();
+  ctx->link = link_.get();
   ctx_ = std::move(ctx);
   loaded_key_ = std::move(key);
   owner_ = owner;
@@ -76,6 +77,7 @@ void node_host::teardown() {
   }
   devices_.clear();
   hosted_.clear();
+  link_.reset();  // after the devices: their last tasks may still ship rows
   if (owner_)
     demonitor(owner_);
   owner_ = nullptr;
@@ -122,6 +124,23 @@ caf::behavior node_host::make_behavior() {
       return shards;
     },
     [this](release_atom) { teardown(); },
+    [this](link_atom, const std::string& transport, std::uint32_t process_idx) -> caf::result<std::string> {
+      if (ctx_)
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": link after hosting");
+      auto kind = transport == "ucx-posix" ? moert::transport::ucx_transport::posix : moert::transport::ucx_transport::tcp;
+      auto link = tensor_link::create(kind, process_idx);
+      if (!link.ok())
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": " + link.err().message);
+      link_ = std::move(*link);
+      return link_->address();
+    },
+    [this](link_atom, const caf::node_id& peer, const std::string& address) -> caf::result<caf::atom_value> {
+      if (!link_)
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": no tensor link");
+      if (auto added = link_->add_peer(peer, address); !added.ok())
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": " + added.err().message);
+      return caf::atom("ok");
+    },
   };
 }
 

@@ -9,11 +9,16 @@
 // The node watches the engine that asked: when it goes (shutdown, crash, lost connection)
 // the hosted actors are stopped and the devices torn down, and the node serves the next one.
 //
+// With a ucx transport the engine first sets up each node's tensor link: (link_atom,
+// transport, process index) → this node's UCX worker address, then (link_atom, peer node id,
+// peer address) for every other node.
+//
 // Runs detached (its own thread): loading a checkpoint blocks only this actor.
 
 #include "actors/device.hpp"
 #include "actors/protocol.hpp"
 #include "actors/runtime.hpp"
+#include "actors/tensor_link.hpp"
 
 #include <caf/all.hpp>
 
@@ -98,6 +103,7 @@ private:
   caf::actor owner_;
   std::vector<std::unique_ptr<device>> devices_;
   std::vector<caf::actor> hosted_;
+  std::unique_ptr<tensor_link> link_;  // ucx transports: this node's UCX data path
 };
 
 }  // namespace moert::actors

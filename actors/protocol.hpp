@@ -113,7 +113,16 @@ struct route_entry {
   float weight;                // routing weight, applied by the expert (E2A carries weighted rows)
 };
 
+// Set when a message's rows travel outside it (UCX, actors/tensor_link.hpp): the receiver
+// fetches `bytes` by `tag` before it uses the message. Zero tag: the rows are in the message.
+struct wire_descriptor {
+  std::uint64_t tag = 0;
+  std::uint64_t bytes = 0;
+  std::uint32_t row_floats = 0;
+};
+
 struct routed_tokens {
+  wire_descriptor wire;
   batch_key key;
   std::uint32_t chunk = 0;
   row_lease rows;  // the micro-batch's post-attention normed rows (shared, not copied)
@@ -142,6 +151,7 @@ struct expert_batch {
 // -- E2A: expert → shard, weighted outputs of one batch for one micro-batch ----------
 
 struct expert_outputs {
+  wire_descriptor wire;
   batch_key key;
   row_lease rows;                   // weighted expert outputs (shared by every destination)
   std::vector<std::uint32_t> rows_idx;  // row in `rows` for each entry
@@ -228,6 +238,20 @@ inline std::shared_ptr<row_block> unpack_rows(std::uint32_t row_floats, const st
   return block;
 }
 
+inline bool routes_fit(const routed_tokens& x, std::size_t num_rows) {
+  for (const auto& route : x.routes)
+    if (route.row >= num_rows)
+      return false;
+  return true;
+}
+
+inline bool entries_fit(const expert_outputs& x, std::size_t num_rows) {
+  for (auto row : x.rows_idx)
+    if (row >= num_rows)
+      return false;
+  return true;
+}
+
 inline caf::error malformed(const char* what) {
   return caf::make_error(caf::sec::invalid_argument, std::string("malformed ") + what);
 }
@@ -277,23 +301,24 @@ typename Inspector::result_type inspect(Inspector& f, routed_tokens& x) {
     std::vector<route_entry> routes = x.routes;
     for (std::size_t i = 0; i < routes.size() && i < renumbered.size(); ++i)
       routes[i].row = renumbered[i];
-    return f(caf::meta::type_name("routed_tokens"), x.key, x.chunk, row_floats, bytes, routes, x.reply_to,
-             x.flow.id, x.flow.from_track);
+    return f(caf::meta::type_name("routed_tokens"), x.wire.tag, x.wire.bytes, x.wire.row_floats, x.key, x.chunk,
+             row_floats, bytes, routes, x.reply_to, x.flow.id, x.flow.from_track);
   } else {
     std::vector<std::uint8_t> bytes;
-    auto err = f(caf::meta::type_name("routed_tokens"), x.key, x.chunk, row_floats, bytes, x.routes, x.reply_to,
-                 x.flow.id, x.flow.from_track);
+    auto err = f(caf::meta::type_name("routed_tokens"), x.wire.tag, x.wire.bytes, x.wire.row_floats, x.key, x.chunk,
+                 row_floats, bytes, x.routes, x.reply_to, x.flow.id, x.flow.from_track);
     if (err)
+      return err;
+    x.flow.sent = std::chrono::steady_clock::now();
+    if (x.wire.tag != 0)  // the rows come by UCX; tensor_link checks them on arrival
       return err;
     std::size_t num_rows = 0;
     auto block = wire::unpack_rows(row_floats, bytes, num_rows);
     if (!block)
       return wire::malformed("routed_tokens: row bytes");
-    for (const auto& route : x.routes)
-      if (route.row >= num_rows)
-        return wire::malformed("routed_tokens: a route names a row that was not sent");
+    if (!wire::routes_fit(x, num_rows))
+      return wire::malformed("routed_tokens: a route names a row that was not sent");
     x.rows = std::move(block);
-    x.flow.sent = std::chrono::steady_clock::now();
     return err;
   }
 }
@@ -307,23 +332,25 @@ typename Inspector::result_type inspect(Inspector& f, expert_outputs& x) {
     std::vector<std::uint8_t> bytes;
     if (x.rows)
       bytes = wire::pack_rows(*x.rows, x.rows_idx, renumbered);
-    return f(caf::meta::type_name("expert_outputs"), x.key, row_floats, bytes, renumbered, x.slots, x.flow.id,
-             x.flow.from_track);
+    auto& entries = x.rows ? renumbered : x.rows_idx;  // already packed when it comes by UCX
+    return f(caf::meta::type_name("expert_outputs"), x.wire.tag, x.wire.bytes, x.wire.row_floats, x.key,
+             row_floats, bytes, entries, x.slots, x.flow.id, x.flow.from_track);
   } else {
     std::vector<std::uint8_t> bytes;
-    auto err = f(caf::meta::type_name("expert_outputs"), x.key, row_floats, bytes, x.rows_idx, x.slots, x.flow.id,
-                 x.flow.from_track);
+    auto err = f(caf::meta::type_name("expert_outputs"), x.wire.tag, x.wire.bytes, x.wire.row_floats, x.key,
+                 row_floats, bytes, x.rows_idx, x.slots, x.flow.id, x.flow.from_track);
     if (err)
+      return err;
+    x.flow.sent = std::chrono::steady_clock::now();
+    if (x.rows_idx.size() != x.slots.size())
+      return wire::malformed("expert_outputs: entry counts");
+    if (x.wire.tag != 0)
       return err;
     std::size_t num_rows = 0;
     auto block = wire::unpack_rows(row_floats, bytes, num_rows);
-    if (!block || x.rows_idx.size() != x.slots.size())
-      return wire::malformed("expert_outputs: row bytes or entry counts");
-    for (auto row : x.rows_idx)
-      if (row >= num_rows)
-        return wire::malformed("expert_outputs: an entry names a row that was not sent");
+    if (!block || !wire::entries_fit(x, num_rows))
+      return wire::malformed("expert_outputs: an entry names a row that was not sent");
     x.rows = std::move(block);
-    x.flow.sent = std::chrono::steady_clock::now();
     return err;
   }
 }

@@ -98,6 +98,7 @@ struct runtime_context {
   std::size_t num_expert_devices = 1;
   runtime_stats* stats = nullptr;
   trace_recorder* trace = nullptr;  // null when not tracing
+  class tensor_link* link = nullptr;  // a cluster's UCX data path; null: rows travel in messages
 
   // Round-robin placement: expert e lives on device e mod eg as its local expert e div eg.
   std::size_t device_of(std::size_t expert) const { return expert % num_expert_devices; }

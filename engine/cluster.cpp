@@ -19,18 +19,24 @@ error node_error(const cluster_node& node, const std::string& what) {
                                              "): " + what);
 }
 
-result<std::vector<caf::actor>> ask_node(caf::actor_system& system, const caf::actor& node_actor,
-                                         const cluster_node& node, const caf::message& what,
-                                         std::chrono::milliseconds timeout) {
+template <class Reply>
+result<Reply> ask_for(caf::actor_system& system, const caf::actor& node_actor, const cluster_node& node,
+                  const caf::message& what, std::chrono::milliseconds timeout) {
   caf::scoped_actor self{system};
-  std::optional<std::vector<caf::actor>> reply;
+  std::optional<Reply> reply;
   std::string failure;
   self->request(node_actor, timeout, what)
-      .receive([&](std::vector<caf::actor>& actors) { reply = std::move(actors); },
+      .receive([&](Reply& answer) { reply = std::move(answer); },
                [&](caf::error& err) { failure = system.render(err); });
   if (!reply)
     return node_error(node, failure.empty() ? "no answer" : failure);
   return std::move(*reply);
+}
+
+result<std::vector<caf::actor>> ask_node(caf::actor_system& system, const caf::actor& node_actor,
+                                         const cluster_node& node, const caf::message& what,
+                                         std::chrono::milliseconds timeout) {
+  return ask_for<std::vector<caf::actor>>(system, node_actor, node, what, timeout);
 }
 
 }  // namespace
@@ -58,6 +64,31 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
       return node_error(node, "cannot connect: " + system.render(remote.error()) +
                                   (secret.empty() ? "" : " (wrong secret, or the node is not running)"));
     session.nodes.push_back(*remote);
+  }
+
+  if (cluster.transport != cluster_transport::caf) {
+    // Every node's UCX worker address, then every node learns every other.
+    std::vector<std::string> addresses;
+    for (std::size_t i = 0; i < cluster.nodes.size(); ++i) {
+      auto address = ask_for<std::string>(system, session.nodes[i], cluster.nodes[i],
+                                      caf::make_message(actors::link_atom::value, std::string{to_string(cluster.transport)},
+                                                        std::uint32_t(i)),
+                                      ask.timeout);
+      if (!address.ok())
+        return address.err();
+      addresses.push_back(std::move(*address));
+    }
+    for (std::size_t i = 0; i < cluster.nodes.size(); ++i)
+      for (std::size_t j = 0; j < cluster.nodes.size(); ++j) {
+        if (i == j)
+          continue;
+        auto linked = ask_for<caf::atom_value>(system, session.nodes[i], cluster.nodes[i],
+                                           caf::make_message(actors::link_atom::value, session.nodes[j].node(),
+                                                             addresses[j]),
+                                           ask.timeout);
+        if (!linked.ok())
+          return linked.err();
+      }
   }
 
   auto total_experts = std::uint32_t(cluster.expert_devices());

@@ -1,0 +1,67 @@
+#pragma once
+
+// The UCX side of a cluster's data path: A2E and E2A rows between processes travel by UCX tag
+// messages while the CAF message carries a wire_descriptor {tag, bytes, row floats}. One link
+// per process (a node's shards and experts share it); its peers are the other processes of
+// the cluster, learnt at bring-up by CAF node id with their worker addresses.
+//
+// ship(): packs the rows the destination needs, sends them by UCX, then the descriptor by CAF.
+// fetch(): for a message that arrived with a descriptor, receives the bytes (bounded pool,
+// deadline) and delivers the completed message to the actor again; false when the message
+// carries its rows already. A fetch that fails (the peer died, a deadline passed, the bytes do
+// not match the descriptor) drops the message and logs once: the node watch ends the requests.
+//
+// Thread safety: ship() and fetch() may be called from any actor at once.
+
+#include "actors/protocol.hpp"
+#include "transport/ucx_channel.hpp"
+
+#include <caf/all.hpp>
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace moert::actors {
+
+using link_atom = caf::atom_constant<caf::atom("link")>;
+
+class tensor_link {
+public:
+  // `process_idx` makes this process's tags unique in the cluster.
+  static result<std::unique_ptr<tensor_link>> create(transport::ucx_transport transport, std::uint32_t process_idx);
+
+  const std::string& address() const { return channel_->address(); }
+  status add_peer(const caf::node_id& node, const std::string& address);
+
+  // Whether `dest` lives in another process this link reaches.
+  bool remote(const caf::actor& dest) const;
+
+  void ship(caf::event_based_actor* self, const caf::actor& dest, routed_tokens msg);
+  void ship(caf::event_based_actor* self, const caf::actor& dest, expert_outputs msg);
+  bool fetch(caf::event_based_actor* self, routed_tokens& msg);
+  bool fetch(caf::event_based_actor* self, expert_outputs& msg);
+
+private:
+  tensor_link(std::unique_ptr<transport::ucx_channel> channel, std::uint32_t process_idx);
+  std::uint64_t next_tag();
+  transport::peer_id peer_of(const caf::node_id& node) const;
+  std::shared_ptr<const std::vector<std::uint8_t>> pack(const row_block& rows, const std::vector<std::uint32_t>& idx,
+                                                        std::vector<std::uint32_t>& renumbered) const;
+  template <class Message>
+  void send_bytes(caf::event_based_actor* self, const caf::actor& dest, Message msg,
+                  std::shared_ptr<const std::vector<std::uint8_t>> bytes);
+  template <class Message, class Check>
+  bool fetch_bytes(caf::event_based_actor* self, Message& msg, Check fits);
+
+  std::unique_ptr<transport::ucx_channel> channel_;
+  std::uint32_t process_idx_;
+  std::atomic<std::uint64_t> sequence_{0};
+  mutable std::mutex mutex_;  // guards peers_
+  std::map<caf::node_id, transport::peer_id> peers_;
+  std::atomic<bool> warned_{false};
+};
+
+}  // namespace moert::actors

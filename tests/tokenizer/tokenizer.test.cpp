@@ -143,6 +143,43 @@ TEST_CASE("the rendered chat texts of cases.json encode to HF's ids without adde
   }
 }
 
+// 600 random texts (scripts of many kinds, combining marks, odd whitespace, emoji, added tokens
+// and look-alikes) and 200 random id lists, as HF tokenizers 0.22.2 answered them
+// (tests/tokenizer/hf_reference/make_reference.js).
+TEST_CASE("random texts and ids give exactly what HF tokenizers gives") {
+  fs::path ref_dir = moert::test::source_dir() / "tests" / "tokenizer" / "hf_reference";
+  json texts = read_json(ref_dir / "texts.json");
+  for (const char* name : k_names) {
+    auto tok = load(name);
+    if (!tok)
+      return;
+    json ref = read_json(ref_dir / (std::string{name} + ".json"));
+    REQUIRE(ref["encode"].size() == texts.size());
+    int mismatches = 0;
+    for (std::size_t i = 0; i < texts.size(); ++i) {
+      const std::string text = texts[i].get<std::string>();
+      const json& r = ref["encode"][i];
+      auto ids = tok->encode(text, false);
+      std::string expected_text = r.contains("decoded") ? r["decoded"].get<std::string>() : text;
+      if (json(ids) != r["ids"] || tok->decode(ids) != expected_text) {
+        ++mismatches;
+        INFO(name << " text " << i << ": " << json(text).dump() << "\n  HF " << r["ids"].dump() << "\n  us "
+                  << json(ids).dump());
+        CHECK(json(ids).dump() == r["ids"].dump());
+      }
+      check_stream(tok, ids);
+    }
+    for (const auto& r : ref["decode"]) {
+      auto ids = as_ids(r["ids"]);
+      INFO(name << " decode " << r["ids"].dump());
+      CHECK(tok->decode(ids, false) == r["text"].get<std::string>());
+      CHECK(tok->decode(ids, true) == r["skipped"].get<std::string>());
+      check_stream(tok, ids, true);
+    }
+    CHECK(mismatches == 0);
+  }
+}
+
 TEST_CASE("special tokens, BOS and EOS come from tokenizer.json and tokenizer_config.json") {
   auto qwen = load("qwen3");
   if (!qwen)

@@ -62,7 +62,10 @@ private:
 
 // Incremental decode for streaming: push ids, get the text they complete. An incomplete UTF-8
 // sequence is held back until its last byte arrives (or flush() gives it up as U+FFFD, as the
-// full decode would). The concatenation of every push() and flush() equals decode(all ids).
+// full decode would); so is a run of SentencePiece byte tokens (<0xAB>), because one bad byte
+// turns the whole run into U+FFFDs. The concatenation of every push() and the final flush()
+// equals decode(all ids, skip_special_tokens). flush() ends the stream; pushing after it starts
+// a new one. A push costs a decode of a short window, not of the whole stream.
 // Thread safety: one stream per request, used from one thread at a time.
 class decode_stream {
 public:

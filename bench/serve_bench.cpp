@@ -121,8 +121,9 @@ run_figures run_server(int port, const options& o, std::size_t n, std::uint64_t 
       };
       auto res = c.send(req);
       if (!res || res->status != 200)
-        std::fprintf(stderr, "server: request %zu failed (%s)\n", i,
-                     res ? std::to_string(res->status).c_str() : httplib::to_string(res.error()).c_str());
+        std::fprintf(stderr, "server: request %zu failed (%s) after %zu tokens, %.0f ms\n", i,
+                     res ? std::to_string(res->status).c_str() : httplib::to_string(res.error()).c_str(), tokens[i],
+                     ms_between(submitted, steady::now()));
     });
   for (auto& t : threads)
     t.join();

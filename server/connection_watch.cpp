@@ -13,17 +13,20 @@ namespace moert::server {
 
 namespace {
 
-bool describe(const sockaddr_storage& addr, socklen_t len, std::string& host, int& port) {
+int port_of(const sockaddr_storage& addr) {
+  if (addr.ss_family == AF_INET)
+    return ntohs(reinterpret_cast<const sockaddr_in*>(&addr)->sin_port);
+  if (addr.ss_family == AF_INET6)
+    return ntohs(reinterpret_cast<const sockaddr_in6*>(&addr)->sin6_port);
+  return -1;
+}
+
+// As httplib spells a peer: getnameinfo with NI_NUMERICHOST.
+bool numeric_host(const sockaddr_storage& addr, socklen_t len, std::string& host) {
   char buf[NI_MAXHOST];
   if (getnameinfo(reinterpret_cast<const sockaddr*>(&addr), len, buf, sizeof buf, nullptr, 0, NI_NUMERICHOST) != 0)
     return false;
   host = buf;
-  if (addr.ss_family == AF_INET)
-    port = ntohs(reinterpret_cast<const sockaddr_in*>(&addr)->sin_port);
-  else if (addr.ss_family == AF_INET6)
-    port = ntohs(reinterpret_cast<const sockaddr_in6*>(&addr)->sin6_port);
-  else
-    return false;
   return true;
 }
 
@@ -43,10 +46,11 @@ connection_watch::connection_watch(const std::string& remote_addr, int remote_po
     if (getpeername(int(fd), reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
         getsockname(int(fd), reinterpret_cast<sockaddr*>(&local), &local_len) != 0)
       continue;
-    std::string peer_host, local_host;
-    int peer_port = -1, port = -1;
-    if (describe(peer, peer_len, peer_host, peer_port) && describe(local, local_len, local_host, port) &&
-        peer_port == remote_port && port == local_port && peer_host == remote_addr) {
+    // Ports first (cheap); the address text only for a candidate.
+    if (port_of(peer) != remote_port || port_of(local) != local_port)
+      continue;
+    std::string peer_host;
+    if (numeric_host(peer, peer_len, peer_host) && peer_host == remote_addr) {
       fd_ = int(fd);
       break;
     }

@@ -384,15 +384,9 @@ struct request_context {
 void http_server::impl::generate(endpoint kind, const httplib::Request& req, httplib::Response& res,
                                  const httplib::ContentReader& reader) {
   steady::time_point received = steady::now();
-  if (!authorized(req, res))
-    return;
-  if (shutting_down)
-    return reply_error(res, {503, "the server is shutting down", "server_error", "", "shutdown"});
-  if (!ready)
-    return reply_error(res, {503, "the model is still loading", "server_error", "", "model_loading"});
-
-  // The body, bounded. A Content-Length above the limit is refused by httplib before we read
-  // (status 413 on res); a chunked body is cut here.
+  // The body first, bounded, even for a request refused below: a body left unread would be
+  // parsed as the next request on this keep-alive connection. A Content-Length above the limit
+  // is refused by httplib without buffering (status 413 on res); a chunked body is cut here.
   std::string body;
   bool too_big = false;
   bool read = reader([&](const char* data, std::size_t size) {
@@ -410,6 +404,12 @@ void http_server::impl::generate(endpoint kind, const httplib::Request& req, htt
   }
   if (!read)
     return reply_error(res, {400, "could not read the request body", "invalid_request_error", "", ""});
+  if (!authorized(req, res))
+    return;
+  if (shutting_down)
+    return reply_error(res, {503, "the server is shutting down", "server_error", "", "shutdown"});
+  if (!ready)
+    return reply_error(res, {503, "the model is still loading", "server_error", "", "model_loading"});
 
   generation_request params;
   if (auto err = parse_request(kind, body, params))

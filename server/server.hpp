@@ -38,7 +38,10 @@ struct server_options {
   std::size_t max_body_bytes = 1 << 20;
   int read_timeout_s = 30;
   int write_timeout_s = 30;
-  int keep_alive_timeout_s = 2;       // an idle keep-alive connection holds a worker this long
+  // An idle keep-alive connection holds a worker this long. httplib 0.11 also waits at most
+  // this long for a new connection's first request (a client starved of CPU between connect
+  // and send was dropped at 2 s under load), so it stays at httplib's default.
+  int keep_alive_timeout_s = 5;
   double request_timeout_s = 600;     // a request still running after this is cancelled
   std::size_t default_max_tokens = 16;  // /v1/completions without max_tokens (as OpenAI)
 };

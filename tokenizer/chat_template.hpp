@@ -1,9 +1,26 @@
 #pragma once
 
 // Chat templates as transformers renders them: an interpreter of the Jinja subset that real
-// `tokenizer_config.json` templates use (whitespace control, if/elif/else, for with loop.*,
-// set and namespace(), filters, tests, string methods, slices, raise_exception, tojson), with
-// transformers' settings: trim_blocks and lstrip_blocks on. ChatML is the fallback template.
+// `tokenizer_config.json` templates use, with transformers' settings (jinja2 3.1,
+// ImmutableSandboxedEnvironment, trim_blocks and lstrip_blocks on, loopcontrols, its own
+// tojson = json.dumps(ensure_ascii=False), raise_exception, strftime_now, {% generation %}).
+// ChatML is the fallback template.
+//
+// Supported: {{ }} {% %} {# #} with `-`/`+` whitespace control, raw; if/elif/else; for (tuple
+// targets, `if` filter, else, loop.index/index0/revindex/revindex0/first/last/length/
+// previtem/nextitem/cycle, break/continue); set (tuples, `ns.attr`, block set with filters)
+// with jinja2's scoping (a loop body is its own scope); namespace(); macro (defaults,
+// varargs/kwargs, caller) and call blocks; filter blocks; with. Expressions: Python literals
+// and string escapes, + - * / // % ** ~, chained comparisons, and/or/not, in/not in,
+// a if c else b, calls with *args/**kwargs, subscripts, slices, attributes (dicts too).
+// Tests, filters and str/dict/list methods: the common jinja2/Python ones (see the .cpp).
+// Undefined follows jinja2's default Undefined (prints "", false, fails when used further).
+// Not supported: include/import/extends/block (no loader), recursive loops, loop.changed,
+// groupby/batch/slice/truncate/wordwrap/urlize and a few other filters, str.format specs,
+// non-string dict keys, integers beyond 64 bits (an error, where Python has bigints).
+//
+// Limits (a template is untrusted input): nesting depth, evaluation steps, output and string
+// size, list length and value depth are bounded; hitting one is an error, never a crash.
 //
 // Thread safety: a parsed template is immutable; render() may run on any thread at once.
 

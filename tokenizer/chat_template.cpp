@@ -3293,17 +3293,19 @@ private:
     if (!have || is_ascii(chars->s)) {
       // bytes suffice while the edges are ASCII; a non-ASCII edge may be a Unicode space
       auto strip_byte = [&](unsigned char c) {
-        return have ? chars->s.find(static_cast<char>(c)) != std::string::npos
-                    : py_space(c);
+        return have ? chars->s.find(static_cast<char>(c)) != std::string::npos : py_space(c);
       };
       std::size_t b = 0, e = s.size();
       if (left)
-        while (b < e && static_cast<unsigned char>(s[b]) < 0x80 && strip_byte(s[b])) ++b;
+        while (b < e && static_cast<unsigned char>(s[b]) < 0x80 && strip_byte(s[b]))
+          ++b;
       if (right)
-        while (e > b && static_cast<unsigned char>(s[e - 1]) < 0x80 && strip_byte(s[e - 1])) --e;
+        while (e > b && static_cast<unsigned char>(s[e - 1]) < 0x80 && strip_byte(s[e - 1]))
+          --e;
       bool unicode_edge = (left && b < e && static_cast<unsigned char>(s[b]) >= 0x80) ||
                           (right && e > b && static_cast<unsigned char>(s[e - 1]) >= 0x80);
-      if (have || !unicode_edge) return value::string(s.substr(b, e - b));
+      if (have || !unicode_edge)
+        return value::string(s.substr(b, e - b));
     }
     std::u32string set;
     if (have)
@@ -3804,6 +3806,8 @@ private:
 
   std::vector<value> select(const value& seq, const call_args& a, bool by_attr, bool keep) {
     std::vector<value> out;
+    if (!truthy(seq))
+      return out;  // jinja2 iterates only a truthy sequence
     std::size_t first_arg = 0;
     std::string attr;
     if (by_attr) {
@@ -4004,6 +4008,8 @@ private:
         fail("round: a number is required, not " + type_name(v));
       std::int64_t precision = int_arg(a, 0, "precision", 0);
       std::string method = a.get(1, "method") ? to_str(*a.get(1, "method")) : "common";
+      if (method == "common" && v.is_int_like())
+        return value::integer(v.as_int());  // Python's round() keeps an int an int
       double scale = std::pow(10.0, static_cast<double>(precision));
       double x = v.as_double() * scale;
       double r = method == "ceil"    ? std::ceil(x)
@@ -4059,6 +4065,8 @@ private:
       return make_list(std::move(items));
     }
     if (name == "map") {
+      if (!truthy(v))
+        return make_list({});
       std::vector<value> out;
       const value* attr = nullptr;
       for (const auto& [k, x] : a.kw)
@@ -4276,17 +4284,10 @@ private:
     if (name == "in")
       return contains(arg(), v);
     if (name == "odd" || name == "even" || name == "divisibleby") {
-      if (!v.is_int_like())
-        fail("test '" + name + "' needs an integer");
-      std::int64_t n = v.as_int();
-      if (name == "odd")
-        return n % 2 != 0;
-      if (name == "even")
-        return n % 2 == 0;
-      const value& d = arg();
-      if (!d.is_int_like() || d.as_int() == 0)
-        fail("divisibleby needs a non-zero integer");
-      return n % d.as_int() == 0;
+      // jinja2: value % 2 == 1, value % 2 == 0, value % num == 0 (floats too)
+      value divisor = name == "divisibleby" ? arg() : value::integer(2);
+      value rest = binop("%", v, divisor);
+      return equal(rest, value::integer(name == "odd" ? 1 : 0));
     }
     if (name == "lower" || name == "upper") {
       std::string s = to_str(v);

@@ -522,6 +522,14 @@ TEST_CASE("the fixture templates on paths their cases do not reach (expected fro
   }
 }
 
+TEST_CASE("jinja: corners found by differential fuzzing against jinja2") {
+  CHECK(render("{{ 0|round(1) }} {{ true|round }} {{ 2.25|round(1) }} {{ 3|round(0, 'floor') }} "
+               "{{ 3.0 is odd }} {{ 4.0 is even }} {{ 7.5 is divisibleby 2.5 }} "
+               "{{ none|select('odd')|list }} {{ 0|map('string')|list }} "
+               "{{ ''|selectattr('x')|list }}") == "0 1 2.2 3.0 True True True [] [] []");
+  CHECK(error_of("{{ num[1:] }}").find("'int' object is not subscriptable") != std::string::npos);
+}
+
 TEST_CASE("undefined values follow jinja2's default Undefined") {
   CHECK(render("[{{ nope }}][{{ nope ~ 'x' }}][{{ nope|length }}][{{ nope|default('d') }}]") ==
         "[][x][0][d]");

@@ -36,8 +36,11 @@ caf::behavior ingress::make_behavior() {
       std::shared_ptr<token_sink> sink = std::move(ended.sink);
       if (auto it = pinned_.find(ended.request_id); it != pinned_.end()) {
         free_[it->second.shard] += ended.kv_tokens;
-        if (!sink)  // from a shard in another process
+        if (!sink) {  // from a shard in another process
           sink = std::move(it->second.sink);
+          if (stats_ && ended.last.token >= 0)
+            stats_->count_tokens(1);
+        }
         if (ended.last.admitted == std::chrono::steady_clock::time_point{})
           ended.last.admitted = it->second.admitted;
         pinned_.erase(it);
@@ -50,6 +53,8 @@ caf::behavior ingress::make_behavior() {
     },
     // A token from a shard in another process.
     [this](token_event& event) {
+      if (stats_)  // counted here: the shard's counters live in its own process
+        stats_->count_tokens(1);
       if (auto it = pinned_.find(event.request_id); it != pinned_.end() && it->second.sink)
         (*it->second.sink)(std::move(event));
     },

@@ -124,6 +124,10 @@ caf::behavior node_host::make_behavior() {
       return shards;
     },
     [this](release_atom) { teardown(); },
+    // What this node sent by UCX for its current engine: "<bytes> <messages>".
+    [this](caf::get_atom) -> std::string {
+      return link_ ? std::to_string(link_->bytes_shipped()) + " " + std::to_string(link_->messages_shipped()) : "0 0";
+    },
     [this](link_atom, const std::string& transport, std::uint32_t process_idx) -> caf::result<std::string> {
       if (ctx_)
         return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": link after hosting");

@@ -54,6 +54,8 @@ void tensor_link::send_bytes(caf::event_based_actor* self, const caf::actor& des
   msg.wire = {next_tag(), bytes->size(), std::uint32_t(msg.rows->row_floats)};
   std::uint64_t tag = msg.wire.tag;
   msg.rows = nullptr;
+  bytes_shipped_ += bytes->size();
+  ++messages_shipped_;
   // The bytes first: UCX holds them as unexpected until the receiver asks for the tag.
   channel_->send(peer_of(dest.node()), tag, std::move(bytes), [this](status sent) {
     if (!sent.ok() && !warned_.exchange(true))

@@ -44,6 +44,10 @@ public:
   bool fetch(caf::event_based_actor* self, routed_tokens& msg);
   bool fetch(caf::event_based_actor* self, expert_outputs& msg);
 
+  // Rows this process sent by UCX since it started.
+  std::uint64_t bytes_shipped() const { return bytes_shipped_; }
+  std::uint64_t messages_shipped() const { return messages_shipped_; }
+
 private:
   tensor_link(std::unique_ptr<transport::ucx_channel> channel, std::uint32_t process_idx);
   std::uint64_t next_tag();
@@ -62,6 +66,8 @@ private:
   mutable std::mutex mutex_;  // guards peers_
   std::map<caf::node_id, transport::peer_id> peers_;
   std::atomic<bool> warned_{false};
+  std::atomic<std::uint64_t> bytes_shipped_{0};
+  std::atomic<std::uint64_t> messages_shipped_{0};
 };
 
 }  // namespace moert::actors

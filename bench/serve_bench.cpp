@@ -254,6 +254,10 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
   std::printf("server cost = throughput lost through HTTP vs the engine API (goal: <= 5 %% at 32 streams)\n");
+  std::string m = http.metrics().render(nullptr, nullptr, 0, 0);
+  for (const char* name : {"moert_client_disconnects_total", "moert_requests_rejected_overloaded_total"})
+    if (auto at = m.find(std::string{"\n"} + name + " "); at != std::string::npos)
+      std::printf("%s\n", m.substr(at + 1, m.find('\n', at + 1) - at - 1).c_str());
   http.stop();
   engine->shutdown();
   return 0;

@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <array>
 #include <atomic>
 #include <map>
@@ -571,6 +572,22 @@ EngineReport Engine::report() const {
   out.finished_stop = impl_->finished[std::size_t(FinishReason::stop)];
   out.cancelled = impl_->finished[std::size_t(FinishReason::cancelled)];
   out.errors = impl_->finished[std::size_t(FinishReason::error)];
+  if (impl_->cluster) {
+    for (const auto& gate : impl_->cluster->gates)
+      out.cluster_caf_bytes += gate->counters().bytes_from_network + gate->counters().bytes_to_network;
+    caf::scoped_actor self{*impl_->system};
+    for (const auto& node : impl_->cluster->nodes)
+      self->request(node, std::chrono::seconds{2}, caf::get_atom::value)
+          .receive(
+              [&](const std::string& shipped) {
+                std::uint64_t bytes = 0, messages = 0;
+                if (std::sscanf(shipped.c_str(), "%lu %lu", &bytes, &messages) == 2) {
+                  out.cluster_ucx_bytes += bytes;
+                  out.cluster_ucx_messages += messages;
+                }
+              },
+              [](caf::error&) {});
+  }
   return out;
 }
 

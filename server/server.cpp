@@ -8,6 +8,7 @@
 #include <httplib.h>
 
 #include <arpa/inet.h>
+#include <sys/socket.h>
 #include <csignal>
 
 #include <chrono>
@@ -129,6 +130,7 @@ struct http_server::impl {
   httplib::Server svr;
   std::thread listener;
   int port = -1;
+  int listen_fd = -1;  // seen by the socket-options hook, to raise httplib's backlog
   std::shared_ptr<shared_state> state = std::make_shared<shared_state>();
   std::atomic<bool> ready{false};
   std::atomic<bool> shutting_down{false};
@@ -608,6 +610,11 @@ http_server::http_server(server_options options) : impl_(std::make_unique<impl>(
   s.svr.set_keep_alive_timeout(s.opt.keep_alive_timeout_s);
   s.svr.set_keep_alive_max_count(100);
   s.svr.set_payload_max_length(s.opt.max_body_bytes);
+  impl* state = impl_.get();
+  s.svr.set_socket_options([state](socket_t sock) {
+    httplib::default_socket_options(sock);  // SO_REUSEADDR as before
+    state->listen_fd = sock;
+  });
   s.routes();
 }
 
@@ -633,6 +640,10 @@ result<int> http_server::bind() {
                         "cannot bind to " + s.opt.host + ":" + std::to_string(s.opt.port) + " (in use?)");
     s.port = s.opt.port;
   }
+  // httplib 0.11 listens with a backlog of 5: a burst of new connections overflows it and
+  // the dropped handshakes cost a 1 s SYN retry each. listen() again raises it (Linux).
+  if (s.listen_fd >= 0)
+    ::listen(s.listen_fd, 1024);
   return s.port;
 }
 

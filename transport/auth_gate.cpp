@@ -234,8 +234,11 @@ void relay(int network, int local, const gate_limits& limits, gate_counters& cou
         }
         if (!write_all(local, passed.data(), passed.size(), deadline).ok())
           return;
-      } else if (!write_all(network, buffer.data(), static_cast<std::size_t>(got), deadline).ok()) {
-        return;
+        counters.bytes_from_network += std::uint64_t(got);
+      } else {
+        if (!write_all(network, buffer.data(), static_cast<std::size_t>(got), deadline).ok())
+          return;
+        counters.bytes_to_network += std::uint64_t(got);
       }
     }
   }

@@ -41,6 +41,8 @@ struct gate_counters {
   std::atomic<std::uint64_t> timed_out{0};       // said nothing (or too little) in time
   std::atomic<std::uint64_t> oversized_frames{0};
   std::atomic<std::uint64_t> over_capacity{0};   // closed at once: max_connections reached
+  std::atomic<std::uint64_t> bytes_from_network{0};  // relayed, after the handshake
+  std::atomic<std::uint64_t> bytes_to_network{0};
 };
 
 // Listens on `host:port` (port 0: any) for peers and relays the authenticated ones to the

@@ -2,6 +2,7 @@
 // (cpp-httplib's). Every wait has a timeout; each server is killed at the end.
 #include <catch2/catch.hpp>
 
+#include "server/server.hpp"
 #include "test_support.hpp"
 #include "tokenizer/tokenizer.hpp"
 
@@ -732,6 +733,52 @@ TEST_CASE("/metrics parses as Prometheus text and counts what happened") {
   CHECK(metric(m, "moert_http_responses_total", {{"code", "4xx"}}) >= 0);
   // The checker itself rejects what is not the format.
   CHECK_THROWS(prom_value("1.0x"));
+}
+
+// -- the server library in-process: listening before the model is there ------------------
+
+TEST_CASE("/health is 503 and generation refused until the model is attached, 200 after") {
+  moert::server::server_options opt;
+  opt.port = 0;
+  opt.model_name = "tiny";
+  moert::server::http_server http{opt};
+  auto port = http.bind();
+  REQUIRE(port);
+  http.start();
+  httplib::Client c{"127.0.0.1", *port};
+  c.set_read_timeout(60, 0);
+  auto r = c.Get("/health");
+  REQUIRE(r);
+  CHECK(r->status == 503);
+  CHECK(json::parse(r->body)["status"] == "loading");
+  check_error(post(c, "/v1/completions", {{"prompt", {1}}}), 503, "", "model_loading");
+  CHECK(post(c, "/v1/completions", {{"prompt", {1}}})->get_header_value("Retry-After") == "1");
+  auto m = c.Get("/metrics");
+  REQUIRE(m);
+  CHECK(metric(parse_prometheus(m->body), "moert_model_loaded") == 0);
+
+  moert::EngineConfig config;
+  config.synthetic_config = json{{"model_type", "qwen3_moe"},   {"vocab_size", 64},       {"hidden_size", 32},
+                                 {"num_hidden_layers", 1},      {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+                                 {"head_dim", 8},               {"num_experts", 4},       {"num_experts_per_tok", 2},
+                                 {"moe_intermediate_size", 16}, {"max_position_embeddings", 128}}
+                                .dump();
+  auto engine = moert::Engine::create(config);
+  REQUIRE(engine);
+  std::shared_ptr<moert::Engine> shared{std::move(engine.value())};
+  http.attach(shared, nullptr);
+  r = c.Get("/health");
+  REQUIRE(r);
+  CHECK(r->status == 200);
+  r = post(c, "/v1/completions", {{"prompt", {1, 2}}, {"max_tokens", 3}});
+  REQUIRE(r);
+  CHECK(r->status == 200);
+  CHECK(json::parse(r->body)["model"] == "tiny");
+  // The context is 128 tokens here.
+  check_error(post(c, "/v1/completions", {{"prompt", {1, 2}}, {"max_tokens", 127}}), 400, "max_tokens",
+              "context_length_exceeded");
+  http.stop();
+  shared->shutdown();
 }
 
 // -- overload, keys, shutdown ---------------------------------------------------------

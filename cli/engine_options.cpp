@@ -75,6 +75,13 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
 }
 
 void print_report(const EngineReport& report) {
+  if (report.devices.empty()) {
+    // A cluster: devices, batches and messages are counted in the nodes' processes.
+    std::printf("cluster: %.0f bytes through the gates, %.0f bytes in %.0f UCX messages; per-device figures "
+                "stay in the nodes\n",
+                double(report.cluster_caf_bytes), double(report.cluster_ucx_bytes), double(report.cluster_ucx_messages));
+    return;
+  }
   std::printf("devices:");
   for (std::size_t i = 0; i < report.devices.size(); ++i)
     std::printf("%s %s %.1f %% busy", i ? "," : "", report.devices[i].name.c_str(),

@@ -28,6 +28,9 @@ void add_engine_options(CLI::App& app, engine_options& opt) {
   app.add_option("--cluster", opt.cluster_file,
                  "Cluster file: shards and experts run on `moert node` processes (overrides --ag/--eg)");
   app.add_option("--secret-file", opt.secret_file, "The cluster's shared secret (mode 0600)");
+  app.add_option("--tls-cert", opt.tls.cert_file, "Cluster over TLS: this process's certificate (PEM)");
+  app.add_option("--tls-key", opt.tls.key_file, "Cluster over TLS: its private key (PEM)");
+  app.add_option("--tls-ca", opt.tls.ca_file, "Cluster over TLS: the CA that signed every node's certificate");
 }
 
 result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,
@@ -68,8 +71,9 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
         return secret.err();
       config.cluster_secret = std::move(*secret);
     }
-  } else if (!opt.secret_file.empty()) {
-    return make_error(error_code::invalid_argument, "--secret-file is for --cluster");
+    config.tls = opt.tls;
+  } else if (!opt.secret_file.empty() || !opt.tls.cert_file.empty()) {
+    return make_error(error_code::invalid_argument, "--secret-file and --tls-* are for --cluster");
   }
   return config;
 }

@@ -26,6 +26,7 @@ struct engine_options {
   bool reference = false;  // bypass the actors: the bare single-process forward
   std::string cluster_file;  // run on `moert node` processes (configs/clusters/README.md)
   std::string secret_file;   // the cluster's shared secret
+  cluster_tls tls;           // or TLS with certificates
 };
 
 void add_engine_options(CLI::App& app, engine_options& opt);

@@ -7,6 +7,7 @@
 #include "transport/handshake.hpp"
 
 #include <caf/io/all.hpp>
+#include <caf/openssl/all.hpp>
 
 #include <csignal>
 #include <cstdio>
@@ -24,6 +25,7 @@ struct node_options {
   std::size_t scheduler_threads = 2;
   int heartbeat_ms = 200;
   int liveness_timeout_ms = 1500;
+  cluster_tls tls;
 };
 
 int run_node(const node_options& options) {
@@ -31,14 +33,21 @@ int run_node(const node_options& options) {
   if (!endpoint.ok())
     throw std::runtime_error(endpoint.err().message);
   std::string secret;
-  if (!options.secret_file.empty()) {
+  if (auto files = check_tls_files(options.tls); !files.ok())
+    throw std::runtime_error(files.err().message);
+  if (options.tls.enabled() && !options.secret_file.empty())
+    throw std::runtime_error("give --secret-file or --tls-*, not both: TLS authenticates the peers itself");
+  if (options.tls.enabled()) {
+    // TLS verifies peers both ways; no gate.
+  } else if (!options.secret_file.empty()) {
     auto loaded = transport::load_secret(options.secret_file);
     if (!loaded.ok())
       throw std::runtime_error(loaded.err().message);
     secret = std::move(*loaded);
   } else if (!transport::is_loopback(endpoint->host)) {
     throw std::runtime_error("--listen " + options.listen +
-                             " is not a loopback address: a node reachable from other machines needs --secret-file");
+                             " is not a loopback address: a node reachable from other machines needs --secret-file "
+                             "or --tls-cert/--tls-key/--tls-ca");
   }
   if (options.heartbeat_ms <= 0 || options.liveness_timeout_ms <= options.heartbeat_ms)
     throw std::runtime_error("--liveness-timeout-ms must exceed --heartbeat-ms, both positive");
@@ -55,13 +64,17 @@ int run_node(const node_options& options) {
   config.set("scheduler.max-threads", options.scheduler_threads);
   config.set("logger.verbosity", caf::atom("quiet"));
   configure_for_cluster(config, std::chrono::milliseconds{options.heartbeat_ms},
-                        std::chrono::milliseconds{options.liveness_timeout_ms});
+                        std::chrono::milliseconds{options.liveness_timeout_ms}, options.tls);
   caf::actor_system system{config};
   std::string name = options.name.empty() ? options.listen : options.name;
   auto host = system.spawn<actors::node_host, caf::detached>(name);
 
   std::unique_ptr<transport::inbound_gate> gate;
-  if (secret.empty()) {
+  if (options.tls.enabled()) {
+    auto port = caf::openssl::publish(host, endpoint->port, endpoint->host.c_str(), true);
+    if (!port)
+      throw std::runtime_error("cannot listen (TLS) on " + options.listen + ": " + system.render(port.error()));
+  } else if (secret.empty()) {
     // Loopback without a secret: CAF listens on the address itself.
     auto port = system.middleman().publish(host, endpoint->port, endpoint->host.c_str(), true);
     if (!port)
@@ -78,7 +91,9 @@ int run_node(const node_options& options) {
     gate = std::move(*started);
   }
   std::printf("moert node %s: listening on %s (%s)\n", name.c_str(), options.listen.c_str(),
-              secret.empty() ? "loopback, no secret" : "peers must hold the shared secret");
+              options.tls.enabled() ? "TLS, peers verified against the CA"
+              : secret.empty()      ? "loopback, no secret"
+                                    : "peers must hold the shared secret");
   std::fflush(stdout);
 
   int received = 0;
@@ -98,6 +113,9 @@ command_runner add_node_command(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--secret-file", options->secret_file,
                   "shared secret (mode 0600): peers must prove they hold it; required off loopback");
+  sub->add_option("--tls-cert", options->tls.cert_file, "TLS instead of the secret: this node's certificate (PEM)");
+  sub->add_option("--tls-key", options->tls.key_file, "its private key (PEM)");
+  sub->add_option("--tls-ca", options->tls.ca_file, "the CA that signed every peer's certificate (PEM)");
   sub->add_option("--name", options->name, "the node's name in reports (default: the listen address)");
   sub->add_option("--threads", options->scheduler_threads, "CAF scheduler threads")->capture_default_str();
   sub->add_option("--heartbeat-ms", options->heartbeat_ms, "CAF heartbeat interval")->capture_default_str();

@@ -29,6 +29,10 @@ endforeach()
 if(TARGET CAF::io AND TARGET CAF::core)
   set_property(TARGET CAF::io APPEND PROPERTY INTERFACE_LINK_LIBRARIES CAF::core)
 endif()
+if(TARGET CAF::openssl AND TARGET CAF::io)
+  find_package(OpenSSL REQUIRED)
+  set_property(TARGET CAF::openssl APPEND PROPERTY INTERFACE_LINK_LIBRARIES CAF::io OpenSSL::SSL OpenSSL::Crypto)
+endif()
 include(FindPackageHandleStandardArgs)
 find_package_handle_standard_args(CAF
   REQUIRED_VARS CAF_INCLUDE_DIR

@@ -1,13 +1,22 @@
 #include "engine/cluster.hpp"
 
 #include <caf/io/all.hpp>
+#include <caf/openssl/all.hpp>
 
 namespace moert {
 
 void configure_for_cluster(caf::actor_system_config& config, std::chrono::milliseconds heartbeat,
-                           std::chrono::milliseconds liveness_timeout) {
+                           std::chrono::milliseconds liveness_timeout, const cluster_tls& tls) {
   actors::register_node_message_types(config);
   config.load<caf::io::middleman>();
+  if (tls.enabled()) {
+    // CAF's OpenSSL module verifies the peer against the CA both ways (a peer whose
+    // certificate another CA signed is refused during the TLS handshake).
+    config.load<caf::openssl::manager>();
+    config.openssl_certificate = tls.cert_file;
+    config.openssl_key = tls.key_file;
+    config.openssl_cafile = tls.ca_file;
+  }
   config.set("middleman.heartbeat-interval", caf::timespan{heartbeat});
   config.set("middleman.connection-timeout", caf::timespan{liveness_timeout});
 }
@@ -42,11 +51,19 @@ result<std::vector<caf::actor>> ask_node(caf::actor_system& system, const caf::a
 }  // namespace
 
 result<cluster_session> connect_cluster(caf::actor_system& system, const cluster_config& cluster,
-                                        const std::string& secret, const cluster_request& ask) {
+                                        const std::string& secret, const cluster_request& ask, bool tls) {
   cluster_session session;
   for (const auto& node : cluster.nodes) {
     std::string host = node.host;
     std::uint16_t port = node.port;
+    if (tls) {
+      auto remote = caf::openssl::remote_actor(system, host, port);
+      if (!remote)
+        return node_error(node, "cannot connect over TLS: " + system.render(remote.error()) +
+                                    " (a certificate the CA did not sign, or the node is not running)");
+      session.nodes.push_back(*remote);
+      continue;
+    }
     if (!secret.empty()) {
       transport::gate_limits limits;
       limits.handshake_timeout = std::min<std::chrono::milliseconds>(ask.timeout, std::chrono::milliseconds{5000});

@@ -37,10 +37,11 @@ struct cluster_request {
 // message types: call on the config before the actor system exists, in the engine and in
 // every node alike.
 void configure_for_cluster(caf::actor_system_config& config, std::chrono::milliseconds heartbeat,
-                           std::chrono::milliseconds liveness_timeout);
+                           std::chrono::milliseconds liveness_timeout, const cluster_tls& tls = {});
 
 // Every wait is bounded by `ask.timeout`; errors name the node.
 result<cluster_session> connect_cluster(caf::actor_system& system, const cluster_config& cluster,
-                                        const std::string& secret, const cluster_request& ask);
+                                        const std::string& secret, const cluster_request& ask,
+                                        bool tls = false);
 
 }  // namespace moert

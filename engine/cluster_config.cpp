@@ -183,6 +183,19 @@ result<cluster_config> parse_cluster_config(const std::string& json_text, const 
   return config;
 }
 
+status check_tls_files(const cluster_tls& tls) {
+  if (!tls.enabled() && tls.key_file.empty() && tls.ca_file.empty())
+    return status::success();
+  for (auto [flag, file] : {std::pair{"--tls-cert", &tls.cert_file}, std::pair{"--tls-key", &tls.key_file},
+                            std::pair{"--tls-ca", &tls.ca_file}}) {
+    if (file->empty())
+      return make_error(error_code::invalid_argument, std::string("TLS needs ") + flag + " too");
+    if (!std::ifstream{*file})
+      return make_error(error_code::io_error, std::string(flag) + " " + *file + ": cannot be read");
+  }
+  return status::success();
+}
+
 result<cluster_config> load_cluster_config(const std::string& path) {
   std::ifstream in{path};
   if (!in)

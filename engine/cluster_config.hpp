@@ -48,6 +48,14 @@ struct cluster_config {
   std::size_t node_of_expert_device(std::size_t device_idx) const;
 };
 
+// TLS files for a cluster connection (PEM): empty cert means no TLS.
+struct cluster_tls {
+  std::string cert_file, key_file, ca_file;
+  bool enabled() const { return !cert_file.empty(); }
+};
+// Every file given and readable, or the error naming the missing one.
+status check_tls_files(const cluster_tls& tls);
+
 result<cluster_config> parse_cluster_config(const std::string& json_text, const std::string& source);
 result<cluster_config> load_cluster_config(const std::string& path);
 

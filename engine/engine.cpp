@@ -243,6 +243,8 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
       return invalid("a cluster's nodes load the model themselves: give model_dir or synthetic_config, not weights");
     if (config.single_device)
       return invalid("single_device runs in one process: it cannot be combined with a cluster");
+    if (auto files = check_tls_files(config.tls); !files.ok())
+      return files.err();
     config.attention_devices = config.cluster->attention_devices();
     config.expert_devices = config.cluster->expert_devices();
   }
@@ -288,7 +290,8 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   state->system_config.set("scheduler.max-threads", config.actor_threads);
   state->system_config.set("logger.verbosity", caf::atom("quiet"));
   if (config.cluster)
-    configure_for_cluster(state->system_config, config.cluster->heartbeat, config.cluster->liveness_timeout);
+    configure_for_cluster(state->system_config, config.cluster->heartbeat, config.cluster->liveness_timeout,
+                          config.tls);
   state->system = std::make_unique<caf::actor_system>(state->system_config);
   caf::actor_system& sys = *state->system;
   const actors::runtime_context* ctx = &state->ctx;
@@ -314,7 +317,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     ask.plan = {config.plan};
     ask.ingress = state->ingress;
     ask.timeout = config.cluster_timeout;
-    auto session = connect_cluster(sys, *config.cluster, config.cluster_secret, ask);
+    auto session = connect_cluster(sys, *config.cluster, config.cluster_secret, ask, config.tls.enabled());
     if (!session.ok()) {
       caf::anon_send_exit(state->ingress, caf::exit_reason::user_shutdown);
       return session.err();

@@ -133,6 +133,11 @@ struct EngineConfig {
   // The cluster's shared secret (transport/auth_gate): every connection to a node passes a
   // mutual HMAC handshake first. Empty: connect directly, which only loopback nodes allow.
   std::string cluster_secret;
+  // Or TLS with certificates (CAF's OpenSSL module) for networks that are not trusted: this
+  // process's certificate and key (PEM) and the CA that signed every node's; nodes verify
+  // ours the same way. Then the rows go encrypted only with transport "caf" (UCX does not
+  // encrypt).
+  cluster_tls tls;
   // How long bring-up waits for a node to connect and load its part.
   std::chrono::milliseconds cluster_timeout{60000};
 };

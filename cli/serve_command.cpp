@@ -76,6 +76,14 @@ std::string default_name(const serve_options& opt) {
 class signal_watch {
 public:
   signal_watch() {
+    // A shell starts background jobs with SIGINT ignored, and an ignored signal is discarded
+    // even while blocked: install a handler (never run, the signals stay blocked) so that
+    // sigtimedwait sees them.
+    struct sigaction action {};
+    action.sa_handler = [](int) {};
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, nullptr);
+    sigaction(SIGTERM, &action, nullptr);
     sigemptyset(&set_);
     sigaddset(&set_, SIGINT);
     sigaddset(&set_, SIGTERM);
@@ -178,6 +186,8 @@ int run_serve(serve_options& opt) {
   std::fflush(stdout);
   http.stop();
   engine->shutdown();
+  if (status traced = write_trace(*engine, opt.engine); !traced.ok())
+    return fail(traced.err());
   std::printf("moert: stopped\n");
   return 0;
 }

@@ -11,7 +11,7 @@ MOERT_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config
   libcaf-dev libucx-dev ucx-utils libspdlog-dev catch2 libopenblas-dev
   nlohmann-json3-dev libcli11-dev
-  libonig-dev libutf8proc-dev libcpp-httplib-dev libssl-dev
+  libonig-dev libutf8proc-dev libcpp-httplib-dev libssl-dev openssl
 )
 
 moert_install_packages() {

@@ -5,6 +5,8 @@
 #include "actors/mu_queue.hpp"
 #include "model/weights.hpp"
 
+#include <algorithm>
+
 namespace moert::actors {
 
 void register_node_message_types(caf::actor_system_config& config) {
@@ -30,7 +32,8 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
   if (owner_ && owner != owner_)
     return "node " + name_ + " already serves another engine";
   std::string key = source.model_dir + '\n' + source.synthetic_config + '\n' + std::to_string(source.weight_seed) +
-                    '\n' + std::to_string(total_expert_devices);
+                    '\n' + std::to_string(total_expert_devices) + '\n' + std::to_string(source.attention_side) +
+                    '\n' + std::to_string(source.first_expert_device) + '\n' + std::to_string(source.num_expert_devices);
   if (ctx_) {
     if (key != loaded_key_)
       return "node " + name_ + ": one engine asked for two different models or placements";
@@ -38,7 +41,16 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
   }
   auto ctx = std::make_unique<runtime_context>();
   if (!source.model_dir.empty()) {
-    auto loaded = model::load_checkpoint(source.model_dir);
+    // Only this node's part: its experts (expert e lives on device e mod eg), and the
+    // attention side when it hosts shards.
+    model::load_options part;
+    part.attention_side = source.attention_side;
+    std::uint32_t first = source.first_expert_device, count = source.num_expert_devices;
+    part.keep_expert = [first, count, total_expert_devices](std::size_t expert) {
+      auto device = std::uint32_t(expert % std::max<std::uint32_t>(total_expert_devices, 1));
+      return device >= first && device < first + count;
+    };
+    auto loaded = model::load_checkpoint(source.model_dir, part);
     if (!loaded)
       return "node " + name_ + ": " + loaded.err().what();
     ctx->config = std::move(loaded->config);

@@ -33,15 +33,20 @@ using release_atom = caf::atom_constant<caf::atom("release")>;
 
 // Where a node finds the model: a checkpoint directory, or a synthetic model's config.json
 // text and weight seed (what EngineConfig::synthetic_config builds in one process).
+// `attention_side` and the expert devices say which part of a checkpoint this node loads
+// (a synthetic model is built whole).
 struct model_source {
   std::string model_dir;
   std::string synthetic_config;
   std::uint64_t weight_seed = 1;
+  bool attention_side = true;
+  std::uint32_t first_expert_device = 0, num_expert_devices = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, model_source& x) {
-  return f(caf::meta::type_name("model_source"), x.model_dir, x.synthetic_config, x.weight_seed);
+  return f(caf::meta::type_name("model_source"), x.model_dir, x.synthetic_config, x.weight_seed, x.attention_side,
+           x.first_expert_device, x.num_expert_devices);
 }
 
 // Expert devices [first_device, first_device + num_devices) of `total_expert_devices`.

@@ -109,12 +109,21 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
   }
 
   auto total_experts = std::uint32_t(cluster.expert_devices());
+  // What each node loads: its expert devices' experts, and the attention side if it hosts shards.
+  std::vector<actors::model_source> parts;
+  for (std::size_t i = 0, device = 0; i < cluster.nodes.size(); device += cluster.nodes[i].expert_devices, ++i) {
+    actors::model_source part = ask.model;
+    part.attention_side = cluster.nodes[i].attention_devices > 0;
+    part.first_expert_device = std::uint32_t(device);
+    part.num_expert_devices = std::uint32_t(cluster.nodes[i].expert_devices);
+    parts.push_back(std::move(part));
+  }
   std::uint32_t next_device = 0;
   for (std::size_t i = 0; i < cluster.nodes.size(); ++i) {
     const auto& node = cluster.nodes[i];
     if (node.expert_devices == 0)
       continue;
-    actors::host_experts host{ask.model,         next_device,  std::uint32_t(node.expert_devices), total_experts,
+    actors::host_experts host{parts[i],          next_device,  std::uint32_t(node.expert_devices), total_experts,
                               ask.threads_per_device, ask.scheduler, ask.ingress};
     auto queues = ask_node(system, session.nodes[i], node, caf::make_message(actors::host_atom::value, host),
                            ask.timeout);
@@ -131,7 +140,7 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
     const auto& node = cluster.nodes[i];
     if (node.attention_devices == 0)
       continue;
-    actors::host_shards host{ask.model,  next_shard,     std::uint32_t(node.attention_devices), total_experts,
+    actors::host_shards host{parts[i],   next_shard,     std::uint32_t(node.attention_devices), total_experts,
                              ask.threads_per_device, ask.plan, session.queues, ask.ingress};
     auto shards = ask_node(system, session.nodes[i], node, caf::make_message(actors::host_atom::value, host),
                            ask.timeout);

@@ -90,8 +90,13 @@ public:
     const model_config& c = config_;
     std::int64_t h = c.hidden_size;
     model_weights out;
-    MOERT_TRY(fetch("model.embed_tokens.weight", {c.vocab_size, h}, out.embedding));
     out.layers.resize(std::size_t(c.num_layers));
+    if (!options_.attention_side) {  // an expert node: the routed experts only
+      for (std::int64_t i = 0; i < c.num_layers; ++i)
+        MOERT_TRY(build_experts(i, out.layers[std::size_t(i)]));
+      return out;
+    }
+    MOERT_TRY(fetch("model.embed_tokens.weight", {c.vocab_size, h}, out.embedding));
     for (std::int64_t i = 0; i < c.num_layers; ++i)
       MOERT_TRY(build_layer(i, out.layers[std::size_t(i)]));
     MOERT_TRY(fetch("model.norm.weight", {h}, out.final_norm));
@@ -205,11 +210,33 @@ private:
       return fetch_mlp(p + ".mlp", c.intermediate_size, "gate_proj", "up_proj", "down_proj",
                        layer.dense_mlp);
 
-    bool mixtral = c.arch == architecture::mixtral;
-    std::string mp = p + (mixtral ? ".block_sparse_moe" : ".mlp");
+    std::string mp = moe_prefix(idx);
     MOERT_TRY(fetch_matrix(mp + ".gate.weight", c.num_experts, h, layer.router, false));
+    MOERT_TRY(build_experts(idx, layer));
+    if (c.shared_expert_intermediate_size > 0)
+      MOERT_TRY(fetch_mlp(mp + (c.mla() ? ".shared_experts" : ".shared_expert"),
+                          c.shared_expert_intermediate_size, "gate_proj", "up_proj", "down_proj",
+                          layer.shared_expert));
+    if (c.shared_expert_gated)
+      MOERT_TRY(fetch_matrix(mp + ".shared_expert_gate.weight", 1, h, layer.shared_expert_gate, false));
+    return {};
+  }
+
+  std::string moe_prefix(std::int64_t idx) const {
+    return "model.layers." + std::to_string(idx) + (config_.arch == architecture::mixtral ? ".block_sparse_moe" : ".mlp");
+  }
+
+  // The routed experts of a sparse layer that the options keep (the others stay empty).
+  status build_experts(std::int64_t idx, layer_weights& layer) {
+    const model_config& c = config_;
+    if (!c.sparse_layers[std::size_t(idx)])
+      return {};
+    std::string mp = moe_prefix(idx);
+    bool mixtral = c.arch == architecture::mixtral;
     layer.experts.resize(std::size_t(c.num_experts));
     for (std::int64_t e = 0; e < c.num_experts; ++e) {
+      if (options_.keep_expert && !options_.keep_expert(std::size_t(e)))
+        continue;
       std::string ep = mp + ".experts." + std::to_string(e);
       auto& expert = layer.experts[std::size_t(e)];
       if (mixtral)
@@ -217,12 +244,6 @@ private:
       else
         MOERT_TRY(fetch_mlp(ep, c.moe_intermediate_size, "gate_proj", "up_proj", "down_proj", expert));
     }
-    if (c.shared_expert_intermediate_size > 0)
-      MOERT_TRY(fetch_mlp(mp + (c.mla() ? ".shared_experts" : ".shared_expert"),
-                          c.shared_expert_intermediate_size, "gate_proj", "up_proj", "down_proj",
-                          layer.shared_expert));
-    if (c.shared_expert_gated)
-      MOERT_TRY(fetch_matrix(mp + ".shared_expert_gate.weight", 1, h, layer.shared_expert_gate, false));
     return {};
   }
 
@@ -278,8 +299,9 @@ result<model_weights> load_weights(const model_config& config, const checkpoint&
   auto weights = b.build();
   if (!weights)
     return weights.err();
+  bool whole = options.attention_side && !options.keep_expert;  // a part leaves the rest unread
   for (const auto& [name, view] : source.tensors())
-    if (!b.used().count(name))
+    if (whole && !b.used().count(name))
       weights->unexpected_tensors.push_back(name);
   return weights;
 }

@@ -17,6 +17,7 @@
 #include "model/safetensors.hpp"
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,11 @@ struct load_options {
   // Hold every matrix as f32 (what the loader did before 16-bit weights were kept): twice
   // the bytes of a bf16 checkpoint, the same output bits. For tests and comparisons.
   bool upcast_to_f32 = false;
+  // A cluster node loads only its part (the other tensors are neither read nor validated, and
+  // their matrices stay empty). attention_side: embedding, attention, norms, router, dense and
+  // shared experts, lm_head. keep_expert: which routed experts (unset: all).
+  bool attention_side = true;
+  std::function<bool(std::size_t expert)> keep_expert;
 };
 
 // Loads and validates every tensor the architecture needs: each must be present with the

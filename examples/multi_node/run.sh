@@ -4,14 +4,14 @@
 # with --ag 1 --eg 2 must print the same tokens. The nodes are stopped on exit, whatever
 # happens. Exits non-zero on a mismatch or any failure.
 #
-#   examples/multi_node/run.sh [TRANSPORT]      TRANSPORT: caf (default), ucx-tcp or ucx-posix
+#   examples/multi_node/run.sh [TRANSPORT]      TRANSPORT: ucx-tcp (default), ucx-posix or caf
 #
 # Environment: MOERT_BUILD (build folder, default build/), MOERT_MODEL (a checkpoint folder;
 # default: the embedded model), MOERT_EXAMPLE_PORT (first of three ports, default 17101).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-transport="${1:-caf}"
+transport="${1:-ucx-tcp}"
 moert="${MOERT_BUILD:-$root/build}/cli/moert"
 base_port="${MOERT_EXAMPLE_PORT:-17101}"
 case "$transport" in

@@ -136,6 +136,11 @@ caf::behavior node_host::make_behavior() {
       return shards;
     },
     [this](release_atom) { teardown(); },
+    // The engine lost another node: its pending UCX transfers end now, not at their deadline.
+    [this](node_lost_atom, const caf::node_id& lost, std::string& reason) {
+      if (link_)
+        link_->cancel_peer(lost, std::move(reason));
+    },
     // What this node sent by UCX for its current engine: "<bytes> <messages>".
     [this](caf::get_atom) -> std::string {
       return link_ ? std::to_string(link_->bytes_shipped()) + " " + std::to_string(link_->messages_shipped()) : "0 0";

@@ -26,6 +26,11 @@ status tensor_link::add_peer(const caf::node_id& node, const std::string& addres
   return status::success();
 }
 
+void tensor_link::cancel_peer(const caf::node_id& node, std::string reason) {
+  if (auto peer = peer_of(node))
+    channel_->cancel_peer(peer, std::move(reason));
+}
+
 bool tensor_link::remote(const caf::actor& dest) const {
   std::lock_guard<std::mutex> guard{mutex_};
   return peers_.count(dest.node()) > 0;

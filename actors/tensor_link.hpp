@@ -36,6 +36,9 @@ public:
   const std::string& address() const { return channel_->address(); }
   status add_peer(const caf::node_id& node, const std::string& address);
 
+  // Fails at once every pending transfer with that process (its node was found dead).
+  void cancel_peer(const caf::node_id& node, std::string reason);
+
   // Whether `dest` lives in another process this link reaches.
   bool remote(const caf::actor& dest) const;
 

@@ -204,20 +204,25 @@ caf::actor spawn_cluster_watch(caf::actor_system& sys, const cluster_config& clu
     watched.emplace_back(session.queues[d], cluster.nodes[cluster.node_of_expert_device(d)].name);
   for (std::size_t a = 0; a < session.shards.size(); ++a)
     watched.emplace_back(session.shards[a], cluster.nodes[cluster.node_of_shard(a)].name);
-  return sys.spawn([watched, ingress](caf::event_based_actor* self) -> caf::behavior {
+  std::vector<caf::actor> nodes = session.nodes;
+  return sys.spawn([watched, ingress, nodes](caf::event_based_actor* self) -> caf::behavior {
     std::map<caf::actor_addr, std::string> names;
     for (const auto& [actor, name] : watched) {
       names.emplace(actor.address(), name);
       self->monitor(actor);
     }
     auto reported = std::make_shared<bool>(false);
-    self->set_down_handler([self, names, ingress, reported](const caf::down_msg& down) {
+    self->set_down_handler([self, names, ingress, reported, nodes](const caf::down_msg& down) {
       auto it = names.find(down.source);
       if (it == names.end() || *reported)
         return;
       *reported = true;
-      caf::anon_send(ingress, actors::node_lost_atom::value,
-                     "node " + it->second + " was lost (" + self->system().render(down.reason) + ")");
+      std::string reason = "node " + it->second + " was lost (" + self->system().render(down.reason) + ")";
+      caf::anon_send(ingress, actors::node_lost_atom::value, reason);
+      // The surviving nodes cancel their UCX transfers with the lost one.
+      for (const auto& node : nodes)
+        if (node.node() != down.source.node())
+          caf::anon_send(node, actors::node_lost_atom::value, down.source.node(), reason);
     });
     return {[](caf::exit_msg&) {}};
   });

@@ -199,9 +199,9 @@ int run_generate(const generate_options& opt) {
   std::printf("model: %s\n       %s\n",
               opt.model_dir.empty() ? "embedded default (configs/models/default-moe.json)" : opt.model_dir.c_str(),
               describe(c).c_str());
-  std::printf("engine: %zu attention + %zu expert devices, %zu threads each; plan r1 %zu, r2 %zu, %s; "
+  std::printf("engine: %s, %zu threads each; plan r1 %zu, r2 %zu, %s; "
               "scheduler %s; %s\n",
-              opt.engine.ag, opt.engine.eg, opt.engine.threads, opt.engine.r1, opt.engine.r2, opt.engine.order.c_str(),
+              placement_text(opt.engine).c_str(), opt.engine.threads, opt.engine.r1, opt.engine.r2, opt.engine.order.c_str(),
               opt.engine.scheduler.c_str(), sampling_text(opt).c_str());
   print_generated(*prompts, out);
   std::printf("throughput: %zu prompt + %zu generated tokens in %.4f s (%.1f generated tokens/s, batch %zu)\n",
@@ -274,8 +274,7 @@ result<std::vector<eval_result>> eval_engine(const eval_options& opt, std::strin
   auto engine = Engine::create(std::move(config.value()));
   if (!engine)
     return engine.err();
-  model_text = "checkpoint " + opt.model_dir + " (engine: " + std::to_string(opt.engine.ag) + " attention + " +
-               std::to_string(opt.engine.eg) + " expert devices)";
+  model_text = "checkpoint " + opt.model_dir + " (engine: " + placement_text(opt.engine) + ")";
   std::size_t vocab = std::size_t((*engine)->model_config().vocab_size);
   auto prompts = load_prompts(opt.prompts_file, (*engine)->model_config().vocab_size);
   if (!prompts)

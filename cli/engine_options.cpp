@@ -78,6 +78,21 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
   return config;
 }
 
+std::string placement_text(const engine_options& opt) {
+  std::size_t ag = opt.ag, eg = opt.eg;
+  std::string where;
+  if (!opt.cluster_file.empty()) {
+    auto cluster = load_cluster_config(opt.cluster_file);
+    if (cluster.ok()) {
+      ag = cluster->attention_devices();
+      eg = cluster->expert_devices();
+      where = " on " + std::to_string(cluster->nodes.size()) + " nodes of " + opt.cluster_file + " (" +
+              to_string(cluster->transport) + ")";
+    }
+  }
+  return std::to_string(ag) + " attention + " + std::to_string(eg) + " expert devices" + where;
+}
+
 void print_report(const EngineReport& report) {
   if (report.devices.empty()) {
     // A cluster: devices, batches and messages are counted in the nodes' processes.

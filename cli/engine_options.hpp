@@ -35,6 +35,9 @@ void add_engine_options(CLI::App& app, engine_options& opt);
 result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,
                                         std::uint64_t weight_seed);
 
+// "1 attention + 2 expert devices", or for a cluster "… on 3 nodes of FILE (ucx-tcp)".
+std::string placement_text(const engine_options& opt);
+
 // "attention 0 busy 41.2 %, …" and the batch/fragmentation/message figures, to stdout.
 void print_report(const EngineReport& report);
 

@@ -3,6 +3,8 @@
 #include <caf/io/all.hpp>
 #include <caf/openssl/all.hpp>
 
+#include <thread>
+
 namespace moert {
 
 void configure_for_cluster(caf::actor_system_config& config, std::chrono::milliseconds heartbeat,
@@ -76,7 +78,15 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
     } else if (!transport::is_loopback(node.host)) {
       return node_error(node, "a node beyond loopback needs the cluster secret (--secret-file)");
     }
+    // CAF 0.17 can time a fresh connection out at its first heartbeat tick when the peer's
+    // BASP handshake has not arrived yet (the gate is still authenticating, a loaded node):
+    // that error is retried until the bring-up timeout; any other is final.
+    auto deadline = std::chrono::steady_clock::now() + ask.timeout;
     auto remote = system.middleman().remote_actor(host, port);
+    while (!remote && remote.error() == caf::sec::connection_timeout && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds{100});
+      remote = system.middleman().remote_actor(host, port);
+    }
     if (!remote)
       return node_error(node, "cannot connect: " + system.render(remote.error()) +
                                   (secret.empty() ? "" : " (wrong secret, or the node is not running)"));

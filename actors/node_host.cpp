@@ -135,7 +135,10 @@ caf::behavior node_host::make_behavior() {
       }
       return shards;
     },
-    [this](release_atom) { teardown(); },
+    [this](release_atom) {
+      teardown();
+      return caf::atom("released");
+    },
     // The engine lost another node: its pending UCX transfers end now, not at their deadline.
     [this](node_lost_atom, const caf::node_id& lost, std::string& reason) {
       if (link_)

@@ -3,6 +3,7 @@
 #include <caf/io/all.hpp>
 #include <caf/openssl/all.hpp>
 
+#include <algorithm>
 #include <thread>
 
 namespace moert {
@@ -55,6 +56,8 @@ result<std::vector<caf::actor>> ask_node(caf::actor_system& system, const caf::a
 result<cluster_session> connect_cluster(caf::actor_system& system, const cluster_config& cluster,
                                         const std::string& secret, const cluster_request& ask, bool tls) {
   cluster_session session;
+  // One deadline for connecting to every node.
+  auto deadline = std::chrono::steady_clock::now() + ask.timeout;
   for (const auto& node : cluster.nodes) {
     std::string host = node.host;
     std::uint16_t port = node.port;
@@ -68,7 +71,8 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
     }
     if (!secret.empty()) {
       transport::gate_limits limits;
-      limits.handshake_timeout = std::min<std::chrono::milliseconds>(ask.timeout, std::chrono::milliseconds{5000});
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      limits.handshake_timeout = std::clamp(left, std::chrono::milliseconds{1}, std::chrono::milliseconds{5000});
       auto gate = transport::outbound_gate::start(node.host, node.port, secret, limits);
       if (!gate.ok())
         return node_error(node, gate.err().message);
@@ -81,9 +85,10 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
     // CAF 0.17 can time a fresh connection out at its first heartbeat tick when the peer's
     // BASP handshake has not arrived yet (the gate is still authenticating, a loaded node):
     // that error is retried until the bring-up timeout; any other is final.
-    auto deadline = std::chrono::steady_clock::now() + ask.timeout;
     auto remote = system.middleman().remote_actor(host, port);
-    while (!remote && remote.error() == caf::sec::connection_timeout && std::chrono::steady_clock::now() < deadline) {
+    // A try can last up to the liveness timeout: retry only while one more fits the deadline.
+    while (!remote && remote.error() == caf::sec::connection_timeout &&
+           std::chrono::steady_clock::now() + cluster.liveness_timeout < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds{100});
       remote = system.middleman().remote_actor(host, port);
     }

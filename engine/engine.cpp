@@ -124,6 +124,7 @@ struct Engine::impl {
   // that ends every request when a node is lost. Empty in one process.
   std::optional<cluster_session> cluster;
   caf::actor cluster_watch;
+  std::shared_ptr<std::atomic<bool>> cluster_lost_node = std::make_shared<std::atomic<bool>>(false);
 
   mutable std::mutex mutex;  // guards the members below, and `ingress` once created
   std::condition_variable idle;
@@ -196,7 +197,7 @@ namespace {
 // process died, or stopped answering heartbeats past the liveness timeout) ends every request
 // with an error naming the node. Recovery is the fault issue's; here nothing may hang.
 caf::actor spawn_cluster_watch(caf::actor_system& sys, const cluster_config& cluster, const cluster_session& session,
-                               caf::actor ingress) {
+                               caf::actor ingress, std::shared_ptr<std::atomic<bool>> lost_flag) {
   std::vector<std::pair<caf::actor, std::string>> watched;
   for (std::size_t i = 0; i < cluster.nodes.size(); ++i)
     watched.emplace_back(session.nodes[i], cluster.nodes[i].name);
@@ -205,18 +206,19 @@ caf::actor spawn_cluster_watch(caf::actor_system& sys, const cluster_config& clu
   for (std::size_t a = 0; a < session.shards.size(); ++a)
     watched.emplace_back(session.shards[a], cluster.nodes[cluster.node_of_shard(a)].name);
   std::vector<caf::actor> nodes = session.nodes;
-  return sys.spawn([watched, ingress, nodes](caf::event_based_actor* self) -> caf::behavior {
+  return sys.spawn([watched, ingress, nodes, lost_flag](caf::event_based_actor* self) -> caf::behavior {
     std::map<caf::actor_addr, std::string> names;
     for (const auto& [actor, name] : watched) {
       names.emplace(actor.address(), name);
       self->monitor(actor);
     }
     auto reported = std::make_shared<bool>(false);
-    self->set_down_handler([self, names, ingress, reported, nodes](const caf::down_msg& down) {
+    self->set_down_handler([self, names, ingress, reported, nodes, lost_flag](const caf::down_msg& down) {
       auto it = names.find(down.source);
       if (it == names.end() || *reported)
         return;
       *reported = true;
+      lost_flag->store(true);
       std::string reason = "node " + it->second + " was lost (" + self->system().render(down.reason) + ")";
       caf::anon_send(ingress, actors::node_lost_atom::value, reason);
       // The surviving nodes cancel their UCX transfers with the lost one.
@@ -329,7 +331,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     }
     queues = session->queues;
     shards = session->shards;
-    state->cluster_watch = spawn_cluster_watch(sys, *config.cluster, *session, state->ingress);
+    state->cluster_watch = spawn_cluster_watch(sys, *config.cluster, *session, state->ingress, state->cluster_lost_node);
     state->all_actors.push_back(state->cluster_watch);
     state->cluster = std::move(*session);
   }
@@ -496,9 +498,15 @@ void Engine::shutdown() {
     impl_->idle.wait(lock, [this] { return impl_->live_ids.empty(); });
     impl_->stopped = true;
   }
-  if (impl_->cluster)
+  if (impl_->cluster && !impl_->cluster_lost_node->load()) {
+    // Wait (bounded) until each node has torn down this engine's part, so the next engine
+    // finds the nodes free. After a loss nobody waits on a dead node: the survivors free
+    // themselves when they see this engine go.
+    caf::scoped_actor self{*impl_->system};
     for (const auto& node : impl_->cluster->nodes)
-      caf::anon_send(node, actors::release_atom::value);
+      self->request(node, std::chrono::seconds{5}, actors::release_atom::value)
+          .receive([](caf::atom_value) {}, [](caf::error&) {});
+  }
   for (auto& actor : impl_->all_actors)
     caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
   impl_->all_actors.clear();

@@ -104,6 +104,7 @@ struct output {
 
 std::vector<output> run(const EngineConfig& config, std::size_t vocab) {
   auto engine = Engine::create(config);
+  INFO((engine.ok() ? std::string{} : engine.err().what()));
   REQUIRE(engine.ok());
   std::vector<std::shared_ptr<TokenStream>> streams;
   for (std::uint64_t r = 0; r < 3; ++r) {

@@ -354,6 +354,24 @@ status gate_handshake_as_responder(int fd, const std::string& secret, clock::tim
   return write_all(fd, &accepted_byte, 1, deadline);
 }
 
+namespace {
+
+// Binds `host:port` for a gate and starts its accept loop; each connection runs gate.serve().
+template <class Gate>
+status listen_and_serve(Gate& gate, const std::string& host, std::uint16_t port) {
+  auto listener = listen_on(host, port, gate.port);
+  if (!listener.ok())
+    return listener.err();
+  gate.listener = std::move(*listener);
+  gate.threads.acceptor = std::thread([&gate] {
+    accept_loop(gate.listener.get(), gate.threads, gate.limits, gate.counters,
+                [&gate](socket_fd peer) { gate.serve(std::move(peer)); });
+  });
+  return status::success();
+}
+
+}  // namespace
+
 // -- inbound -------------------------------------------------------------------------------
 
 struct inbound_gate::impl {
@@ -389,15 +407,7 @@ result<std::unique_ptr<inbound_gate>> inbound_gate::start(const std::string& hos
   state->secret = std::move(secret);
   state->caf_port = caf_port;
   state->limits = limits;
-  auto listener = listen_on(host, port, state->port);
-  if (!listener.ok())
-    return listener.err();
-  state->listener = std::move(*listener);
-  auto* raw = state.get();
-  raw->threads.acceptor = std::thread([raw] {
-    accept_loop(raw->listener.get(), raw->threads, raw->limits, raw->counters,
-                [raw](socket_fd peer) { raw->serve(std::move(peer)); });
-  });
+  MOERT_TRY(listen_and_serve(*state, host, port));
   return std::unique_ptr<inbound_gate>{new inbound_gate(std::move(state))};
 }
 
@@ -445,15 +455,7 @@ result<std::unique_ptr<outbound_gate>> outbound_gate::start(const std::string& r
   state->remote_host = remote_host;
   state->remote_port = remote_port;
   state->limits = limits;
-  auto listener = listen_on("127.0.0.1", 0, state->port);
-  if (!listener.ok())
-    return listener.err();
-  state->listener = std::move(*listener);
-  auto* raw = state.get();
-  raw->threads.acceptor = std::thread([raw] {
-    accept_loop(raw->listener.get(), raw->threads, raw->limits, raw->counters,
-                [raw](socket_fd local) { raw->serve(std::move(local)); });
-  });
+  MOERT_TRY(listen_and_serve(*state, "127.0.0.1", 0));
   return std::unique_ptr<outbound_gate>{new outbound_gate(std::move(state))};
 }
 

@@ -42,6 +42,8 @@ struct bench_options {
   // --model: llama-bench's three figures on a checkpoint.
   std::string model_dir;
   std::size_t pp_tokens = 256, tg_tokens = 64, tg_batch = 16, tg_prompt = 16, reference_threads = 2;
+  // With --model: the engine on `moert node` processes instead of in this process.
+  std::string cluster_file, secret_file;
 };
 
 struct workload {
@@ -349,15 +351,21 @@ int run_model_bench(const bench_options& o) {
   model::weight_bytes held = model::resident_bytes(loaded->weights);
   auto weights = std::make_shared<const model::model_weights>(std::move(loaded->weights));
 
-  // The engine's default: what `moert generate --model DIR` runs without placement flags.
-  auto defaults = make_engine_config(engine_options{}, "", 1);
+  // The engine's default: what `moert generate --model DIR` runs without placement flags (or
+  // with --cluster: the same on the cluster's nodes, which load the checkpoint themselves).
+  engine_options placement;
+  placement.cluster_file = o.cluster_file;
+  placement.secret_file = o.secret_file;
+  auto defaults = make_engine_config(placement, o.cluster_file.empty() ? "" : o.model_dir, 1);
   if (!defaults) {
     std::fprintf(stderr, "moert: error: %s\n", defaults.err().what().c_str());
     return 1;
   }
   EngineConfig engine_config = std::move(defaults.value());
-  engine_config.weights = weights;
-  engine_config.weights_config = config;
+  if (!engine_config.cluster) {
+    engine_config.weights = weights;
+    engine_config.weights_config = config;
+  }
 
   auto mib = [](double bytes) { return bytes / double(1 << 20); };
   std::printf("# moert bench --model %s: %s, %lld layers, hidden %lld, %lld experts top-%lld, vocab %lld\n",
@@ -573,7 +581,15 @@ command_runner add_bench_command(CLI::App& app) {
       ->check(CLI::Range(1, 1 << 16));
   sub->add_option("--reference-threads", o->reference_threads, "With --model: threads of the reference forward")
       ->check(CLI::Range(1, 256));
+  sub->add_option("--cluster", o->cluster_file,
+                  "With --model: run the engine on the `moert node` processes of this cluster file");
+  sub->add_option("--secret-file", o->secret_file, "With --cluster: the cluster's shared secret");
   return [o] {
+    if (!o->cluster_file.empty() && o->model_dir.empty()) {
+      std::fprintf(stderr, "moert: error: bench --cluster needs --model DIR (the nodes load the checkpoint); "
+                           "build/bench/moert_bench_cluster measures the synthetic bench model\n");
+      return 1;
+    }
     if (o->top_k > o->experts || o->prefill_sequences > o->prefill_tokens) {
       std::fprintf(stderr, "moert: error: inconsistent bench shape (top-k <= experts, prefill-sequences <= prefill)\n");
       return 1;

@@ -65,6 +65,8 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
     if (!cluster.ok())
       return cluster.err();
     config.cluster = std::move(*cluster);
+    config.attention_devices = config.cluster->attention_devices();
+    config.expert_devices = config.cluster->expert_devices();
     if (!opt.secret_file.empty()) {
       auto secret = transport::load_secret(opt.secret_file);
       if (!secret.ok())

@@ -61,8 +61,21 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
   for (const auto& node : cluster.nodes) {
     std::string host = node.host;
     std::uint16_t port = node.port;
+    // CAF 0.17 can time a fresh connection out at its first heartbeat tick when the peer's
+    // BASP handshake has not arrived yet (the gate still authenticating, a TLS handshake, a
+    // loaded node): that error is retried while one more try (up to the liveness timeout)
+    // fits the deadline; any other is final.
+    auto connect = [&](auto attempt) {
+      auto remote = attempt();
+      while (!remote && remote.error() == caf::sec::connection_timeout &&
+             std::chrono::steady_clock::now() + cluster.liveness_timeout < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds{100});
+        remote = attempt();
+      }
+      return remote;
+    };
     if (tls) {
-      auto remote = caf::openssl::remote_actor(system, host, port);
+      auto remote = connect([&] { return caf::openssl::remote_actor(system, host, port); });
       if (!remote)
         return node_error(node, "cannot connect over TLS: " + system.render(remote.error()) +
                                     " (a certificate the CA did not sign, or the node is not running)");
@@ -82,16 +95,7 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
     } else if (!transport::is_loopback(node.host)) {
       return node_error(node, "a node beyond loopback needs the cluster secret (--secret-file)");
     }
-    // CAF 0.17 can time a fresh connection out at its first heartbeat tick when the peer's
-    // BASP handshake has not arrived yet (the gate is still authenticating, a loaded node):
-    // that error is retried until the bring-up timeout; any other is final.
-    auto remote = system.middleman().remote_actor(host, port);
-    // A try can last up to the liveness timeout: retry only while one more fits the deadline.
-    while (!remote && remote.error() == caf::sec::connection_timeout &&
-           std::chrono::steady_clock::now() + cluster.liveness_timeout < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds{100});
-      remote = system.middleman().remote_actor(host, port);
-    }
+    auto remote = connect([&] { return system.middleman().remote_actor(host, port); });
     if (!remote)
       return node_error(node, "cannot connect: " + system.render(remote.error()) +
                                   (secret.empty() ? "" : " (wrong secret, or the node is not running)"));

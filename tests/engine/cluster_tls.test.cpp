@@ -86,11 +86,17 @@ struct node_processes {
         return false;
     return true;
   }
-  cluster_config cluster() const {
-    std::string text = R"({"transport": "caf", "nodes": [{"name": "a0", "address": "127.0.0.1:)" +
-                       std::to_string(ports[0]) + R"(", "attention_devices": 1}, {"name": "e0", "address": "127.0.0.1:)" +
-                       std::to_string(ports[1]) + R"(", "expert_devices": 1}, {"name": "e1", "address": "127.0.0.1:)" +
-                       std::to_string(ports[2]) + R"(", "expert_devices": 1}]})";
+  // The first `attention` nodes host a shard each, the next `experts` an expert device each.
+  cluster_config cluster(std::size_t attention = 1, std::size_t experts = 2) const {
+    REQUIRE(attention + experts <= ports.size());
+    std::string text = R"({"transport": "caf", "nodes": [)";
+    for (std::size_t i = 0; i < attention + experts; ++i) {
+      bool shard = i < attention;
+      text += std::string(i ? ", " : "") + R"({"name": ")" + (shard ? "a" : "e") +
+              std::to_string(shard ? i : i - attention) + R"(", "address": "127.0.0.1:)" + std::to_string(ports[i]) +
+              R"(", ")" + (shard ? "attention_devices" : "expert_devices") + R"(": 1})";
+    }
+    text += "]}";
     auto parsed = parse_cluster_config(text, "tls cluster");
     REQUIRE(parsed.ok());
     return *parsed;
@@ -143,7 +149,7 @@ TEST_CASE("a TLS cluster gives the single-process tokens and logits; an untruste
   if (std::system("command -v openssl >/dev/null 2>&1") != 0)
     test::skip_whole_binary("openssl (the command) is not installed: cannot make test certificates");
   certificates certs;
-  node_processes nodes{3, certs};
+  node_processes nodes{5, certs};
   REQUIRE(nodes.all_alive());
 
   for (const char* fixture : {"qwen3_moe_tiny", "mixtral_tiny", "deepseek_v2_tiny"}) {
@@ -158,14 +164,21 @@ TEST_CASE("a TLS cluster gives the single-process tokens and logits; an untruste
     auto vocab = Engine::create(single).value()->vocab_size();
     auto expected = run(single, vocab);
 
-    EngineConfig clustered = single;
-    clustered.cluster = nodes.cluster();
-    clustered.tls = certs.as("engine");
-    auto got = run(clustered, vocab);
-    REQUIRE(got.size() == expected.size());
-    for (std::size_t r = 0; r < got.size(); ++r) {
-      CHECK(got[r].tokens == expected[r].tokens);
-      CHECK(got[r].logits == expected[r].logits);  // bit for bit
+    for (auto [attention, experts] : {std::pair<std::size_t, std::size_t>{1, 2}, {2, 3}}) {
+      INFO(attention << " attention + " << experts << " expert nodes");
+      EngineConfig one_process = single;
+      one_process.attention_devices = attention;
+      one_process.expert_devices = experts;
+      auto expected_here = attention == 1 ? expected : run(one_process, vocab);
+      EngineConfig clustered = single;
+      clustered.cluster = nodes.cluster(attention, experts);
+      clustered.tls = certs.as("engine");
+      auto got = run(clustered, vocab);
+      REQUIRE(got.size() == expected_here.size());
+      for (std::size_t r = 0; r < got.size(); ++r) {
+        CHECK(got[r].tokens == expected_here[r].tokens);
+        CHECK(got[r].logits == expected_here[r].logits);  // bit for bit
+      }
     }
   }
 

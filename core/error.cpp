@@ -14,6 +14,8 @@ const char* to_string(error_code code) {
       return "I/O error";
     case error_code::unsupported:
       return "unsupported";
+    case error_code::device_error:
+      return "device error";
   }
   return "error";
 }

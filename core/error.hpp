@@ -17,6 +17,7 @@ enum class error_code {
   invalid_checkpoint,  // a safetensors file or its index is malformed
   io_error,          // a file could not be opened, read or mapped
   unsupported,       // well-formed, but a feature moert does not implement
+  device_error,      // a device (GPU) call failed, or no such device is present
 };
 
 const char* to_string(error_code code);

@@ -1,0 +1,103 @@
+#pragma once
+
+// GPU buffers between processes over NCCL 2.28 point-to-point (ncclSend / ncclRecv): the bytes
+// go GPU to GPU (NVLink, PCIe P2P or the network NCCL picks), the control plane (CAF) carries a
+// descriptor {pipe, sequence, bytes}. Built only with CUDA and NCCL (MOERT_HAVE_NCCL).
+//
+// One *pipe* per direction between two processes: a two-rank communicator whose rank 0 only
+// sends and rank 1 only receives. NCCL runs the operations of one communicator in the order
+// they were issued, so one communicator shared by both directions (or by several peers) can
+// deadlock when two processes each wait in a send for the other's receive; a one-way pipe
+// cannot. The receiver issues its receives in the sender's order, which is why send() hands
+// out a sequence number that the descriptor carries: a receive that arrives ahead of its turn
+// (CAF orders messages per actor pair, not per process pair) waits for the ones before it.
+//
+// Bring-up: the sending side makes an id (make_nccl_id), sends its 128 bytes to the peer
+// through CAF control, and both call open_send / open_receive with it. NCCL's init is
+// collective; here it does not block: the pipe becomes usable once both sides have joined
+// (within init_timeout), and transfers posted earlier wait for it.
+//
+// Every transfer has a deadline. A transfer that passes it aborts the pipe's communicator
+// (ncclCommAbort ends its kernels) and fails every transfer of that pipe: a pipe that lost a
+// message cannot be resynchronised, the peer is treated as lost (cancel_peer does the same).
+//
+// Thread safety: every public member may be called from any thread. One thread per channel
+// makes every NCCL and CUDA call of the channel (with the channel's device current) and runs
+// the callbacks: keep them short (post a CAF message and return). Callbacks never run inside
+// the caller's call.
+
+#include "core/error.hpp"
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+struct CUevent_st;  // cudaEvent_t without <cuda_runtime.h> in this header
+
+namespace moert::transport {
+
+// An ncclUniqueId as bytes (NCCL_UNIQUE_ID_BYTES), the form it travels in through CAF.
+using nccl_id = std::array<std::uint8_t, 128>;
+
+// A fresh id for one pipe (ncclGetUniqueId: also works on a machine without a GPU).
+[[nodiscard]] result<nccl_id> make_nccl_id();
+
+// The number of CUDA devices, or the error that says why there are none ("CUDA driver
+// version is insufficient" is what a machine without a driver reports).
+[[nodiscard]] result<int> cuda_device_count();
+
+struct nccl_channel_config {
+  int device = 0;  // the CUDA device whose memory the transfers read and write
+  std::chrono::milliseconds default_timeout{5000};
+  std::chrono::milliseconds init_timeout{30000};  // both sides of a pipe joined
+};
+
+using pipe_id = std::uint64_t;
+
+class nccl_channel {
+public:
+  using done = std::function<void(status)>;
+
+  // Fails with error_code::device_error naming the device when there is no such CUDA device.
+  static result<std::unique_ptr<nccl_channel>> create(nccl_channel_config config);
+  ~nccl_channel();  // fails what is pending ("channel closed"), aborts the pipes, joins
+
+  nccl_channel(const nccl_channel&) = delete;
+  nccl_channel& operator=(const nccl_channel&) = delete;
+
+  // This process sends on the pipe `id` names; the peer calls open_receive with the same id.
+  result<pipe_id> open_send(const nccl_id& id);
+  result<pipe_id> open_receive(const nccl_id& id);
+
+  // Sends `bytes` from device memory at `data` (valid and unchanged until `finished` runs)
+  // once `ready` has completed (an event the producer recorded on its stream; null: the
+  // bytes are ready now). Returns the sequence number the descriptor must carry; an error at
+  // once when `pipe` is not a sending pipe of this channel or has failed.
+  result<std::uint64_t> send(pipe_id pipe, const void* data, std::size_t bytes, CUevent_st* ready,
+                             done finished, std::chrono::milliseconds timeout = std::chrono::milliseconds{0});
+  // Receives the message `sequence` of the pipe (exactly `bytes`, the descriptor's) into
+  // device memory at `data`; `finished` runs once the bytes are there, visible to every
+  // stream of the device. Receives are issued in sequence order, whatever order they come in.
+  void receive(pipe_id pipe, std::uint64_t sequence, void* data, std::size_t bytes, done finished,
+               std::chrono::milliseconds timeout = std::chrono::milliseconds{0});
+
+  // Fails every pending transfer of the pipe with `reason` and aborts it (its peer was lost).
+  void cancel_peer(pipe_id pipe, std::string reason);
+
+  // Whether both sides have joined the pipe (false while initialising or after a failure).
+  bool ready(pipe_id pipe) const;
+  int device() const { return config_.device; }
+  const nccl_channel_config& config() const { return config_; }
+
+  struct impl;
+
+private:
+  nccl_channel(std::unique_ptr<impl> state, nccl_channel_config config);
+  std::unique_ptr<impl> impl_;
+  nccl_channel_config config_;
+};
+
+}  // namespace moert::transport

@@ -20,6 +20,7 @@
 // Forward declarations keep cuda_runtime.h and cublas_v2.h out of callers that only hold a
 // context (the runtime and the CLI).
 typedef struct CUstream_st* cudaStream_t;
+typedef struct CUevent_st* cudaEvent_t;
 typedef struct cublasContext* cublasHandle_t;
 
 namespace moert::cuda {

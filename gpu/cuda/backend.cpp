@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 
 namespace moert::cuda {
@@ -63,6 +64,12 @@ result<std::unique_ptr<cuda_backend>> cuda_backend::create(int device_idx) {
   auto desc = describe_device(device_idx);
   std::unique_ptr<cuda_backend> b{new cuda_backend(std::move(*ctx))};
   b->name_ = "cuda:" + std::to_string(device_idx) + " (" + (desc ? *desc : std::string{"?"}) + ")";
+  b->stream_state_->stream = b->ctx_->stream();
+  // Keep freed blocks in the pool: the layer steps allocate and free scratch every call.
+  cudaMemPool_t pool = nullptr;
+  MOERT_CUDA_TRY(cudaDeviceGetDefaultMemPool(&pool, device_idx));
+  std::uint64_t keep = std::numeric_limits<std::uint64_t>::max();
+  MOERT_CUDA_TRY(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   b->staging_.resize(num_staging_slots);
   for (staging_slot& s : b->staging_)
     MOERT_CUDA_TRY(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
@@ -73,6 +80,10 @@ cuda_backend::cuda_backend(std::unique_ptr<context> ctx) : ctx_(std::move(ctx)) 
 
 cuda_backend::~cuda_backend() {
   cudaSetDevice(ctx_->device());
+  {
+    std::lock_guard<std::mutex> lock{stream_state_->mutex};
+    stream_state_->stream = nullptr;  // buffers that outlive us free with cudaFree
+  }
   cudaStreamSynchronize(ctx_->stream());
   for (staging_slot& s : staging_) {
     if (s.done)
@@ -160,15 +171,22 @@ gpu::buffer cuda_backend::allocate(std::size_t num_bytes) {
   if (cudaSetDevice(dev) != cudaSuccess)
     throw std::bad_alloc{};
   void* ptr = nullptr;
-  if (cudaMalloc(&ptr, num_bytes) != cudaSuccess) {
+  if (cudaMallocAsync(&ptr, num_bytes, ctx_->stream()) != cudaSuccess) {
     cudaGetLastError();
     throw std::bad_alloc{};
   }
-  std::shared_ptr<void> memory{ptr, [dev](void* p) {
+  std::weak_ptr<stream_state> state = stream_state_;
+  std::shared_ptr<void> memory{ptr, [dev, state](void* p) {
                                  int current = -1;
                                  cudaGetDevice(&current);
                                  cudaSetDevice(dev);
-                                 cudaFree(p);
+                                 bool queued = false;
+                                 if (auto st = state.lock()) {
+                                   std::lock_guard<std::mutex> lock{st->mutex};
+                                   queued = st->stream && cudaFreeAsync(p, st->stream) == cudaSuccess;
+                                 }
+                                 if (!queued)
+                                   cudaFree(p);
                                  if (current >= 0 && current != dev)
                                    cudaSetDevice(current);
                                }};

@@ -6,6 +6,12 @@
 // stream per device executor) and return at once; when_done() calls back from CUDA's host
 // callback thread when the stream reaches it.
 //
+// Memory comes from the device's stream-ordered pool (cudaMallocAsync on the backend's
+// stream, its release threshold raised so freed blocks stay cached): the layer steps allocate
+// scratch per call, and a free is queued behind the work already issued instead of stalling
+// the device as cudaFree would. A buffer used by another backend of the same device must be
+// synchronized there before it is released.
+//
 // Per-call host parameters (`*_host`: positions, row pointers, routing weights, RoPE angles)
 // are copied into a ring of pinned staging slots and from there onto the device, in stream
 // order, so the caller's arrays may die when a call returns. route() returns its slots on the
@@ -134,7 +140,14 @@ private:
     device_buffer device;
     cudaEvent_t done = nullptr;  // the slot's last host→device copy
   };
+  // What a buffer's deleter needs to free in stream order: the stream while the backend
+  // lives, nothing after (then cudaFree, which waits for the device).
+  struct stream_state {
+    std::mutex mutex;
+    cudaStream_t stream = nullptr;
+  };
   std::unique_ptr<context> ctx_;
+  std::shared_ptr<stream_state> stream_state_ = std::make_shared<stream_state>();
   std::string name_;
   gemm_switch switch_ = gemm_switch::uncalibrated_default();
   std::vector<staging_slot> staging_;

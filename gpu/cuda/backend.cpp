@@ -13,9 +13,6 @@ namespace moert::cuda {
 
 namespace {
 
-// Slots in flight at once: each call stages at most 3 arrays, so 16 slots let ~5 calls queue
-// before the oldest slot's copy must have finished.
-constexpr std::size_t num_staging_slots = 16;
 // Context scratch slots of the operations (0..2 belong to gemm.cpp).
 constexpr int slot_scores = 3;
 constexpr int slot_route = 4;
@@ -70,9 +67,6 @@ result<std::unique_ptr<cuda_backend>> cuda_backend::create(int device_idx) {
   MOERT_CUDA_TRY(cudaDeviceGetDefaultMemPool(&pool, device_idx));
   std::uint64_t keep = std::numeric_limits<std::uint64_t>::max();
   MOERT_CUDA_TRY(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
-  b->staging_.resize(num_staging_slots);
-  for (staging_slot& s : b->staging_)
-    MOERT_CUDA_TRY(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
   return b;
 }
 
@@ -85,12 +79,6 @@ cuda_backend::~cuda_backend() {
     stream_state_->stream = nullptr;  // buffers that outlive us free with cudaFree
   }
   cudaStreamSynchronize(ctx_->stream());
-  for (staging_slot& s : staging_) {
-    if (s.done)
-      cudaEventDestroy(s.done);
-    if (s.pinned)
-      cudaFreeHost(s.pinned);
-  }
 }
 
 bool cuda_backend::shares_memory_with(const gpu::backend& other) const {
@@ -125,34 +113,12 @@ bool cuda_backend::ok_to_run() {
 }
 
 void* cuda_backend::stage(const void* host, std::size_t bytes) {
-  staging_slot& s = staging_[next_slot_];
-  next_slot_ = (next_slot_ + 1) % staging_.size();
-  // The slot's pinned bytes may still be on their way to the device.
-  if (!record(check_cuda(cudaEventSynchronize(s.done), "cudaEventSynchronize(staging)", __FILE__, __LINE__)))
+  auto dev = ctx_->stage(host, bytes);
+  if (!dev) {
+    record(dev.err());
     return nullptr;
-  if (s.capacity < bytes) {
-    std::size_t cap = std::max<std::size_t>(bytes, 4096);
-    if (s.pinned)
-      cudaFreeHost(s.pinned);
-    s.pinned = nullptr;
-    s.capacity = 0;
-    if (!record(check_cuda(cudaMallocHost(&s.pinned, cap), "cudaMallocHost(staging)", __FILE__, __LINE__)))
-      return nullptr;
-    s.device = device_buffer{};  // cudaFree waits for kernels still reading the old slot
-    auto dev = device_buffer::allocate(ctx_->device(), cap);
-    if (!dev) {
-      record(dev.err());
-      return nullptr;
-    }
-    s.device = std::move(*dev);
-    s.capacity = cap;
   }
-  std::memcpy(s.pinned, host, bytes);
-  if (!record(check_cuda(cudaMemcpyAsync(s.device.data(), s.pinned, bytes, cudaMemcpyHostToDevice, ctx_->stream()),
-                         "cudaMemcpyAsync(staging)", __FILE__, __LINE__)) ||
-      !record(check_cuda(cudaEventRecord(s.done, ctx_->stream()), "cudaEventRecord(staging)", __FILE__, __LINE__)))
-    return nullptr;
-  return s.device.data();
+  return *dev;
 }
 
 // Runs a kernel launcher and records a failed launch, naming it.

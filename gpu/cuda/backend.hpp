@@ -129,17 +129,11 @@ public:
 
 private:
   explicit cuda_backend(std::unique_ptr<context> ctx);
-  // Copies host bytes to a device staging slot in stream order; null on failure (recorded).
+  // context::stage; null on failure (recorded).
   void* stage(const void* host, std::size_t bytes);
   bool ok_to_run();
   bool record(status s);
 
-  struct staging_slot {
-    void* pinned = nullptr;
-    std::size_t capacity = 0;
-    device_buffer device;
-    cudaEvent_t done = nullptr;  // the slot's last host→device copy
-  };
   // What a buffer's deleter needs to free in stream order: the stream while the backend
   // lives, nothing after (then cudaFree, which waits for the device).
   struct stream_state {
@@ -150,8 +144,6 @@ private:
   std::shared_ptr<stream_state> stream_state_ = std::make_shared<stream_state>();
   std::string name_;
   gemm_switch switch_ = gemm_switch::uncalibrated_default();
-  std::vector<staging_slot> staging_;
-  std::size_t next_slot_ = 0;
   mutable std::mutex error_mutex_;  // error_ is written by the executor, read by anyone
   status error_;
 };

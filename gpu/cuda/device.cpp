@@ -2,7 +2,9 @@
 
 #include "gpu/cuda/check.hpp"
 
+#include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <thread>
 
@@ -116,6 +118,8 @@ result<std::unique_ptr<context>> context::create(int device_idx) {
     return ws.err();
   ctx->cublas_workspace_ = std::move(*ws);
   MOERT_CUBLAS_TRY(cublasSetWorkspace(ctx->cublas_, ctx->cublas_workspace_.data(), workspace_bytes));
+  for (staging_slot& slot : ctx->staging_)
+    MOERT_CUDA_TRY(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming));
   return ctx;
 }
 
@@ -123,6 +127,12 @@ context::~context() {
   cudaSetDevice(device_idx_);
   if (stream_)
     cudaStreamSynchronize(stream_);
+  for (staging_slot& slot : staging_) {
+    if (slot.done)
+      cudaEventDestroy(slot.done);
+    if (slot.pinned)
+      cudaFreeHost(slot.pinned);
+  }
   if (cublas_)
     cublasDestroy(cublas_);
   if (stream_)
@@ -148,6 +158,33 @@ result<void*> context::scratch(int slot, std::size_t bytes) {
     buf = std::move(*grown);
   }
   return buf.data();
+}
+
+result<void*> context::stage(const void* host, std::size_t bytes) {
+  staging_slot& slot = staging_[next_slot_];
+  next_slot_ = (next_slot_ + 1) % num_staging_slots;
+  // The slot's pinned bytes may still be on their way to the device.
+  MOERT_CUDA_TRY(cudaEventSynchronize(slot.done));
+  if (slot.capacity < bytes) {
+    std::size_t cap = std::max<std::size_t>(bytes, 4096);
+    if (slot.pinned)
+      cudaFreeHost(slot.pinned);
+    slot.pinned = nullptr;
+    slot.capacity = 0;
+    slot.device = device_buffer{};  // cudaFree waits for kernels still reading the old area
+    MOERT_CUDA_TRY(cudaMallocHost(&slot.pinned, cap));
+    auto dev = device_buffer::allocate(device_idx_, cap);
+    if (!dev)
+      return dev.err();
+    slot.device = std::move(*dev);
+    slot.capacity = cap;
+  }
+  if (bytes != 0) {
+    std::memcpy(slot.pinned, host, bytes);
+    MOERT_CUDA_TRY(cudaMemcpyAsync(slot.device.data(), slot.pinned, bytes, cudaMemcpyHostToDevice, stream_));
+    MOERT_CUDA_TRY(cudaEventRecord(slot.done, stream_));
+  }
+  return slot.device.data();
 }
 
 status context::upload(void* device_dst, const void* host_src, std::size_t bytes) {

@@ -92,6 +92,14 @@ public:
   status download(void* host_dst, const void* device_src, std::size_t bytes);
   status copy_device(void* dst, const void* src, std::size_t bytes);
 
+  // Copies `bytes` of host memory into a device staging area in stream order and returns its
+  // device address, valid for work issued after this call until the area is reused
+  // (num_staging_slots stagings later). The host bytes may be reused as soon as this returns:
+  // they go through pinned memory, and a slot waits for its previous copy before refilling.
+  // For small per-call parameters (pointer arrays, positions, routing weights).
+  static constexpr std::size_t num_staging_slots = 16;
+  result<void*> stage(const void* host, std::size_t bytes);
+
   // Waits until all work issued on the stream has finished, polling every 50 µs at most
   // `timeout_ms`; a kernel fault or a timeout is an error naming the device.
   status synchronize(double timeout_ms = 60'000.0);
@@ -103,6 +111,14 @@ private:
   cublasHandle_t cublas_ = nullptr;
   device_buffer cublas_workspace_;
   device_buffer scratch_[num_scratch];
+  struct staging_slot {
+    void* pinned = nullptr;
+    std::size_t capacity = 0;
+    device_buffer device;
+    cudaEvent_t done = nullptr;  // the slot's last host→device copy
+  };
+  staging_slot staging_[num_staging_slots];
+  std::size_t next_slot_ = 0;
 };
 
 }  // namespace moert::cuda

@@ -15,7 +15,6 @@ namespace {
 
 constexpr int slot_x16 = 0;   // activations rounded to the weight type
 constexpr int slot_y16 = 1;   // grouped 16-bit outputs before widening
-constexpr int slot_ptrs = 2;  // device pointer arrays of a grouped GEMM
 
 cudaDataType_t cuda_type(dtype t) {
   switch (t) {
@@ -192,10 +191,11 @@ status run_expert_gemms(context& ctx, std::span<const expert_gemm> batch, const 
     }
     row += g.rows;
   }
-  auto dev_ptrs = ctx.scratch(slot_ptrs, ptrs.size() * sizeof(void*));
+  // cuBLAS reads the pointer arrays from device memory when the GEMM runs; `ptrs` dies on
+  // return, so they travel through the context's pinned staging.
+  auto dev_ptrs = ctx.stage(ptrs.data(), ptrs.size() * sizeof(void*));
   if (!dev_ptrs)
     return dev_ptrs.err();
-  MOERT_TRY(ctx.upload(*dev_ptrs, ptrs.data(), ptrs.size() * sizeof(void*)));
   auto* a_arr = static_cast<const void* const*>(*dev_ptrs);
   cudaDataType_t t = cuda_type(type);
   MOERT_CUBLAS_TRY(cublasGemmGroupedBatchedEx(

@@ -49,8 +49,8 @@ result<device_matrix> upload_matrix(context& ctx, dtype type, const void* host, 
 result<device_matrix> upload_packed(context& ctx, const cpu::packed_matrix& w);
 
 // y (num_rows × w.rows, device) = x (num_rows × w.cols, device) · wᵀ. x and y must not alias.
-// GEMM calls use the context's scratch slots 0..2 (16-bit copies of activations, pointer
-// arrays); callers keep their own live buffers in slots 3 and up.
+// GEMM calls use the context's scratch slots 0 and 1 (16-bit copies of activations and
+// outputs); callers keep their own live buffers in slots 3 and up.
 status matmul(context& ctx, const float* x, std::size_t num_rows, const device_matrix& w, float* y);
 
 // -- expert GEMMs and the grouped/dense switch ---------------------------------------------------

@@ -162,7 +162,17 @@ gpu::buffer cuda_backend::allocate(std::size_t num_bytes) {
 void cuda_backend::upload(void* dst, const void* src_host, std::size_t num_bytes) {
   if (num_bytes == 0 || !ok_to_run())
     return;
-  record(ctx_->upload(dst, src_host, num_bytes));
+  // The caller's host bytes may die when we return (the loader uploads temporaries): small
+  // uploads go through the pinned staging ring and stay asynchronous, large ones wait.
+  constexpr std::size_t staged_max = 256u << 10;
+  if (num_bytes <= staged_max) {
+    void* staged = stage(src_host, num_bytes);
+    if (staged != nullptr)
+      record(ctx_->copy_device(dst, staged, num_bytes));
+    return;
+  }
+  if (record(ctx_->upload(dst, src_host, num_bytes)))
+    record(ctx_->synchronize());
 }
 
 void cuda_backend::download(void* dst_host, const void* src, std::size_t num_bytes) {

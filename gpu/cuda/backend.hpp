@@ -14,8 +14,9 @@
 //
 // Per-call host parameters (`*_host`: positions, row pointers, routing weights, RoPE angles)
 // are copied into a ring of pinned staging slots and from there onto the device, in stream
-// order, so the caller's arrays may die when a call returns. route() returns its slots on the
-// host and therefore waits for the stream.
+// order, so the caller's arrays may die when a call returns. upload() stages small copies the
+// same way and waits for large ones; route() returns its slots on the host and therefore
+// waits for the stream, as download() does.
 //
 // Errors: the seam's operations return nothing, so the first CUDA or cuBLAS failure is kept
 // (error()), printed once to stderr, and later operations are skipped until the backend is

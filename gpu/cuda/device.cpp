@@ -166,7 +166,7 @@ result<void*> context::stage(const void* host, std::size_t bytes) {
   // The slot's pinned bytes may still be on their way to the device.
   MOERT_CUDA_TRY(cudaEventSynchronize(slot.done));
   if (slot.capacity < bytes) {
-    std::size_t cap = std::max<std::size_t>(bytes, 4096);
+    std::size_t cap = std::max({bytes, 2 * slot.capacity, std::size_t{4096}});
     if (slot.pinned)
       cudaFreeHost(slot.pinned);
     slot.pinned = nullptr;

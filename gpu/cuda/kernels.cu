@@ -331,13 +331,19 @@ cudaError_t attend(const float* q, std::size_t q_stride, const float* const* key
                    const std::int32_t* num_positions, std::size_t max_positions, std::size_t num_tokens,
                    std::size_t num_heads, std::size_t key_dim, std::size_t value_dim, float scale, float* scores,
                    float* out, std::size_t out_stride, cudaStream_t stream) {
-  if (num_tokens == 0)
-    return cudaSuccess;
-  dim3 grid{unsigned(num_heads), unsigned(num_tokens)};
-  attend_kernel<<<grid, 128, key_dim * sizeof(float), stream>>>(
-      q, q_stride, keys, values, kv_stride, kv_head_offset, group, num_positions, max_positions, num_heads,
-      key_dim, value_dim, scale, scores, out, out_stride);
-  return launched();
+  // gridDim.y stops at 65535: longer batches go in chunks of tokens.
+  constexpr std::size_t max_chunk = 65535;
+  for (std::size_t t0 = 0; t0 < num_tokens; t0 += max_chunk) {
+    std::size_t n = num_tokens - t0 < max_chunk ? num_tokens - t0 : max_chunk;
+    dim3 grid{unsigned(num_heads), unsigned(n)};
+    attend_kernel<<<grid, 128, key_dim * sizeof(float), stream>>>(
+        q + t0 * q_stride, q_stride, keys + t0, values + t0, kv_stride, kv_head_offset, group, num_positions + t0,
+        max_positions, num_heads, key_dim, value_dim, scale, scores + t0 * num_heads * max_positions,
+        out + t0 * out_stride, out_stride);
+    if (cudaError_t rc = launched(); rc != cudaSuccess)
+      return rc;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t route_topk(float* logits, std::size_t num_rows, std::size_t num_experts, std::size_t top_k,

@@ -1,0 +1,145 @@
+#pragma once
+
+// The fault injector: what a seeded fault plan does to each A2E/E2A message, and which
+// actors it kills and devices it slows. No CAF and no I/O: the actors ask it at their send
+// seam (actors/fault_seam.hpp) and carry the decision out themselves.
+//
+// A decision is a pure function of (seed, message identity): the same seed makes the same
+// decision for the same message, whichever thread asks and whenever. The identity includes
+// the attempt (0 for a first send, n for the n-th retransmission), so a retransmission draws
+// afresh and a message dropped once is not dropped forever. Which messages exist in a run
+// still depends on scheduling (continuous batching joins requests between steps, μ-queues
+// re-batch by arrival), so a seed reproduces decisions, not a whole run's schedule.
+//
+// Thread safety: decide() and the queries are const and may be called from any thread; the
+// counters are atomic.
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moert::transport {
+
+// -- the plan --------------------------------------------------------------------------
+
+enum class fault_actor { expert, attention, queue };
+
+const char* to_string(fault_actor actor);
+
+// Kills the `actor` of device `device` once `after_messages` A2E (expert, queue) or E2A
+// (attention) messages have reached that device.
+struct fault_kill {
+  fault_actor actor = fault_actor::expert;
+  std::uint32_t device = 0;
+  std::uint64_t after_messages = 0;
+};
+
+// Every task of the device named `device` ("expert:1", "attention:0") takes `factor` times
+// as long.
+struct fault_slow {
+  std::string device;
+  double factor = 1.0;
+};
+
+struct fault_plan {
+  std::uint64_t seed = 0;
+  // Probabilities per A2E/E2A message (each in [0, 1], their sum at most 1).
+  double drop = 0.0;
+  double duplicate = 0.0;
+  double reorder = 0.0;
+  double delay_probability = 0.0;
+  double delay_max_ms = 0.0;  // a delayed message waits uniformly in [0, delay_max_ms]
+  std::vector<fault_kill> kill;
+  std::vector<fault_slow> slow;
+  // At-least-once delivery: a micro-batch's missing E2A rows are asked again after
+  // retransmit_ms, doubling up to retransmit_max_ms, at most max_retransmits times; then its
+  // requests end with an error.
+  double retransmit_ms = 25.0;
+  double retransmit_max_ms = 1000.0;
+  std::uint32_t max_retransmits = 12;
+
+  bool message_faults() const { return drop > 0 || duplicate > 0 || reorder > 0 || delay_probability > 0; }
+  bool empty() const { return !message_faults() && kill.empty() && slow.empty(); }
+};
+
+// -- decisions ------------------------------------------------------------------------
+
+enum class message_kind : std::uint8_t { a2e, e2a };
+
+// What names one A2E or E2A message: its micro-batch (shard, step, micro-batch, layer), the
+// A2E chunk, the expert device at the other end, and the attempt. `detail` separates messages
+// that share the rest (an E2A's first join slot).
+struct message_identity {
+  message_kind kind = message_kind::a2e;
+  std::uint32_t shard = 0;
+  std::uint64_t step = 0;
+  std::uint32_t micro_batch = 0;
+  std::uint32_t layer = 0;
+  std::uint32_t chunk = 0;
+  std::uint32_t expert_device = 0;
+  std::uint32_t attempt = 0;
+  std::uint64_t detail = 0;
+};
+
+enum class fault_action : std::uint8_t { deliver, drop, duplicate, reorder, delay };
+
+const char* to_string(fault_action action);
+
+struct fault_decision {
+  fault_action action = fault_action::deliver;
+  double delay_ms = 0.0;  // for delay
+};
+
+// What the injector did and what the runtime did about it, by type.
+struct fault_counts {
+  std::uint64_t messages = 0;  // A2E/E2A messages the injector decided on
+  std::uint64_t dropped = 0, duplicated = 0, reordered = 0, delayed = 0;
+  std::uint64_t killed = 0;         // actors killed
+  std::uint64_t slowed_tasks = 0;   // device tasks stretched (the engine counts them)
+  std::uint64_t retransmitted = 0;  // A2E messages sent again by a shard
+  std::uint64_t ignored_e2a = 0;    // E2A entries that arrived twice or late and were ignored
+  std::uint64_t failed_batches = 0; // micro-batches whose retransmissions ran out
+  std::uint64_t injected() const { return dropped + duplicated + reordered + delayed + killed; }
+};
+
+class fault_injector {
+public:
+  explicit fault_injector(fault_plan plan);
+
+  const fault_plan& plan() const { return plan_; }
+
+  // Pure: the same plan and identity give the same decision.
+  fault_decision decide(const message_identity& id) const;
+  // decide(), counted.
+  fault_decision decide_and_count(const message_identity& id);
+
+  // The kill due for `actor` of `device` now that `messages` have reached it, once: the
+  // first caller that crosses the threshold gets it (and it is counted), later calls nullopt.
+  std::optional<fault_kill> kill_due(fault_actor actor, std::uint32_t device, std::uint64_t messages);
+  // Whether the plan has a kill for that actor at all (so a device counts its messages).
+  bool watches(fault_actor actor, std::uint32_t device) const;
+  // Kills carried out so far, e.g. "expert of device 0 after 50 messages", for error texts.
+  std::string kills_text(fault_actor actor, std::uint32_t device) const;
+
+  // The slow-down factor of the device named `kind:index` ("expert:1"); 1 when none.
+  double slowdown(std::string_view kind, std::size_t index) const;
+
+  void count_retransmits(std::uint64_t n) { retransmitted_ += n; }
+  void count_ignored_e2a(std::uint64_t n) { ignored_e2a_ += n; }
+  void count_failed_batch() { ++failed_batches_; }
+
+  fault_counts counts() const;
+
+private:
+  fault_plan plan_;
+  std::atomic<std::uint64_t> messages_{0}, dropped_{0}, duplicated_{0}, reordered_{0}, delayed_{0};
+  std::atomic<std::uint64_t> retransmitted_{0}, ignored_e2a_{0}, failed_batches_{0};
+  // One flag per plan.kill entry: carried out.
+  std::vector<std::atomic<bool>> fired_;
+};
+
+}  // namespace moert::transport

@@ -97,7 +97,7 @@ caf::behavior attention_shard::make_behavior() {
 
 void attention_shard::admit(admit_request request) {
   std::uint64_t id = request.request_id;
-  sequences_.emplace(id, sequence{std::move(request), model::kv_cache{ctx_->config}, {}, false});
+  sequences_.emplace(id, sequence{std::move(request), model::kv_cache{ctx_->config, device_->backend()}, {}, false});
   order_.push_back(id);
   if (!step_running_)
     send(this, step_atom::value);
@@ -221,20 +221,20 @@ void attention_shard::run_attention(std::size_t mb_idx) {
   caf::actor self = caf::actor_cast<caf::actor>(this);
   std::uint64_t step = step_;
   device_->post("attention L" + std::to_string(layer) + " mb" + std::to_string(mb_idx),
-                [this, &mb, layer, normed, self, step, mb_idx, hidden, prev_top_k, prev_side](cpu::thread_pool& pool) {
+                [this, &mb, layer, normed, self, step, mb_idx, hidden, prev_top_k, prev_side](gpu::backend& backend) {
                   const model::model_config& cfg = ctx_->config;
                   if (layer == 0) {
-                    for (std::size_t r = 0; r < mb.input_ids.size(); ++r)
-                      std::copy_n(ctx_->weights->embedding.data() + std::size_t(mb.input_ids[r]) * hidden, hidden,
-                                  mb.x.data() + r * hidden);
+                    model::embed_step(cfg, *ctx_->weights, mb.input_ids, mb.x.data(), backend);
                   } else {
                     model::combine_step(hidden, prev_top_k, mb.weighted.data(), prev_side ? mb.side.data() : nullptr,
-                                        mb.tokens.size(), mb.x.data());
+                                        mb.tokens.size(), mb.x.data(), backend);
                   }
-                  model::attention_step(cfg, *ctx_->weights, rope_, layer, mb.tokens, mb.x.data(), &pool);
+                  model::attention_step(cfg, *ctx_->weights, rope_, layer, mb.tokens, mb.x.data(), backend);
                   model::route_step(cfg, *ctx_->weights, layer, mb.x.data(), mb.tokens.size(), normed->data.data(),
-                                    mb.routes.data(), &pool);
-                  caf::anon_send(self, attention_done_atom::value, step, std::uint32_t(mb_idx));
+                                    mb.routes.data(), backend);
+                  backend.when_done([self, step, mb_idx] {
+                    caf::anon_send(self, attention_done_atom::value, step, std::uint32_t(mb_idx));
+                  });
                 });
   mb.normed = normed;
 }
@@ -265,10 +265,12 @@ void attention_shard::run_side(std::size_t mb_idx) {
   caf::actor self = caf::actor_cast<caf::actor>(this);
   std::uint64_t step = step_;
   device_->post("shared/dense L" + std::to_string(layer) + " mb" + std::to_string(mb_idx),
-                [this, &mb, layer, self, step, mb_idx](cpu::thread_pool& pool) {
+                [this, &mb, layer, self, step, mb_idx](gpu::backend& backend) {
                   model::side_ffn_step(ctx_->config, *ctx_->weights, layer, mb.normed->data.data(), mb.tokens.size(),
-                                       mb.side.data(), &pool);
-                  caf::anon_send(self, side_done_atom::value, step, std::uint32_t(mb_idx));
+                                       mb.side.data(), backend);
+                  backend.when_done([self, step, mb_idx] {
+                    caf::anon_send(self, side_done_atom::value, step, std::uint32_t(mb_idx));
+                  });
                 });
 }
 
@@ -377,18 +379,18 @@ void attention_shard::run_final(std::size_t mb_idx) {
   std::uint64_t step = step_;
   device_->post("lm_head mb" + std::to_string(mb_idx), [this, &mb, self, step, mb_idx, params, ids, positions,
                                                          row_ranges, logprobs_asked, keep_logits,
-                                                         with_side](cpu::thread_pool& pool) {
+                                                         with_side](gpu::backend& backend) {
     const model::model_config& c = ctx_->config;
     std::size_t hidden = std::size_t(c.hidden_size);
     std::size_t vocab = std::size_t(c.vocab_size);
     model::combine_step(hidden, mb.top_k, mb.weighted.data(), with_side ? mb.side.data() : nullptr,
-                        mb.tokens.size(), mb.x.data());
+                        mb.tokens.size(), mb.x.data(), backend);
     std::vector<float> rows;
     for (auto [begin, end] : row_ranges)
       rows.insert(rows.end(), mb.x.begin() + std::ptrdiff_t(begin * hidden), mb.x.begin() + std::ptrdiff_t(end * hidden));
     std::size_t num_rows = rows.size() / hidden;
     std::vector<float> logits(num_rows * vocab);
-    model::logits_step(c, *ctx_->weights, rows.data(), num_rows, logits.data(), &pool);
+    model::logits_step(c, *ctx_->weights, rows.data(), num_rows, logits.data(), backend);
     std::vector<std::int32_t> tokens;
     // Its logits rows (the last one drew the token), only when the client asked for logits.
     std::vector<std::vector<float>> per_sequence(ids.size());

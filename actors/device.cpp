@@ -2,10 +2,16 @@
 
 #include "actors/trace.hpp"
 
+#include "gpu/registry.hpp"
+
 namespace moert::actors {
 
 device::device(std::string name, std::size_t num_threads, trace_recorder* trace)
-    : name_(std::move(name)), trace_(trace), num_threads_(num_threads), thread_([this] { run(); }) {}
+    : name_(std::move(name)),
+      trace_(trace),
+      num_threads_(num_threads),
+      backend_(gpu::create_backend(gpu::backend_kind::cpu, {.num_threads = num_threads}).value()),
+      thread_([this] { run(); }) {}
 
 device::~device() {
   {
@@ -30,8 +36,6 @@ std::chrono::nanoseconds device::busy_time() const {
 }
 
 void device::run() {
-  // The pool lives on this thread: its caller thread is the device thread.
-  cpu::thread_pool pool{num_threads_};
   for (;;) {
     std::pair<std::string, task> next;
     {
@@ -43,7 +47,7 @@ void device::run() {
       queue_.pop_front();
     }
     auto start = std::chrono::steady_clock::now();
-    next.second(pool);
+    next.second(*backend_);
     auto end = std::chrono::steady_clock::now();
     {
       std::lock_guard<std::mutex> guard{mutex_};

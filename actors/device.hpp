@@ -7,12 +7,13 @@
 // Thread safety: post() may be called from any thread. The destructor finishes every task
 // already posted, then joins.
 
-#include "gpu/cpu/thread_pool.hpp"
+#include "gpu/backend.hpp"
 
 #include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -23,7 +24,9 @@ class trace_recorder;
 
 class device {
 public:
-  using task = std::function<void(cpu::thread_pool&)>;
+  // Runs on the device thread with the device's backend (gpu/backend.hpp); it completes by
+  // posting a message, from backend.when_done() where the backend is asynchronous.
+  using task = std::function<void(gpu::backend&)>;
 
   // `trace` may be null; it must outlive the device.
   device(std::string name, std::size_t num_threads, trace_recorder* trace);
@@ -33,6 +36,9 @@ public:
   device& operator=(const device&) = delete;
 
   const std::string& name() const { return name_; }
+  // The backend the tasks run on (a cpu backend of `num_threads` threads). Its memory
+  // functions may be called from any thread (attention shards allocate caches there).
+  gpu::backend& backend() const { return *backend_; }
 
   // Queues `work`; `label` names the slice in the trace ("attention L3 mb1").
   void post(std::string label, task work);
@@ -53,6 +59,7 @@ private:
   std::chrono::nanoseconds busy_{0};
   bool stopping_ = false;
   std::size_t num_threads_;
+  std::unique_ptr<gpu::backend> backend_;
   std::thread thread_;  // last: starts after every member above exists
 };
 

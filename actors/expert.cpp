@@ -77,13 +77,13 @@ void expert::run(expert_batch& batch) {
   std::size_t global = ctx_->global_expert(device_idx_, batch.local_expert);
   device_->post("expert L" + std::to_string(batch.layer) + " E" + std::to_string(global) + " x" +
                     std::to_string(num_rows),
-                [this, self, global, batch = std::move(batch)](cpu::thread_pool& pool) {
+                [this, self, global, batch = std::move(batch)](gpu::backend& backend) {
                   std::size_t hidden = std::size_t(ctx_->config.hidden_size);
                   std::size_t n = batch.items.size();
                   std::vector<float> in(n * hidden), out(n * hidden);
                   for (std::size_t r = 0; r < n; ++r)  // the re-batching gather
                     std::copy_n(batch.items[r].rows->row(batch.items[r].row), hidden, in.data() + r * hidden);
-                  model::expert_step(*ctx_->weights, batch.layer, global, in.data(), n, out.data(), &pool);
+                  model::expert_step(*ctx_->weights, batch.layer, global, in.data(), n, out.data(), backend);
                   auto weighted = std::make_shared<row_block>();
                   weighted->row_floats = hidden;
                   weighted->data.resize(n * hidden);
@@ -107,7 +107,8 @@ void expert::run(expert_batch& batch) {
                     msg.rows_idx.push_back(std::uint32_t(r));
                     msg.slots.push_back(item.slot);
                   }
-                  caf::anon_send(self, batch_done_atom::value, std::move(done));
+                  auto finished = std::make_shared<finished_batch>(std::move(done));
+                  backend.when_done([self, finished] { caf::anon_send(self, batch_done_atom::value, std::move(*finished)); });
                 });
 }
 

@@ -7,7 +7,10 @@ include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
 set(MOERT_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/moert)
-set(_moert_libraries moert_core moert_gpu_cpu moert_model moert_policy moert_transport moert_actors moert_engine)
+set(_moert_libraries moert_core moert_gpu_cpu moert_gpu moert_model moert_policy moert_transport moert_actors moert_engine)
+if(TARGET moert_gpu_cuda)  # linked by moert_gpu when the CUDA backend is built
+  list(INSERT _moert_libraries 2 moert_gpu_cuda)
+endif()
 foreach(_lib IN LISTS _moert_libraries)
   string(REPLACE "moert_" "" _name ${_lib})
   set_target_properties(${_lib} PROPERTIES EXPORT_NAME ${_name})

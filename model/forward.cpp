@@ -1,5 +1,7 @@
 #include "model/forward.hpp"
 
+#include "gpu/registry.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <set>
@@ -12,7 +14,14 @@ reference_model::reference_model(model_config config, model_weights weights, std
 
 reference_model::reference_model(model_config config, std::shared_ptr<const model_weights> weights,
                                  std::size_t num_threads)
-    : config_(std::move(config)), weights_(std::move(weights)), pool_(num_threads), rope_(config_) {}
+    : reference_model(std::move(config), std::move(weights),
+                      gpu::create_backend(gpu::backend_kind::cpu, {.num_threads = num_threads}).value()) {
+  num_threads_ = num_threads;
+}
+
+reference_model::reference_model(model_config config, std::shared_ptr<const model_weights> weights,
+                                 std::unique_ptr<gpu::backend> backend)
+    : config_(std::move(config)), weights_(std::move(weights)), backend_(std::move(backend)), rope_(config_) {}
 
 result<std::vector<float>> reference_model::forward(std::span<const forward_segment> segments,
                                                     logits_for which) {
@@ -28,6 +37,10 @@ result<std::vector<float>> reference_model::forward(std::span<const forward_segm
     if (!seen.insert(seg.cache).second)
       return make_error(error_code::invalid_argument,
                         "sequence " + std::to_string(s) + " appears twice in one batch");
+    if (!backend_->shares_memory_with(seg.cache->backend()))
+      return make_error(error_code::invalid_argument, "sequence " + std::to_string(s) + "'s cache lives on " +
+                                                          seg.cache->backend().name() + ", not on " +
+                                                          backend_->name());
     for (std::size_t j = 0; j < seg.tokens.size(); ++j) {
       std::int32_t id = seg.tokens[j];
       if (id < 0 || id >= c.vocab_size)
@@ -44,51 +57,61 @@ result<std::vector<float>> reference_model::forward(std::span<const forward_segm
     return std::vector<float>{};
   rope_.ensure(max_position);
 
+  gpu::backend& b = *backend_;
   std::vector<token_slot> slots;
-  std::vector<float> x(num_tokens * hidden);
+  std::vector<std::int32_t> ids;
   for (const forward_segment& seg : segments) {
     seg.cache->grow(seg.tokens.size());
     for (std::size_t j = 0; j < seg.tokens.size(); ++j) {
-      std::copy_n(weights_->embedding.data() + std::size_t(seg.tokens[j]) * hidden, hidden,
-                  x.data() + slots.size() * hidden);
+      ids.push_back(seg.tokens[j]);
       slots.push_back({seg.cache, seg.cache->length() + j});
     }
   }
+  gpu::buffer x = b.allocate(num_tokens * hidden * sizeof(float));
+  embed_step(c, *weights_, ids, x.floats(), b);
   for (std::size_t l = 0; l < std::size_t(c.num_layers); ++l) {
-    attention_step(c, *weights_, rope_, l, slots, x.data(), &pool_);
-    moe_block(l, x);
+    attention_step(c, *weights_, rope_, l, slots, x.floats(), b);
+    moe_block(l, x.floats(), num_tokens);
   }
   for (const forward_segment& seg : segments)
     seg.cache->advance(seg.tokens.size());
 
-  std::vector<float> rows;
+  std::vector<const float*> rows;
   std::size_t first = 0;
   for (const forward_segment& seg : segments) {
     std::size_t begin = which == logits_for::last_token ? seg.tokens.size() - 1 : 0;
     for (std::size_t j = begin; j < seg.tokens.size(); ++j)
-      rows.insert(rows.end(), x.begin() + std::ptrdiff_t((first + j) * hidden),
-                  x.begin() + std::ptrdiff_t((first + j + 1) * hidden));
+      rows.push_back(x.floats() + (first + j) * hidden);
     first += seg.tokens.size();
   }
-  std::size_t num_rows = rows.size() / hidden;
-  std::vector<float> logits(num_rows * std::size_t(c.vocab_size));
-  logits_step(c, *weights_, rows.data(), num_rows, logits.data(), &pool_);
+  std::size_t num_rows = rows.size();
+  std::size_t vocab = std::size_t(c.vocab_size);
+  gpu::buffer last = b.allocate(num_rows * hidden * sizeof(float));
+  b.gather_rows(rows.data(), num_rows, hidden, last.floats());
+  std::vector<float> logits(num_rows * vocab);
+  if (b.shares_memory_with(gpu::host_backend())) {  // host memory: straight into the result
+    logits_step(c, *weights_, last.floats(), num_rows, logits.data(), b);
+  } else {
+    gpu::buffer on_device = b.allocate(logits.size() * sizeof(float));
+    logits_step(c, *weights_, last.floats(), num_rows, on_device.floats(), b);
+    b.download(logits.data(), on_device.data(), logits.size() * sizeof(float));
+  }
   return logits;
 }
 
-void reference_model::moe_block(std::size_t layer, std::vector<float>& x) {
+void reference_model::moe_block(std::size_t layer, float* x, std::size_t num_tokens) {
   const model_config& c = config_;
+  gpu::backend& b = *backend_;
   std::size_t hidden = std::size_t(c.hidden_size);
-  std::size_t num_tokens = x.size() / hidden;
   bool sparse = c.sparse_layers[layer];
   std::size_t top_k = sparse ? std::size_t(c.num_experts_per_tok) : 0;
 
-  std::vector<float> normed(num_tokens * hidden);
+  gpu::buffer normed = b.allocate(num_tokens * hidden * sizeof(float));
   std::vector<routed_slot> routes(num_tokens * top_k);
-  route_step(c, *weights_, layer, x.data(), num_tokens, normed.data(), routes.data(), &pool_);
+  route_step(c, *weights_, layer, x, num_tokens, normed.floats(), routes.data(), b);
 
   // Each active expert runs once on all its rows; outputs land in their (token, slot) place.
-  std::vector<float> weighted(num_tokens * top_k * hidden);
+  gpu::buffer weighted = b.allocate(num_tokens * top_k * hidden * sizeof(float));
   std::vector<std::vector<std::size_t>> expert_slots(sparse ? std::size_t(c.num_experts) : 0);
   for (std::size_t i = 0; i < routes.size(); ++i)
     expert_slots[std::size_t(routes[i].expert)].push_back(i);
@@ -97,30 +120,40 @@ void reference_model::moe_block(std::size_t layer, std::vector<float>& x) {
     if (!expert_slots[e].empty())
       active.push_back(e);
   std::size_t work = routes.size() * 3 * hidden * std::size_t(c.moe_intermediate_size);
-  cpu::parallel_for_if_worth(&pool_, work, active.size(), [&](std::size_t begin, std::size_t end) {
-    std::vector<float> in, out;
+  b.concurrent(active.size(), work, [&](gpu::backend& lane, std::size_t begin, std::size_t end) {
+    std::size_t max_rows = 0;
+    for (std::size_t a = begin; a < end; ++a)
+      max_rows = std::max(max_rows, expert_slots[active[a]].size());
+    gpu::buffer in = lane.allocate(max_rows * hidden * sizeof(float));
+    gpu::buffer out = lane.allocate(max_rows * hidden * sizeof(float));
+    std::vector<const float*> sources;
+    std::vector<float*> destinations;
+    std::vector<float> weights;
     for (std::size_t a = begin; a < end; ++a) {
       const auto& slots = expert_slots[active[a]];
-      in.resize(slots.size() * hidden);
-      out.resize(slots.size() * hidden);
-      for (std::size_t r = 0; r < slots.size(); ++r)
-        std::copy_n(normed.data() + (slots[r] / top_k) * hidden, hidden, in.data() + r * hidden);
-      expert_step(*weights_, layer, active[a], in.data(), slots.size(), out.data(), nullptr);
-      for (std::size_t r = 0; r < slots.size(); ++r)
-        weight_row(out.data() + r * hidden, routes[slots[r]].weight, hidden,
-                   weighted.data() + slots[r] * hidden);
+      sources.clear();
+      destinations.clear();
+      weights.clear();
+      for (std::size_t slot : slots) {
+        sources.push_back(normed.floats() + (slot / top_k) * hidden);
+        destinations.push_back(weighted.floats() + slot * hidden);
+        weights.push_back(routes[slot].weight);
+      }
+      lane.gather_rows(sources.data(), slots.size(), hidden, in.floats());
+      expert_step(*weights_, layer, active[a], in.floats(), slots.size(), out.floats(), lane);
+      lane.weight_rows(out.floats(), slots.size(), hidden, weights.data(), destinations.data());
     }
   });
 
-  std::vector<float> side;
+  gpu::buffer side;
   if (has_side_ffn(c, layer)) {
-    side.resize(num_tokens * hidden);
-    side_ffn_step(c, *weights_, layer, normed.data(), num_tokens, side.data(), &pool_);
+    side = b.allocate(num_tokens * hidden * sizeof(float));
+    side_ffn_step(c, *weights_, layer, normed.floats(), num_tokens, side.floats(), b);
   }
   std::vector<const float*> weighted_rows(routes.size());
   for (std::size_t i = 0; i < routes.size(); ++i)
-    weighted_rows[i] = weighted.data() + i * hidden;
-  combine_step(hidden, top_k, weighted_rows.data(), side.empty() ? nullptr : side.data(), num_tokens, x.data());
+    weighted_rows[i] = weighted.floats() + i * hidden;
+  combine_step(hidden, top_k, weighted_rows.data(), side.empty() ? nullptr : side.floats(), num_tokens, x, b);
 }
 
 // -- generation ---------------------------------------------------------------
@@ -135,7 +168,7 @@ result<std::vector<std::vector<std::int32_t>>> generate(reference_model& model,
     if (requests[i].prompt.empty())
       return make_error(error_code::invalid_argument, "request " + std::to_string(i) + " has an empty prompt");
 
-  std::vector<kv_cache> caches(requests.size(), kv_cache{c});
+  std::vector<kv_cache> caches(requests.size(), kv_cache{c, model.backend()});
   std::vector<std::vector<std::int32_t>> inputs(requests.size());  // tokens to feed next step
   for (std::size_t i = 0; i < requests.size(); ++i)
     inputs[i] = requests[i].prompt;
@@ -150,7 +183,7 @@ result<std::vector<std::vector<std::int32_t>>> generate(reference_model& model,
       if (produced[i].size() >= requests[i].max_new_tokens)
         continue;
       if (mode == decode_mode::full_recompute) {
-        caches[i] = kv_cache{c};
+        caches[i] = kv_cache{c, model.backend()};
         inputs[i] = requests[i].prompt;
         inputs[i].insert(inputs[i].end(), produced[i].begin(), produced[i].end());
       }

@@ -9,11 +9,13 @@
 // combined in expert-index order, so a token's logits are the same bits whatever else is in
 // the batch and whatever the thread count (DESIGN.md §4).
 //
-// Thread safety: a reference_model may run one forward() at a time; it uses its own thread
-// pool inside. kv_cache objects belong to the caller.
+// Thread safety: a reference_model may run one forward() at a time; it owns its backend and
+// drives it from the calling thread. kv_cache objects belong to the caller and must live on a
+// backend sharing memory with the model's (make them with kv_cache{config, model.backend()};
+// on cpu any cpu backend's cache serves).
 
 #include "core/error.hpp"
-#include "gpu/cpu/thread_pool.hpp"
+#include "gpu/backend.hpp"
 #include "model/config.hpp"
 #include "model/kv_cache.hpp"
 #include "model/layers.hpp"
@@ -37,13 +39,19 @@ enum class logits_for { last_token, every_token };
 
 class reference_model {
 public:
+  // On a cpu backend of `num_threads` threads (from gpu/registry.hpp).
   reference_model(model_config config, model_weights weights, std::size_t num_threads);
   // Shares weights with other models (or an engine) instead of owning a copy.
   reference_model(model_config config, std::shared_ptr<const model_weights> weights, std::size_t num_threads);
+  // On `backend`, which must share memory with the backend the weights were loaded on.
+  reference_model(model_config config, std::shared_ptr<const model_weights> weights,
+                  std::unique_ptr<gpu::backend> backend);
 
   const model_config& config() const { return config_; }
   const model_weights& weights() const { return *weights_; }
-  std::size_t num_threads() const { return pool_.num_threads(); }
+  gpu::backend& backend() const { return *backend_; }
+  // The cpu thread count asked for (0 when given a backend).
+  std::size_t num_threads() const { return num_threads_; }
 
   // Runs all segments' tokens as one batch and appends them to their caches. Returns
   // logits, vocab_size floats per row: one row per segment (its last token) or one per
@@ -52,11 +60,12 @@ public:
   result<std::vector<float>> forward(std::span<const forward_segment> segments, logits_for which);
 
 private:
-  void moe_block(std::size_t layer, std::vector<float>& x);
+  void moe_block(std::size_t layer, float* x, std::size_t num_tokens);
 
   model_config config_;
   std::shared_ptr<const model_weights> weights_;
-  cpu::thread_pool pool_;
+  std::unique_ptr<gpu::backend> backend_;
+  std::size_t num_threads_ = 0;
   rope_table rope_;
 };
 

@@ -14,11 +14,16 @@
 //
 // The reference forward and the actor runtime call these same functions, which is what makes
 // the two bit-identical: every step is per row with a fixed reduction order (DESIGN.md §4).
+// Each step is written once against the operations of gpu/backend.hpp and runs on whatever
+// backend it is given.
 //
-// Units: element counts; rows are hidden_size floats. Thread safety: functions of their
-// arguments; `pool` (may be null) is used by one caller at a time.
+// Units: element counts; rows are hidden_size floats. Memory: activation pointers (x, normed,
+// in, out, logits, side, weighted rows) and caches are in `backend`'s memory (host memory on
+// the cpu backend); routes and token ids are host memory; weights must live on a backend that
+// shares memory with `backend`. Thread safety: functions of their arguments; `backend` is
+// used by one caller at a time (its device executor).
 
-#include "gpu/cpu/thread_pool.hpp"
+#include "gpu/backend.hpp"
 #include "model/config.hpp"
 #include "model/kv_cache.hpp"
 #include "model/weights.hpp"
@@ -40,6 +45,8 @@ public:
   void ensure(std::size_t max_position);
   // rope_dim/2 cos values followed by rope_dim/2 sin values.
   const float* row(std::size_t position) const { return cos_sin_.data() + position * 2 * inv_freq_.size(); }
+  // Row 0: position p's row is at table() + p · rope_dim (host memory).
+  const float* table() const { return cos_sin_.data(); }
   // The factor attention scores are multiplied by before the softmax: head_dim^-0.5, times
   // mscale(factor, mscale_all_dim)² under YaRN.
   float attention_scale() const { return attention_scale_; }
@@ -57,15 +64,17 @@ struct token_slot {
   std::size_t position;
 };
 
-struct routed_slot {
-  std::int32_t expert;
-  float weight;
-};
+using routed_slot = gpu::routed_slot;
 
-// x: rows × hidden residual stream, updated in place. `rope` must cover every position.
+// x (rows × hidden) = the embedding rows of `token_ids` (each in [0, vocab_size)).
+void embed_step(const model_config& config, const model_weights& weights, std::span<const std::int32_t> token_ids,
+                float* x, gpu::backend& backend);
+
+// x: rows × hidden residual stream, updated in place. `rope` must cover every position; each
+// token's cache must live on `backend`.
 void attention_step(const model_config& config, const model_weights& weights, const rope_table& rope,
                     std::size_t layer, std::span<const token_slot> tokens, float* x,
-                    cpu::thread_pool* pool);
+                    gpu::backend& backend);
 
 // normed (rows × hidden) = post-attention norm of x. For sparse layers, routes
 // (rows × top_k) = the top-k experts by router probability (among the experts of the best
@@ -73,7 +82,7 @@ void attention_step(const model_config& config, const model_weights& weights, co
 // multiplied by routed_scaling_factor, sorted by expert index.
 void route_step(const model_config& config, const model_weights& weights, std::size_t layer,
                 const float* x, std::size_t num_rows, float* normed, routed_slot* routes,
-                cpu::thread_pool* pool);
+                gpu::backend& backend);
 
 // True when this layer has attention-side FFN work (dense MLP or shared expert).
 bool has_side_ffn(const model_config& config, std::size_t layer);
@@ -81,23 +90,24 @@ bool has_side_ffn(const model_config& config, std::size_t layer);
 // out (rows × hidden) = dense MLP, or shared expert (× sigmoid(shared_expert_gate) when gated),
 // of normed.
 void side_ffn_step(const model_config& config, const model_weights& weights, std::size_t layer,
-                   const float* normed, std::size_t num_rows, float* out, cpu::thread_pool* pool);
+                   const float* normed, std::size_t num_rows, float* out, gpu::backend& backend);
 
 // out (rows × hidden) = SwiGLU MLP of `expert` in `layer` on `in`.
 void expert_step(const model_weights& weights, std::size_t layer, std::size_t expert, const float* in,
-                 std::size_t num_rows, float* out, cpu::thread_pool* pool);
+                 std::size_t num_rows, float* out, gpu::backend& backend);
 
-// Scales an expert's output row by its routing weight, as the combine expects it.
+// Scales an expert's output row by its routing weight, as the combine expects it (host
+// memory; gpu::backend::weight_rows is the same on a backend).
 void weight_row(const float* y, float weight, std::size_t hidden, float* out);
 
 // x[r] += (Σ_k weighted[r·top_k + k]) + side[r], the sum from zero in slot order (= expert
 // order). weighted: rows × top_k row pointers, each already multiplied by its routing weight
 // (they may point into different expert-output blocks); side may be null.
 void combine_step(std::size_t hidden, std::size_t top_k, const float* const* weighted, const float* side,
-                  std::size_t num_rows, float* x);
+                  std::size_t num_rows, float* x, gpu::backend& backend);
 
 // logits (rows × vocab) = lm_head(final_norm(x rows)).
 void logits_step(const model_config& config, const model_weights& weights, const float* x,
-                 std::size_t num_rows, float* logits, cpu::thread_pool* pool);
+                 std::size_t num_rows, float* logits, gpu::backend& backend);
 
 }  // namespace moert::model

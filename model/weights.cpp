@@ -83,8 +83,8 @@ private:
 // share one path (and the synthetic default exercises the real naming and shapes).
 class builder {
 public:
-  builder(const model_config& config, tensor_source& source, const load_options& options)
-      : config_(config), source_(source), options_(options) {}
+  builder(const model_config& config, tensor_source& source, const load_options& options, gpu::backend& backend)
+      : config_(config), source_(source), options_(options), backend_(backend) {}
 
   result<model_weights> build() {
     const model_config& c = config_;
@@ -117,21 +117,37 @@ private:
   }
 
   // Vectors (norms, biases, the embedding table) are read as f32.
-  status fetch(const std::string& name, const shape_t& shape, std::vector<float>& out) {
+  status fetch(const std::string& name, const shape_t& shape, gpu::buffer& out) {
     auto t = get(name, shape);
     if (!t)
       return t.err();
-    out.resize(t->count);
-    if (t->count != 0)
-      convert_to_f32(t->type, t->data, t->count, out.data());
+    out = backend_.allocate(t->count * sizeof(float));
+    if (t->count != 0) {
+      if (backend_.shares_memory_with(gpu::host_backend())) {  // host memory: convert in place
+        convert_to_f32(t->type, t->data, t->count, out.floats());
+      } else {
+        std::vector<float> host(t->count);
+        convert_to_f32(t->type, t->data, t->count, host.data());
+        backend_.upload(out.data(), host.data(), host.size() * sizeof(float));
+      }
+    }
     source_.release(name);
+    return {};
+  }
+
+  status upload(const std::string& name, dtype type, std::size_t cols, std::span<const gpu::matrix_part> parts,
+                gpu::matrix& out) {
+    auto m = backend_.upload_matrix(type, cols, parts);
+    if (!m)
+      return make_error(m.err().code, "tensor '" + name + "': " + m.err().message);
+    out = std::move(m.value());
     return {};
   }
 
   // The type a matrix made of these parts is held in: the parts' own when they agree and
   // the options allow it, f32 otherwise (widening is exact, so the bits of results are the
   // same either way; only the bytes held and streamed differ).
-  dtype storage_type(std::span<const cpu::matrix_part> parts, bool keep_stored) const {
+  dtype storage_type(std::span<const gpu::matrix_part> parts, bool keep_stored) const {
     if (!keep_stored || options_.upcast_to_f32 || parts.empty())
       return dtype::f32;
     for (const auto& part : parts)
@@ -143,13 +159,12 @@ private:
   // `keep_stored` false holds the matrix in f32 whatever the checkpoint stores: the router
   // and the shared-expert gate, which are tiny and whose precision stays as it always was.
   status fetch_matrix(const std::string& name, std::int64_t rows, std::int64_t cols,
-                      cpu::packed_matrix& out, bool keep_stored = true) {
+                      gpu::matrix& out, bool keep_stored = true) {
     auto t = get(name, {rows, cols});
     if (!t)
       return t.err();
-    const cpu::matrix_part part{t->data, t->type, std::size_t(rows), std::size_t(cols)};
-    out = cpu::packed_matrix::pack(storage_type(std::span{&part, 1}, keep_stored), std::size_t(cols),
-                                   std::span{&part, 1});
+    const gpu::matrix_part part{t->data, t->type, std::size_t(rows), std::size_t(cols)};
+    MOERT_TRY(upload(name, storage_type(std::span{&part, 1}, keep_stored), std::size_t(cols), std::span{&part, 1}, out));
     source_.release(name);
     return {};
   }
@@ -176,9 +191,9 @@ private:
     if (!up)
       return up.err();
     const auto rows = std::size_t(intermediate), cols = std::size_t(h);
-    const cpu::matrix_part parts[] = {{gate->data, gate->type, rows, cols},
+    const gpu::matrix_part parts[] = {{gate->data, gate->type, rows, cols},
                                       {up->data, up->type, rows, cols}};
-    out.gate_up = cpu::packed_matrix::pack(storage_type(parts, true), cols, parts);
+    MOERT_TRY(upload(gate_key, storage_type(parts, true), cols, parts, out.gate_up));
     source_.release(gate_key);
     source_.release(up_key);
     return fetch_matrix(prefix + "." + down_name + ".weight", h, intermediate, out.down);
@@ -273,12 +288,12 @@ private:
     for (std::size_t head = 0; head < std::size_t(c.num_heads); ++head) {
       const auto* w_uk = static_cast<const std::byte*>(kv_b->data) + head * (nope + v_dim) * rank * elem;
       // k_absorb = W_UKᵀ: row j (a latent dimension) reads column j of W_UK.
-      const cpu::matrix_part k_t{w_uk, kv_b->type, rank, 1, rank};
-      a.k_absorb.push_back(cpu::packed_matrix::pack(storage_type(std::span{&k_t, 1}, true), nope,
-                                                    std::span{&k_t, 1}));
-      const cpu::matrix_part w_uv{w_uk + nope * rank * elem, kv_b->type, v_dim, rank};
-      a.v_up.push_back(cpu::packed_matrix::pack(storage_type(std::span{&w_uv, 1}, true), rank,
-                                                std::span{&w_uv, 1}));
+      const gpu::matrix_part k_t{w_uk, kv_b->type, rank, 1, rank};
+      MOERT_TRY(upload(kv_b_key, storage_type(std::span{&k_t, 1}, true), nope, std::span{&k_t, 1},
+                       a.k_absorb.emplace_back()));
+      const gpu::matrix_part w_uv{w_uk + nope * rank * elem, kv_b->type, v_dim, rank};
+      MOERT_TRY(upload(kv_b_key, storage_type(std::span{&w_uv, 1}, true), rank, std::span{&w_uv, 1},
+                       a.v_up.emplace_back()));
     }
     source_.release(kv_b_key);
     return {};
@@ -287,15 +302,16 @@ private:
   const model_config& config_;
   tensor_source& source_;
   const load_options& options_;
+  gpu::backend& backend_;
   std::set<std::string> used_;
 };
 
 }  // namespace
 
 result<model_weights> load_weights(const model_config& config, const checkpoint& source,
-                                   const load_options& options) {
+                                   const load_options& options, gpu::backend& backend) {
   checkpoint_source src{source};
-  builder b{config, src, options};
+  builder b{config, src, options, backend};
   auto weights = b.build();
   if (!weights)
     return weights.err();
@@ -306,33 +322,34 @@ result<model_weights> load_weights(const model_config& config, const checkpoint&
   return weights;
 }
 
-result<loaded_checkpoint> load_checkpoint(const std::filesystem::path& dir, const load_options& options) {
+result<loaded_checkpoint> load_checkpoint(const std::filesystem::path& dir, const load_options& options,
+                                          gpu::backend& backend) {
   auto config = load_config(dir);
   if (!config)
     return config.err();
   auto source = checkpoint::open(dir);
   if (!source)
     return source.err();
-  auto weights = load_weights(*config, *source, options);
+  auto weights = load_weights(*config, *source, options, backend);
   if (!weights)
     return weights.err();
   return loaded_checkpoint{std::move(config.value()), std::move(weights.value())};
 }
 
-model_weights synthetic_weights(const model_config& config, std::uint64_t seed) {
+model_weights synthetic_weights(const model_config& config, std::uint64_t seed, gpu::backend& backend) {
   synthetic_source src{seed};
   const load_options options;
-  builder b{config, src, options};
+  builder b{config, src, options, backend};
   return std::move(b.build().value());
 }
 
 namespace {
 
-void count(const cpu::packed_matrix& m, weight_bytes& out) {
+void count(const gpu::matrix& m, weight_bytes& out) {
   (m.type() == dtype::f32 ? out.f32 : m.type() == dtype::bf16 ? out.bf16 : out.f16) += m.num_bytes();
 }
-void count(const std::vector<float>& v, weight_bytes& out) {
-  out.f32 += v.size() * sizeof(float);
+void count(const gpu::buffer& v, weight_bytes& out) {
+  out.f32 += v.num_bytes();
 }
 void count(const mlp_weights& m, weight_bytes& out) {
   count(m.gate_up, out);

@@ -135,8 +135,8 @@ public:
       tokens.push_back({&cache_, cache_.length() + j});
     rope_.ensure(cache_.length() + rows - 1);
     std::vector<float> x(rows * hidden);
-    for (std::size_t r = 0; r < rows; ++r)
-      std::copy_n(weights_.embedding.data() + std::size_t(feed[r]) * hidden, hidden, x.data() + r * hidden);
+    gpu::backend& host = gpu::host_backend();
+    model::embed_step(config_, weights_, feed, x.data(), host);
 
     std::vector<float> side;
     for (std::size_t layer = 0; layer < std::size_t(config_.num_layers); ++layer) {
@@ -144,27 +144,27 @@ public:
         combine(out.layers.back(), side, rows, x);
       layer_expect& le = out.layers.emplace_back();
       le.top_k = config_.sparse_layers[layer] ? std::size_t(config_.num_experts_per_tok) : 0;
-      model::attention_step(config_, weights_, rope_, layer, tokens, x.data(), nullptr);
+      model::attention_step(config_, weights_, rope_, layer, tokens, x.data(), host);
       le.normed.resize(rows * hidden);
       le.routes.resize(rows * le.top_k);
-      model::route_step(config_, weights_, layer, x.data(), rows, le.normed.data(), le.routes.data(), nullptr);
+      model::route_step(config_, weights_, layer, x.data(), rows, le.normed.data(), le.routes.data(), host);
       side.clear();
       if (model::has_side_ffn(config_, layer)) {
         side.resize(rows * hidden);
-        model::side_ffn_step(config_, weights_, layer, le.normed.data(), rows, side.data(), nullptr);
+        model::side_ffn_step(config_, weights_, layer, le.normed.data(), rows, side.data(), host);
       }
       std::vector<float> y(hidden);
       for (std::size_t slot = 0; slot < le.routes.size(); ++slot) {
         const model::routed_slot& route = le.routes[slot];
         model::expert_step(weights_, layer, std::size_t(route.expert), le.normed.data() + (slot / le.top_k) * hidden,
-                           1, y.data(), nullptr);
+                           1, y.data(), host);
         std::vector<float>& w = le.weighted.emplace_back(hidden);
         model::weight_row(y.data(), route.weight, hidden, w.data());
       }
     }
     combine(out.layers.back(), side, rows, x);
     out.logits.resize(std::size_t(config_.vocab_size));
-    model::logits_step(config_, weights_, x.data() + (rows - 1) * hidden, 1, out.logits.data(), nullptr);
+    model::logits_step(config_, weights_, x.data() + (rows - 1) * hidden, 1, out.logits.data(), host);
     out.token = model::sample(out.logits, sampling, request_id, sample_position);
     cache_.advance(rows);
     return out;
@@ -176,7 +176,7 @@ private:
     for (const auto& w : le.weighted)
       ptrs.push_back(w.data());
     model::combine_step(std::size_t(config_.hidden_size), le.top_k, ptrs.data(), side.empty() ? nullptr : side.data(),
-                        rows, x.data());
+                        rows, x.data(), gpu::host_backend());
   }
 
   const model::model_config& config_;

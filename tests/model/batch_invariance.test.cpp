@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include "core/rng.hpp"
+#include "gpu/cpu/backend.hpp"
 #include "gpu/cpu/gemm.hpp"
 #include "gpu/cpu/ops.hpp"
 #include "model/forward.hpp"
@@ -134,8 +135,8 @@ TEST_CASE("group-limited routing picks only from the best groups and scales the 
   for (auto& v : x)
     v = gen.uniform(-2.0f, 2.0f);
   std::vector<routed_slot> routes(rows * top_k);
-  route_step(config, weights, layer, x.data(), rows, normed.data(), routes.data(), nullptr);
-  cpu::matmul(normed.data(), rows, weights.layers[layer].router, logits.data(), nullptr);
+  route_step(config, weights, layer, x.data(), rows, normed.data(), routes.data(), gpu::host_backend());
+  cpu::matmul(normed.data(), rows, cpu::packed_of(weights.layers[layer].router), logits.data(), nullptr);
   std::size_t differs_from_greedy = 0;
   for (std::size_t t = 0; t < rows; ++t) {
     float* p = logits.data() + t * 8;

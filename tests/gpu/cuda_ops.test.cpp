@@ -13,6 +13,7 @@
 #include "gpu/cuda/gemm.hpp"
 #include "gpu/registry.hpp"
 #include "model/forward.hpp"
+#include "model/safetensors.hpp"
 #include "test_support.hpp"
 
 #include <nlohmann/json.hpp>
@@ -24,6 +25,8 @@
 #include <fstream>
 #include <random>
 #include <thread>
+
+#include <unistd.h>
 
 using namespace moert;
 
@@ -107,6 +110,52 @@ std::uint16_t to_bf16(float f) {  // round to nearest even, as the checkpoint wr
 
 constexpr float f32_tol = 1e-3f;
 constexpr float bf16_tol = 2e-2f;
+
+namespace fs = std::filesystem;
+
+struct temp_dir {
+  fs::path path;
+  temp_dir() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("moert_cuda_" + std::to_string(rd()) + "_" + std::to_string(::getpid()));
+    fs::create_directories(path);
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+};
+
+// The fixture in `src` with every tensor rounded to bf16 (as torch's .to(bfloat16)), written
+// to `dir` as one model.safetensors beside its config.json.
+void write_bf16_fixture(const fs::path& src, const fs::path& dir) {
+  auto ck = model::checkpoint::open(src);
+  REQUIRE(ck.ok());
+  nlohmann::json header = nlohmann::json::object();
+  std::vector<char> data;
+  for (const auto& [name, view] : ck->tensors()) {
+    auto values = ck->read_f32(name, view.shape);
+    REQUIRE(values.ok());
+    std::size_t begin = data.size();
+    for (float v : *values) {
+      std::uint16_t bits = to_bf16(v);
+      data.push_back(char(bits & 0xff));
+      data.push_back(char(bits >> 8));
+    }
+    header[name] = {{"dtype", "BF16"}, {"shape", view.shape}, {"data_offsets", {begin, data.size()}}};
+  }
+  fs::copy_file(src / "config.json", dir / "config.json");
+  std::string text = header.dump();
+  std::uint64_t len = text.size();
+  std::ofstream out(dir / "model.safetensors", std::ios::binary | std::ios::trunc);
+  for (int i = 0; i < 8; ++i)
+    out.put(char(len >> (8 * i)));
+  out.write(text.data(), std::streamsize(text.size()));
+  out.write(data.data(), std::streamsize(data.size()));
+  REQUIRE(out.good());
+}
 
 }  // namespace
 
@@ -506,6 +555,44 @@ TEST_CASE("cuda: fixture greedy tokens through the CUDA backend equal the expect
     REQUIRE(out.ok());
     for (std::size_t i = 0; i < prompts.size(); ++i)
       CHECK((*out)[i] == expected["prompts"][i]["greedy"].get<std::vector<std::int32_t>>());
+    CHECK(dev.error().ok());
+  }
+}
+
+TEST_CASE("cuda: bf16 fixtures on CUDA give the cpu backend's bf16 logits within 2e-2", "[cuda][gpu][fixture]") {
+  REQUIRE_GPU();
+  (void)ref;
+  for (const char* name : {"qwen3_moe_tiny", "mixtral_tiny", "deepseek_v2_tiny"}) {
+    INFO(name);
+    auto src = test::fixture_dir(name);
+    if (src.empty()) {
+      test::skip_whole_binary(std::string{"../shared/fixtures/"} + name + " not found");
+      return;
+    }
+    temp_dir tmp;
+    write_bf16_fixture(src, tmp.path);
+    auto prompts = nlohmann::json::parse(std::ifstream{src / "prompts.json"})
+                       .get<std::vector<std::vector<std::int32_t>>>();
+    auto on_cpu = model::load_checkpoint(tmp.path);
+    auto on_gpu = model::load_checkpoint(tmp.path, {}, dev);
+    REQUIRE(on_cpu.ok());
+    REQUIRE(on_gpu.ok());
+    auto runner = cuda::cuda_backend::create(dev.device());
+    REQUIRE(runner.ok());
+    model::reference_model cpu_model{on_cpu->config, std::move(on_cpu->weights), 1};
+    model::reference_model gpu_model{on_gpu->config,
+                                     std::make_shared<const model::model_weights>(std::move(on_gpu->weights)),
+                                     std::unique_ptr<gpu::backend>(std::move(*runner))};
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      model::kv_cache cpu_cache{cpu_model.config(), cpu_model.backend()};
+      model::kv_cache gpu_cache{gpu_model.config(), gpu_model.backend()};
+      std::vector<model::forward_segment> cs{{&cpu_cache, prompts[i]}}, gs{{&gpu_cache, prompts[i]}};
+      auto want = cpu_model.forward(cs, model::logits_for::last_token);
+      auto got = gpu_model.forward(gs, model::logits_for::last_token);
+      REQUIRE(want.ok());
+      REQUIRE(got.ok());
+      check_close(*got, *want, bf16_tol, "bf16 last logits");
+    }
     CHECK(dev.error().ok());
   }
 }

@@ -104,4 +104,37 @@ std::size_t runtime_stats::remembered_waves() const {
   return n;
 }
 
+// -- backends ----------------------------------------------------------------------------
+
+status check_backend(gpu::backend_kind kind) {
+  for (const gpu::backend_info& info : gpu::compiled_backends()) {
+    if (info.kind != kind)
+      continue;
+    if (info.usable)
+      return status::success();
+    return make_error(error_code::device_error, std::string("backend '") + gpu::to_string(kind) + "' cannot run here: " +
+                                                    (info.reason.empty() ? "no device present" : info.reason));
+  }
+  return make_error(error_code::unsupported,
+                    std::string("backend '") + gpu::to_string(kind) +
+                        "' is not compiled into this build (configure with -DMOERT_WITH_CUDA=ON where nvcc 13, "
+                        "cuBLAS and NCCL are installed)");
+}
+
+result<std::unique_ptr<gpu::backend>> make_device_backend(gpu::backend_kind kind, std::size_t device_index,
+                                                          std::size_t num_threads) {
+  if (auto usable = check_backend(kind); !usable.ok())
+    return usable.err();
+  gpu::backend_options options;
+  options.num_threads = num_threads;
+  if (kind == gpu::backend_kind::cuda) {
+    std::size_t gpus = 0;
+    for (const gpu::backend_info& info : gpu::compiled_backends())
+      if (info.kind == kind)
+        gpus = info.num_devices;
+    options.device_index = gpus > 0 ? device_index % gpus : 0;
+  }
+  return gpu::create_backend(kind, options);
+}
+
 }  // namespace moert::actors

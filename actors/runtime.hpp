@@ -4,6 +4,7 @@
 // the run's counters. Owned by the engine, which outlives its actors.
 
 #include "actors/trace.hpp"
+#include "gpu/registry.hpp"
 #include "model/config.hpp"
 #include "model/weights.hpp"
 
@@ -99,6 +100,8 @@ struct runtime_context {
   runtime_stats* stats = nullptr;
   trace_recorder* trace = nullptr;  // null when not tracing
   class tensor_link* link = nullptr;  // a cluster's UCX data path; null: rows travel in messages
+  // The backend every device of this engine runs (EngineConfig::backend).
+  gpu::backend_kind backend = gpu::backend_kind::cpu;
 
   // Round-robin placement: expert e lives on device e mod eg as its local expert e div eg.
   std::size_t device_of(std::size_t expert) const { return expert % num_expert_devices; }
@@ -111,5 +114,15 @@ struct runtime_context {
     return e / num_expert_devices + (device < e % num_expert_devices ? 1 : 0);
   }
 };
+
+// Whether `kind` can run here: an error naming why not (not compiled into this build, or no
+// device present), checked before an engine loads anything.
+[[nodiscard]] status check_backend(gpu::backend_kind kind);
+
+// The backend of the engine's device `device_index` (attention and expert devices numbered
+// together), through gpu/registry: cpu with `num_threads` kernel threads, or cuda on GPU
+// device_index mod the GPUs visible, so one GPU hosts every device's stream when it is alone.
+result<std::unique_ptr<gpu::backend>> make_device_backend(gpu::backend_kind kind, std::size_t device_index,
+                                                          std::size_t num_threads);
 
 }  // namespace moert::actors

@@ -1,6 +1,7 @@
 #include "bench_command.hpp"
 
 #include "core/rng.hpp"
+#include "actors/runtime.hpp"
 #include "engine/engine.hpp"
 #include "engine_options.hpp"
 #include "gpu/cpu/gemm.hpp"
@@ -44,6 +45,8 @@ struct bench_options {
   std::size_t pp_tokens = 256, tg_tokens = 64, tg_batch = 16, tg_prompt = 16, reference_threads = 2;
   // With --model: the engine on `moert node` processes instead of in this process.
   std::string cluster_file, secret_file;
+  std::string backend = "cpu";  // the engine's devices (the reference forward stays on cpu)
+  gpu::backend_kind backend_kind = gpu::backend_kind::cpu;
 };
 
 struct workload {
@@ -222,6 +225,7 @@ int run_findep_check(const bench_options& o) {
     EngineConfig e;
     e.weights = weights;
     e.weights_config = *config;
+    e.backend = o.backend_kind;
     e.actor_threads = 1;
     e.plan = policy::to_execution_plan(p);
     std::vector<sample> runs;
@@ -356,6 +360,7 @@ int run_model_bench(const bench_options& o) {
   engine_options placement;
   placement.cluster_file = o.cluster_file;
   placement.secret_file = o.secret_file;
+  placement.backend = o.backend;
   auto defaults = make_engine_config(placement, o.cluster_file.empty() ? "" : o.model_dir, 1);
   if (!defaults) {
     std::fprintf(stderr, "moert: error: %s\n", defaults.err().what().c_str());
@@ -439,7 +444,18 @@ int run_model_bench(const bench_options& o) {
   return 0;
 }
 
-int run_bench(const bench_options& o) {
+int run_bench(bench_options o) {
+  // Before a checkpoint is read: a backend that cannot run here is an error naming why.
+  auto kind = parse_backend(o.backend);
+  if (!kind) {
+    std::fprintf(stderr, "moert: error: %s\n", kind.err().what().c_str());
+    return 1;
+  }
+  if (auto usable = actors::check_backend(*kind); !usable.ok()) {
+    std::fprintf(stderr, "moert: error: %s\n", usable.err().what().c_str());
+    return 1;
+  }
+  o.backend_kind = *kind;
   if (!o.model_dir.empty())
     return run_model_bench(o);
   if (!o.findep_check_testbed.empty())
@@ -469,6 +485,7 @@ int run_bench(const bench_options& o) {
   EngineConfig base;
   base.weights = weights;
   base.weights_config = *config;
+  base.backend = o.backend_kind;
   base.actor_threads = 1;
   base.defrag.max_wait = std::chrono::nanoseconds{0};
   auto plan_of = [](std::size_t r1, std::size_t r2, const std::string& order) {
@@ -551,6 +568,7 @@ command_runner add_bench_command(CLI::App& app) {
   CLI::App* sub = app.add_subcommand("bench", "Runtime vs bare forward, overlap of FinDEP plans, queue schedulers");
   sub->add_option("--model-type", o->model_type, "qwen3_moe or deepseek_v2 (synthetic, same sizes)")
       ->check(CLI::IsMember({"qwen3_moe", "deepseek_v2"}));
+  sub->add_option("--backend", o->backend, "The engine's backend: cpu or cuda (the reference forward runs on cpu)");
   sub->add_option("--layers", o->layers)->check(CLI::Range(1, 512));
   sub->add_option("--hidden", o->hidden)->check(CLI::Range(16, 65536));
   sub->add_option("--experts", o->experts)->check(CLI::Range(1, 4096));

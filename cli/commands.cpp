@@ -122,6 +122,8 @@ std::string sampling_text(const generate_options& opt) {
 }
 
 int run_generate_reference(const generate_options& opt) {
+  if (auto backend = check_reference_backend(opt.engine); !backend.ok())
+    return fail(backend.err());
   auto loaded = load_model(opt.model_dir, opt.weight_seed, opt.engine.threads);
   if (!loaded)
     return fail(loaded.err());
@@ -230,6 +232,8 @@ struct eval_result {
 };
 
 result<std::vector<eval_result>> eval_reference(const eval_options& opt, std::string& model_text) {
+  if (auto backend = check_reference_backend(opt.engine); !backend.ok())
+    return backend.err();
   auto loaded = load_model(opt.model_dir, 1, opt.engine.threads);
   if (!loaded)
     return loaded.err();

@@ -1,5 +1,6 @@
 #include "engine_options.hpp"
 
+#include "actors/runtime.hpp"
 #include "transport/handshake.hpp"
 
 #include "model_source.hpp"
@@ -11,6 +12,7 @@
 namespace moert::cli {
 
 void add_engine_options(CLI::App& app, engine_options& opt) {
+  app.add_option("--backend", opt.backend, "Compute backend of every device: cpu or cuda (needs a CUDA build and a GPU)");
   app.add_option("--ag", opt.ag, "Attention devices (shards)")->check(CLI::Range(1, 256));
   app.add_option("--eg", opt.eg, "Expert devices")->check(CLI::Range(1, 256));
   app.add_option("--threads", opt.threads, "Compute threads per device")->check(CLI::Range(1, 256));
@@ -33,6 +35,26 @@ void add_engine_options(CLI::App& app, engine_options& opt) {
   app.add_option("--tls-ca", opt.tls.ca_file, "Cluster over TLS: the CA that signed every node's certificate");
 }
 
+result<gpu::backend_kind> parse_backend(const std::string& name) {
+  if (name == "cpu")
+    return gpu::backend_kind::cpu;
+  if (name == "cuda")
+    return gpu::backend_kind::cuda;
+  return make_error(error_code::invalid_argument, "--backend '" + name + "': expected cpu or cuda");
+}
+
+status check_reference_backend(const engine_options& opt) {
+  auto backend = parse_backend(opt.backend);
+  if (!backend)
+    return backend.err();
+  if (*backend == gpu::backend_kind::cpu)
+    return status::success();
+  if (auto usable = actors::check_backend(*backend); !usable.ok())
+    return usable.err();
+  return make_error(error_code::unsupported, std::string("--reference runs on the cpu backend only; drop it to run the "
+                                                         "engine on ") + gpu::to_string(*backend));
+}
+
 result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,
                                         std::uint64_t weight_seed) {
   EngineConfig config;
@@ -43,6 +65,13 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
   config.attention_devices = opt.ag;
   config.expert_devices = opt.eg;
   config.threads_per_device = opt.threads;
+  auto backend = parse_backend(opt.backend);
+  if (!backend)
+    return backend.err();
+  if (*backend == gpu::backend_kind::cpu)
+    return status::success();
+  if (auto usable = actors::check_backend(*backend); !usable.ok())
+    return usable.err();
   auto order = policy::parse_segment_order(opt.order);
   if (!order)
     return make_error(error_code::invalid_argument, "--order '" + opt.order + "': expected AASS, ASAS or PPPipe");

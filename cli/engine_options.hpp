@@ -1,7 +1,7 @@
 #pragma once
 
-// Command-line options that place and schedule an Engine (`--ag`, `--eg`, plan and
-// scheduler flags), shared by `moert generate`, `eval` and `bench`.
+// Command-line options that place and schedule an Engine (`--backend`, `--ag`, `--eg`, plan
+// and scheduler flags), shared by `moert generate`, `eval`, `serve` and `bench`.
 
 #include "engine/engine.hpp"
 
@@ -15,6 +15,7 @@ struct engine_options {
   std::size_t ag = 1;
   std::size_t eg = 1;
   std::size_t threads = 1;  // per device
+  std::string backend = "cpu";  // cpu or cuda (EngineConfig::backend)
   std::size_t r1 = 1;
   std::size_t m_a = 0;
   std::size_t r2 = 1;
@@ -30,6 +31,13 @@ struct engine_options {
 };
 
 void add_engine_options(CLI::App& app, engine_options& opt);
+
+// "cpu" or "cuda"; anything else is an error naming the value.
+result<gpu::backend_kind> parse_backend(const std::string& name);
+
+// With --reference: the bare forward runs on the cpu backend, so any other backend is an
+// error (the one naming why it cannot run here, if it cannot).
+status check_reference_backend(const engine_options& opt);
 
 // Fills placement, plan and scheduler of `config` from the options.
 result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,

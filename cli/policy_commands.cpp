@@ -1,5 +1,7 @@
 #include "policy_commands.hpp"
 
+#include "calibrate_cuda.hpp"
+
 #include "core/rng.hpp"
 #include "gpu/cpu/gemm.hpp"
 #include "gpu/cpu/ops.hpp"
@@ -347,6 +349,7 @@ int run_simulate(const simulate_options& opt) {
 
 struct calibrate_options {
   std::string backend = "cpu";
+  cuda_calibrate_options cuda;  // --backend cuda: device and expert shape
   std::string out;
   std::string name;
   std::size_t threads = std::max(1u, std::thread::hardware_concurrency());
@@ -401,8 +404,22 @@ struct sample_set {
 };
 
 int run_calibrate(const calibrate_options& opt) {
+  if (opt.backend == "cuda") {
+#if MOERT_HAVE_CUDA
+    cuda_calibrate_options cuda = opt.cuda;
+    cuda.out = opt.out;
+    cuda.name = opt.name;
+    cuda.warmup = opt.warmup;
+    cuda.trials = opt.trials;
+    return run_calibrate_cuda(cuda);
+#else
+    return fail(make_error(error_code::unsupported,
+                           "calibrate --backend cuda: the cuda backend is not compiled into this build (configure "
+                           "with -DMOERT_WITH_CUDA=ON where nvcc 13, cuBLAS and NCCL are installed)"));
+#endif
+  }
   if (opt.backend != "cpu")
-    return fail(make_error(error_code::unsupported, "--backend " + opt.backend + ": only cpu is built here"));
+    return fail(make_error(error_code::invalid_argument, "--backend '" + opt.backend + "': expected cpu or cuda"));
   auto started = now();
   cpu::thread_pool pool{opt.threads};
 
@@ -576,7 +593,14 @@ command_runner add_simulate_command(CLI::App& app) {
 command_runner add_calibrate_command(CLI::App& app) {
   auto opt = std::make_shared<calibrate_options>();
   CLI::App* sub = app.add_subcommand("calibrate", "Fit the alpha-beta cost lines on this machine (microbenchmarks)");
-  sub->add_option("--backend", opt->backend, "cpu");
+  sub->add_option("--backend", opt->backend,
+                  "cpu, or cuda: a GPU testbed with the grouped/dense expert GEMM crossover the CUDA backend uses");
+  sub->add_option("--device", opt->cuda.device, "cuda: which GPU")->check(CLI::Range(0, 1024));
+  sub->add_option("--hidden", opt->cuda.hidden, "cuda: expert GEMM shape, hidden size")->check(CLI::Range(16, 65536));
+  sub->add_option("--expert-intermediate", opt->cuda.expert_intermediate, "cuda: expert FFN size")
+      ->check(CLI::Range(16, 65536));
+  sub->add_option("--experts", opt->cuda.experts, "cuda: experts on the device")->check(CLI::Range(1, 4096));
+  sub->add_option("--dtype", opt->cuda.dtype, "cuda: weight type, bf16 or f32");
   sub->add_option("--out", opt->out, "Testbed JSON to write (default: print)");
   sub->add_option("--name", opt->name, "Testbed name (default: the file's stem)");
   sub->add_option("--threads", opt->threads, "Compute threads")->check(CLI::Range(1, 1024));

@@ -244,6 +244,12 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     return invalid("attention_devices, expert_devices and threads_per_device must be at least 1");
   if (config.plan.r1 == 0 || config.plan.r2 == 0)
     return invalid("plan: r1 and r2 must be at least 1");
+  // Before anything is loaded: a backend that cannot run here fails at once, naming why.
+  if (auto usable = actors::check_backend(config.backend); !usable.ok())
+    return usable.err();
+  if (config.cluster && config.backend != gpu::backend_kind::cpu)
+    return make_error(error_code::unsupported, std::string("backend '") + gpu::to_string(config.backend) +
+                                                   "' with a cluster: the nodes run the cpu backend only");
 
   if (config.cluster) {
     if (config.weights)
@@ -291,6 +297,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->ctx.weights =
         config.weights ? config.weights : std::make_shared<const model::model_weights>(std::move(weights));
   state->ctx.num_expert_devices = config.expert_devices;
+  state->ctx.backend = config.backend;
   state->ctx.stats = &state->stats;
   state->ctx.trace = config.trace ? &state->trace : nullptr;
 

@@ -43,6 +43,15 @@ struct comm_fit {
 };
 
 // The constants of one machine type (configs/testbeds/*.json).
+// The grouped/dense crossover of one device's expert GEMMs (EPS-MoE, amoe-eps.md §3.5), measured
+// on the GPU by `moert calibrate --backend cuda`: an expert with at least dense_min_rows rows
+// runs as its own dense GEMM, fewer share one grouped GEMM. dense_min_rows absent: dense never
+// won on the calibration's grid, so every expert runs grouped.
+struct expert_gemm_crossover {
+  std::optional<std::size_t> dense_min_rows;
+  std::string source;  // what it was measured on: GPU, shapes, type, grid
+};
+
 struct testbed {
   std::string name;
   std::string notes;  // provenance, units and corrections; carried through JSON unchanged
@@ -55,6 +64,7 @@ struct testbed {
   std::optional<linear_fit> comm_default;   // for pairs not in `comm`; assumed, not fitted
   double device_memory_bytes = 0.0;         // per device
   double reserved_bytes = 0.0;              // runtime, allocator and workspace headroom per device
+  std::optional<expert_gemm_crossover> expert_gemm;  // GPU testbeds only
 };
 
 // The A2E fit for (ag, eg): the exact pair, else comm_default, else an error naming the pair.

@@ -229,7 +229,7 @@ result<testbed> parse_testbed(std::string_view json_text, const std::string& sou
   MOERT_GET(doc, parse_object(json_text, source));
   reader r{doc, source, ""};
   MOERT_TRY(r.only({"name", "notes", "source", "units", "device_memory_gib", "reserved_gib", "gemm",
-                    "attention", "shared_expert", "comm", "comm_default"}));
+                    "attention", "shared_expert", "comm", "comm_default", "expert_gemm"}));
   testbed bed;
   MOERT_GET(name, r.text("name"));
   MOERT_GET(notes, r.text("notes", std::string{}));
@@ -273,6 +273,25 @@ result<testbed> parse_testbed(std::string_view json_text, const std::string& sou
   }
   if (bed.comm.empty() && !bed.comm_default)
     return r.fail("comm", "or 'comm_default' must be given");
+  if (const json* g = r.find("expert_gemm")) {
+    if (!g->is_object())
+      return r.fail("expert_gemm", "must be an object {dense_min_rows, source}");
+    reader item = r.child(*g, "expert_gemm");
+    MOERT_TRY(item.only({"dense_min_rows", "source"}));
+    expert_gemm_crossover crossover;
+    const json* rows = item.find("dense_min_rows");
+    if (!rows)
+      return item.fail("dense_min_rows", "is missing (null: dense never wins)");
+    if (!rows->is_null()) {
+      MOERT_GET(n, item.count("dense_min_rows"));
+      if (n == 0)
+        return item.fail("dense_min_rows", "must be positive (or null: dense never wins)");
+      crossover.dense_min_rows = n;
+    }
+    MOERT_GET(source, item.text("source", std::string{}));
+    crossover.source = source;
+    bed.expert_gemm = crossover;
+  }
   return bed;
 }
 
@@ -298,6 +317,10 @@ std::string to_json(const testbed& bed) {
     doc["comm"] = comm;
   if (bed.comm_default)
     doc["comm_default"] = fit_json(*bed.comm_default);
+  if (bed.expert_gemm) {
+    json rows = bed.expert_gemm->dense_min_rows ? json(*bed.expert_gemm->dense_min_rows) : json(nullptr);
+    doc["expert_gemm"] = {{"dense_min_rows", rows}, {"source", bed.expert_gemm->source}};
+  }
   return doc.dump(2) + "\n";
 }
 

@@ -189,3 +189,34 @@ TEST_CASE("bad input: one clear error line, non-zero exit") {
                  "not valid JSON");
   }
 }
+
+// --backend cuda on a machine that cannot run it (no CUDA build, or no GPU): every command that
+// takes it fails at once with one line naming the reason. Where it can run, generate gives the
+// cpu backend's greedy tokens.
+TEST_CASE("backend cuda where it cannot run: one clear error line, non-zero exit", "[gpu]") {
+  auto probe = run("generate -n 4 --backend cuda");
+  if (probe.exit_code == 0) {
+    auto cpu = run("generate -n 4 --backend cpu");
+    REQUIRE(cpu.exit_code == 0);
+    CHECK(generated_lines(probe.out) == generated_lines(cpu.out));
+    return;
+  }
+  INFO("stderr: " << probe.err);
+  bool compiled = probe.err.find("not compiled into this build") == std::string::npos;
+  std::string reason = compiled ? "backend 'cuda' cannot run here: no CUDA device" : "not compiled into this build";
+  expect_error("generate -n 4 --backend cuda", reason);
+  expect_error("generate -n 4 --backend cuda --ag 2 --eg 2", reason);
+  expect_error("bench --backend cuda --reps 1", reason);
+  expect_error("serve --port 0 --backend cuda", reason);
+  expect_error("generate --reference --backend cuda", reason);
+  expect_error("calibrate --backend cuda", compiled ? "no CUDA device" : "not compiled into this build");
+  expect_error("generate --backend tpu", "--backend 'tpu': expected cpu or cuda");
+  auto fixture = moert::test::fixture_dir("qwen3_moe_tiny");
+  if (!fixture.empty()) {
+    fs::path dir = scratch_dir();
+    write(dir / "prompts.json", "[[1, 2, 3]]");
+    expect_error("eval --model " + fixture.string() + " --prompts " + (dir / "prompts.json").string() + " --out " +
+                     (dir / "o.json").string() + " --backend cuda",
+                 reason);
+  }
+}

@@ -148,6 +148,32 @@ TEST_CASE("testbed JSON round-trips and errors name the key") {
   CHECK(shape_err.err().message.find("'attention.num_kv_heads'") != std::string::npos);
 }
 
+TEST_CASE("a GPU testbed carries the calibrated grouped/dense expert GEMM crossover") {
+  std::string base = R"({"name": "g", "device_memory_gib": 139, "gemm": {"alpha": 0, "beta": 1e-12},
+                        "attention": {"alpha": 0, "beta": 1e-12}, "comm_default": {"alpha": 0, "beta": 1e-9})";
+  auto plain = parse_testbed(base + "}", "g.json");
+  REQUIRE(plain.ok());
+  CHECK_FALSE(plain->expert_gemm.has_value());
+  auto bed = parse_testbed(base + R"(, "expert_gemm": {"dense_min_rows": 384, "source": "H200, bf16"}})", "g.json");
+  REQUIRE(bed.ok());
+  REQUIRE(bed->expert_gemm.has_value());
+  CHECK(bed->expert_gemm->dense_min_rows == std::optional<std::size_t>{384});
+  CHECK(bed->expert_gemm->source == "H200, bf16");
+  auto again = parse_testbed(to_json(*bed), "round trip");
+  REQUIRE(again.ok());
+  CHECK(to_json(*again) == to_json(*bed));
+  auto never = parse_testbed(base + R"(, "expert_gemm": {"dense_min_rows": null}})", "g.json");
+  REQUIRE(never.ok());
+  CHECK_FALSE(never->expert_gemm->dense_min_rows.has_value());
+  CHECK(parse_testbed(to_json(*never), "round trip")->expert_gemm.has_value());
+  auto zero = parse_testbed(base + R"(, "expert_gemm": {"dense_min_rows": 0}})", "g.json");
+  REQUIRE_FALSE(zero.ok());
+  CHECK(zero.err().message.find("'expert_gemm.dense_min_rows' must be positive") != std::string::npos);
+  auto typo = parse_testbed(base + R"(, "expert_gemm": {"rows": 4}})", "g.json");
+  REQUIRE_FALSE(typo.ok());
+  CHECK(typo.err().message.find("'expert_gemm.rows' is not a known key") != std::string::npos);
+}
+
 TEST_CASE("the memory model reproduces the reference's byte counts") {
   model_shape ds = load_shape("deepseek-v2");
   auto mem = make_memory_model(ds, paper_a(), 3, 5, 4096, 16, 0);

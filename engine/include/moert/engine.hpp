@@ -19,6 +19,7 @@
 
 #include "core/error.hpp"
 #include "engine/cluster_config.hpp"
+#include "gpu/backend.hpp"
 #include "model/config.hpp"
 #include "model/sampler.hpp"
 #include "policy/defrag.hpp"
@@ -108,6 +109,10 @@ struct EngineConfig {
   std::size_t attention_devices = 1;  // ag: attention shards
   std::size_t expert_devices = 1;     // eg: expert devices (experts placed round-robin)
   std::size_t threads_per_device = 1;
+  // The compute backend of every device: cpu (always built, the reference) or cuda (built
+  // with CUDA; the engine's device i runs on GPU i mod the GPUs visible). Engine::create fails
+  // with a message naming the reason when it is not compiled in or no device is present.
+  gpu::backend_kind backend = gpu::backend_kind::cpu;
   // Every shard and expert posts to one device: the runtime on a single core, for comparing
   // its overhead with the bare forward.
   bool single_device = false;

@@ -456,6 +456,38 @@ status cuda_backend::checked_synchronize(double timeout_ms) {
   return error();
 }
 
+void cuda_backend::set_gemm_switch(const expert_gemm_shape& shape, gemm_switch sw) {
+  for (shape_switch& s : switches_)
+    if (s.n == shape.n && s.k == shape.k && s.type == shape.type) {
+      s.sw = std::move(sw);
+      return;
+    }
+  switches_.push_back({shape.n, shape.k, shape.type, std::move(sw)});
+}
+
+const gemm_switch& cuda_backend::gemm_switch_for(std::size_t n, std::size_t k, dtype type) const {
+  for (const shape_switch& s : switches_)
+    if (s.n == n && s.k == k && s.type == type)
+      return s.sw;
+  return default_switch_;
+}
+
+result<std::vector<gemm_timing>> cuda_backend::calibrate_gemm_switch(const expert_gemm_shape& shape,
+                                                                     std::span<const std::size_t> rows_grid,
+                                                                     int reps) {
+  MOERT_TRY(error());
+  auto sweep = time_expert_gemms(*ctx_, shape, rows_grid, reps);
+  if (!sweep)
+    return sweep.err();
+  auto sw = fit_gemm_switch(*sweep, "calibrated on " + name_ + " for " + std::to_string(shape.num_experts) +
+                                        " experts of " + std::to_string(shape.n) + "x" + std::to_string(shape.k) +
+                                        " " + std::string(safetensors_name(shape.type)));
+  if (!sw)
+    return sw.err();
+  set_gemm_switch(shape, std::move(*sw));
+  return sweep;
+}
+
 status cuda_backend::expert_matmuls(std::span<const expert_matmul> batch, expert_gemm_stats* stats) {
   MOERT_TRY(error());
   MOERT_TRY(ctx_->make_current());
@@ -463,7 +495,10 @@ status cuda_backend::expert_matmuls(std::span<const expert_matmul> batch, expert
   gemms.reserve(batch.size());
   for (const expert_matmul& m : batch)
     gemms.push_back({&device_matrix_of(*m.w), m.x, m.y, m.rows});
-  status s = run_expert_gemms(*ctx_, gemms, switch_, stats);
+  if (gemms.empty())
+    return {};
+  const device_matrix& first = *gemms.front().w;
+  status s = run_expert_gemms(*ctx_, gemms, gemm_switch_for(first.rows, first.cols, first.type), stats);
   record(s);
   return s;
 }

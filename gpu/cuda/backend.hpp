@@ -121,11 +121,18 @@ public:
   // would say if the seam let it return a status.
   status checked_synchronize(double timeout_ms = 60'000.0);
 
-  // The grouped/dense rule of expert_matmuls (default: gemm_switch::uncalibrated_default()).
-  void set_gemm_switch(gemm_switch sw) { switch_ = std::move(sw); }
-  const gemm_switch& current_gemm_switch() const { return switch_; }
+  // The grouped/dense rule of expert_matmuls: one per weight shape (n, k, type) once
+  // calibrated, else the default (initially gemm_switch::uncalibrated_default()).
+  void set_gemm_switch(gemm_switch sw) { default_switch_ = std::move(sw); }
+  void set_gemm_switch(const expert_gemm_shape& shape, gemm_switch sw);
+  const gemm_switch& gemm_switch_for(std::size_t n, std::size_t k, dtype type) const;
+  // Sweeps `shape` on this backend's GPU (time_expert_gemms, blocking), installs the switch
+  // fit_gemm_switch finds for it and returns the sweep (for the calibration file and reports).
+  result<std::vector<gemm_timing>> calibrate_gemm_switch(const expert_gemm_shape& shape,
+                                                         std::span<const std::size_t> rows_grid, int reps);
   // The expert GEMMs of one device and one projection (all of one shape and type), each
-  // expert grouped or dense by its row count; counts what ran how.
+  // expert grouped or dense by its row count under gemm_switch_for(that shape); counts what
+  // ran how.
   status expert_matmuls(std::span<const expert_matmul> batch, expert_gemm_stats* stats = nullptr);
 
 private:
@@ -144,7 +151,13 @@ private:
   std::unique_ptr<context> ctx_;
   std::shared_ptr<stream_state> stream_state_ = std::make_shared<stream_state>();
   std::string name_;
-  gemm_switch switch_ = gemm_switch::uncalibrated_default();
+  gemm_switch default_switch_ = gemm_switch::uncalibrated_default();
+  struct shape_switch {
+    std::size_t n, k;
+    dtype type;
+    gemm_switch sw;
+  };
+  std::vector<shape_switch> switches_;
   mutable std::mutex error_mutex_;  // error_ is written by the executor, read by anyone
   status error_;
 };

@@ -12,8 +12,9 @@
 // experts each with its own rows runs either as one grouped GEMM across the experts
 // (cublasGemmGroupedBatchedEx: one launch, good for few rows per expert) or as one dense GEMM
 // per expert (better once an expert has many rows). gemm_switch decides per expert by its row
-// count against a threshold that comes from calibration (calibrate_gemm_switch, driven by
-// `moert calibrate --backend cuda`); the uncalibrated default is marked as such.
+// count against a threshold that comes from calibration (time_expert_gemms + fit_gemm_switch,
+// or cuda_backend::calibrate_gemm_switch; driven by `moert calibrate --backend cuda`); the
+// uncalibrated default is marked as such.
 //
 // Thread safety: every call issues work on the context's stream and returns without waiting;
 // one thread per context.

@@ -509,6 +509,20 @@ TEST_CASE("cuda: expert GEMMs grouped and dense agree with the cpu backend; the 
     }
   }
   dev.set_gemm_switch(cuda::gemm_switch::uncalibrated_default());
+
+  // A calibration installs a measured switch for its shape only.
+  cuda::expert_gemm_shape shape{n, k, dtype::bf16, 4};
+  std::vector<std::size_t> grid{1, 64, 512};
+  auto sweep = dev.calibrate_gemm_switch(shape, grid, 3);
+  REQUIRE(sweep.ok());
+  REQUIRE(sweep->size() == 3);
+  for (const cuda::gemm_timing& t : *sweep) {
+    CHECK(t.grouped_ms > 0.0);
+    CHECK(t.dense_ms > 0.0);
+    CHECK(t.dense_peak_ms > 0.0);
+  }
+  CHECK(dev.gemm_switch_for(n, k, dtype::bf16).calibrated);
+  CHECK_FALSE(dev.gemm_switch_for(n, k, dtype::f32).calibrated);
 }
 
 TEST_CASE("cuda: when_done calls back once the stream has run", "[cuda][gpu]") {

@@ -7,6 +7,7 @@
 #include "gpu/cpu/gemm.hpp"
 #include "policy/findep.hpp"
 #include "policy/replan.hpp"
+#include "model_source.hpp"
 #include "policy_commands.hpp"
 #include "model/forward.hpp"
 
@@ -360,7 +361,7 @@ int run_model_bench(const bench_options& o) {
   engine_options placement;
   placement.cluster_file = o.cluster_file;
   placement.secret_file = o.secret_file;
-  placement.backend = o.backend;
+  // --backend names the reference forward's backend: the engine's actor path is cpu-only for now.
   auto defaults = make_engine_config(placement, o.cluster_file.empty() ? "" : o.model_dir, 1);
   if (!defaults) {
     std::fprintf(stderr, "moert: error: %s\n", defaults.err().what().c_str());
@@ -395,7 +396,19 @@ int run_model_bench(const bench_options& o) {
               o.model_dir.c_str(), o.reps, o.pp_tokens, o.tg_tokens, o.tg_batch, o.tg_prompt, o.reference_threads);
   std::fflush(stdout);
 
-  model::reference_model reference{config, weights, o.reference_threads};
+  loaded_model device_reference;  // --backend cuda: the reference forward on the GPU
+  std::unique_ptr<model::reference_model> host_reference;
+  if (o.backend_kind != gpu::backend_kind::cpu) {
+    auto on_device = load_model(o.model_dir, 1, o.reference_threads, o.backend_kind);
+    if (!on_device) {
+      std::fprintf(stderr, "moert: error: %s\n", on_device.err().what().c_str());
+      return 1;
+    }
+    device_reference = std::move(*on_device);
+  } else {
+    host_reference = std::make_unique<model::reference_model>(config, weights, o.reference_threads);
+  }
+  model::reference_model& reference = device_reference.model ? *device_reference.model : *host_reference;
   auto pp_prompt = random_prompts(1, o.pp_tokens, config.vocab_size, 1);
   auto tg1_prompts = random_prompts(1, o.tg_prompt, config.vocab_size, 2);
   auto tgn_prompts = random_prompts(o.tg_batch, o.tg_prompt, config.vocab_size, 3);
@@ -423,7 +436,9 @@ int run_model_bench(const bench_options& o) {
   nlohmann::json json_rows = nlohmann::json::array();
   for (int mode = 0; mode < 2; ++mode) {
     std::string name = std::string{names[mode]} +
-                       (mode == 0 ? ", " + std::to_string(o.reference_threads) + " threads" : std::string{});
+                       (mode != 0 ? std::string{}
+                        : o.backend_kind != gpu::backend_kind::cpu ? ", " + reference.backend().name()
+                                                                    : ", " + std::to_string(o.reference_threads) + " threads");
     std::printf("| %-36s |", name.c_str());
     for (int k = 0; k < 3; ++k) {
       f[mode][k] = summarize_values(runs[mode][k]);
@@ -456,6 +471,12 @@ int run_bench(bench_options o) {
     return 1;
   }
   o.backend_kind = *kind;
+  if (o.backend_kind != gpu::backend_kind::cpu && o.model_dir.empty()) {
+    std::fprintf(stderr, "moert: error: bench --backend %s: without --model it times the engine, whose actor path "
+                 "runs on the cpu backend only for now; --model DIR --backend %s times the reference forward on it\n",
+                 o.backend.c_str(), o.backend.c_str());
+    return 1;
+  }
   if (!o.model_dir.empty())
     return run_model_bench(o);
   if (!o.findep_check_testbed.empty())
@@ -568,7 +589,7 @@ command_runner add_bench_command(CLI::App& app) {
   CLI::App* sub = app.add_subcommand("bench", "Runtime vs bare forward, overlap of FinDEP plans, queue schedulers");
   sub->add_option("--model-type", o->model_type, "qwen3_moe or deepseek_v2 (synthetic, same sizes)")
       ->check(CLI::IsMember({"qwen3_moe", "deepseek_v2"}));
-  sub->add_option("--backend", o->backend, "The engine's backend: cpu or cuda (the reference forward runs on cpu)");
+  sub->add_option("--backend", o->backend, "With --model: the reference forward's backend, cpu or cuda (the engine runs on cpu)");
   sub->add_option("--layers", o->layers)->check(CLI::Range(1, 512));
   sub->add_option("--hidden", o->hidden)->check(CLI::Range(16, 65536));
   sub->add_option("--experts", o->experts)->check(CLI::Range(1, 4096));

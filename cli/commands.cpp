@@ -122,9 +122,10 @@ std::string sampling_text(const generate_options& opt) {
 }
 
 int run_generate_reference(const generate_options& opt) {
-  if (auto backend = check_reference_backend(opt.engine); !backend.ok())
+  auto backend = reference_backend(opt.engine);
+  if (!backend)
     return fail(backend.err());
-  auto loaded = load_model(opt.model_dir, opt.weight_seed, opt.engine.threads);
+  auto loaded = load_model(opt.model_dir, opt.weight_seed, opt.engine.threads, *backend);
   if (!loaded)
     return fail(loaded.err());
   model::reference_model& m = *loaded->model;
@@ -152,7 +153,7 @@ int run_generate_reference(const generate_options& opt) {
   std::printf("model: %s\n       %s\n", loaded->description.c_str(), describe(m.config()).c_str());
   for (const auto& name : loaded->unexpected_tensors)
     std::printf("warning: tensor '%s' is not used by %s\n", name.c_str(), std::string{to_string(m.config().arch)}.c_str());
-  std::printf("reference forward (no actors), %zu threads, %s; %s\n", m.num_threads(),
+  std::printf("reference forward (no actors) on %s, %s; %s\n", m.backend().name().c_str(),
               opt.recompute ? "full recompute" : "KV cache", sampling_text(opt).c_str());
   print_generated(*prompts, *out);
   std::printf("prefill: %zu tokens in %.4f s (%.1f tokens/s)\n", stats.prompt_tokens, stats.prefill_seconds,
@@ -232,9 +233,10 @@ struct eval_result {
 };
 
 result<std::vector<eval_result>> eval_reference(const eval_options& opt, std::string& model_text) {
-  if (auto backend = check_reference_backend(opt.engine); !backend.ok())
+  auto backend = reference_backend(opt.engine);
+  if (!backend)
     return backend.err();
-  auto loaded = load_model(opt.model_dir, 1, opt.engine.threads);
+  auto loaded = load_model(opt.model_dir, 1, opt.engine.threads, *backend);
   if (!loaded)
     return loaded.err();
   model::reference_model& m = *loaded->model;

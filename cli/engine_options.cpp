@@ -43,16 +43,13 @@ result<gpu::backend_kind> parse_backend(const std::string& name) {
   return make_error(error_code::invalid_argument, "--backend '" + name + "': expected cpu or cuda");
 }
 
-status check_reference_backend(const engine_options& opt) {
+result<gpu::backend_kind> reference_backend(const engine_options& opt) {
   auto backend = parse_backend(opt.backend);
   if (!backend)
     return backend.err();
-  if (*backend == gpu::backend_kind::cpu)
-    return status::success();
   if (auto usable = actors::check_backend(*backend); !usable.ok())
     return usable.err();
-  return make_error(error_code::unsupported, std::string("--reference runs on the cpu backend only; drop it to run the "
-                                                         "engine on ") + gpu::to_string(*backend));
+  return *backend;
 }
 
 result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,

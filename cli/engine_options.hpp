@@ -35,9 +35,9 @@ void add_engine_options(CLI::App& app, engine_options& opt);
 // "cpu" or "cuda"; anything else is an error naming the value.
 result<gpu::backend_kind> parse_backend(const std::string& name);
 
-// With --reference: the bare forward runs on the cpu backend, so any other backend is an
-// error (the one naming why it cannot run here, if it cannot).
-status check_reference_backend(const engine_options& opt);
+// With --reference: the backend the bare forward runs on, or the error naming why it cannot
+// run here.
+result<gpu::backend_kind> reference_backend(const engine_options& opt);
 
 // Fills placement, plan and scheduler of `config` from the options.
 result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,

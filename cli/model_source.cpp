@@ -8,8 +8,39 @@
 namespace moert::cli {
 
 result<loaded_model> load_model(const std::string& model_dir, std::uint64_t weight_seed,
-                                std::size_t num_threads) {
+                                std::size_t num_threads, gpu::backend_kind backend) {
   loaded_model out;
+  if (backend != gpu::backend_kind::cpu) {
+    // Weights uploaded through one backend of the device, the forward run by another that
+    // shares its memory (the same GPU), as the seam's memory rules ask.
+    auto home = gpu::create_backend(backend);
+    if (!home)
+      return home.err();
+    auto runner = gpu::create_backend(backend);
+    if (!runner)
+      return runner.err();
+    out.weights_backend = std::move(*home);
+    if (model_dir.empty()) {
+      auto config = model::parse_config(default_model_json(), "embedded default model");
+      if (!config)
+        return config.err();
+      auto weights = std::make_shared<const model::model_weights>(
+          model::synthetic_weights(*config, weight_seed, *out.weights_backend));
+      out.model = std::make_unique<model::reference_model>(*config, std::move(weights), std::move(*runner));
+      out.description = "embedded default (configs/models/default-moe.json, weight seed " +
+                        std::to_string(weight_seed) + ")";
+      return out;
+    }
+    auto loaded = model::load_checkpoint(model_dir, {}, *out.weights_backend);
+    if (!loaded)
+      return loaded.err();
+    out.unexpected_tensors = loaded->weights.unexpected_tensors;
+    auto weights = std::make_shared<const model::model_weights>(std::move(loaded->weights));
+    out.model = std::make_unique<model::reference_model>(std::move(loaded->config), std::move(weights),
+                                                         std::move(*runner));
+    out.description = "checkpoint " + model_dir;
+    return out;
+  }
   if (model_dir.empty()) {
     auto config = model::parse_config(default_model_json(), "embedded default model");
     if (!config)

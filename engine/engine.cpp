@@ -247,9 +247,13 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   // Before anything is loaded: a backend that cannot run here fails at once, naming why.
   if (auto usable = actors::check_backend(config.backend); !usable.ok())
     return usable.err();
-  if (config.cluster && config.backend != gpu::backend_kind::cpu)
-    return make_error(error_code::unsupported, std::string("backend '") + gpu::to_string(config.backend) +
-                                                   "' with a cluster: the nodes run the cpu backend only");
+  // The actors' activations (row blocks, residuals, logits) are still host vectors, so the
+  // data path is correct on the cpu backend only (docs/architecture.md, the device seam).
+  if (config.backend != gpu::backend_kind::cpu)
+    return make_error(error_code::unsupported,
+                      std::string("backend '") + gpu::to_string(config.backend) +
+                          "': the engine's actor path runs on the cpu backend only for now (its activations are "
+                          "host vectors); the reference forward (--reference) runs on it");
 
   if (config.cluster) {
     if (config.weights)

@@ -415,9 +415,13 @@ void cuda_backend::combine(const float* const* weighted_host, std::size_t top_k,
                            std::size_t num_rows, std::size_t dim, float* x) {
   if (num_rows == 0 || !ok_to_run())
     return;
-  auto* rows = static_cast<const float* const*>(stage(weighted_host, num_rows * top_k * sizeof(float*)));
-  if (rows == nullptr)
-    return;
+  // top_k 0 (a dense layer): only the side output is added, there are no rows to stage.
+  const float* const* rows = nullptr;
+  if (top_k > 0) {
+    rows = static_cast<const float* const*>(stage(weighted_host, num_rows * top_k * sizeof(float*)));
+    if (rows == nullptr)
+      return;
+  }
   MOERT_LAUNCH(kernels::combine(x, dim, top_k, rows, nullptr, side, num_rows, ctx_->stream()));
 }
 

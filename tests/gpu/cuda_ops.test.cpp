@@ -455,6 +455,10 @@ TEST_CASE("cuda: swiglu, sigmoid gate, add, row moves, weighted combine", "[cuda
   ref.combine(w_ref.data(), top_k, side.data(), rows, dim, x.data());
   dev.combine(w_dev.data(), top_k, side_d.floats(), rows, dim, x_d.floats());
   CHECK(to_host(dev, x_d, x.size()) == x);
+  // A dense layer: no routed slots, only the side output.
+  ref.combine(nullptr, 0, side.data(), rows, dim, x.data());
+  dev.combine(nullptr, 0, side_d.floats(), rows, dim, x_d.floats());
+  CHECK(to_host(dev, x_d, x.size()) == x);
 }
 
 TEST_CASE("cuda: expert GEMMs grouped and dense agree with the cpu backend; the switch splits by rows",

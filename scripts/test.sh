@@ -6,6 +6,11 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
 ctest --test-dir "$MOERT_BUILD" --output-on-failure -j "$(nproc)"
+# ctest lists skipped tests (GPU tests without a GPU, fixture tests without fixtures) only as
+# "Not Run": print each one's reason from its own output.
+echo "moert: skipped tests and why"
+awk '/^[0-9]+\/[0-9]+ Test: /{name=$3} /^SKIPPED: /{print "  " name ": " $0}' \
+  "$MOERT_BUILD/Testing/Temporary/LastTest.log" 2>/dev/null || true
 
 echo "moert: examples/embed_pipeline against the installed package"
 prefix="$MOERT_ROOT/build-examples/moert-prefix"  # scratch prefix, refilled each run

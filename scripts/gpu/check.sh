@@ -17,8 +17,12 @@
 # prefix is /tmp/moert-gpu-prefix unless MOERT_GPU_PREFIX says otherwise; MOERT_GPU_TARGETS
 # limits what is built, MOERT_GPU_JOBS the jobs).
 #
-# Device-tool call (one run; budget ~10 min of its 15):
-#   run(command="OUT=$OUT scripts/gpu/check.sh", carry=[".debs", ".gpu-carry"], timeout_s=580)
+# Device-tool calls (15 min of device time in all, the machine's start included): two, the
+# second right after the first while the machine is warm (it then reuses the build):
+#   run(command="MOERT_GPU_STEPS=tests,bench scripts/gpu/check.sh", carry=[".debs", ".gpu-carry"], timeout_s=420)
+#   run(command="MOERT_GPU_STEPS=decode scripts/gpu/check.sh", carry=[".debs", ".gpu-carry"], timeout_s=300)
+# Not yet run on any GPU: the timings are guesses, which is why every step has its own limit and
+# the logs are packed after each one.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -60,9 +64,10 @@ note "host: $(uname -n), $(nproc) cores; $(. /etc/os-release 2>/dev/null && echo
 
 # -- 1. the Debian packages into a prefix ---------------------------------------------------
 ls "$DEBS"/*.deb >/dev/null 2>&1 || { note "no $DEBS/*.deb: run scripts/gpu/fetch_debs.sh on the CPU machine and carry .debs"; exit 2; }
+ARCH_LIB="$PREFIX/usr/lib/x86_64-linux-gnu"
+if [[ ! -f $PREFIX/.unpacked ]]; then  # a warm machine keeps /tmp: a second run reuses it
 rm -rf "$PREFIX" && mkdir -p "$PREFIX"
 for f in "$DEBS"/*.deb; do dpkg -x "$f" "$PREFIX" || { note "dpkg -x $f failed"; exit 2; }; done
-ARCH_LIB="$PREFIX/usr/lib/x86_64-linux-gnu"
 # Debian's configs and links assume the files live in /usr: point them into the prefix.
 # - UCX's targets file and OpenBLAS's config hard-code /usr.
 sed -i "s|set(prefix \"/usr\")|set(prefix \"$PREFIX/usr\")|" "$ARCH_LIB/cmake/ucx/ucx-targets.cmake"
@@ -84,7 +89,9 @@ while IFS= read -r link; do
     [[ -n $own ]] && ln -sfn "$own" "$link"
   fi
 done < <(find "$PREFIX" -type l -lname '/*')
+touch "$PREFIX/.unpacked"
 note "unpacked $(ls "$DEBS"/*.deb | wc -l) packages into $PREFIX"
+fi
 
 # Headers and libraries of the prefix for every compile and link (CPATH and LIBRARY_PATH are
 # searched after -I/-L, before the system's own directories), DT_RPATH (not RUNPATH: it also
@@ -106,7 +113,7 @@ fi
 # -- 2. configure and build -----------------------------------------------------------------
 FIXTURES="$CARRY/fixtures"
 [[ -d $FIXTURES ]] || FIXTURES="$ROOT/../shared/fixtures"
-rm -rf "$BUILD"
+# Not removed first: on a warm machine a second run rebuilds nothing.
 step configure 300 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOERT_BUILD_BENCH=ON \
   -DMOERT_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH="$PREFIX/usr" \
   -DPKG_CONFIG_EXECUTABLE="$PKG_CONFIG" -DMOERT_FIXTURES_DIR="$FIXTURES" \
@@ -114,8 +121,21 @@ step configure 300 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Rele
 # Where each dependency was found (they must be the prefix's, except CUDA's).
 grep -E "^(CAF_INCLUDE_DIR|CAF_core_LIBRARY|ucx_DIR|spdlog_DIR|fmt_DIR|CLI11_DIR|nlohmann_json_DIR|Catch2_DIR|OpenBLAS_DIR|OPENSSL_INCLUDE_DIR|NCCL_LIBRARY|CUDAToolkit_BIN_DIR|CMAKE_CUDA_COMPILER)[:=]" \
   "$BUILD/CMakeCache.txt" | tee "$LOGS/found.log" >>"$SUMMARY"
+# Only what the check runs (a whole build would spend minutes of the lease on the server,
+# tokenizer and cluster tests): moert, the CUDA bench, every gpu-labelled test binary and the
+# control tests below. MOERT_GPU_TARGETS overrides ("all": everything).
 TARGETS=()
-[[ -n ${MOERT_GPU_TARGETS:-} ]] && read -r -a TARGETS <<<"$MOERT_GPU_TARGETS"
+if [[ -n ${MOERT_GPU_TARGETS:-} ]]; then
+  [[ $MOERT_GPU_TARGETS == all ]] || read -r -a TARGETS <<<"$MOERT_GPU_TARGETS"
+else
+  TARGETS=(moert cli_moert_test model_fixtures_test engine_engine_test gpu_cpu_gemm_test gpu_cpu_ops_test)
+  grep -q "moert_bench_cuda" "$BUILD/build.ninja" && TARGETS+=(moert_bench_cuda)
+  # moert_add_test names a test's binary <test name>_test.
+  while read -r name; do TARGETS+=("${name}_test"); done < <(
+    ctest --test-dir "$BUILD" -N -L gpu --show-only=json-v1 2>/dev/null |
+      "${PYTHON:-python3}" -c 'import json,sys; [print(t["name"]) for t in json.load(sys.stdin)["tests"]]' 2>/dev/null)
+fi
+note "build targets: ${TARGETS[*]:-all}"
 step build 900 cmake --build "$BUILD" -j "$JOBS" ${TARGETS:+--target "${TARGETS[@]}"} || { note "build failed"; tail -n 40 "$LOGS/build.log" >>"$SUMMARY"; exit 4; }
 MOERT="$BUILD/cli/moert"
 if [[ $CPU_ONLY == 1 ]]; then
@@ -123,15 +143,28 @@ if [[ $CPU_ONLY == 1 ]]; then
   exit 0
 fi
 
+# MOERT_GPU_STEPS picks what runs after the build (default all): "tests", "bench" (cuda_bench
+# and calibrate), "decode" (the PyTorch comparison), e.g. two device calls of ~5 min each:
+# MOERT_GPU_STEPS=tests,bench then MOERT_GPU_STEPS=decode (the second, on the still-warm
+# machine, reuses the prefix and the build).
+STEPS="${MOERT_GPU_STEPS:-tests,bench,decode}"
+wants() { [[ ",$STEPS," == *",$1,"* ]]; }
+
 # -- 3. GPU tests ---------------------------------------------------------------------------
+if wants tests; then
 # Every test labelled gpu (the CUDA backend against the CPU one, fixtures on CUDA, NCCL), then
 # the CPU fixture and engine tests as a control that the prefix build itself is sound.
 step ctest_gpu 300 ctest --test-dir "$BUILD" -L gpu --output-on-failure -j 4 --timeout 240
 grep -E "tests passed|SKIPPED|Not Run|Failed|\*\*\*" "$LOGS/ctest_gpu.log" | head -n 40 >>"$SUMMARY"
+# The CLI on the GPU: generate --reference --backend cuda gives the cpu tokens, the engine refuses cuda.
+step cli_gpu 120 "$BUILD/tests/cli/cli_moert_test" "[gpu]"
+tail -n 3 "$LOGS/cli_gpu.log" >>"$SUMMARY"
 step ctest_control 240 ctest --test-dir "$BUILD" -R "model_fixtures|engine_engine|gpu_cpu" --output-on-failure -j 4 --timeout 200
 grep -E "tests passed" "$LOGS/ctest_control.log" >>"$SUMMARY"
+fi
 
 # -- 4. benchmarks --------------------------------------------------------------------------
+if wants bench; then
 if [[ -x $BUILD/bench/moert_bench_cuda ]]; then
   step cuda_bench 180 "$BUILD/bench/moert_bench_cuda"
   tail -n 30 "$LOGS/cuda_bench.log" >>"$SUMMARY"
@@ -140,13 +173,18 @@ else
 fi
 step calibrate 180 "$MOERT" calibrate --backend cuda --out "$OUT/testbed-h200.json"
 tail -n 30 "$LOGS/calibrate.log" >>"$SUMMARY"
+fi
 
 # -- 5. decode tokens/s: moert --backend cuda vs PyTorch eager on one checkpoint ------------
 CK=/tmp/moert-bench-ck
 PY=$(command -v python3)
-if [[ -f $CARRY/make_bench_checkpoint.py ]]; then
-  step checkpoint 240 "$PY" "$CARRY/make_bench_checkpoint.py" "$CK" --dtype bfloat16
-  # The figures of `moert bench --model` (prompt 256; decode at 1 and 16 sequences), engine on CUDA.
+if ! wants decode; then
+  :
+elif [[ -f $CARRY/make_bench_checkpoint.py ]]; then
+  [[ -f $CK/model.safetensors ]] || step checkpoint 240 "$PY" "$CARRY/make_bench_checkpoint.py" "$CK" --dtype bfloat16
+  # The figures of `moert bench --model` (prompt 256; decode at 1 and 16 sequences): its
+  # reference forward on CUDA (--backend cuda), its engine figure on the cpu (the actor path
+  # does not run on cuda yet).
   step moert_decode 300 "$MOERT" bench --model "$CK" --backend cuda --reps 3 --tg 64 --tg-batch 16 --tg-prompt 16 \
     --json "$LOGS/moert_decode.json"
   grep -E "^\||^#" "$LOGS/moert_decode.log" >>"$SUMMARY"

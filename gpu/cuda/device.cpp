@@ -161,6 +161,7 @@ result<void*> context::scratch(int slot, std::size_t bytes) {
 }
 
 result<void*> context::stage(const void* host, std::size_t bytes) {
+  std::lock_guard<std::mutex> lock{staging_mutex_};
   staging_slot& slot = staging_[next_slot_];
   next_slot_ = (next_slot_ + 1) % num_staging_slots;
   // The slot's pinned bytes may still be on their way to the device.

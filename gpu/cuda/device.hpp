@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <mutex>
 #include <string>
 
 // Forward declarations keep cuda_runtime.h and cublas_v2.h out of callers that only hold a
@@ -96,7 +97,7 @@ public:
   // device address, valid for work issued after this call until the area is reused
   // (num_staging_slots stagings later). The host bytes may be reused as soon as this returns:
   // they go through pinned memory, and a slot waits for its previous copy before refilling.
-  // For small per-call parameters (pointer arrays, positions, routing weights).
+  // For small per-call parameters (pointer arrays, positions, routing weights). Thread-safe.
   static constexpr std::size_t num_staging_slots = 16;
   result<void*> stage(const void* host, std::size_t bytes);
 
@@ -117,6 +118,7 @@ private:
     device_buffer device;
     cudaEvent_t done = nullptr;  // the slot's last host→device copy
   };
+  std::mutex staging_mutex_;  // memory functions (uploads) may come from any thread
   staging_slot staging_[num_staging_slots];
   std::size_t next_slot_ = 0;
 };

@@ -5,11 +5,16 @@
 // per process (a node's shards and experts share it); its peers are the other processes of
 // the cluster, learnt at bring-up by CAF node id with their worker addresses.
 //
-// ship(): packs the rows the destination needs, sends them by UCX, then the descriptor by CAF.
+// ship(): packs the rows the destination needs, sends them by UCX (from the caller's thread: an
+// eager send is done inside the call), then the descriptor by CAF.
 // fetch(): for a message that arrived with a descriptor, receives the bytes (bounded pool,
-// deadline) and delivers the completed message to the actor again; false when the message
-// carries its rows already. A fetch that fails (the peer died, a deadline passed, the bytes do
-// not match the descriptor) drops the message and logs once: the node watch ends the requests.
+// deadline) straight into the row block the message will carry, a block reused from this
+// link's pool (no allocation, page faults or zero fill once warm). Bytes that are here already
+// (the usual case: they left before the descriptor, which takes two CAF hops) complete inside
+// the call, and fetch returns false: the actor handles the message at once. Otherwise the
+// completed message is delivered to the actor again later, and fetch returns true. A fetch that
+// fails (the peer died, a deadline passed, the bytes do not match the descriptor) drops the
+// message and logs once: the node watch ends the requests.
 //
 // Thread safety: ship() and fetch() may be called from any actor at once.
 
@@ -57,18 +62,22 @@ private:
   transport::peer_id peer_of(const caf::node_id& node) const;
   std::shared_ptr<const std::vector<std::uint8_t>> pack(const row_block& rows, const std::vector<std::uint32_t>& idx,
                                                         std::vector<std::uint32_t>& renumbered) const;
+  void warn_once(const std::string& what);
   template <class Message>
   void send_bytes(caf::event_based_actor* self, const caf::actor& dest, Message msg,
                   std::shared_ptr<const std::vector<std::uint8_t>> bytes);
   template <class Message, class Check>
   bool fetch_bytes(caf::event_based_actor* self, Message& msg, Check fits);
 
+  struct block_pool;  // row blocks for received rows, reused once their leases are gone
   std::unique_ptr<transport::ucx_channel> channel_;
+  std::shared_ptr<block_pool> blocks_;
   std::uint32_t process_idx_;
   std::atomic<std::uint64_t> sequence_{0};
   mutable std::mutex mutex_;  // guards peers_
   std::map<caf::node_id, transport::peer_id> peers_;
   std::atomic<bool> warned_{false};
+  std::atomic<std::uint64_t> send_failures_seen_{0};
   std::atomic<std::uint64_t> bytes_shipped_{0};
   std::atomic<std::uint64_t> messages_shipped_{0};
 };

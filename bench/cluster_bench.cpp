@@ -1,8 +1,11 @@
 // The engine in one process against the same placement over three `moert node` processes
 // (one attention node, two expert nodes) on loopback, over each transport: decode and
-// prefill tokens/s, and the bytes each generated token costs across processes.
+// prefill tokens/s, the CPU time each token costs, and the bytes it costs across processes.
+// Single-process and 3-node runs alternate, round by round, so that each ratio compares runs
+// that saw the same load (a shared 2-core VM's load moves every figure by 2x or more).
 //
 //   build/bench/moert_bench_cluster [--reps N] [--layers L] [--decode-batch B]
+//                                   [--transports ucx-posix,ucx-tcp,caf]
 //
 // The nodes build the same synthetic model (the bench model of `moert bench`) from its
 // config and seed. For the tensor path alone against ucx_perftest: moert_bench_transport.
@@ -26,6 +29,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -66,11 +71,36 @@ std::string bench_model(std::size_t layers) {
   return c.dump();
 }
 
-struct figures {
-  double decode = 0, prefill = 0;
-  double caf_bytes_per_token = 0, ucx_bytes_per_token = 0, ucx_messages_per_token = 0;
-  std::string error;
-};
+// CPU seconds (user + system) a process has used so far; 0 when it cannot be read.
+double cpu_seconds(pid_t pid) {
+  std::ifstream in{"/proc/" + std::to_string(pid) + "/stat"};
+  std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  auto close = text.rfind(')');  // the command name may hold spaces
+  if (close == std::string::npos)
+    return 0;
+  std::istringstream fields{text.substr(close + 2)};
+  std::string field;
+  double ticks = 0;
+  for (int i = 3; fields >> field; ++i)
+    if (i == 14 || i == 15)
+      ticks += std::stod(field);
+  return ticks / double(::sysconf(_SC_CLK_TCK));
+}
+double cpu_seconds(const std::vector<pid_t>& pids) {
+  double total = 0;
+  for (pid_t pid : pids)
+    total += cpu_seconds(pid);
+  return total;
+}
+
+std::string load_average() {
+  double load[3] = {0, 0, 0};
+  if (::getloadavg(load, 3) != 3)
+    return "?";
+  char text[64];
+  std::snprintf(text, sizeof text, "%.2f %.2f %.2f", load[0], load[1], load[2]);
+  return text;
+}
 
 double run_once(Engine& engine, std::size_t sequences, std::size_t prompt, std::size_t new_tokens, std::uint64_t seed) {
   std::vector<std::shared_ptr<TokenStream>> streams;
@@ -89,43 +119,52 @@ double run_once(Engine& engine, std::size_t sequences, std::size_t prompt, std::
   return std::chrono::duration<double>(clock_type::now() - start).count();
 }
 
-figures measure(EngineConfig config, std::size_t reps, std::size_t batch) {
-  figures out;
-  auto engine = Engine::create(std::move(config));
-  if (!engine.ok()) {
-    out.error = engine.err().what();
-    return out;
-  }
-  run_once(**engine, 2, 8, 2, 99);  // warm-up
-  // Bytes are counted over the decode runs only: per generated token, what a step costs.
-  auto before = (*engine)->report();
+// One placement's runs: tokens/s of each decode and prefill run, and CPU seconds per token
+// (every process of the placement) over them.
+struct series {
   std::vector<double> decode, prefill;
-  for (std::size_t r = 0; r < reps; ++r) {
-    // `batch` sequences, 8-token prompts, 16 new tokens: the prompt's share is small.
-    double seconds = run_once(**engine, batch, 8, 16, r);
-    decode.push_back(seconds > 0 ? double(batch * 16) / seconds : 0);
-  }
-  auto after = (*engine)->report();
-  std::uint64_t generated = reps * batch * 16;
-  for (std::size_t r = 0; r < reps; ++r) {
-    // 8 prompts of 64 tokens, one new token each.
-    double seconds = run_once(**engine, 8, 64, 1, 100 + r);
-    prefill.push_back(seconds > 0 ? 8.0 * 64 / seconds : 0);
-  }
-  std::sort(decode.begin(), decode.end());
-  std::sort(prefill.begin(), prefill.end());
-  out.decode = decode[decode.size() / 2];
-  out.prefill = prefill[prefill.size() / 2];
-  out.caf_bytes_per_token = double(after.cluster_caf_bytes - before.cluster_caf_bytes) / double(generated);
-  out.ucx_bytes_per_token = double(after.cluster_ucx_bytes - before.cluster_ucx_bytes) / double(generated);
-  out.ucx_messages_per_token = double(after.cluster_ucx_messages - before.cluster_ucx_messages) / double(generated);
+  double decode_cpu = 0, prefill_cpu = 0;  // CPU seconds over all runs
+  std::uint64_t decode_tokens = 0, prefill_tokens = 0;
+};
+
+// `batch` sequences, 8-token prompts, 16 new tokens: the prompt's share is small.
+void decode_run(Engine& engine, std::size_t batch, std::uint64_t seed, const std::vector<pid_t>& pids, series& out) {
+  double cpu = cpu_seconds(pids);
+  double seconds = run_once(engine, batch, 8, 16, seed);
+  out.decode_cpu += cpu_seconds(pids) - cpu;
+  out.decode_tokens += batch * 16;
+  out.decode.push_back(seconds > 0 ? double(batch * 16) / seconds : 0);
+}
+// 8 prompts of 64 tokens, one new token each.
+void prefill_run(Engine& engine, std::uint64_t seed, const std::vector<pid_t>& pids, series& out) {
+  double cpu = cpu_seconds(pids);
+  double seconds = run_once(engine, 8, 64, 1, seed);
+  out.prefill_cpu += cpu_seconds(pids) - cpu;
+  out.prefill_tokens += 8 * 64;
+  out.prefill.push_back(seconds > 0 ? 8.0 * 64 / seconds : 0);
+}
+
+double median(std::vector<double> v) {
+  if (v.empty())
+    return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+double best(const std::vector<double>& v) { return v.empty() ? 0 : *std::max_element(v.begin(), v.end()); }
+// Per-round ratios (cluster run / the single-process run just before it), so that both sides
+// of a ratio saw the same moment's load.
+std::vector<double> ratios(const std::vector<double>& cluster, const std::vector<double>& single) {
+  std::vector<double> out;
+  for (std::size_t i = 0; i < cluster.size() && i < single.size(); ++i)
+    out.push_back(single[i] > 0 ? cluster[i] / single[i] : 0);
   return out;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::size_t reps = 3, layers = 8, batch = 16;
+  std::size_t reps = 5, layers = 8, batch = 16;
+  std::vector<std::string> transports{"ucx-posix", "ucx-tcp", "caf"};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string arg = argv[i];
     if (arg == "--reps")
@@ -134,6 +173,19 @@ int main(int argc, char** argv) {
       layers = std::stoul(argv[i + 1]);
     else if (arg == "--decode-batch")
       batch = std::stoul(argv[i + 1]);
+    else if (arg == "--transports") {
+      transports.clear();
+      std::string list = argv[i + 1];
+      for (std::size_t at = 0; at <= list.size();) {
+        auto comma = std::min(list.find(',', at), list.size());
+        if (comma > at)
+          transports.push_back(list.substr(at, comma - at));
+        at = comma + 1;
+      }
+    } else {
+      std::fprintf(stderr, "unknown option %s\n", arg.c_str());
+      return 2;
+    }
   }
   std::signal(SIGPIPE, SIG_IGN);
   auto dir = std::filesystem::temp_directory_path() / ("moert-cluster-bench-" + std::to_string(::getpid()));
@@ -164,40 +216,89 @@ int main(int argc, char** argv) {
   base.attention_devices = 1;
   base.expert_devices = 2;
   std::printf("moert cluster bench: %zu-layer bench model (hidden 1024, 32 experts top-4), 1 attention + 2 expert "
-              "devices; decode %zu sequences x 16 tokens, prefill 8 x 64 tokens; median of %zu\n",
+              "devices; decode %zu sequences x 16 tokens, prefill 8 x 64 tokens; %zu rounds, each a single-process "
+              "run and then a 3-node run\n",
               layers, batch, reps);
-  std::printf("%-22s %12s %8s %12s %8s %14s %14s %12s\n", "placement", "decode tok/s", "ratio", "prefill tok/s",
-              "ratio", "CAF B/dec tok", "UCX B/dec tok", "UCX msg/tok");
-  auto single = measure(base, reps, batch);
-  if (!single.error.empty()) {
-    std::printf("single process: %s\n", single.error.c_str());
+  std::printf("load average before: %s\n", load_average().c_str());
+  auto single = Engine::create(base);
+  if (!single.ok()) {
+    std::printf("single process: %s\n", single.err().what().c_str());
     return 1;
   }
-  std::printf("%-22s %12.1f %8.2f %12.1f %8.2f %14s %14s %12s\n", "one process", single.decode, 1.0, single.prefill,
-              1.0, "-", "-", "-");
+  run_once(**single, 2, 8, 2, 99);  // warm-up
+  std::vector<pid_t> self{::getpid()}, cluster_pids{::getpid()};
+  cluster_pids.insert(cluster_pids.end(), running.pids.begin(), running.pids.end());
+
+  std::printf("%-18s | %15s %11s %5s | %15s %11s %5s | %11s %11s %11s\n", "placement", "decode tok/s", "ratio",
+              "CPU", "prefill tok/s", "ratio", "CPU", "CAF B/tok", "UCX B/tok", "UCX msg");
+  std::printf("%-18s | %15s %11s %5s | %15s %11s %5s | %11s %11s %11s\n", "", "median / best", "med / best",
+              "ms/t", "median / best", "med / best", "ms/t", "decode", "decode", "per tok");
+  auto row = [&](const std::string& name, const series& f, const series* paired, double caf, double ucx,
+                 double messages) {
+    auto r_decode = paired ? ratios(f.decode, paired->decode) : std::vector<double>(f.decode.size(), 1.0);
+    auto r_prefill = paired ? ratios(f.prefill, paired->prefill) : std::vector<double>(f.prefill.size(), 1.0);
+    std::printf("%-18s | %7.1f %7.1f %5.2f %5.2f %5.1f | %7.1f %7.1f %5.2f %5.2f %5.1f | ", name.c_str(),
+                median(f.decode), best(f.decode), median(r_decode), best(r_decode),
+                1e3 * f.decode_cpu / double(std::max<std::uint64_t>(1, f.decode_tokens)), median(f.prefill),
+                best(f.prefill), median(r_prefill), best(r_prefill),
+                1e3 * f.prefill_cpu / double(std::max<std::uint64_t>(1, f.prefill_tokens)));
+    if (paired)
+      std::printf("%11.0f %11.0f %11.2f\n", caf, ucx, messages);
+    else
+      std::printf("%11s %11s %11s\n", "-", "-", "-");
+  };
+
   int failures = 0;
-  for (const char* transport : {"ucx-posix", "ucx-tcp", "caf"}) {
+  for (const auto& transport : transports) {
     std::string text = std::string(R"({"transport": ")") + transport + R"(", "nodes": [)" +
                        R"({"name": "a0", "address": "127.0.0.1:)" + std::to_string(ports[0]) +
                        R"(", "attention_devices": 1}, {"name": "e0", "address": "127.0.0.1:)" +
                        std::to_string(ports[1]) + R"(", "expert_devices": 1}, {"name": "e1", "address": "127.0.0.1:)" +
                        std::to_string(ports[2]) + R"(", "expert_devices": 1}]})";
-    auto cluster = parse_cluster_config(text, "bench cluster");
-    EngineConfig config = base;
-    config.cluster = *cluster;
-    std::ifstream in{secret_file};
-    std::getline(in, config.cluster_secret);
-    auto f = measure(config, reps, batch);
-    if (!f.error.empty()) {
-      std::printf("3 nodes, %-14s %s\n", transport, f.error.c_str());
+    auto cluster_config = parse_cluster_config(text, "bench cluster");
+    if (!cluster_config.ok()) {
+      std::printf("3 nodes, %-9s %s\n", transport.c_str(), cluster_config.err().what().c_str());
       ++failures;
       continue;
     }
-    std::printf("3 nodes, %-14s %12.1f %8.2f %12.1f %8.2f %14.0f %14.0f %12.2f\n", transport, f.decode,
-                f.decode / single.decode, f.prefill, f.prefill / single.prefill, f.caf_bytes_per_token,
-                f.ucx_bytes_per_token, f.ucx_messages_per_token);
+    EngineConfig config = base;
+    config.cluster = *cluster_config;
+    std::ifstream in{secret_file};
+    std::getline(in, config.cluster_secret);
+    auto cluster = Engine::create(std::move(config));
+    if (!cluster.ok()) {
+      std::printf("3 nodes, %-9s %s\n", transport.c_str(), cluster.err().what().c_str());
+      ++failures;
+      continue;
+    }
+    run_once(**cluster, 2, 8, 2, 99);  // warm-up
+    series one, three;
+    // Bytes are counted over the decode runs only: per generated token, what a step costs.
+    auto before = (*cluster)->report();
+    for (std::size_t r = 0; r < reps; ++r) {
+      decode_run(**single, batch, r, self, one);
+      decode_run(**cluster, batch, r, cluster_pids, three);
+    }
+    auto after = (*cluster)->report();
+    for (std::size_t r = 0; r < reps; ++r) {
+      prefill_run(**single, 100 + r, self, one);
+      prefill_run(**cluster, 100 + r, cluster_pids, three);
+    }
+    double generated = double(std::max<std::uint64_t>(1, three.decode_tokens));
+    row("one process", one, nullptr, 0, 0, 0);
+    row("3 nodes, " + transport, three, &one, double(after.cluster_caf_bytes - before.cluster_caf_bytes) / generated,
+        double(after.cluster_ucx_bytes - before.cluster_ucx_bytes) / generated,
+        double(after.cluster_ucx_messages - before.cluster_ucx_messages) / generated);
+    std::fflush(stdout);
   }
-  std::printf("\nrepeat: %s --reps %zu --layers %zu --decode-batch %zu\n", argv[0], reps, layers, batch);
+  std::printf("load average after: %s\n", load_average().c_str());
+  std::printf("ratio: 3-node run / the single-process run of the same round (median and best over rounds); CPU: "
+              "ms of CPU (user + system, every process of the placement) per token\n");
+  std::string listed;
+  for (const auto& transport : transports)
+    listed += (listed.empty() ? "" : ",") + transport;
+  std::printf("\nrepeat: %s --reps %zu --layers %zu --decode-batch %zu --transports %s\n", argv[0], reps, layers, batch,
+              listed.c_str());
   std::filesystem::remove_all(dir);
   return failures ? 1 : 0;
 }

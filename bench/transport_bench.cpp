@@ -5,7 +5,10 @@
 //
 // Latency is one-way (half the ping-pong round trip, p50 over the iterations); bandwidth
 // streams `window` messages in flight. The channel's figures include what every real
-// transfer pays: the hand-off to the channel thread and the completion callback.
+// transfer pays: the completion callback on the channel thread. Each repetition runs moert's
+// pair of processes and then ucx_perftest's, size by size, so both see the same moment's load;
+// the table gives the median and the best of the repetitions, and the ratio of the medians
+// (the load average is printed before and after: on a shared 2-core VM it moves everything).
 
 #include "transport/ucx_channel.hpp"
 
@@ -17,6 +20,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <mutex>
@@ -108,8 +112,11 @@ int run_echo(ucx_transport transport, int to_parent, int from_parent) {
       auto got = receive_and_wait(channel, *parent, tag, p.bytes);
       if (!got.ok())
         return 1;
-      auto echo = std::make_shared<const std::vector<std::uint8_t>>(std::move(got->bytes()));
-      if (!send_and_wait(channel, *parent, tag, echo).ok())
+      // Echo from the received pool buffer itself: no copy.
+      std::promise<status> sent;
+      auto echoed = sent.get_future();
+      channel.send(*parent, tag, got->data(), got->size(), got->storage(), [&](status s) { sent.set_value(std::move(s)); });
+      if (!echoed.get().ok())
         return 1;
     }
     // Keep `window` receives posted ahead of the stream.
@@ -186,7 +193,7 @@ std::vector<figures> run_driver(ucx_transport transport) {
         (void)send_and_wait(channel, *echo, tag, payload);
         auto got = future.get();
         auto rtt = std::chrono::duration<double, std::micro>(clock_type::now() - start).count();
-        if (!got.ok() || got->bytes() != *payload) {
+        if (!got.ok() || !std::equal(got->bytes().begin(), got->bytes().end(), payload->begin(), payload->end())) {
           std::fprintf(stderr, "latency: echo mismatch at %zu bytes\n", p.bytes);
           break;
         }
@@ -264,8 +271,29 @@ std::vector<double> perftest_final(const std::string& test, ucx_transport transp
 
 }  // namespace
 
+double median(std::vector<double> v) {
+  if (v.empty())
+    return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+double best(const std::vector<double>& v, bool lowest) {
+  if (v.empty())
+    return 0;
+  return lowest ? *std::min_element(v.begin(), v.end()) : *std::max_element(v.begin(), v.end());
+}
+std::string load_average() {
+  double load[3] = {0, 0, 0};
+  if (::getloadavg(load, 3) != 3)
+    return "?";
+  char text[64];
+  std::snprintf(text, sizeof text, "%.2f %.2f %.2f", load[0], load[1], load[2]);
+  return text;
+}
+
 int main(int argc, char** argv) {
   std::vector<ucx_transport> transports{ucx_transport::posix, ucx_transport::tcp};
+  std::size_t reps = 5;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--transport" && i + 1 < argc) {
@@ -274,30 +302,62 @@ int main(int argc, char** argv) {
         transports = {ucx_transport::tcp};
       else if (which == "posix")
         transports = {ucx_transport::posix};
+      else if (which != "both") {
+        std::fprintf(stderr, "--transport '%s': expected tcp, posix or both\n", which.c_str());
+        return 2;
+      }
+    } else if (arg == "--reps" && i + 1 < argc) {
+      reps = std::max<std::size_t>(1, std::strtoul(argv[++i], nullptr, 10));
     } else if (arg == "--help" || arg == "-h") {
-      std::printf("usage: %s [--transport tcp|posix|both]\n", argv[0]);
+      std::printf("usage: %s [--transport tcp|posix|both] [--reps N]\n", argv[0]);
       return 0;
+    } else {
+      std::fprintf(stderr, "unknown option %s (see --help)\n", arg.c_str());
+      return 2;
     }
   }
-  std::printf("moert transport bench: moert's UCX channel between two processes vs ucx_perftest\n");
-  std::printf("%-10s %8s | %12s %12s | %14s %14s %6s\n", "transport", "bytes", "lat moert", "lat perftest",
-              "bw moert", "bw perftest", "ratio");
-  std::printf("%-10s %8s | %12s %12s | %14s %14s %6s\n", "", "", "us one-way", "us one-way", "MiB/s", "MiB/s", "");
-  int port = 13400 + static_cast<int>(::getpid() % 500);
+  std::printf("moert transport bench: moert's UCX channel between two processes vs ucx_perftest, %zu repetitions "
+              "(median / best), bandwidth window %zu\n",
+              reps, window);
+  std::printf("load average before: %s\n", load_average().c_str());
+  std::printf("%-10s %8s | %17s %17s | %19s %19s | %5s %5s\n", "transport", "bytes", "lat moert", "lat perftest",
+              "bw moert", "bw perftest", "ratio", "ratio");
+  std::printf("%-10s %8s | %17s %17s | %19s %19s | %5s %5s\n", "", "", "us one-way med/bst", "us one-way med/bst",
+              "MiB/s med/best", "MiB/s med/best", "med", "best");
+  int port = 13400 + static_cast<int>(::getpid() % 500) * 8;
   for (auto transport : transports) {
-    auto ours = run_driver(transport);
+    std::vector<std::vector<double>> our_lat(plans.size()), our_bw(plans.size()), their_lat(plans.size()),
+        their_bw(plans.size());
+    for (std::size_t r = 0; r < reps; ++r) {
+      auto ours = run_driver(transport);
+      for (std::size_t i = 0; i < plans.size(); ++i) {
+        const auto& p = plans[i];
+        if (i < ours.size()) {
+          our_lat[i].push_back(ours[i].latency_us);
+          our_bw[i].push_back(ours[i].bandwidth_mib);
+        }
+        auto lat = perftest_final("tag_lat", transport, p.bytes, p.latency_iterations, port++);
+        auto bw = perftest_final("tag_bw", transport, p.bytes, p.bandwidth_messages, port++);
+        if (lat.size() >= 2)
+          their_lat[i].push_back(lat[1]);
+        if (bw.size() >= 6)
+          their_bw[i].push_back(bw[5]);
+        if (port > 60000)
+          port = 13400;
+      }
+    }
     for (std::size_t i = 0; i < plans.size(); ++i) {
-      const auto& p = plans[i];
-      auto lat = perftest_final("tag_lat", transport, p.bytes, p.latency_iterations, port++);
-      auto bw = perftest_final("tag_bw", transport, p.bytes, p.bandwidth_messages, port++);
-      double their_latency = lat.size() >= 2 ? lat[1] : 0;
-      double their_bandwidth = bw.size() >= 6 ? bw[5] : 0;
-      figures mine = i < ours.size() ? ours[i] : figures{};
-      std::printf("%-10s %8zu | %12.2f %12.2f | %14.0f %14.0f %6.2f\n", to_string(transport), p.bytes,
-                  mine.latency_us, their_latency, mine.bandwidth_mib, their_bandwidth,
-                  their_bandwidth > 0 ? mine.bandwidth_mib / their_bandwidth : 0.0);
+      double ours = median(our_bw[i]), theirs = median(their_bw[i]);
+      double our_best = best(our_bw[i], false), their_best = best(their_bw[i], false);
+      std::printf("%-10s %8zu | %8.2f %8.2f %8.2f %8.2f | %9.0f %9.0f %9.0f %9.0f | %5.2f %5.2f\n", to_string(transport),
+                  plans[i].bytes, median(our_lat[i]), best(our_lat[i], true), median(their_lat[i]),
+                  best(their_lat[i], true), ours, our_best, theirs, their_best, theirs > 0 ? ours / theirs : 0.0,
+                  their_best > 0 ? our_best / their_best : 0.0);
     }
   }
-  std::printf("\nrepeat: %s%s\n", argv[0], transports.size() == 1 ? (transports[0] == ucx_transport::tcp ? " --transport tcp" : " --transport posix") : "");
+  std::printf("load average after: %s\n", load_average().c_str());
+  std::printf("\nrepeat: %s --reps %zu%s\n", argv[0], reps,
+              transports.size() == 1 ? (transports[0] == ucx_transport::tcp ? " --transport tcp" : " --transport posix")
+                                     : "");
   return 0;
 }

@@ -2,7 +2,10 @@
 
 #include "transport/ucx_channel.hpp"
 
+#include <algorithm>
 #include <chrono>
+#include <span>
+#include <thread>
 #include <condition_variable>
 #include <future>
 #include <mutex>
@@ -19,6 +22,10 @@ std::shared_ptr<const std::vector<std::uint8_t>> pattern(std::size_t bytes, std:
   for (std::size_t i = 0; i < bytes; ++i)
     (*data)[i] = static_cast<std::uint8_t>(seed + i * 131 + (i >> 8));
   return data;
+}
+
+bool same_bytes(std::span<const std::uint8_t> got, const std::vector<std::uint8_t>& want) {
+  return std::equal(got.begin(), got.end(), want.begin(), want.end());
 }
 
 template <class T>
@@ -64,7 +71,7 @@ TEST_CASE("tensor bytes arrive whole over tcp and posix shared memory") {
         auto outcome = wait_for(got);
         INFO((outcome.ok() ? std::string{} : outcome.err().message) << " at " << bytes);
         REQUIRE(outcome.ok());
-        CHECK(outcome->bytes() == *sent);
+        CHECK(same_bytes(outcome->bytes(), *sent));
         CHECK(wait_for(done).ok());
         CHECK(channels.b->pool_bytes_in_use() == bytes);  // held while the buffer lives
       }
@@ -85,7 +92,7 @@ TEST_CASE("a message sent before its receive is posted is still delivered") {
   channels.b->receive(channels.b_to_a, 42, sent->size(), [&](result<received_buffer> r) { received.set_value(std::move(r)); });
   auto outcome = wait_for(got);
   REQUIRE(outcome.ok());
-  CHECK(outcome->bytes() == *sent);
+  CHECK(same_bytes(outcome->bytes(), *sent));
   CHECK(wait_for(done).ok());
 }
 
@@ -160,4 +167,86 @@ TEST_CASE("a peer address that is not one is refused") {
   REQUIRE(channel.ok());
   CHECK_FALSE((*channel)->connect("").ok());
   CHECK_FALSE((*channel)->connect(std::string(1 << 20, 'x')).ok());
+}
+
+TEST_CASE("receive_into: bytes already here complete inside the call, later ones through the callback") {
+  for (auto transport : {ucx_transport::tcp, ucx_transport::posix}) {
+    DYNAMIC_SECTION(to_string(transport)) {
+      pair_of_channels channels{{.transport = transport, .eager_limit_bytes = 64 << 10}};
+
+      // Eager (under the limit), sent before the receive: the bytes wait in UCX, and the
+      // receive finds them inside the call, without the channel thread.
+      auto early = pattern(60000, 3);
+      std::promise<status> early_sent;
+      auto early_done = early_sent.get_future();
+      channels.a->send(channels.a_to_b, 71, early, [&](status s) { early_sent.set_value(std::move(s)); });
+      CHECK(wait_for(early_done).ok());
+      std::this_thread::sleep_for(50ms);
+      {
+        auto credit = channels.b->reserve(early->size());
+        REQUIRE(credit.ok());
+        CHECK(channels.b->pool_bytes_in_use() == early->size());
+        auto dest = std::make_shared<std::vector<std::uint8_t>>(early->size());
+        bool called = false;
+        auto started = channels.b->receive_into(channels.b_to_a, 71, dest->data(), dest->size(), dest,
+                                                [&](status) { called = true; });
+        INFO((started.ok() ? std::string{} : started.err().message));
+        REQUIRE(started.ok());
+        CHECK(*started);
+        CHECK(*dest == *early);
+        CHECK_FALSE(called);
+      }
+      CHECK(channels.b->pool_bytes_in_use() == 0);
+
+      // Rendezvous (over the limit), receive posted first: pending, then the callback.
+      auto late = pattern(300000, 5);
+      auto dest = std::make_shared<std::vector<std::uint8_t>>(late->size());
+      std::promise<status> received;
+      auto got = received.get_future();
+      auto started = channels.b->receive_into(channels.b_to_a, 72, dest->data(), dest->size(), dest,
+                                              [&](status s) { received.set_value(std::move(s)); });
+      REQUIRE(started.ok());
+      CHECK_FALSE(*started);
+      std::promise<status> late_sent;
+      auto late_done = late_sent.get_future();
+      channels.a->send(channels.a_to_b, 72, late, [&](status s) { late_sent.set_value(std::move(s)); });
+      CHECK(wait_for(got).ok());
+      CHECK(wait_for(late_done).ok());
+      CHECK(*dest == *late);
+
+      // More bytes than announced: an error, in the call or through the callback.
+      channels.a->send(channels.a_to_b, 73, pattern(2000, 1), {});
+      std::this_thread::sleep_for(50ms);
+      auto small = std::make_shared<std::vector<std::uint8_t>>(1000);
+      std::promise<status> refused;
+      auto refusal = refused.get_future();
+      auto short_one = channels.b->receive_into(channels.b_to_a, 73, small->data(), small->size(), small,
+                                                [&](status s) { refused.set_value(std::move(s)); });
+      if (short_one.ok()) {
+        REQUIRE_FALSE(*short_one);
+        CHECK_FALSE(wait_for(refusal).ok());
+      }
+    }
+  }
+}
+
+TEST_CASE("receive buffers come back to the pool and are reused") {
+  pair_of_channels channels{{.transport = ucx_transport::posix}};
+  const std::uint8_t* first = nullptr;
+  for (int round = 0; round < 3; ++round) {
+    auto sent = pattern(100000, static_cast<std::uint8_t>(round));
+    std::promise<result<received_buffer>> received;
+    auto got = received.get_future();
+    channels.b->receive(channels.b_to_a, 500 + round, sent->size(),
+                        [&](result<received_buffer> r) { received.set_value(std::move(r)); });
+    channels.a->send(channels.a_to_b, 500 + round, sent, {});
+    auto outcome = wait_for(got);
+    REQUIRE(outcome.ok());
+    CHECK(same_bytes(outcome->bytes(), *sent));
+    if (round == 0)
+      first = outcome->data();
+    else
+      CHECK(outcome->data() == first);  // the same buffer again: no allocation, no zero fill
+  }
+  CHECK(channels.b->pool_bytes_in_use() == 0);
 }

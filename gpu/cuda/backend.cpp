@@ -166,9 +166,7 @@ void cuda_backend::upload(void* dst, const void* src_host, std::size_t num_bytes
   // uploads go through the pinned staging ring and stay asynchronous, large ones wait.
   constexpr std::size_t staged_max = 256u << 10;
   if (num_bytes <= staged_max) {
-    void* staged = stage(src_host, num_bytes);
-    if (staged != nullptr)
-      record(ctx_->copy_device(dst, staged, num_bytes));
+    record(ctx_->upload_staged(dst, src_host, num_bytes));
     return;
   }
   if (record(ctx_->upload(dst, src_host, num_bytes)))

@@ -161,7 +161,7 @@ result<void*> context::scratch(int slot, std::size_t bytes) {
 }
 
 result<void*> context::stage(const void* host, std::size_t bytes) {
-  std::lock_guard<std::mutex> lock{staging_mutex_};
+  std::lock_guard<std::recursive_mutex> lock{staging_mutex_};
   staging_slot& slot = staging_[next_slot_];
   next_slot_ = (next_slot_ + 1) % num_staging_slots;
   // The slot's pinned bytes may still be on their way to the device.
@@ -186,6 +186,14 @@ result<void*> context::stage(const void* host, std::size_t bytes) {
     MOERT_CUDA_TRY(cudaEventRecord(slot.done, stream_));
   }
   return slot.device.data();
+}
+
+status context::upload_staged(void* device_dst, const void* host, std::size_t bytes) {
+  std::lock_guard<std::recursive_mutex> lock{staging_mutex_};
+  auto staged = stage(host, bytes);
+  if (!staged)
+    return staged.err();
+  return copy_device(device_dst, *staged, bytes);
 }
 
 status context::upload(void* device_dst, const void* host_src, std::size_t bytes) {

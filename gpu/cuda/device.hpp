@@ -100,6 +100,9 @@ public:
   // For small per-call parameters (pointer arrays, positions, routing weights). Thread-safe.
   static constexpr std::size_t num_staging_slots = 16;
   result<void*> stage(const void* host, std::size_t bytes);
+  // stage() and a device copy to `device_dst`, enqueued together (an upload whose host bytes
+  // may die at return, from any thread).
+  status upload_staged(void* device_dst, const void* host, std::size_t bytes);
 
   // Waits until all work issued on the stream has finished, polling every 50 µs at most
   // `timeout_ms`; a kernel fault or a timeout is an error naming the device.
@@ -118,7 +121,7 @@ private:
     device_buffer device;
     cudaEvent_t done = nullptr;  // the slot's last host→device copy
   };
-  std::mutex staging_mutex_;  // memory functions (uploads) may come from any thread
+  std::recursive_mutex staging_mutex_;  // memory functions (uploads) may come from any thread
   staging_slot staging_[num_staging_slots];
   std::size_t next_slot_ = 0;
 };

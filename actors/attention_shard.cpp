@@ -59,13 +59,21 @@ attention_shard::attention_shard(caf::actor_config& cfg, const runtime_context* 
       rope_(ctx->config) {}
 
 // Actor handles are strong references: drop them so shards, queues and experts that point at
-// each other do not keep each other alive after they stop.
+// each other do not keep each other alive after they stop. The batches and sequences stay:
+// a device task still queued or running reads them (through `this` and references), and it
+// holds a strong reference to this actor, so they live exactly as long as the last such task
+// (clearing them here was a use-after-free on the device thread when a shard died mid-step).
 void attention_shard::on_exit() {
   queues_.clear();
   ingress_ = nullptr;
   policy_ = nullptr;
-  batches_.clear();
-  sequences_.clear();
+}
+
+// A device task that throws makes this shard exit with the task and the cause as its reason:
+// the supervisor replays its requests, or ends them naming the cause once restarts run out.
+device::error_handler attention_shard::exit_on_error() {
+  caf::actor self = caf::actor_cast<caf::actor>(this);
+  return [self](std::string why) { exit_with(self, caf::make_error(caf::sec::runtime_error, std::move(why))); };
 }
 
 caf::behavior attention_shard::make_behavior() {
@@ -75,6 +83,11 @@ caf::behavior attention_shard::make_behavior() {
     [this](plan_update& update) { next_plan_ = update.plan; },  // start_step applies it
     [this](step_atom) { start_step(); },
     [this](policy_atom, caf::actor& policy) { policy_ = std::move(policy); },
+    [this](queue_atom, std::uint32_t device_idx, caf::actor& queue) {
+      if (device_idx < queues_.size())
+        queues_[device_idx] = std::move(queue);
+    },
+    [this](replay_atom, std::uint32_t device_idx) { replay_a2e(device_idx); },
     [this](attention_done_atom, std::uint64_t step, std::uint32_t mb) {
       if (step == step_)
         on_attention_done(mb);
@@ -97,7 +110,9 @@ caf::behavior attention_shard::make_behavior() {
 
 void attention_shard::admit(admit_request request) {
   std::uint64_t id = request.request_id;
-  sequences_.emplace(id, sequence{std::move(request), model::kv_cache{ctx_->config, device_->backend()}, {}, false});
+  std::vector<std::int32_t> replayed = std::move(request.replayed);
+  sequences_.emplace(id, sequence{std::move(request), model::kv_cache{ctx_->config, device_->backend()},
+                                  std::move(replayed), false});
   order_.push_back(id);
   if (!step_running_)
     send(this, step_atom::value);
@@ -151,8 +166,16 @@ void attention_shard::start_step() {
       std::uint64_t id = order_[s];
       sequence& seq = sequences_.at(id);
       mb.sequence_ids.push_back(id);
-      const std::vector<std::int32_t>& feed =
-          seq.generated.empty() ? seq.request.prompt : std::vector<std::int32_t>{seq.generated.back()};
+      // A new sequence feeds its prompt, and a replayed one its tokens so far too (prefill
+      // rebuilds the KV its old shard lost); a running one feeds its last token.
+      std::vector<std::int32_t> feed;
+      if (seq.cache.length() == 0) {
+        feed = seq.request.prompt;
+        feed.insert(feed.end(), seq.generated.begin(), seq.generated.end());
+      } else {
+        feed = {seq.generated.back()};
+      }
+      seq.fed = feed.size();
       seq.cache.grow(feed.size());
       for (std::size_t j = 0; j < feed.size(); ++j) {
         mb.tokens.push_back({&seq.cache, seq.cache.length() + j});
@@ -212,6 +235,7 @@ void attention_shard::run_attention(std::size_t mb_idx) {
   std::size_t prev_top_k = mb.top_k;
   bool prev_side = mb.side_valid;
   mb.side_valid = false;
+  mb.a2e_sent = false;
   mb.side_pending = model::has_side_ffn(c, layer);
   std::size_t next_top_k = c.sparse_layers[layer] ? std::size_t(c.num_experts_per_tok) : 0;
   auto normed = std::make_shared<row_block>();
@@ -235,7 +259,8 @@ void attention_shard::run_attention(std::size_t mb_idx) {
                   backend.when_done([self, step, mb_idx] {
                     caf::anon_send(self, attention_done_atom::value, step, std::uint32_t(mb_idx));
                   });
-                });
+                },
+                exit_on_error());
   mb.normed = normed;
 }
 
@@ -271,7 +296,8 @@ void attention_shard::run_side(std::size_t mb_idx) {
                   backend.when_done([self, step, mb_idx] {
                     caf::anon_send(self, side_done_atom::value, step, std::uint32_t(mb_idx));
                   });
-                });
+                },
+                exit_on_error());
 }
 
 void attention_shard::on_side_done(std::size_t mb_idx) {
@@ -292,6 +318,7 @@ void attention_shard::send_a2e(std::size_t mb_idx) {
   std::size_t num_devices = queues_.size();
   std::size_t r2 = plan_.order == segment_order::pppipe ? 1 : std::max<std::size_t>(1, std::min(plan_.r2, num_rows));
   caf::actor self = caf::actor_cast<caf::actor>(this);
+  mb.a2e_sent = true;
   for (std::size_t chunk = 0; chunk < r2; ++chunk) {
     std::size_t begin = chunk * num_rows / r2, end = (chunk + 1) * num_rows / r2;
     std::vector<routed_tokens> messages(num_devices);
@@ -318,6 +345,34 @@ void attention_shard::send_a2e(std::size_t mb_idx) {
       else
         send(queues_[dev], std::move(msg));
     }
+  }
+}
+
+// One message per micro-batch: a replay is rare, its batching does not matter (every expert
+// row is computed alone, so the outputs are those of the first send, bit for bit).
+void attention_shard::replay_a2e(std::size_t device_idx) {
+  if (!step_running_ || device_idx >= queues_.size())
+    return;
+  caf::actor self = caf::actor_cast<caf::actor>(this);
+  for (std::size_t mb_idx = 0; mb_idx < batches_.size(); ++mb_idx) {
+    micro_batch& mb = batches_[mb_idx];
+    if (!mb.a2e_sent || !mb.attention_done || mb.outputs_pending == 0)
+      continue;
+    routed_tokens msg;
+    for (std::size_t slot = 0; slot < mb.weighted.size(); ++slot) {
+      const model::routed_slot& route = mb.routes[slot];
+      if (mb.weighted[slot] != nullptr || ctx_->device_of(std::size_t(route.expert)) != device_idx)
+        continue;
+      msg.routes.push_back({std::uint32_t(slot / mb.top_k), std::uint32_t(slot),
+                            std::uint32_t(ctx_->local_index(std::size_t(route.expert))), route.weight});
+    }
+    if (msg.routes.empty())
+      continue;
+    msg.key = {shard_idx_, step_, std::uint32_t(mb_idx), std::uint32_t(mb.layer)};
+    msg.rows = mb.normed;
+    msg.reply_to = self;
+    ctx_->stats->count_messages(1);
+    send(queues_[device_idx], std::move(msg));
   }
 }
 
@@ -408,7 +463,7 @@ void attention_shard::run_final(std::size_t mb_idx) {
     }
     caf::anon_send(self, final_done_atom::value, step, std::uint32_t(mb_idx), std::move(tokens),
                    std::move(per_sequence), std::move(logprobs));
-  });
+  }, exit_on_error());
 }
 
 void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t> tokens,
@@ -418,8 +473,7 @@ void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t
   for (std::size_t s = 0; s < mb.sequence_ids.size(); ++s) {
     std::uint64_t id = mb.sequence_ids[s];
     sequence& seq = sequences_.at(id);
-    std::size_t fed = seq.generated.empty() ? seq.request.prompt.size() : 1;
-    seq.cache.advance(fed);
+    seq.cache.advance(seq.fed);
     seq.generated.push_back(tokens[s]);
     const std::vector<std::int32_t>& stops = seq.request.stop_token_ids;
     bool stop = std::binary_search(stops.begin(), stops.end(), tokens[s]);
@@ -444,6 +498,10 @@ void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t
       event.logits.assign(rows.end() - std::ptrdiff_t(vocab), rows.end());
     if (seq.request.return_prompt_logits && seq.generated.size() == 1)
       event.prompt_logits = std::move(rows);
+    if (seq.request.delivered) {
+      std::lock_guard<std::mutex> guard{seq.request.delivered->mutex};
+      seq.request.delivered->tokens.push_back(tokens[s]);
+    }
     if (last)
       finish_request(id, std::move(event));
     else if (seq.request.sink)

@@ -36,6 +36,7 @@ private:
     model::kv_cache cache;
     std::vector<std::int32_t> generated;
     bool cancelled = false;
+    std::size_t fed = 0;  // tokens fed this step: the whole prompt (+ replayed) first, then 1
   };
 
   // Per micro-batch state of the running step. Buffers are written by device tasks; the actor
@@ -62,6 +63,7 @@ private:
     bool side_pending = false;
     bool side_running = false;
     bool ready_final = false;
+    bool a2e_sent = false;                  // this layer's A2E went out (a replay may resend it)
   };
 
   void admit(admit_request request);
@@ -77,9 +79,13 @@ private:
                      std::vector<token_logprobs> logprobs);
   void on_expert_outputs(expert_outputs& out);
   void send_a2e(std::size_t mb_idx);
+  // Sends again every route of the running step to expert device `device_idx` whose output
+  // has not arrived: that device's expert or queue died and a new one took over.
+  void replay_a2e(std::size_t device_idx);
   void maybe_join(std::size_t mb_idx);
   // The request leaves the shard; `last` reaches its sink through the ingress.
   void finish_request(std::uint64_t id, token_event last);
+  device::error_handler exit_on_error();
 
   const runtime_context* ctx_;
   std::uint32_t shard_idx_;

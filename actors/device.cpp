@@ -2,6 +2,8 @@
 
 #include "actors/trace.hpp"
 
+#include <spdlog/spdlog.h>
+
 #include "gpu/registry.hpp"
 
 namespace moert::actors {
@@ -22,12 +24,32 @@ device::~device() {
   thread_.join();
 }
 
-void device::post(std::string label, task work) {
+void device::post(std::string label, task work, error_handler on_error) {
   {
     std::lock_guard<std::mutex> guard{mutex_};
-    queue_.emplace_back(std::move(label), std::move(work));
+    queue_.push_back({std::move(label), std::move(work), std::move(on_error)});
   }
   wake_.notify_one();
+}
+
+bool device::drain(std::chrono::milliseconds limit) {
+  std::unique_lock<std::mutex> lock{mutex_};
+  return idle_.wait_for(lock, limit, [this] { return queue_.empty() && !running_task_; });
+}
+
+void device::set_task_hook(task_hook hook) {
+  std::lock_guard<std::mutex> guard{mutex_};
+  hook_ = std::move(hook);
+}
+
+std::uint64_t device::failed_tasks() const {
+  std::lock_guard<std::mutex> guard{mutex_};
+  return failed_;
+}
+
+std::size_t device::queued() const {
+  std::lock_guard<std::mutex> guard{mutex_};
+  return queue_.size();
 }
 
 std::chrono::nanoseconds device::busy_time() const {
@@ -37,7 +59,8 @@ std::chrono::nanoseconds device::busy_time() const {
 
 void device::run() {
   for (;;) {
-    std::pair<std::string, task> next;
+    posted next;
+    task_hook hook;
     {
       std::unique_lock<std::mutex> lock{mutex_};
       wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
@@ -45,16 +68,40 @@ void device::run() {
         return;  // stopping, and every posted task has run
       next = std::move(queue_.front());
       queue_.pop_front();
+      running_task_ = true;
+      hook = hook_;
     }
     auto start = std::chrono::steady_clock::now();
-    next.second(*backend_);
+    std::string failure;
+    // An exception escaping this thread would call std::terminate: it becomes the task's error.
+    try {
+      if (hook)
+        hook(next.label);
+      next.work(*backend_);
+    } catch (const std::exception& e) {
+      failure = e.what();
+    } catch (...) {
+      failure = "unknown exception";
+    }
     auto end = std::chrono::steady_clock::now();
+    if (!failure.empty()) {
+      std::string why = next.label + " on " + name_ + ": " + failure;
+      if (next.on_error)
+        next.on_error(std::move(why));
+      else
+        spdlog::error("device task failed and nobody listens: {}", why);
+    }
+    std::string label = std::move(next.label);
+    next = {};  // the task's captures go before the device reports itself idle
     {
       std::lock_guard<std::mutex> guard{mutex_};
       busy_ += end - start;
+      failed_ += failure.empty() ? 0 : 1;
+      running_task_ = false;
     }
+    idle_.notify_all();
     if (trace_)
-      trace_->slice(name_, next.first, start, end);
+      trace_->slice(name_, label, start, end);
   }
 }
 

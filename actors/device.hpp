@@ -4,8 +4,12 @@
 // order (with a thread pool of `num_threads` for the kernels themselves). Actors post work
 // and go on; the task sends its completion as a message. Nothing here blocks an actor.
 //
-// Thread safety: post() may be called from any thread. The destructor finishes every task
-// already posted, then joins.
+// A task that throws does not take the process down: the device catches it and calls the
+// task's `on_error` with "<label> on <device>: <what>", then runs the next task. Actors pass
+// an on_error that makes them exit with that reason, so their supervisor hears the cause.
+//
+// Thread safety: post(), drain() and set_task_hook() may be called from any thread. The
+// destructor finishes every task already posted, then joins.
 
 #include "gpu/backend.hpp"
 
@@ -27,6 +31,10 @@ public:
   // Runs on the device thread with the device's backend (gpu/backend.hpp); it completes by
   // posting a message, from backend.when_done() where the backend is asynchronous.
   using task = std::function<void(gpu::backend&)>;
+  using error_handler = std::function<void(std::string why)>;
+  // Runs on the device thread before every task, with its label; what it throws counts as
+  // the task's failure (tests and the fault injector use it to fail or slow a device).
+  using task_hook = std::function<void(const std::string& label)>;
 
   // `trace` may be null; it must outlive the device.
   device(std::string name, std::size_t num_threads, trace_recorder* trace);
@@ -41,7 +49,13 @@ public:
   gpu::backend& backend() const { return *backend_; }
 
   // Queues `work`; `label` names the slice in the trace ("attention L3 mb1").
-  void post(std::string label, task work);
+  void post(std::string label, task work, error_handler on_error = {});
+
+  // Waits until every task posted so far has run, at most `limit`; false on timeout.
+  bool drain(std::chrono::milliseconds limit);
+  void set_task_hook(task_hook hook);
+  std::uint64_t failed_tasks() const;
+  std::size_t queued() const;  // posted and not yet started
 
   // Time spent running tasks since construction.
   std::chrono::nanoseconds busy_time() const;
@@ -55,7 +69,16 @@ private:
   std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   mutable std::mutex mutex_;
   std::condition_variable wake_;
-  std::deque<std::pair<std::string, task>> queue_;
+  struct posted {
+    std::string label;
+    task work;
+    error_handler on_error;
+  };
+  std::deque<posted> queue_;
+  std::condition_variable idle_;
+  bool running_task_ = false;
+  task_hook hook_;
+  std::uint64_t failed_ = 0;
   std::chrono::nanoseconds busy_{0};
   bool stopping_ = false;
   std::size_t num_threads_;

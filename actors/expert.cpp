@@ -44,6 +44,12 @@ caf::behavior expert::make_behavior() {
       run(batch);
       pull_if_room();
     },
+    // The μ-queue died and a new one took over: pull from it (a pull to the old one is lost).
+    [this](queue_atom, caf::actor& queue) {
+      queue_ = std::move(queue);
+      pull_pending_ = false;
+      pull_if_room();
+    },
     [this](batch_done_atom, finished_batch& done) {
       --in_flight_;
       for (auto& [dest, out] : done.outputs) {
@@ -109,6 +115,11 @@ void expert::run(expert_batch& batch) {
                   }
                   auto finished = std::make_shared<finished_batch>(std::move(done));
                   backend.when_done([self, finished] { caf::anon_send(self, batch_done_atom::value, std::move(*finished)); });
+                },
+                // A failed batch: exit naming it; the supervisor re-creates this expert and
+                // the shards replay the batch's rows (or, past the restart limit, end them).
+                [self](std::string why) {
+                  exit_with(self, caf::make_error(caf::sec::runtime_error, std::move(why)));
                 });
 }
 

@@ -67,10 +67,12 @@ caf::behavior ingress::make_behavior() {
         publish_load();
         reject(request, finish_reason::cancelled, request_error::none, {});
       } else if (auto it = pinned_.find(id); it != pinned_.end()) {
+        it->second.cancelled = true;  // a replay ends it instead of running it again
         send(shards_[it->second.shard], cancel_atom::value, id);
       }
     },
     [this](drain_atom) { draining_ = true; },
+    [this](shard_atom, std::uint32_t idx, caf::actor& shard) { replay_on(idx, std::move(shard)); },
     // A cluster node is gone: every request may have tokens there, so all of them end with
     // the reason, and new ones are refused with it.
     [this](node_lost_atom, std::string& reason) {
@@ -98,11 +100,49 @@ void ingress::place_waiting() {
       break;
     free_[best] -= request.kv_tokens();
     request.admitted = std::chrono::steady_clock::now();
-    pinned_[request.request_id] = pinned_request{best, request.sink, request.admitted};
+    // The shard records what the client got here: a replay after its death starts from it.
+    auto delivered = std::make_shared<delivery_log>();
+    request.delivered = delivered;
+    pinned_[request.request_id] = pinned_request{best, request.sink, request.admitted, request, delivered};
     send(shards_[best], std::move(request));
     waiting_.pop_front();
   }
   publish_load();
+}
+
+void ingress::replay_on(std::size_t idx, caf::actor shard) {
+  if (idx >= shards_.size())
+    return;
+  shards_[idx] = std::move(shard);
+  std::vector<std::uint64_t> ended;
+  for (auto& [id, pinned] : pinned_) {
+    if (pinned.shard != idx)
+      continue;
+    if (pinned.cancelled) {  // its cancel died with the old shard
+      std::size_t index = 0;
+      {
+        std::lock_guard<std::mutex> guard{pinned.delivered->mutex};
+        index = pinned.delivered->tokens.size();
+      }
+      free_[idx] += pinned.request.kv_tokens();
+      token_event last = end_event(id, index, finish_reason::cancelled, request_error::none, {});
+      last.admitted = pinned.admitted;
+      if (pinned.sink)
+        (*pinned.sink)(std::move(last));
+      ended.push_back(id);
+      continue;
+    }
+    admit_request again = pinned.request;
+    {
+      std::lock_guard<std::mutex> guard{pinned.delivered->mutex};
+      again.replayed = pinned.delivered->tokens;
+    }
+    send(shards_[idx], std::move(again));
+  }
+  for (std::uint64_t id : ended)
+    pinned_.erase(id);
+  publish_load();
+  place_waiting();
 }
 
 void ingress::publish_load() {

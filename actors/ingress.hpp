@@ -38,7 +38,12 @@ private:
     std::size_t shard;
     std::shared_ptr<token_sink> sink;  // the client's: a remote shard sends its events here
     std::chrono::steady_clock::time_point admitted;
+    admit_request request;  // as admitted, to replay it on a replacement shard
+    std::shared_ptr<delivery_log> delivered;  // what the client got (the shard records it)
+    bool cancelled = false;
   };
+  // A shard died and `shard` replaces it: its requests start again there from their tokens.
+  void replay_on(std::size_t idx, caf::actor shard);
   std::map<std::uint64_t, pinned_request> pinned_;
   bool draining_ = false;
   std::string lost_;  // why a cluster node is gone, once one is

@@ -34,6 +34,11 @@ caf::behavior mu_queue::make_behavior() {
       dispatch();
     },
     [this](scheduler_update& update) { scheduler_ = update; },
+    // The expert died: hand nothing to it any more; its replacement announces itself by pulling.
+    [this](expert_lost_atom) {
+      expert_ = nullptr;
+      expert_waiting_ = false;
+    },
   };
 }
 

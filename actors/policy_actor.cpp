@@ -35,6 +35,19 @@ caf::behavior policy_actor::make_behavior() {
       push_all();
     },
     [this](shape_report& report) { observe(report); },
+    // A replacement from the supervisor: it gets the current plan or queue settings at once.
+    [this](shard_atom, std::uint32_t idx, caf::actor& shard) {
+      if (idx < shards_.size()) {
+        shards_[idx] = shard;
+        send(shard, plan_update{plan_});
+      }
+    },
+    [this](queue_atom, std::uint32_t idx, caf::actor& queue) {
+      if (idx < queues_.size()) {
+        queues_[idx] = queue;
+        send(queue, scheduler_);
+      }
+    },
   };
 }
 

@@ -32,6 +32,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,21 @@ using cancel_atom = caf::atom_constant<caf::atom("cancel")>;        // client �
 using drain_atom = caf::atom_constant<caf::atom("drain")>;          // engine → ingress: refuse new work
 using policy_atom = caf::atom_constant<caf::atom("policy")>;        // engine → shard: where to report
 using node_lost_atom = caf::atom_constant<caf::atom("node_lost")>;  // engine → ingress: a node is gone
+// Supervision (actors/supervisor.hpp): a replacement actor takes over, and what was lost with
+// the old one is sent again.
+using shard_atom = caf::atom_constant<caf::atom("shard")>;        // supervisor → ingress, policy: new shard
+using queue_atom = caf::atom_constant<caf::atom("queue")>;        // supervisor → shards, expert, policy: new queue
+using expert_lost_atom = caf::atom_constant<caf::atom("exp_lost")>;  // supervisor → mu_queue: its expert died
+using replay_atom = caf::atom_constant<caf::atom("replay")>;      // supervisor → shard: resend A2E of a device
+using kill_atom = caf::atom_constant<caf::atom("kill")>;          // engine → supervisor: fault injection
+
+// Makes `dest` exit with `reason`, as a crash would (CAF 0.17's anon_send_exit takes only an
+// exit_reason, and a failure should carry its cause).
+inline void exit_with(const caf::actor& dest, caf::error reason) {
+  if (dest)
+    dest->enqueue(nullptr, caf::make_message_id(), caf::make_message(caf::exit_msg{dest.address(), std::move(reason)}),
+                  nullptr);
+}
 
 // -- shared payloads --------------------------------------------------------------
 
@@ -58,6 +74,14 @@ using row_lease = std::shared_ptr<const row_block>;
 
 // -- client → ingress → shard -------------------------------------------------------
 
+// The tokens a request's client has been given, recorded by its shard as it emits them: a
+// replay after that shard died starts from them. Written on the shard's thread, read by the
+// ingress once that shard is dead.
+struct delivery_log {
+  std::mutex mutex;
+  std::vector<std::int32_t> tokens;
+};
+
 struct admit_request {
   std::uint64_t request_id = 0;
   std::vector<std::int32_t> prompt;
@@ -70,6 +94,10 @@ struct admit_request {
   std::size_t top_logprobs = 0;              // and of this many best tokens
   std::shared_ptr<token_sink> sink;
   std::chrono::steady_clock::time_point admitted{};  // set by the ingress when it pins
+  // Tokens already delivered to the client (a replay after the request's shard died): the shard
+  // takes them as generated and rebuilds their KV by prefilling prompt + replayed.
+  std::vector<std::int32_t> replayed;
+  std::shared_ptr<delivery_log> delivered;  // set by the ingress; stays in this process
   // Prompt + new tokens, saturating: a max_new_tokens near SIZE_MAX must not wrap to a small
   // reservation (it used to, and such a request ran until memory ran out).
   std::size_t kv_tokens() const {
@@ -269,7 +297,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, admit_request& x) {
   return f(caf::meta::type_name("admit_request"), x.request_id, x.prompt, x.max_new_tokens,
            x.sampling.temperature, x.sampling.top_k, x.sampling.top_p, x.sampling.seed, x.return_logits,
-           x.return_prompt_logits, x.stop_token_ids, x.logprobs, x.top_logprobs);
+           x.return_prompt_logits, x.stop_token_ids, x.logprobs, x.top_logprobs, x.replayed);
 }
 
 template <class Inspector>

@@ -7,6 +7,7 @@
 #include "actors/mu_queue.hpp"
 #include "actors/policy_actor.hpp"
 #include "actors/runtime.hpp"
+#include "actors/supervisor.hpp"
 #include "engine/cluster.hpp"
 #include "model/weights.hpp"
 
@@ -119,6 +120,7 @@ struct Engine::impl {
   caf::actor_system_config system_config;
   std::unique_ptr<caf::actor_system> system;
   caf::actor ingress;
+  caf::actor supervisor;  // one process only: re-creates dead shards, queues and experts
   std::vector<caf::actor> all_actors;
   // Cluster mode: the gates to the nodes (they relay CAF's connections) and the watcher
   // that ends every request when a node is lost. Empty in one process.
@@ -325,6 +327,8 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   actors::scheduler_update scheduler{config.scheduler, config.defrag};
   std::vector<caf::actor> queues;
   std::vector<caf::actor> shards;
+  std::vector<caf::actor> experts;
+  std::vector<actors::device*> expert_devs, attention_devs;
   if (config.cluster) {
     state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats);
     state->all_actors.push_back(state->ingress);
@@ -351,7 +355,9 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     caf::actor queue = sys.spawn<actors::mu_queue>(ctx, d, scheduler, dev->name());
     queues.push_back(queue);
     state->all_actors.push_back(queue);
-    state->all_actors.push_back(sys.spawn<actors::expert>(ctx, d, dev, queue));
+    experts.push_back(sys.spawn<actors::expert>(ctx, d, dev, queue));
+    state->all_actors.push_back(experts.back());
+    expert_devs.push_back(dev);
   }
   if (!config.cluster) {
     state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats);
@@ -359,6 +365,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   }
   for (std::size_t a = 0; !config.cluster && a < config.attention_devices; ++a) {
     actors::device* dev = make_device("attention " + std::to_string(a));
+    attention_devs.push_back(dev);
     shards.push_back(sys.spawn<actors::attention_shard>(ctx, std::uint32_t(a), dev, queues, state->ingress,
                                                         config.plan));
   }
@@ -373,6 +380,13 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   for (const auto& shard : shards)
     caf::anon_send(shard, actors::policy_atom::value, policy);
   caf::anon_send(state->ingress, shards);
+  if (!config.cluster) {  // a cluster's nodes are watched by the cluster watch instead
+    actors::supervised_set children{shards, queues, experts, attention_devs, expert_devs,
+                                    state->ingress, policy, config.plan, scheduler};
+    state->supervisor = sys.spawn<actors::supervisor>(
+        ctx, std::move(children), actors::supervision_params{config.max_restarts, config.restart_period});
+    state->all_actors.push_back(state->supervisor);
+  }
   state->config = std::move(config);
   state->started = std::chrono::steady_clock::now();
   return std::unique_ptr<Engine>(new Engine(std::move(state)));
@@ -526,6 +540,30 @@ void Engine::shutdown() {
     impl_->ingress = nullptr;
   }
   impl_->system->await_all_actors_done();
+  // Tasks a dead actor left on a device hold that actor: they finish while the actor system
+  // they send to still exists.
+  for (auto& dev : impl_->devices)
+    if (!dev->drain(std::chrono::seconds{60}))
+      spdlog::error("{}: tasks still running 60 s after shutdown", dev->name());
+}
+
+status Engine::kill_actor(const std::string& kind, std::size_t device) {
+  caf::actor supervisor;
+  {
+    std::lock_guard<std::mutex> guard{impl_->mutex};
+    if (impl_->stopped || !impl_->supervisor)
+      return make_error(error_code::invalid_argument, "kill_actor: no supervised actors (cluster, or shut down)");
+    supervisor = impl_->supervisor;
+  }
+  bool killed = false;
+  caf::scoped_actor self{*impl_->system};
+  self->request(supervisor, std::chrono::seconds{5}, actors::kill_atom::value, kind, std::uint32_t(device))
+      .receive([&](bool ok) { killed = ok; }, [](caf::error&) {});
+  if (!killed)
+    return make_error(error_code::invalid_argument, "kill_actor: no " + kind + " actor on device " +
+                                                        std::to_string(device) +
+                                                        " (kinds: expert, queue, attention), or supervision gave up");
+  return status::success();
 }
 
 policy::model_shape Engine::shape_of(const model::model_config& c) {
@@ -599,6 +637,23 @@ EngineReport Engine::report() const {
   out.finished_stop = impl_->finished[std::size_t(FinishReason::stop)];
   out.cancelled = impl_->finished[std::size_t(FinishReason::cancelled)];
   out.errors = impl_->finished[std::size_t(FinishReason::error)];
+  caf::actor supervisor;
+  {
+    std::lock_guard<std::mutex> guard{impl_->mutex};
+    if (!impl_->stopped)
+      supervisor = impl_->supervisor;
+  }
+  if (supervisor) {
+    caf::scoped_actor self{*impl_->system};
+    self->request(supervisor, std::chrono::seconds{2}, caf::get_atom::value)
+        .receive(
+            [&](std::uint64_t restarts, bool escalated, double last_us) {
+              out.restarts = restarts;
+              out.supervision_escalated = escalated;
+              out.last_restart_ms = last_us / 1000.0;
+            },
+            [](caf::error&) {});
+  }
   if (impl_->cluster) {
     for (const auto& gate : impl_->cluster->gates)
       out.cluster_caf_bytes += gate->counters().bytes_from_network + gate->counters().bytes_to_network;

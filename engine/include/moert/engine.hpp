@@ -27,6 +27,7 @@
 #include "policy/plan.hpp"
 #include "policy/replan.hpp"
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -145,6 +146,13 @@ struct EngineConfig {
   cluster_tls tls;
   // How long bring-up waits for a node to connect and load its part.
   std::chrono::milliseconds cluster_timeout{60000};
+  // Supervision (one process): an attention shard, μ-queue or expert actor that dies is
+  // re-created and its work replayed, so every request completes with the tokens and logits
+  // it would have had. More than max_restarts restarts within restart_period stop the engine's
+  // data path: every request ends with ErrorCode::internal naming what died, and new ones are
+  // refused.
+  std::size_t max_restarts = 3;
+  std::chrono::milliseconds restart_period{10000};
 };
 
 struct Request {
@@ -207,6 +215,11 @@ struct EngineReport {
   // and with transport caf the rows too: CAF 0.17 routes node-to-node messages through the
   // process that introduced the actors), and what the nodes sent by UCX (asked at report time).
   std::uint64_t cluster_caf_bytes = 0, cluster_ucx_bytes = 0, cluster_ucx_messages = 0;
+  // Supervision: actors re-created, whether it gave up, and the supervisor's own time for the
+  // last restart (down message to replay sent), in milliseconds.
+  std::uint64_t restarts = 0;
+  bool supervision_escalated = false;
+  double last_restart_ms = 0;
 };
 
 // Requests admitted to a shard (running) and submitted but not yet admitted (waiting), now.
@@ -232,6 +245,9 @@ public:
   void cancel(std::uint64_t request_id);
   // Refuses new requests, finishes the accepted ones, stops every actor and device.
   void shutdown();
+  // Fault injection: the actor `kind` ("expert", "queue" or "attention") of device `device`
+  // dies as if it had crashed; the supervisor recovers it. One process only.
+  status kill_actor(const std::string& kind, std::size_t device);
 
   const model::model_config& model_config() const;
   std::size_t vocab_size() const;

@@ -1,0 +1,171 @@
+// Defects of issue [E] at the actor level, each a regression test written before its fix:
+//   - a device task that throws used to escape the device thread (std::terminate: the whole
+//     process died); now its error comes back to whoever posted it, and the device runs on;
+//   - an attention shard that exits while its device task is queued used to free the state
+//     the task reads (batches, KV caches) in on_exit: a use-after-free on the device thread
+//     (ASan reports it; the Release build may not notice), now that state lives as long as
+//     the task;
+//   - an attention task that throws makes its shard exit with the task and the cause as the
+//     reason, for its supervisor to hear.
+#include <catch2/catch.hpp>
+
+#include "actors/attention_shard.hpp"
+#include "actors/device.hpp"
+#include "actors/protocol.hpp"
+#include "actors/runtime.hpp"
+#include "model/config.hpp"
+#include "model/weights.hpp"
+
+#include <caf/all.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace moert;
+using namespace moert::actors;
+
+namespace {
+
+const char* tiny_model = R"({"model_type": "qwen2_moe", "vocab_size": 64, "hidden_size": 16,
+  "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "num_experts": 4,
+  "num_experts_per_tok": 2, "moe_intermediate_size": 8, "shared_expert_intermediate_size": 12,
+  "intermediate_size": 24, "mlp_only_layers": [1], "norm_topk_prob": false})";
+
+constexpr auto wait_limit = std::chrono::seconds{5};
+
+template <class Pred>
+bool wait_until(Pred pred) {
+  auto deadline = std::chrono::steady_clock::now() + wait_limit;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline)
+      return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds{1});
+  }
+  return true;
+}
+
+// One shard on a device the test controls, with actors that swallow what it sends.
+struct shard_fixture {
+  runtime_stats stats;
+  runtime_context ctx;
+  device dev{"attention 0", 1, nullptr};
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> system;
+  caf::actor sink_actor;  // stands in for the ingress and the μ-queue
+  caf::actor shard;
+
+  shard_fixture() {
+    auto parsed = model::parse_config(tiny_model, "supervision test model");
+    REQUIRE(parsed.ok());
+    ctx.config = *parsed;
+    ctx.weights = std::make_shared<const model::model_weights>(model::synthetic_weights(*parsed, 3));
+    ctx.num_expert_devices = 1;
+    ctx.stats = &stats;
+    cfg.set("logger.verbosity", caf::atom("quiet"));
+    system = std::make_unique<caf::actor_system>(cfg);
+    sink_actor = system->spawn([](caf::event_based_actor*) -> caf::behavior {
+      return {[](const caf::message&) {}};  // never answers: the shard waits, which is fine here
+    });
+    policy::execution_plan plan{1, 0, 1, policy::segment_order::asas};
+    shard = system->spawn<attention_shard>(&ctx, std::uint32_t{0}, &dev, std::vector<caf::actor>{sink_actor},
+                                           sink_actor, plan);
+  }
+
+  ~shard_fixture() {
+    caf::anon_send_exit(shard, caf::exit_reason::user_shutdown);
+    caf::anon_send_exit(sink_actor, caf::exit_reason::user_shutdown);
+    shard = nullptr;
+    sink_actor = nullptr;
+    system->await_all_actors_done();
+    dev.drain(wait_limit);
+  }
+
+  void admit(std::uint64_t id) {
+    admit_request request;
+    request.request_id = id;
+    request.prompt = {3, 17, 40};
+    request.max_new_tokens = 4;
+    caf::anon_send(shard, std::move(request));
+  }
+
+  // Waits for the shard's down message; its reason rendered, or "" on timeout.
+  std::string await_down() {
+    caf::scoped_actor self{*system};
+    self->monitor(shard);
+    std::string reason;
+    self->receive([&](caf::down_msg& down) { reason = system->render(down.reason); },
+                  caf::after(wait_limit) >> [] {});
+    return reason;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a device task that throws comes back as an error and the device runs on") {
+  device dev{"expert 3", 1, nullptr};
+  std::mutex mutex;
+  std::vector<std::string> errors;
+  std::atomic<bool> next_ran{false};
+  dev.post(
+      "expert L2 E5 x7", [](auto&) { throw std::runtime_error("out of device memory"); },
+      [&](std::string why) {
+        std::lock_guard<std::mutex> guard{mutex};
+        errors.push_back(std::move(why));
+      });
+  dev.post("expert L2 E6 x1", [&](auto&) { next_ran = true; });
+  REQUIRE(dev.drain(wait_limit));
+  CHECK(next_ran.load());
+  CHECK(dev.failed_tasks() == 1);
+  std::lock_guard<std::mutex> guard{mutex};
+  REQUIRE(errors.size() == 1);
+  CHECK(errors[0] == "expert L2 E5 x7 on expert 3: out of device memory");
+}
+
+TEST_CASE("a shard that dies while its device task is queued leaves that task valid state") {
+  shard_fixture f;
+  // Hold the device so the shard's first attention task waits behind this one.
+  std::mutex mutex;
+  std::vector<std::string> ran;
+  f.dev.set_task_hook([&](const std::string& label) {
+    std::lock_guard<std::mutex> guard{mutex};
+    ran.push_back(label);
+  });
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  f.dev.post("blocker", [released](auto&) { released.wait_for(std::chrono::seconds{10}); });
+  REQUIRE(wait_until([&] {
+    std::lock_guard<std::mutex> guard{mutex};
+    return !ran.empty();
+  }));  // the blocker runs
+  f.admit(1);
+  REQUIRE(wait_until([&] { return f.dev.queued() >= 1; }));  // the attention task is queued
+  caf::anon_send_exit(f.shard, caf::exit_reason::kill);
+  CHECK(f.await_down() != "");
+  release.set_value();  // the queued task runs now, after its shard's exit
+  REQUIRE(f.dev.drain(wait_limit));
+  std::lock_guard<std::mutex> guard{mutex};
+  // Both tasks it had queued (attention, then the shared expert that reads its output) ran.
+  CHECK(std::find(ran.begin(), ran.end(), "attention L0 mb0") != ran.end());
+  CHECK(std::find(ran.begin(), ran.end(), "shared/dense L0 mb0") != ran.end());
+  CHECK(f.dev.failed_tasks() == 0);
+}
+
+TEST_CASE("an attention task that throws makes its shard exit naming the task and the cause") {
+  shard_fixture f;
+  f.dev.set_task_hook([](const std::string& label) {
+    if (label.rfind("attention", 0) == 0)
+      throw std::runtime_error("injected kernel failure");
+  });
+  f.admit(2);
+  std::string reason = f.await_down();
+  INFO(reason);
+  CHECK(reason.find("attention L0 mb0 on attention 0: injected kernel failure") != std::string::npos);
+  CHECK(f.dev.failed_tasks() == 1);
+}

@@ -4,8 +4,13 @@
 
 namespace moert::actors {
 
-ingress::ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens, runtime_stats* stats)
-    : caf::event_based_actor(cfg), capacity_(kv_capacity_tokens), stats_(stats) {}
+namespace {
+using deadline_atom = caf::atom_constant<caf::atom("deadline")>;  // ingress → itself
+}  // namespace
+
+ingress::ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens, runtime_stats* stats,
+                 std::size_t max_queued_tokens)
+    : caf::event_based_actor(cfg), capacity_(kv_capacity_tokens), max_queued_tokens_(max_queued_tokens), stats_(stats) {}
 
 void ingress::on_exit() {  // break handle cycles (see attention_shard::on_exit)
   shards_.clear();
@@ -29,9 +34,20 @@ caf::behavior ingress::make_behavior() {
         return reject(request, finish_reason::error, request_error::context_too_long,
                       "request needs " + std::to_string(request.kv_tokens()) +
                           " KV tokens, a shard holds at most " + std::to_string(capacity_));
+      if (max_queued_tokens_ > 0 && request.prompt.size() > max_queued_tokens_ - std::min(max_queued_tokens_, queued_tokens_))
+        return reject(request, finish_reason::error, request_error::overloaded,
+                      "overloaded: " + std::to_string(queued_tokens_) + " prompt tokens queued + " +
+                          std::to_string(request.prompt.size()) + " exceed max_queued_tokens " +
+                          std::to_string(max_queued_tokens_));
+      if (request.deadline != std::chrono::steady_clock::time_point{}) {
+        auto left = std::max(request.deadline - std::chrono::steady_clock::now(), std::chrono::steady_clock::duration{0});
+        delayed_send(this, left, deadline_atom::value, request.request_id);
+      }
+      queued_tokens_ += request.prompt.size();
       waiting_.push_back(std::move(request));
       place_waiting();
     },
+    [this](deadline_atom, std::uint64_t id) { on_deadline(id); },
     [this](request_ended& ended) {
       std::shared_ptr<token_sink> sink = std::move(ended.sink);
       if (auto it = pinned_.find(ended.request_id); it != pinned_.end()) {
@@ -43,6 +59,12 @@ caf::behavior ingress::make_behavior() {
         }
         if (ended.last.admitted == std::chrono::steady_clock::time_point{})
           ended.last.admitted = it->second.admitted;
+        if (it->second.expired && ended.last.finish == finish_reason::cancelled) {
+          ended.last.finish = finish_reason::error;
+          ended.last.error_code = request_error::deadline_exceeded;
+          ended.last.error = "deadline exceeded while generating (after " + std::to_string(ended.last.index) +
+                             " tokens)";
+        }
         pinned_.erase(it);
       }
       publish_load();
@@ -64,6 +86,7 @@ caf::behavior ingress::make_behavior() {
       if (queued != waiting_.end()) {
         admit_request request = std::move(*queued);
         waiting_.erase(queued);
+        queued_tokens_ -= request.prompt.size();
         publish_load();
         reject(request, finish_reason::cancelled, request_error::none, {});
       } else if (auto it = pinned_.find(id); it != pinned_.end()) {
@@ -85,6 +108,7 @@ caf::behavior ingress::make_behavior() {
         reject(waiting_.front(), finish_reason::error, request_error::internal, reason);
         waiting_.pop_front();
       }
+      queued_tokens_ = 0;
       std::fill(free_.begin(), free_.end(), std::size_t{0});
       publish_load();
     },
@@ -104,10 +128,34 @@ void ingress::place_waiting() {
     auto delivered = std::make_shared<delivery_log>();
     request.delivered = delivered;
     pinned_[request.request_id] = pinned_request{best, request.sink, request.admitted, request, delivered};
+    queued_tokens_ -= request.prompt.size();
     send(shards_[best], std::move(request));
     waiting_.pop_front();
   }
   publish_load();
+}
+
+// Waiting: refused now. Running: cancelled at its shard, and its end reported as the deadline.
+void ingress::on_deadline(std::uint64_t id) {
+  auto now = std::chrono::steady_clock::now();
+  auto due = [now](const admit_request& r) {  // not a later request reusing the id
+    return r.deadline != std::chrono::steady_clock::time_point{} && r.deadline <= now;
+  };
+  auto queued = std::find_if(waiting_.begin(), waiting_.end(), [id](const admit_request& r) { return r.request_id == id; });
+  if (queued != waiting_.end()) {
+    if (!due(*queued))
+      return;
+    admit_request request = std::move(*queued);
+    waiting_.erase(queued);
+    queued_tokens_ -= request.prompt.size();
+    publish_load();
+    reject(request, finish_reason::error, request_error::deadline_exceeded, "deadline exceeded while queued");
+    place_waiting();
+  } else if (auto it = pinned_.find(id); it != pinned_.end() && !it->second.expired && due(it->second.request)) {
+    it->second.expired = true;
+    it->second.cancelled = true;
+    send(shards_[it->second.shard], cancel_atom::value, id);
+  }
 }
 
 void ingress::replay_on(std::size_t idx, caf::actor shard) {
@@ -125,7 +173,9 @@ void ingress::replay_on(std::size_t idx, caf::actor shard) {
         index = pinned.delivered->tokens.size();
       }
       free_[idx] += pinned.request.kv_tokens();
-      token_event last = end_event(id, index, finish_reason::cancelled, request_error::none, {});
+      token_event last = pinned.expired ? end_event(id, index, finish_reason::error, request_error::deadline_exceeded,
+                                                    "deadline exceeded while generating")
+                                        : end_event(id, index, finish_reason::cancelled, request_error::none, {});
       last.admitted = pinned.admitted;
       if (pinned.sink)
         (*pinned.sink)(std::move(last));

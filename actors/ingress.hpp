@@ -19,7 +19,10 @@ namespace moert::actors {
 class ingress : public caf::event_based_actor {
 public:
   // `stats` (may be null) hears how many requests run and wait.
-  ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens, runtime_stats* stats = nullptr);
+  // `max_queued_tokens` (0: unlimited) bounds the prompt tokens of the requests waiting for a
+  // shard: one that would pass it is refused at once with request_error::overloaded.
+  ingress(caf::actor_config& cfg, std::size_t kv_capacity_tokens, runtime_stats* stats = nullptr,
+          std::size_t max_queued_tokens = 0);
 
   caf::behavior make_behavior() override;
   void on_exit() override;
@@ -30,6 +33,8 @@ private:
   void publish_load();
 
   std::size_t capacity_;
+  std::size_t max_queued_tokens_;
+  std::size_t queued_tokens_ = 0;  // prompt tokens in waiting_
   runtime_stats* stats_;
   std::vector<caf::actor> shards_;
   std::vector<std::size_t> free_;
@@ -41,7 +46,9 @@ private:
     admit_request request;  // as admitted, to replay it on a replacement shard
     std::shared_ptr<delivery_log> delivered;  // what the client got (the shard records it)
     bool cancelled = false;
+    bool expired = false;  // its deadline passed: its cancelled end becomes deadline_exceeded
   };
+  void on_deadline(std::uint64_t id);
   // A shard died and `shard` replaces it: its requests start again there from their tokens.
   void replay_on(std::size_t idx, caf::actor shard);
   std::map<std::uint64_t, pinned_request> pinned_;

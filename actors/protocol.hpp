@@ -98,6 +98,8 @@ struct admit_request {
   // takes them as generated and rebuilds their KV by prefilling prompt + replayed.
   std::vector<std::int32_t> replayed;
   std::shared_ptr<delivery_log> delivered;  // set by the ingress; stays in this process
+  // Ends with request_error::deadline_exceeded if not done by then (epoch: no deadline).
+  std::chrono::steady_clock::time_point deadline{};
   // Prompt + new tokens, saturating: a max_new_tokens near SIZE_MAX must not wrap to a small
   // reservation (it used to, and such a request ran until memory ran out).
   std::size_t kv_tokens() const {

@@ -13,7 +13,7 @@
 namespace moert::actors {
 
 enum class finish_reason { none, length, stop, cancelled, error };
-enum class request_error { none, invalid_request, context_too_long, overloaded, shutdown, internal };
+enum class request_error { none, invalid_request, context_too_long, overloaded, shutdown, internal, deadline_exceeded };
 
 struct token_event {
   std::uint64_t request_id = 0;

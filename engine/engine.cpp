@@ -44,6 +44,7 @@ const char* to_string(ErrorCode code) {
     case ErrorCode::overloaded: return "overloaded";
     case ErrorCode::shutdown: return "shutdown";
     case ErrorCode::internal: return "internal";
+    case ErrorCode::deadline_exceeded: return "deadline_exceeded";
   }
   return "unknown";
 }
@@ -51,6 +52,7 @@ const char* to_string(ErrorCode code) {
 // The actors' enums are the public ones, value for value.
 static_assert(int(FinishReason::error) == int(actors::finish_reason::error));
 static_assert(int(ErrorCode::internal) == int(actors::request_error::internal));
+static_assert(int(ErrorCode::deadline_exceeded) == int(actors::request_error::deadline_exceeded));
 
 // -- TokenStream ------------------------------------------------------------------
 
@@ -330,7 +332,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   std::vector<caf::actor> experts;
   std::vector<actors::device*> expert_devs, attention_devs;
   if (config.cluster) {
-    state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats);
+    state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats, config.max_queued_tokens);
     state->all_actors.push_back(state->ingress);
     cluster_request ask;
     ask.model = {config.model_dir, config.synthetic_config, config.weight_seed};
@@ -360,7 +362,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     expert_devs.push_back(dev);
   }
   if (!config.cluster) {
-    state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats);
+    state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats, config.max_queued_tokens);
     state->all_actors.push_back(state->ingress);
   }
   for (std::size_t a = 0; !config.cluster && a < config.attention_devices; ++a) {
@@ -471,6 +473,8 @@ std::shared_ptr<TokenStream> Engine::submit(Request request, std::function<void(
                              admit.stop_token_ids.end());
   admit.logprobs = request.logprobs;
   admit.top_logprobs = request.top_logprobs;
+  if (request.deadline.count() > 0)
+    admit.deadline = submitted + request.deadline;
   impl* state = impl_.get();
   std::uint64_t id = request.id;
   // Events come one at a time per request (token_sink), so the clock needs no lock.

@@ -55,6 +55,7 @@ api_error engine_error(const TokenEvent& e) {
     case ErrorCode::context_too_long: return {400, message, "invalid_request_error", "", "context_length_exceeded"};
     case ErrorCode::overloaded: return {429, message, "server_overloaded", "", "overloaded"};
     case ErrorCode::shutdown: return {503, message, "server_error", "", "shutdown"};
+    case ErrorCode::deadline_exceeded: return {504, message, "server_error", "", "deadline_exceeded"};
     case ErrorCode::internal:
     case ErrorCode::none: break;
   }

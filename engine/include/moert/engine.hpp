@@ -62,6 +62,7 @@ enum class ErrorCode {
   overloaded,        // EngineConfig::max_inflight_requests reached: retry later
   shutdown,          // the engine stopped accepting requests
   internal,          // a bug or a failed component: the message says which
+  deadline_exceeded, // Request::deadline passed before the request ended
 };
 
 const char* to_string(FinishReason reason);
@@ -130,6 +131,10 @@ struct EngineConfig {
   // Admission: requests submitted and not yet ended (running or queued). Beyond it submit()
   // ends the stream at once with ErrorCode::overloaded. 0 = unlimited.
   std::size_t max_inflight_requests = 0;
+  // Admission: prompt tokens of the requests waiting for a shard (vLLM's max-num-queued-tokens,
+  // sized as target queueing time x prefill rate). A request that would pass it ends at once
+  // with ErrorCode::overloaded. 0 = unlimited.
+  std::size_t max_queued_tokens = 0;
   // A cluster: `moert node` processes host the attention shards and expert devices the
   // file places on them (it then decides attention_devices and expert_devices); this process
   // keeps the ingress, the policy actor and the token sinks. Tokens and logits are those of
@@ -168,6 +173,9 @@ struct Request {
   bool ignore_eos = false;
   bool logprobs = false;          // TokenEvent::logprob
   std::size_t top_logprobs = 0;   // 0..20: TokenEvent::top_logprobs
+  // From submit(): a request not ended by then (waiting or running) ends with
+  // ErrorCode::deadline_exceeded, keeping the tokens it already streamed. 0 = none.
+  std::chrono::milliseconds deadline{0};
 };
 
 // The events of one request, in order. Events arrive on engine threads and queue here.

@@ -1,0 +1,182 @@
+// Overload (issue [E] part 4): admission by in-flight requests and by queued prompt tokens,
+// per-request deadlines, each refusal with its own error code; a 10x burst over the in-flight
+// limit: every request ends exactly once (completed or rejected, none lost or answered twice),
+// the engine's load stays within its limit, and the rejection latency and peak RSS are printed.
+#include <catch2/catch.hpp>
+
+#include "engine/engine.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace moert;
+
+namespace {
+
+const char* small_model = R"({"model_type": "qwen2_moe", "vocab_size": 211, "hidden_size": 48,
+  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8,
+  "num_experts_per_tok": 2, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+  "intermediate_size": 64, "mlp_only_layers": [1], "norm_topk_prob": false,
+  "max_position_embeddings": 100000})";
+
+using clock_type = std::chrono::steady_clock;
+
+bool ends_within(TokenStream& stream, std::chrono::seconds limit) {
+  auto deadline = clock_type::now() + limit;
+  while (!stream.done()) {
+    if (clock_type::now() > deadline)
+      return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds{1});
+  }
+  return true;
+}
+
+std::size_t rss_kib(const char* field) {  // VmRSS / VmHWM of this process, KiB
+  std::ifstream status{"/proc/self/status"};
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind(field, 0) == 0)
+      return std::stoul(line.substr(std::string(field).size()));
+  return 0;
+}
+
+double percentile(std::vector<double> v, double p) {
+  if (v.empty())
+    return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, std::size_t(p * double(v.size())))];
+}
+
+}  // namespace
+
+TEST_CASE("10x overload: every request ends once, completed or rejected with overloaded; load bounded") {
+  constexpr std::size_t limit = 8, rounds = 6, burst = 10 * limit;
+  EngineConfig config;
+  config.synthetic_config = small_model;
+  config.attention_devices = 2;
+  config.expert_devices = 2;
+  config.max_inflight_requests = limit;
+  auto made = Engine::create(config);
+  REQUIRE(made.ok());
+  Engine& engine = **made;
+  std::mutex mutex;
+  std::vector<std::size_t> last_events;  // per request
+  std::vector<double> rejection_ms;
+  std::size_t completed = 0, rejected = 0, other = 0, max_live = 0;
+  std::vector<std::shared_ptr<TokenStream>> streams;
+  std::size_t rss_after_first = 0;
+  for (std::size_t round = 0; round < rounds; ++round) {
+    for (std::size_t i = 0; i < burst; ++i) {
+      std::size_t idx = last_events.size();
+      {
+        std::lock_guard<std::mutex> guard{mutex};
+        last_events.push_back(0);
+      }
+      Request request;
+      request.prompt = {std::int32_t(1 + i % 50), 7, 9};
+      request.max_new_tokens = 6;
+      request.ignore_eos = true;
+      streams.push_back(engine.submit(request, [&, idx](const TokenEvent& e) {
+        if (!e.last)
+          return;
+        std::lock_guard<std::mutex> guard{mutex};
+        ++last_events[idx];
+        if (e.error_code == ErrorCode::overloaded) {
+          ++rejected;
+          rejection_ms.push_back(e.timings.total_ms);
+        } else if (e.error_code == ErrorCode::none) {
+          ++completed;
+        } else {
+          ++other;
+        }
+      }));
+      EngineLoad load = engine.load();
+      max_live = std::max(max_live, load.running + load.waiting);
+    }
+    for (auto& s : streams)
+      REQUIRE(ends_within(*s, std::chrono::seconds{30}));
+    if (round == 0)
+      rss_after_first = rss_kib("VmRSS:");
+  }
+  std::size_t rss_end = rss_kib("VmRSS:"), hwm = rss_kib("VmHWM:");
+  std::lock_guard<std::mutex> guard{mutex};
+  std::printf("overload 10x: %zu submitted, %zu completed, %zu rejected (overloaded), %zu other; rejection latency "
+              "p50 %.4f ms p99 %.4f ms; RSS after round 1 %zu KiB, at the end %zu KiB, peak %zu KiB; max live %zu\n",
+              last_events.size(), completed, rejected, other, percentile(rejection_ms, 0.5),
+              percentile(rejection_ms, 0.99), rss_after_first, rss_end, hwm, max_live);
+  CHECK(completed + rejected == rounds * burst);
+  CHECK(other == 0);
+  CHECK(completed >= rounds * limit);  // at least the limit's worth per burst got through
+  CHECK(std::all_of(last_events.begin(), last_events.end(), [](std::size_t n) { return n == 1; }));
+  CHECK(max_live <= limit);
+  CHECK(percentile(rejection_ms, 0.99) < 50.0);
+  // Bounded: five more bursts grow the resident set by less than 32 MiB.
+  CHECK(rss_end < rss_after_first + 32 * 1024);
+  engine.shutdown();
+}
+
+TEST_CASE("max_queued_tokens refuses what would queue past it, naming the limit") {
+  EngineConfig config;
+  config.synthetic_config = small_model;
+  config.kv_capacity_tokens = 40;  // one running request at a time: the rest queue
+  config.max_queued_tokens = 25;
+  auto made = Engine::create(config);
+  REQUIRE(made.ok());
+  Engine& engine = **made;
+  std::vector<std::shared_ptr<TokenStream>> streams;
+  for (int i = 0; i < 6; ++i)
+    streams.push_back(engine.submit({0, std::vector<std::int32_t>(10, 3 + i), 20, {}, false, false, {}, true}));
+  std::size_t overloaded = 0, done = 0;
+  for (auto& s : streams) {
+    REQUIRE(ends_within(*s, std::chrono::seconds{30}));
+    if (s->error_code() == ErrorCode::overloaded)
+      ++overloaded;
+    else if (s->error_code() == ErrorCode::none)
+      ++done;
+  }
+  CHECK(overloaded >= 1);
+  CHECK(overloaded + done == streams.size());
+  auto refused = engine.submit({0, std::vector<std::int32_t>(30, 5), 1});  // never fits the queue
+  REQUIRE(ends_within(*refused, std::chrono::seconds{5}));
+  CHECK(refused->error_code() == ErrorCode::overloaded);
+  auto out = refused->wait();
+  REQUIRE_FALSE(out.ok());
+  CHECK(out.err().message.find("max_queued_tokens 25") != std::string::npos);
+  engine.shutdown();
+}
+
+TEST_CASE("a deadline ends a running or a queued request with deadline_exceeded") {
+  EngineConfig config;
+  config.synthetic_config = small_model;
+  config.kv_capacity_tokens = 6000;  // the long request holds the only shard's room
+  auto made = Engine::create(config);
+  REQUIRE(made.ok());
+  Engine& engine = **made;
+  Request long_one;
+  long_one.prompt = {1, 2, 3};
+  long_one.max_new_tokens = 5000;  // far longer than the deadline
+  long_one.ignore_eos = true;
+  long_one.deadline = std::chrono::milliseconds{150};
+  Request queued = long_one;
+  queued.max_new_tokens = 4000;  // waits: 5003 + 4003 > 6000
+  queued.deadline = std::chrono::milliseconds{50};
+  auto started = clock_type::now();
+  auto running = engine.submit(long_one);
+  auto waiting = engine.submit(queued);
+  REQUIRE(ends_within(*waiting, std::chrono::seconds{10}));
+  REQUIRE(ends_within(*running, std::chrono::seconds{10}));
+  double took_ms = std::chrono::duration<double, std::milli>(clock_type::now() - started).count();
+  std::printf("deadline: 150 ms request ended after %.1f ms\n", took_ms);
+  CHECK(waiting->error_code() == ErrorCode::deadline_exceeded);
+  CHECK(running->error_code() == ErrorCode::deadline_exceeded);
+  CHECK(took_ms < 5000);
+  CHECK(std::string(to_string(ErrorCode::deadline_exceeded)) == "deadline_exceeded");
+  engine.shutdown();
+}

@@ -1,4 +1,5 @@
 #include "actors/attention_shard.hpp"
+#include "actors/fault_seam.hpp"
 #include "actors/tensor_link.hpp"
 
 #include "model/sampler.hpp"
@@ -42,6 +43,8 @@ token_logprobs log_softmax_of(std::span<const float> logits, std::int32_t token,
 using attention_done_atom = caf::atom_constant<caf::atom("attn_done")>;
 using side_done_atom = caf::atom_constant<caf::atom("side_done")>;
 using final_done_atom = caf::atom_constant<caf::atom("final_done")>;
+// At-least-once A2E/E2A: a micro-batch's timer (step, micro-batch, layer, attempt).
+using retransmit_atom = caf::atom_constant<caf::atom("retransmit")>;
 
 }  // namespace
 
@@ -104,6 +107,13 @@ caf::behavior attention_shard::make_behavior() {
     [this](expert_outputs& out) {
       if (!(ctx_->link && ctx_->link->fetch(this, out)))  // rows by UCX come back completed
         on_expert_outputs(out);
+    },
+    // An A2E the fault injector held back (reorder, delay).
+    [this](fault_release_atom, const caf::actor& dest, routed_tokens& msg) {
+      transmit(this, ctx_, dest, std::move(msg));
+    },
+    [this](retransmit_atom, std::uint64_t step, std::uint32_t mb, std::uint32_t layer, std::uint32_t attempt) {
+      on_retransmit_timer(step, mb, layer, attempt);
     },
   };
 }
@@ -340,12 +350,12 @@ void attention_shard::send_a2e(std::size_t mb_idx) {
       if (ctx_->trace)
         msg.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), device_->name()};
       ctx_->stats->count_messages(1);
-      if (ctx_->link && ctx_->link->remote(queues_[dev]))
-        ctx_->link->ship(this, queues_[dev], std::move(msg));
-      else
-        send(queues_[dev], std::move(msg));
+      transport::message_identity id{transport::message_kind::a2e, msg.key.shard, msg.key.step,
+                                     msg.key.micro_batch, msg.key.layer, msg.chunk, std::uint32_t(dev), 0, 0};
+      transmit_data(this, ctx_, queues_[dev], std::move(msg), id);
     }
   }
+  arm_retransmit(mb_idx);
 }
 
 // One message per micro-batch: a replay is rare, its batching does not matter (every expert
@@ -377,17 +387,27 @@ void attention_shard::replay_a2e(std::size_t device_idx) {
 }
 
 void attention_shard::on_expert_outputs(expert_outputs& out) {
+  if (ctx_->faults && ctx_->faults->watches(transport::fault_actor::attention, shard_idx_))
+    if (auto kill = ctx_->faults->kill_due(transport::fault_actor::attention, shard_idx_, ++e2a_arrivals_))
+      return quit(fault_kill_reason(*kill));
+  auto late = [&] {  // of a step or layer that is over: its entries were counted already
+    if (ctx_->faults)
+      ctx_->faults->count_ignored_e2a(out.slots.size());
+  };
   if (out.key.step != step_ || out.key.micro_batch >= batches_.size())
-    return;
+    return late();
   micro_batch& mb = batches_[out.key.micro_batch];
-  if (out.key.layer != mb.layer)
-    return;
+  if (out.key.layer != mb.layer || mb.failed)
+    return late();
   if (ctx_->trace && out.flow.id)
     ctx_->trace->flow("E2A", out.flow.id, out.flow.from_track, out.flow.sent, device_->name(),
                       std::chrono::steady_clock::now());
   for (std::size_t i = 0; i < out.slots.size(); ++i) {
-    if (mb.weighted[out.slots[i]] != nullptr)
-      continue;  // a duplicate delivery: the first copy already counted
+    if (mb.weighted[out.slots[i]] != nullptr) {
+      if (ctx_->faults)  // a duplicate delivery: the first copy already counted
+        ctx_->faults->count_ignored_e2a(1);
+      continue;
+    }
     mb.weighted[out.slots[i]] = out.rows->row(out.rows_idx[i]);
     --mb.outputs_pending;
   }
@@ -509,6 +529,119 @@ void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t
     else  // a shard in another process: the ingress holds the client's sink
       send(ingress_, std::move(event));
   }
+  if (++batches_finished_ == batches_.size()) {
+    step_running_ = false;
+    batches_.clear();
+    send(this, step_atom::value);
+    return;
+  }
+  pump();
+}
+
+// -- at-least-once A2E/E2A (with a fault plan) -----------------------------------------
+
+void attention_shard::arm_retransmit(std::size_t mb_idx) {
+  if (!ctx_->faults)
+    return;
+  micro_batch& mb = batches_[mb_idx];
+  const transport::fault_plan& plan = ctx_->faults->plan();
+  // Doubling from retransmit_ms, at most retransmit_max_ms.
+  double ms = plan.retransmit_ms;
+  for (std::uint32_t i = 0; i < mb.retransmits && ms < plan.retransmit_max_ms; ++i)
+    ms *= 2;
+  ms = std::min(ms, plan.retransmit_max_ms);
+  mb.pending_at_arm = mb.outputs_pending;
+  delayed_send(this, std::chrono::microseconds(std::int64_t(ms * 1000.0)), retransmit_atom::value, step_,
+               std::uint32_t(mb_idx), std::uint32_t(mb.layer), mb.retransmits + 1);
+}
+
+void attention_shard::on_retransmit_timer(std::uint64_t step, std::uint32_t mb_idx, std::uint32_t layer,
+                                          std::uint32_t attempt) {
+  if (step != step_ || mb_idx >= batches_.size())
+    return;
+  micro_batch& mb = batches_[mb_idx];
+  // Stale: the layer joined, the micro-batch failed, or a newer timer runs.
+  if (mb.layer != layer || mb.failed || !mb.attention_done || mb.outputs_pending == 0 ||
+      attempt != mb.retransmits + 1)
+    return;
+  if (mb.outputs_pending < mb.pending_at_arm) {
+    // Outputs are still coming in: a slow device, not a lost message. Wait as long again.
+    arm_retransmit(mb_idx);
+    return;
+  }
+  if (mb.retransmits >= ctx_->faults->plan().max_retransmits) {
+    if (mb.side_running) {  // its task reads the micro-batch: end it once that is done
+      arm_retransmit(mb_idx);
+      return;
+    }
+    std::string devices;
+    std::vector<bool> silent(queues_.size(), false);
+    for (std::size_t slot = 0; slot < mb.weighted.size(); ++slot)
+      if (mb.weighted[slot] == nullptr)
+        silent[ctx_->device_of(std::size_t(mb.routes[slot].expert))] = true;
+    std::string kills;
+    for (std::size_t d = 0; d < silent.size(); ++d)
+      if (silent[d]) {
+        devices += (devices.empty() ? "" : ", ") + std::to_string(d);
+        for (auto actor : {transport::fault_actor::expert, transport::fault_actor::queue}) {
+          std::string k = ctx_->faults->kills_text(actor, std::uint32_t(d));
+          if (!k.empty())
+            kills += (kills.empty() ? "" : "; ") + k;
+        }
+      }
+    fail_micro_batch(mb_idx, "expert device(s) " + devices + " did not answer layer " + std::to_string(layer) +
+                                 " of attention shard " + std::to_string(shard_idx_) + " after " +
+                                 std::to_string(mb.retransmits) + " retransmissions" +
+                                 (kills.empty() ? std::string{} : " (" + kills + ")"));
+    return;
+  }
+  ++mb.retransmits;
+  resend_missing(mb_idx, mb.retransmits);
+  arm_retransmit(mb_idx);
+}
+
+// One message per expert device with every route whose output is missing, through the fault
+// seam again (a retransmission may be lost too: it draws afresh, its attempt differs).
+void attention_shard::resend_missing(std::size_t mb_idx, std::uint32_t attempt) {
+  micro_batch& mb = batches_[mb_idx];
+  std::vector<routed_tokens> messages(queues_.size());
+  for (std::size_t slot = 0; slot < mb.weighted.size(); ++slot) {
+    if (mb.weighted[slot] != nullptr)
+      continue;
+    const model::routed_slot& route = mb.routes[slot];
+    messages[ctx_->device_of(std::size_t(route.expert))].routes.push_back(
+        {std::uint32_t(slot / mb.top_k), std::uint32_t(slot), std::uint32_t(ctx_->local_index(std::size_t(route.expert))),
+         route.weight});
+  }
+  caf::actor self = caf::actor_cast<caf::actor>(this);
+  std::uint64_t sent = 0;
+  for (std::size_t dev = 0; dev < messages.size(); ++dev) {
+    routed_tokens& msg = messages[dev];
+    if (msg.routes.empty() || !queues_[dev])
+      continue;
+    msg.key = {shard_idx_, step_, std::uint32_t(mb_idx), std::uint32_t(mb.layer)};
+    msg.rows = mb.normed;
+    msg.reply_to = self;
+    msg.attempt = attempt;
+    ++sent;
+    transport::message_identity id{transport::message_kind::a2e, msg.key.shard, msg.key.step, msg.key.micro_batch,
+                                   msg.key.layer, 0, std::uint32_t(dev), attempt, 0};
+    transmit_data(this, ctx_, queues_[dev], std::move(msg), id);
+  }
+  ctx_->faults->count_retransmits(sent);
+}
+
+// Ends every request of the micro-batch with `why` and counts the micro-batch as done, so the
+// step goes on for the others. No task of it is queued or running (the caller checked).
+void attention_shard::fail_micro_batch(std::size_t mb_idx, const std::string& why) {
+  micro_batch& mb = batches_[mb_idx];
+  mb.failed = true;
+  mb.attention_done = false;
+  ctx_->faults->count_failed_batch();
+  for (std::uint64_t id : mb.sequence_ids)
+    if (auto it = sequences_.find(id); it != sequences_.end())
+      finish_request(id, end_event(id, it->second.generated.size(), finish_reason::error, request_error::internal,
+                                   why));
   if (++batches_finished_ == batches_.size()) {
     step_running_ = false;
     batches_.clear();

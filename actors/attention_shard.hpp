@@ -58,6 +58,12 @@ private:
     std::size_t layer = 0;
     std::size_t top_k = 0;                  // of `layer`
     std::size_t outputs_pending = 0;
+    // At-least-once A2E/E2A (with a fault plan): retransmissions of this layer's missing
+    // routes so far, outputs still missing when the timer was armed, and whether the
+    // retransmissions ran out (its requests ended with an error; nothing more happens here).
+    std::uint32_t retransmits = 0;
+    std::size_t pending_at_arm = 0;
+    bool failed = false;
     bool ready_attention = true;
     bool attention_done = false;
     bool side_pending = false;
@@ -83,6 +89,14 @@ private:
   // has not arrived: that device's expert or queue died and a new one took over.
   void replay_a2e(std::size_t device_idx);
   void maybe_join(std::size_t mb_idx);
+  // At-least-once delivery (with a fault plan, actors/fault_seam.hpp): a timer per micro-batch
+  // and layer sends the routes whose outputs are missing again, with a doubling timeout; past
+  // the plan's max_retransmits the micro-batch's requests end with an error naming the
+  // expert devices that did not answer.
+  void arm_retransmit(std::size_t mb_idx);
+  void on_retransmit_timer(std::uint64_t step, std::uint32_t mb_idx, std::uint32_t layer, std::uint32_t attempt);
+  void resend_missing(std::size_t mb_idx, std::uint32_t attempt);
+  void fail_micro_batch(std::size_t mb_idx, const std::string& why);
   // The request leaves the shard; `last` reaches its sink through the ingress.
   void finish_request(std::uint64_t id, token_event last);
   device::error_handler exit_on_error();
@@ -105,6 +119,7 @@ private:
   std::size_t in_flight_ = 0;
   std::vector<micro_batch> batches_;
   std::size_t batches_finished_ = 0;
+  std::uint64_t e2a_arrivals_ = 0;  // E2A messages that reached this shard (fault plan kills)
 };
 
 }  // namespace moert::actors

@@ -42,6 +42,16 @@ void device::set_task_hook(task_hook hook) {
   hook_ = std::move(hook);
 }
 
+void device::set_slowdown(double factor) {
+  std::lock_guard<std::mutex> guard{mutex_};
+  slowdown_ = factor;
+}
+
+std::uint64_t device::stretched_tasks() const {
+  std::lock_guard<std::mutex> guard{mutex_};
+  return stretched_;
+}
+
 std::uint64_t device::failed_tasks() const {
   std::lock_guard<std::mutex> guard{mutex_};
   return failed_;
@@ -61,6 +71,7 @@ void device::run() {
   for (;;) {
     posted next;
     task_hook hook;
+    double slow = 1.0;
     {
       std::unique_lock<std::mutex> lock{mutex_};
       wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
@@ -70,6 +81,7 @@ void device::run() {
       queue_.pop_front();
       running_task_ = true;
       hook = hook_;
+      slow = slowdown_;
     }
     auto start = std::chrono::steady_clock::now();
     std::string failure;
@@ -84,6 +96,10 @@ void device::run() {
       failure = "unknown exception";
     }
     auto end = std::chrono::steady_clock::now();
+    if (slow > 1.0) {  // a slowed device (fault plan): busy (factor - 1) x the task's time more
+      std::this_thread::sleep_for((end - start) * (slow - 1.0));
+      end = std::chrono::steady_clock::now();
+    }
     if (!failure.empty()) {
       std::string why = next.label + " on " + name_ + ": " + failure;
       if (next.on_error)
@@ -97,6 +113,7 @@ void device::run() {
       std::lock_guard<std::mutex> guard{mutex_};
       busy_ += end - start;
       failed_ += failure.empty() ? 0 : 1;
+      stretched_ += slow > 1.0 ? 1 : 0;
       running_task_ = false;
     }
     idle_.notify_all();

@@ -56,6 +56,10 @@ public:
   void set_task_hook(task_hook hook);
   std::uint64_t failed_tasks() const;
   std::size_t queued() const;  // posted and not yet started
+  // A slow device (fault plan "slow"): after each task it stays busy (factor - 1) times the
+  // task's time, so its throughput drops by `factor` (the task's own completion is not held).
+  void set_slowdown(double factor);
+  std::uint64_t stretched_tasks() const;
 
   // Time spent running tasks since construction.
   std::chrono::nanoseconds busy_time() const;
@@ -79,6 +83,8 @@ private:
   bool running_task_ = false;
   task_hook hook_;
   std::uint64_t failed_ = 0;
+  double slowdown_ = 1.0;
+  std::uint64_t stretched_ = 0;
   std::chrono::nanoseconds busy_{0};
   bool stopping_ = false;
   std::size_t num_threads_;

@@ -1,6 +1,8 @@
 #include "actors/expert.hpp"
+#include "actors/fault_seam.hpp"
 #include "actors/tensor_link.hpp"
 
+#include <algorithm>
 #include <map>
 #include <tuple>
 
@@ -56,12 +58,16 @@ caf::behavior expert::make_behavior() {
         if (ctx_->trace)
           out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), device_->name()};
         ctx_->stats->count_messages(1);
-        if (ctx_->link && ctx_->link->remote(dest))
-          ctx_->link->ship(this, dest, std::move(out));
-        else
-          send(dest, std::move(out));
+        transport::message_identity id{transport::message_kind::e2a, out.key.shard, out.key.step,
+                                       out.key.micro_batch, out.key.layer, 0, std::uint32_t(device_idx_),
+                                       out.attempt, out.slots.empty() ? 0 : out.slots.front()};
+        transmit_data(this, ctx_, dest, std::move(out), id);
       }
       pull_if_room();
+    },
+    // An E2A the fault injector held back (reorder, delay).
+    [this](fault_release_atom, const caf::actor& dest, expert_outputs& out) {
+      transmit(this, ctx_, dest, std::move(out));
     },
   };
 }
@@ -110,6 +116,7 @@ void expert::run(expert_batch& batch) {
                       done.outputs.emplace_back(item.reply_to, std::move(msg));
                     }
                     expert_outputs& msg = done.outputs[it->second].second;
+                    msg.attempt = std::max(msg.attempt, item.attempt);
                     msg.rows_idx.push_back(std::uint32_t(r));
                     msg.slots.push_back(item.slot);
                   }

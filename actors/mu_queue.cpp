@@ -1,4 +1,5 @@
 #include "actors/mu_queue.hpp"
+#include "actors/fault_seam.hpp"
 #include "actors/tensor_link.hpp"
 
 namespace moert::actors {
@@ -7,6 +8,7 @@ mu_queue::mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size
                    scheduler_update scheduler, std::string track)
     : caf::event_based_actor(cfg),
       ctx_(ctx),
+      device_idx_(device_idx),
       num_local_(ctx->experts_on(device_idx)),
       queues_(std::size_t(ctx->config.num_layers) * num_local_),
       matrix_(std::size_t(ctx->config.num_layers), num_local_),
@@ -43,6 +45,8 @@ caf::behavior mu_queue::make_behavior() {
 }
 
 void mu_queue::enqueue(routed_tokens& msg) {
+  if (ctx_->faults && fault_kills())
+    return;
   auto arrived = now();
   if (ctx_->trace && msg.flow.id)
     ctx_->trace->flow("A2E", msg.flow.id, msg.flow.from_track, msg.flow.sent, track_, std::chrono::steady_clock::now());
@@ -50,7 +54,7 @@ void mu_queue::enqueue(routed_tokens& msg) {
     std::size_t q = msg.key.layer * num_local_ + route.local_expert;
     if (queues_[q].empty())
       matrix_.set(msg.key.layer, route.local_expert, 0, arrived);
-    queues_[q].push_back({msg.rows, route.row, route.slot, route.weight, msg.key, msg.reply_to});
+    queues_[q].push_back({msg.rows, route.row, route.slot, route.weight, msg.key, msg.reply_to, msg.attempt});
     matrix_.set(msg.key.layer, route.local_expert, queues_[q].size(), matrix_.oldest(msg.key.layer, route.local_expert));
   }
   dispatch();
@@ -72,6 +76,30 @@ void mu_queue::dispatch() {
   expert_waiting_ = false;
   ctx_->stats->count_messages(1);
   send(expert_, std::move(batch));
+}
+
+
+// The fault plan's kills of this device's expert or μ-queue, counted in A2E messages that
+// reached the device. The expert is told to exit (its supervisor re-creates it, and the
+// shards send its missing rows again); a killed μ-queue exits itself, losing what it held.
+bool mu_queue::fault_kills() {
+  auto dev = std::uint32_t(device_idx_);
+  bool watched = ctx_->faults->watches(transport::fault_actor::expert, dev) ||
+                 ctx_->faults->watches(transport::fault_actor::queue, dev);
+  if (!watched)
+    return false;
+  ++arrivals_;
+  if (expert_)
+    if (auto kill = ctx_->faults->kill_due(transport::fault_actor::expert, dev, arrivals_)) {
+      send_exit(expert_, fault_kill_reason(*kill));
+      expert_ = nullptr;
+      expert_waiting_ = false;
+    }
+  if (auto kill = ctx_->faults->kill_due(transport::fault_actor::queue, dev, arrivals_)) {
+    quit(fault_kill_reason(*kill));
+    return true;
+  }
+  return false;
 }
 
 }  // namespace moert::actors

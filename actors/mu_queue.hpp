@@ -25,10 +25,13 @@ public:
 
 private:
   void enqueue(routed_tokens& msg);
+  // Counts an A2E arrival; true when the fault plan killed this μ-queue on it.
+  bool fault_kills();
   void dispatch();
   std::chrono::nanoseconds now() const;
 
   const runtime_context* ctx_;
+  std::size_t device_idx_;
   std::size_t num_local_;
   std::vector<std::deque<queued_row>> queues_;  // layer × local expert
   policy::queue_matrix matrix_;
@@ -36,6 +39,7 @@ private:
   caf::actor expert_;           // learnt from its first pull
   bool expert_waiting_ = false;
   std::string track_;
+  std::uint64_t arrivals_ = 0;  // A2E messages that reached this device (fault plan kills)
 };
 
 }  // namespace moert::actors

@@ -159,6 +159,7 @@ struct routed_tokens {
   std::vector<route_entry> routes;
   caf::actor reply_to;  // the source shard
   trace_flow flow;
+  std::uint32_t attempt = 0;  // 0: first send; n: the n-th retransmission (fault_seam.hpp)
 };
 
 // -- mu_queue → expert: a whole μ-queue drained into one batch -----------------------
@@ -170,6 +171,7 @@ struct queued_row {
   float weight;
   batch_key key;
   caf::actor reply_to;
+  std::uint32_t attempt = 0;  // of the A2E that brought it
 };
 
 struct expert_batch {
@@ -187,6 +189,7 @@ struct expert_outputs {
   std::vector<std::uint32_t> rows_idx;  // row in `rows` for each entry
   std::vector<std::uint32_t> slots;     // join slot (token × top_k + k) for each entry
   trace_flow flow;
+  std::uint32_t attempt = 0;  // the highest A2E attempt among its rows
 };
 
 // -- device → shard: what the sampler saw, computed only for sequences that asked ------------
@@ -332,11 +335,11 @@ typename Inspector::result_type inspect(Inspector& f, routed_tokens& x) {
     for (std::size_t i = 0; i < routes.size() && i < renumbered.size(); ++i)
       routes[i].row = renumbered[i];
     return f(caf::meta::type_name("routed_tokens"), x.wire.tag, x.wire.bytes, x.wire.row_floats, x.key, x.chunk,
-             row_floats, bytes, routes, x.reply_to, x.flow.id, x.flow.from_track);
+             row_floats, bytes, routes, x.reply_to, x.flow.id, x.flow.from_track, x.attempt);
   } else {
     std::vector<std::uint8_t> bytes;
     auto err = f(caf::meta::type_name("routed_tokens"), x.wire.tag, x.wire.bytes, x.wire.row_floats, x.key, x.chunk,
-                 row_floats, bytes, x.routes, x.reply_to, x.flow.id, x.flow.from_track);
+                 row_floats, bytes, x.routes, x.reply_to, x.flow.id, x.flow.from_track, x.attempt);
     if (err)
       return err;
     x.flow.sent = std::chrono::steady_clock::now();
@@ -364,11 +367,11 @@ typename Inspector::result_type inspect(Inspector& f, expert_outputs& x) {
       bytes = wire::pack_rows(*x.rows, x.rows_idx, renumbered);
     auto& entries = x.rows ? renumbered : x.rows_idx;  // already packed when it comes by UCX
     return f(caf::meta::type_name("expert_outputs"), x.wire.tag, x.wire.bytes, x.wire.row_floats, x.key,
-             row_floats, bytes, entries, x.slots, x.flow.id, x.flow.from_track);
+             row_floats, bytes, entries, x.slots, x.flow.id, x.flow.from_track, x.attempt);
   } else {
     std::vector<std::uint8_t> bytes;
     auto err = f(caf::meta::type_name("expert_outputs"), x.wire.tag, x.wire.bytes, x.wire.row_floats, x.key,
-                 row_floats, bytes, x.rows_idx, x.slots, x.flow.id, x.flow.from_track);
+                 row_floats, bytes, x.rows_idx, x.slots, x.flow.id, x.flow.from_track, x.attempt);
     if (err)
       return err;
     x.flow.sent = std::chrono::steady_clock::now();

@@ -7,6 +7,7 @@
 #include "gpu/registry.hpp"
 #include "model/config.hpp"
 #include "model/weights.hpp"
+#include "transport/fault_injector.hpp"
 
 #include <atomic>
 #include <cstdint>
@@ -102,6 +103,9 @@ struct runtime_context {
   class tensor_link* link = nullptr;  // a cluster's UCX data path; null: rows travel in messages
   // The backend every device of this engine runs (EngineConfig::backend).
   gpu::backend_kind backend = gpu::backend_kind::cpu;
+  // The engine's fault plan at work (actors/fault_seam.hpp); null: no faults, and A2E/E2A are
+  // not retransmitted (in one process CAF loses no message).
+  transport::fault_injector* faults = nullptr;
 
   // Round-robin placement: expert e lives on device e mod eg as its local expert e div eg.
   std::size_t device_of(std::size_t expert) const { return expert % num_expert_devices; }

@@ -46,6 +46,7 @@ struct bench_options {
   std::size_t pp_tokens = 256, tg_tokens = 64, tg_batch = 16, tg_prompt = 16, reference_threads = 2;
   // With --model: the engine on `moert node` processes instead of in this process.
   std::string cluster_file, secret_file;
+  std::string faults_file;  // with --model: the engine runs under this fault plan
   std::string backend = "cpu";  // the engine's devices (the reference forward stays on cpu)
   gpu::backend_kind backend_kind = gpu::backend_kind::cpu;
 };
@@ -361,6 +362,7 @@ int run_model_bench(const bench_options& o) {
   engine_options placement;
   placement.cluster_file = o.cluster_file;
   placement.secret_file = o.secret_file;
+  placement.faults_file = o.faults_file;
   // --backend names the reference forward's backend: the engine's actor path is cpu-only for now.
   auto defaults = make_engine_config(placement, o.cluster_file.empty() ? "" : o.model_dir, 1);
   if (!defaults) {
@@ -623,7 +625,13 @@ command_runner add_bench_command(CLI::App& app) {
   sub->add_option("--cluster", o->cluster_file,
                   "With --model: run the engine on the `moert node` processes of this cluster file");
   sub->add_option("--secret-file", o->secret_file, "With --cluster: the cluster's shared secret");
+  sub->add_option("--faults", o->faults_file,
+                  "With --model: run the engine under this fault plan (what recovery costs in throughput)");
   return [o] {
+    if (!o->faults_file.empty() && o->model_dir.empty()) {
+      std::fprintf(stderr, "moert: error: bench --faults needs --model DIR\n");
+      return 1;
+    }
     if (!o->cluster_file.empty() && o->model_dir.empty()) {
       std::fprintf(stderr, "moert: error: bench --cluster needs --model DIR (the nodes load the checkpoint); "
                            "build/bench/moert_bench_cluster measures the synthetic bench model\n");

@@ -190,8 +190,11 @@ int run_generate(const generate_options& opt) {
   std::size_t generated = 0, prompt_tokens = 0;
   for (std::size_t i = 0; i < streams.size(); ++i) {
     auto tokens = streams[i]->wait();
-    if (!tokens)
+    if (!tokens) {
+      (*engine)->shutdown();  // every request ends (bounded retransmissions), then say what was injected
+      (void)report_faults((*engine)->report(), opt.engine);
       return fail(tokens.err());
+    }
     generated += tokens->size();
     prompt_tokens += (*prompts)[i].size();
     out.push_back(std::move(tokens.value()));
@@ -210,6 +213,8 @@ int run_generate(const generate_options& opt) {
   std::printf("throughput: %zu prompt + %zu generated tokens in %.4f s (%.1f generated tokens/s, batch %zu)\n",
               prompt_tokens, generated, seconds, double(generated) / std::max(seconds, 1e-9), prompts->size());
   print_report((*engine)->report());
+  if (status faults = report_faults((*engine)->report(), opt.engine); !faults.ok())
+    return fail(faults.err());
   status traced = write_trace(**engine, opt.engine);
   return traced.ok() ? 0 : fail(traced.err());
 }
@@ -295,8 +300,11 @@ result<std::vector<eval_result>> eval_engine(const eval_options& opt, std::strin
   std::vector<eval_result> out(prompts->size());
   for (std::size_t i = 0; i < streams.size(); ++i) {
     while (auto event = streams[i]->next()) {
-      if (!event->error.empty())
+      if (!event->error.empty()) {
+        (*engine)->shutdown();  // every request ends (bounded retransmissions), then say what was injected
+        (void)report_faults((*engine)->report(), opt.engine);
         return make_error(error_code::invalid_argument, event->error);
+      }
       if (!event->prompt_logits.empty()) {
         for (std::size_t row = 0; row < (*prompts)[i].size(); ++row)
           out[i].argmax.push_back(model::argmax({event->prompt_logits.data() + row * vocab, vocab}));
@@ -307,6 +315,7 @@ result<std::vector<eval_result>> eval_engine(const eval_options& opt, std::strin
     }
   }
   (*engine)->shutdown();
+  MOERT_TRY(report_faults((*engine)->report(), opt.engine));
   return out;
 }
 

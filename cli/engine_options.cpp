@@ -6,6 +6,8 @@
 #include "model_source.hpp"
 #include "policy_commands.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include <cstdio>
 #include <fstream>
 
@@ -33,6 +35,9 @@ void add_engine_options(CLI::App& app, engine_options& opt) {
   app.add_option("--tls-cert", opt.tls.cert_file, "Cluster over TLS: this process's certificate (PEM)");
   app.add_option("--tls-key", opt.tls.key_file, "Cluster over TLS: its private key (PEM)");
   app.add_option("--tls-ca", opt.tls.ca_file, "Cluster over TLS: the CA that signed every node's certificate");
+  app.add_option("--faults", opt.faults_file,
+                 "Fault plan (JSON): seeded drop/duplicate/reorder/delay of A2E/E2A, kills, slow devices");
+  app.add_option("--faults-report", opt.faults_report_file, "With --faults: write what was injected, as JSON");
 }
 
 result<gpu::backend_kind> parse_backend(const std::string& name) {
@@ -80,6 +85,14 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
   config.scheduler = *scheduler;
   config.defrag.max_wait = std::chrono::nanoseconds(std::int64_t(opt.max_wait_ms * 1e6));
   config.trace = !opt.trace_file.empty();
+  if (!opt.faults_file.empty()) {
+    auto plan = load_fault_plan(opt.faults_file);
+    if (!plan.ok())
+      return plan.err();
+    config.faults = std::move(*plan);
+  } else if (!opt.faults_report_file.empty()) {
+    return make_error(error_code::invalid_argument, "--faults-report needs --faults FILE");
+  }
   if (!opt.online_testbed.empty()) {
     auto bed = load_testbed(opt.online_testbed);
     if (!bed)
@@ -137,6 +150,41 @@ void print_report(const EngineReport& report) {
               "%.1f messages per token\n",
               report.expert_batch_mean, report.expert_batch_p50, report.expert_batch_p95,
               report.executions_per_layer_wave, report.messages_per_token);
+}
+
+std::string faults_json(const EngineReport& report) {
+  const transport::fault_counts& c = report.faults;
+  nlohmann::json out = {
+      {"messages", c.messages},           {"injected", c.injected()},
+      {"dropped", c.dropped},             {"duplicated", c.duplicated},
+      {"reordered", c.reordered},         {"delayed", c.delayed},
+      {"killed", c.killed},               {"slowed_tasks", c.slowed_tasks},
+      {"retransmitted", c.retransmitted}, {"ignored_e2a", c.ignored_e2a},
+      {"failed_micro_batches", c.failed_batches},
+      {"requests_ended_length", report.finished_length}, {"requests_ended_stop", report.finished_stop},
+      {"requests_ended_error", report.errors}};
+  return out.dump();
+}
+
+status report_faults(const EngineReport& report, const engine_options& opt) {
+  if (opt.faults_file.empty() || !report.faults_enabled)
+    return {};
+  const transport::fault_counts& c = report.faults;
+  std::printf("faults injected (%s): %llu of %llu A2E/E2A messages: %llu dropped, %llu duplicated, %llu reordered, "
+              "%llu delayed; %llu actors killed; %llu device tasks slowed; recovery: %llu A2E retransmitted, %llu E2A "
+              "entries ignored (duplicate or late), %llu micro-batches failed\n",
+              opt.faults_file.c_str(), (unsigned long long)(c.dropped + c.duplicated + c.reordered + c.delayed),
+              (unsigned long long)c.messages, (unsigned long long)c.dropped, (unsigned long long)c.duplicated,
+              (unsigned long long)c.reordered, (unsigned long long)c.delayed, (unsigned long long)c.killed,
+              (unsigned long long)c.slowed_tasks, (unsigned long long)c.retransmitted,
+              (unsigned long long)c.ignored_e2a, (unsigned long long)c.failed_batches);
+  if (opt.faults_report_file.empty())
+    return {};
+  std::ofstream out{opt.faults_report_file};
+  out << faults_json(report) << "\n";
+  if (!out.flush())
+    return make_error(error_code::io_error, "cannot write faults report '" + opt.faults_report_file + "'");
+  return {};
 }
 
 status write_trace(const Engine& engine, const engine_options& opt) {

@@ -28,6 +28,8 @@ struct engine_options {
   std::string cluster_file;  // run on `moert node` processes (configs/clusters/README.md)
   std::string secret_file;   // the cluster's shared secret
   cluster_tls tls;           // or TLS with certificates
+  std::string faults_file;         // a fault plan (engine/fault_plan.hpp)
+  std::string faults_report_file;  // what the injector did, as JSON
 };
 
 void add_engine_options(CLI::App& app, engine_options& opt);
@@ -51,5 +53,10 @@ void print_report(const EngineReport& report);
 
 // Writes the engine's trace to opt.trace_file when set.
 status write_trace(const Engine& engine, const engine_options& opt);
+
+// With --faults: "faults injected: …" to stdout, and the JSON to opt.faults_report_file.
+status report_faults(const EngineReport& report, const engine_options& opt);
+// The fault figures of a report as a JSON object.
+std::string faults_json(const EngineReport& report);
 
 }  // namespace moert::cli

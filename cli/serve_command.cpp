@@ -186,6 +186,8 @@ int run_serve(serve_options& opt) {
   std::fflush(stdout);
   http.stop();
   engine->shutdown();
+  if (status faults = report_faults(engine->report(), opt.engine); !faults.ok())
+    std::fprintf(stderr, "moert: error: %s\n", faults.err().what().c_str());
   if (status traced = write_trace(*engine, opt.engine); !traced.ok())
     return fail(traced.err());
   std::printf("moert: stopped\n");

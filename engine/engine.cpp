@@ -115,6 +115,8 @@ ErrorCode TokenStream::error_code() const {
 struct Engine::impl {
   EngineConfig config;
   actors::runtime_stats stats;
+  // The fault plan at work (null without one); the actors and devices below point at it.
+  std::unique_ptr<transport::fault_injector> faults;
   actors::trace_recorder trace;
   actors::runtime_context ctx;
   // Devices outlive the actors that post to them: declared before the actor system.
@@ -308,6 +310,13 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   state->ctx.backend = config.backend;
   state->ctx.stats = &state->stats;
   state->ctx.trace = config.trace ? &state->trace : nullptr;
+  if (config.faults) {
+    if (config.cluster)
+      return invalid("a fault plan runs in one process for now: the nodes of a cluster do not get it (drop --faults "
+                     "or --cluster)");
+    state->faults = std::make_unique<transport::fault_injector>(*config.faults);
+    state->ctx.faults = state->faults.get();
+  }
 
   state->system_config.set("scheduler.max-threads", config.actor_threads);
   state->system_config.set("logger.verbosity", caf::atom("quiet"));
@@ -373,6 +382,15 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   }
   if (!config.cluster)  // a node stops its own actors when this engine goes
     state->all_actors.insert(state->all_actors.end(), shards.begin(), shards.end());
+  // The plan's slow devices ("expert:1" is the device named "expert 1").
+  for (auto& dev : state->devices) {
+    auto space = dev->name().find(' ');
+    if (!state->faults || space == std::string::npos)
+      continue;
+    double factor = state->faults->slowdown(dev->name().substr(0, space), std::stoul(dev->name().substr(space + 1)));
+    if (factor > 1.0)
+      dev->set_slowdown(factor);
+  }
   std::optional<actors::online_problem> online;
   if (config.online_testbed)
     online = actors::online_problem{shape_of(state->ctx.config), *config.online_testbed, config.attention_devices,
@@ -640,6 +658,12 @@ EngineReport Engine::report() const {
   out.finished_length = impl_->finished[std::size_t(FinishReason::length)];
   out.finished_stop = impl_->finished[std::size_t(FinishReason::stop)];
   out.cancelled = impl_->finished[std::size_t(FinishReason::cancelled)];
+  if (impl_->faults) {
+    out.faults_enabled = true;
+    out.faults = impl_->faults->counts();
+    for (const auto& dev : impl_->devices)
+      out.faults.slowed_tasks += dev->stretched_tasks();
+  }
   out.errors = impl_->finished[std::size_t(FinishReason::error)];
   caf::actor supervisor;
   {

@@ -26,6 +26,9 @@ cmake --build "$MOERT_ROOT/build-examples/embed_pipeline"
 echo "moert: examples/multi_node (three node processes on loopback vs one process)"
 MOERT_BUILD="$MOERT_BUILD" "$MOERT_ROOT/examples/multi_node/run.sh"
 
+echo "moert: examples/fault_injection (moert eval under a fault plan vs without)"
+MOERT_BUILD="$MOERT_BUILD" "$MOERT_ROOT/examples/fault_injection/run.sh"
+
 echo "moert: parser and actor tests under ASan + UBSan"
 moert_build "$MOERT_ROOT/build-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOERT_SANITIZE=ON \
   -DMOERT_BUILD_BENCH=OFF -DMOERT_WITH_CUDA=OFF -- moert_asan_tests

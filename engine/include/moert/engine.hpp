@@ -19,6 +19,7 @@
 
 #include "core/error.hpp"
 #include "engine/cluster_config.hpp"
+#include "engine/fault_plan.hpp"
 #include "gpu/backend.hpp"
 #include "model/config.hpp"
 #include "model/sampler.hpp"
@@ -158,6 +159,11 @@ struct EngineConfig {
   // refused.
   std::size_t max_restarts = 3;
   std::chrono::milliseconds restart_period{10000};
+  // A fault plan (engine/fault_plan.hpp, `--faults FILE`): seeded drops, duplicates,
+  // reorders and delays of A2E/E2A messages, actor kills and slow devices. With a plan, A2E/E2A
+  // delivery is at least once (missing expert outputs are asked again, duplicates ignored),
+  // so message faults change no token and no logit. One process only for now.
+  std::optional<fault_plan> faults;
 };
 
 struct Request {
@@ -228,6 +234,9 @@ struct EngineReport {
   std::uint64_t restarts = 0;
   bool supervision_escalated = false;
   double last_restart_ms = 0;
+  // With EngineConfig::faults: what the injector did, by type, and what delivery did about it.
+  bool faults_enabled = false;
+  transport::fault_counts faults;
 };
 
 // Requests admitted to a shard (running) and submitted but not yet admitted (waiting), now.

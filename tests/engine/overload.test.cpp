@@ -131,8 +131,13 @@ TEST_CASE("max_queued_tokens refuses what would queue past it, naming the limit"
   REQUIRE(made.ok());
   Engine& engine = **made;
   std::vector<std::shared_ptr<TokenStream>> streams;
-  for (int i = 0; i < 6; ++i)
-    streams.push_back(engine.submit({0, std::vector<std::int32_t>(10, 3 + i), 20, {}, false, false, {}, true}));
+  for (int i = 0; i < 6; ++i) {
+    Request request;
+    request.prompt = std::vector<std::int32_t>(10, 3 + i);
+    request.max_new_tokens = 20;
+    request.ignore_eos = true;
+    streams.push_back(engine.submit(request));
+  }
   std::size_t overloaded = 0, done = 0;
   for (auto& s : streams) {
     REQUIRE(ends_within(*s, std::chrono::seconds{30}));
@@ -143,7 +148,10 @@ TEST_CASE("max_queued_tokens refuses what would queue past it, naming the limit"
   }
   CHECK(overloaded >= 1);
   CHECK(overloaded + done == streams.size());
-  auto refused = engine.submit({0, std::vector<std::int32_t>(30, 5), 1});  // never fits the queue
+  Request too_long;  // never fits the queue
+  too_long.prompt = std::vector<std::int32_t>(30, 5);
+  too_long.max_new_tokens = 1;
+  auto refused = engine.submit(too_long);
   REQUIRE(ends_within(*refused, std::chrono::seconds{5}));
   CHECK(refused->error_code() == ErrorCode::overloaded);
   auto out = refused->wait();

@@ -210,7 +210,10 @@ TEST_CASE("past the restart limit every request ends with an error naming the de
       }
     }
   }
-  auto refused = r.engine->submit({0, {1, 2, 3}, 2});
+  Request late;
+  late.prompt = {1, 2, 3};
+  late.max_new_tokens = 2;
+  auto refused = r.engine->submit(late);
   auto out = refused->wait();  // refused at the ingress, without generating
   CHECK_FALSE(out.ok());
   EngineReport report = r.engine->report();

@@ -2,9 +2,9 @@
 
 #include "actors/trace.hpp"
 
-#include <spdlog/spdlog.h>
-
 #include "gpu/registry.hpp"
+
+#include <spdlog/spdlog.h>
 
 namespace moert::actors {
 

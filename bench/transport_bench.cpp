@@ -12,6 +12,7 @@
 
 #include "transport/ucx_channel.hpp"
 
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -138,7 +139,9 @@ int run_echo(ucx_transport transport, int to_parent, int from_parent) {
     {
       std::unique_lock<std::mutex> lock{mutex};
       while (received < p.bandwidth_messages) {
-        changed.wait(lock);
+        std::size_t seen = received;
+        if (!changed.wait_for(lock, std::chrono::seconds{30}, [&] { return received != seen; }))
+          return 1;  // the stream stalled
         while (posted < p.bandwidth_messages && posted < received + window * 2) {
           lock.unlock();
           post(first + posted++);
@@ -194,8 +197,11 @@ std::vector<figures> run_driver(ucx_transport transport) {
         auto got = future.get();
         auto rtt = std::chrono::duration<double, std::micro>(clock_type::now() - start).count();
         if (!got.ok() || !std::equal(got->bytes().begin(), got->bytes().end(), payload->begin(), payload->end())) {
-          std::fprintf(stderr, "latency: echo mismatch at %zu bytes\n", p.bytes);
-          break;
+          std::fprintf(stderr, "latency: echo %s at %zu bytes, iteration %zu\n",
+                       got.ok() ? "differs" : got.err().message.c_str(), p.bytes, i);
+          ::kill(child, SIGKILL);  // the two sides are out of step now
+          ::waitpid(child, nullptr, 0);
+          return out;
         }
         one_way.push_back(rtt / 2);
       }
@@ -225,6 +231,11 @@ std::vector<figures> run_driver(ucx_transport transport) {
       }
       auto done = ack.get();
       auto seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+      {
+        // The send callbacks use `mutex` and `in_flight`: all of them before they go.
+        std::unique_lock<std::mutex> lock{mutex};
+        changed.wait_for(lock, std::chrono::seconds{10}, [&] { return in_flight == 0; });
+      }
       tag += p.bandwidth_messages;
       if (done.ok())
         f.bandwidth_mib = static_cast<double>(p.bytes) * p.bandwidth_messages / seconds / (1 << 20);

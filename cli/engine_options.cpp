@@ -70,8 +70,8 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
   auto backend = parse_backend(opt.backend);
   if (!backend)
     return backend.err();
-  if (*backend == gpu::backend_kind::cpu)
-    return status::success();
+  config.backend = *backend;
+  // Here, before a checkpoint is read or a port bound: the reason it cannot run, if it cannot.
   if (auto usable = actors::check_backend(*backend); !usable.ok())
     return usable.err();
   auto order = policy::parse_segment_order(opt.order);

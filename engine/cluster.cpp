@@ -63,11 +63,15 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
     std::uint16_t port = node.port;
     // CAF 0.17 can time a fresh connection out at its first heartbeat tick when the peer's
     // BASP handshake has not arrived yet (the gate still authenticating, a TLS handshake, a
-    // loaded node): that error is retried while one more try (up to the liveness timeout)
-    // fits the deadline; any other is final.
+    // loaded node), and a node started together with the caller may not listen yet (refused):
+    // those errors are retried while one more try (up to the liveness timeout) fits the
+    // deadline; any other is final.
+    auto retryable = [](const caf::error& error) {
+      return error == caf::sec::connection_timeout || error == caf::sec::cannot_connect_to_node;
+    };
     auto connect = [&](auto attempt) {
       auto remote = attempt();
-      while (!remote && remote.error() == caf::sec::connection_timeout &&
+      while (!remote && retryable(remote.error()) &&
              std::chrono::steady_clock::now() + cluster.liveness_timeout < deadline) {
         std::this_thread::sleep_for(std::chrono::milliseconds{100});
         remote = attempt();

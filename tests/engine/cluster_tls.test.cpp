@@ -59,12 +59,16 @@ struct certificates {
 struct node_processes {
   std::vector<pid_t> pids;
   std::vector<std::uint16_t> ports;
-  node_processes(std::size_t count, const certificates& certs) {
+  // `start_delay`: each node process waits that long before it starts (and listens).
+  node_processes(std::size_t count, const certificates& certs,
+                 std::chrono::milliseconds start_delay = std::chrono::milliseconds{0}) {
     for (std::size_t i = 0; i < count; ++i) {
       ports.push_back(free_port());
       std::string listen = "127.0.0.1:" + std::to_string(ports.back());
       pid_t pid = ::fork();
       if (pid == 0) {
+        if (start_delay.count() > 0)
+          ::usleep(useconds_t(start_delay.count() * 1000));
         ::execl(MOERT_BINARY, MOERT_BINARY, "node", "--listen", listen.c_str(), "--tls-cert",
                 certs.file("node.pem").c_str(), "--tls-key", certs.file("node.key").c_str(), "--tls-ca",
                 certs.file("ca.pem").c_str(), nullptr);
@@ -72,7 +76,8 @@ struct node_processes {
       }
       pids.push_back(pid);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds{500});
+    if (start_delay.count() == 0)
+      std::this_thread::sleep_for(std::chrono::milliseconds{500});
   }
   ~node_processes() {
     for (pid_t pid : pids)
@@ -207,4 +212,32 @@ TEST_CASE("a TLS cluster gives the single-process tokens and logits; an untruste
   auto bad = Engine::create(missing);
   REQUIRE_FALSE(bad.ok());
   CHECK_THAT(bad.err().message, Catch::Contains("/nonexistent/key.pem"));
+}
+
+// Regression: nodes started together with the caller may not listen yet; bring-up used to
+// fail at once with "ip_connect failed" (seen under load in CI) instead of waiting for them.
+TEST_CASE("bring-up waits, within the cluster timeout, for nodes that do not listen yet") {
+  if (std::system("command -v openssl >/dev/null 2>&1") != 0)
+    test::skip_whole_binary("openssl (the command) is not installed: cannot make test certificates");
+  auto dir = test::fixture_dir("qwen3_moe_tiny");
+  if (dir.empty())
+    test::skip_whole_binary("fixtures not found");
+  certificates certs;
+  EngineConfig single;
+  single.model_dir = dir.string();
+  single.attention_devices = 1;
+  single.expert_devices = 2;
+  auto expected = run(single, 100);
+
+  node_processes late{3, certs, std::chrono::milliseconds{1500}};
+  EngineConfig clustered = single;
+  clustered.cluster = late.cluster(1, 2);
+  clustered.tls = certs.as("engine");
+  clustered.cluster_timeout = std::chrono::milliseconds{20000};
+  auto got = run(clustered, 100);
+  REQUIRE(got.size() == expected.size());
+  for (std::size_t r = 0; r < got.size(); ++r) {
+    CHECK(got[r].tokens == expected[r].tokens);
+    CHECK(got[r].logits == expected[r].logits);
+  }
 }

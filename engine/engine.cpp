@@ -135,6 +135,7 @@ struct Engine::impl {
   mutable std::mutex mutex;  // guards the members below, and `ingress` once created
   std::condition_variable idle;
   std::set<std::uint64_t> live_ids;  // submitted and not yet ended
+  std::set<std::uint64_t> cancelled_ids;  // live ids whose cancel is on its way: sent once
   std::uint64_t next_id = 1;
   bool accepting = true;
   bool stopped = false;
@@ -510,6 +511,7 @@ std::shared_ptr<TokenStream> Engine::submit(Request request, std::function<void(
           // The id is free before anybody can hear that the request ended.
           std::lock_guard<std::mutex> guard{state->mutex};
           state->live_ids.erase(id);
+          state->cancelled_ids.erase(id);
           state->idle.notify_all();
         }
         if (on_token)
@@ -529,6 +531,10 @@ void Engine::cancel(std::uint64_t request_id) {
   caf::actor ingress;
   {
     std::lock_guard<std::mutex> guard{impl_->mutex};
+    // Only a live request's first cancel is sent: a client repeating cancel (or cancelling
+    // ids that ended) must not flood the ingress's mailbox.
+    if (!impl_->live_ids.count(request_id) || !impl_->cancelled_ids.insert(request_id).second)
+      return;
     ingress = impl_->ingress;  // null once shut down
   }
   if (ingress)

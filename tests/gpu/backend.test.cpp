@@ -80,7 +80,9 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-// cpu: the same bits. Others: within `tolerance` relative to the magnitude.
+// cpu: the same bits. Others: within `tolerance` relative to the element's magnitude plus
+// the output's RMS: a long dot product that nearly cancels (an output near zero) still carries
+// the rounding of every term (bf16 activations on tensor cores), which scales with the RMS.
 void check_matches(gpu::backend_kind kind, const std::vector<float>& got, const std::vector<float>& want,
                    float tolerance = 1e-3f) {
   REQUIRE(got.size() == want.size());
@@ -88,9 +90,13 @@ void check_matches(gpu::backend_kind kind, const std::vector<float>& got, const 
     CHECK(same_bits(got, want));
     return;
   }
+  double squares = 0;
+  for (float w : want)
+    squares += double(w) * double(w);
+  float rms = want.empty() ? 0.0f : float(std::sqrt(squares / double(want.size())));
   std::size_t bad = 0;
   for (std::size_t i = 0; i < got.size(); ++i)
-    bad += !(std::fabs(got[i] - want[i]) <= tolerance * (1.0f + std::fabs(want[i])));
+    bad += !(std::fabs(got[i] - want[i]) <= tolerance * (1.0f + rms + std::fabs(want[i])));
   CHECK(bad == 0);
 }
 
@@ -207,7 +213,8 @@ TEST_CASE("upload_matrix joins parts, reads transposed parts, and refuses a narr
     gpu::buffer dx = d.put(x), y1 = d.zeros(3 * 32), y2 = d.zeros(3 * 32);
     d.b->matmul(dx.floats(), 3, *joined, y1.floats());
     d.b->matmul(dx.floats(), 3, *widened, y2.floats());
-    CHECK(same_bits(d.get(y1, 96), d.get(y2, 96)));  // widening is exact
+    // Widening is exact on cpu (the same bits); a GPU's bf16 GEMM rounds activations too.
+    check_matches(d.kind, d.get(y1, 96), d.get(y2, 96), 2e-2f);
 
     // A transposed part (row_stride 1, col_stride = rows): W[r][c] = stored[c][r].
     auto stored = random_floats(k * 10, 9);  // 10 rows of k, read as W[k][10] = storedᵀ

@@ -19,18 +19,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct run_result {
-  int exit_code;
-  std::string out;
-  std::string err;
-};
-
-std::string slurp(const fs::path& path) {
-  std::ifstream in{path};
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using moert::test::slurp;
 
 fs::path scratch_dir() {
   fs::path dir = fs::temp_directory_path() / ("moert_cli_test_" + std::to_string(::getpid()));
@@ -38,12 +27,8 @@ fs::path scratch_dir() {
   return dir;
 }
 
-run_result run(const std::string& args) {
-  fs::path dir = scratch_dir();
-  std::string cmd = std::string{MOERT_BINARY} + " " + args + " >" + (dir / "out").string() + " 2>" +
-                    (dir / "err").string();
-  int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
+moert::test::command_result run(const std::string& args) {
+  return moert::test::run_command(MOERT_BINARY, args, scratch_dir());
 }
 
 void write(const fs::path& path, const std::string& text) {

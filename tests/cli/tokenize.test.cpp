@@ -28,12 +28,7 @@ struct run_result {
   std::string err;
 };
 
-std::string slurp(const fs::path& path) {
-  std::ifstream in{path, std::ios::binary};
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using moert::test::slurp;
 
 fs::path scratch_dir() {
   fs::path dir = fs::temp_directory_path() / ("moert_tokenize_test_" + std::to_string(::getpid()));

@@ -61,12 +61,7 @@ fs::path scratch_dir() {
   return dir;
 }
 
-std::string slurp(const fs::path& path) {
-  std::ifstream in{path};
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using moert::test::slurp;
 
 std::string tail(const std::string& text, std::size_t n) {
   return text.size() <= n ? text : "..." + text.substr(text.size() - n);

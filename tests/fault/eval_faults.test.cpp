@@ -19,18 +19,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct run_result {
-  int exit_code;
-  std::string out;
-  std::string err;
-};
-
-std::string slurp(const fs::path& path) {
-  std::ifstream in{path};
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using moert::test::slurp;
 
 fs::path scratch() {
   fs::path dir = fs::temp_directory_path() / ("moert_eval_faults_" + std::to_string(::getpid()));
@@ -38,13 +27,9 @@ fs::path scratch() {
   return dir;
 }
 
-run_result run(const std::string& args) {
-  fs::path dir = scratch();
-  // `timeout`: a hang fails the test instead of the suite's timeout.
-  std::string cmd = "timeout 120 " + std::string{MOERT_BINARY} + " " + args + " >" + (dir / "stdout").string() +
-                    " 2>" + (dir / "stderr").string();
-  int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "stdout"), slurp(dir / "stderr")};
+// `timeout`: a hang fails the test instead of the suite's timeout.
+moert::test::command_result run(const std::string& args) {
+  return moert::test::run_command(MOERT_BINARY, args, scratch(), 120);
 }
 
 }  // namespace

@@ -50,12 +50,7 @@ fs::path scratch_dir() {
   return dir;
 }
 
-std::string slurp(const fs::path& path) {
-  std::ifstream in{path};
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using moert::test::slurp;
 
 double ms_since(steady::time_point t) {
   return std::chrono::duration<double, std::milli>(steady::now() - t).count();

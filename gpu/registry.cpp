@@ -8,7 +8,8 @@ std::vector<backend_info> compiled_backends() {
   std::vector<backend_info> out;
   out.push_back({backend_kind::cpu, true, 1, {}});
 #if MOERT_HAVE_CUDA
-  backend_info cuda{backend_kind::cuda};
+  backend_info cuda;
+  cuda.kind = backend_kind::cuda;
   cuda.num_devices = moert::cuda::device_count(cuda.reason);
   cuda.usable = cuda.num_devices > 0;
   out.push_back(std::move(cuda));

@@ -29,7 +29,10 @@ std::vector<std::int32_t> greedy(gpu::backend_kind backend) {
   config.backend = backend;
   auto engine = Engine::create(config);
   REQUIRE(engine.ok());
-  auto tokens = (*engine)->submit({.prompt = {3, 14, 15, 92}, .max_new_tokens = 6})->wait();
+  Request request;
+  request.prompt = {3, 14, 15, 92};
+  request.max_new_tokens = 6;
+  auto tokens = (*engine)->submit(std::move(request))->wait();
   REQUIRE(tokens.ok());
   return *tokens;
 }

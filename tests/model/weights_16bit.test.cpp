@@ -194,7 +194,9 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
 void check_against_upcast(const fs::path& dir, dtype type) {
   auto kept = load_checkpoint(dir);
   REQUIRE(kept.ok());
-  auto upcast = load_checkpoint(dir, load_options{.upcast_to_f32 = true});
+  load_options upcast_options;
+  upcast_options.upcast_to_f32 = true;
+  auto upcast = load_checkpoint(dir, upcast_options);
   REQUIRE(upcast.ok());
   CHECK(kept->weights.unexpected_tensors.empty());
 

@@ -70,9 +70,13 @@ struct shard_fixture {
     ctx.stats = &stats;
     cfg.set("logger.verbosity", caf::atom("quiet"));
     system = std::make_unique<caf::actor_system>(cfg);
-    sink_actor = system->spawn([](caf::event_based_actor*) -> caf::behavior {
-      return {[](const caf::message&) {}};  // never answers: the shard waits, which is fine here
-    });
+    // The unused argument: CAF 0.17 binds a null tuple when a function actor takes none
+    // (UBSan: "reference binding to null pointer" in init_fun_factory).
+    sink_actor = system->spawn(
+        [](caf::event_based_actor*, int) -> caf::behavior {
+          return {[](const caf::message&) {}};  // never answers: the shard waits, which is fine here
+        },
+        0);
     policy::execution_plan plan{1, 0, 1, policy::segment_order::asas};
     shard = system->spawn<attention_shard>(&ctx, std::uint32_t{0}, &dev, std::vector<caf::actor>{sink_actor},
                                            sink_actor, plan);

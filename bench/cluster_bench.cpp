@@ -10,6 +10,7 @@
 // The nodes build the same synthetic model (the bench model of `moert bench`) from its
 // config and seed. For the tensor path alone against ucx_perftest: moert_bench_transport.
 
+#include "bench/bench_support.hpp"
 #include "engine/cluster_config.hpp"
 #include "engine/engine.hpp"
 
@@ -36,6 +37,9 @@
 #include <vector>
 
 using namespace moert;
+using moert::bench::best;
+using moert::bench::load_average;
+using moert::bench::median;
 using clock_type = std::chrono::steady_clock;
 
 namespace {
@@ -93,14 +97,6 @@ double cpu_seconds(const std::vector<pid_t>& pids) {
   return total;
 }
 
-std::string load_average() {
-  double load[3] = {0, 0, 0};
-  if (::getloadavg(load, 3) != 3)
-    return "?";
-  char text[64];
-  std::snprintf(text, sizeof text, "%.2f %.2f %.2f", load[0], load[1], load[2]);
-  return text;
-}
 
 double run_once(Engine& engine, std::size_t sequences, std::size_t prompt, std::size_t new_tokens, std::uint64_t seed) {
   std::vector<std::shared_ptr<TokenStream>> streams;
@@ -144,13 +140,6 @@ void prefill_run(Engine& engine, std::uint64_t seed, const std::vector<pid_t>& p
   out.prefill.push_back(seconds > 0 ? 8.0 * 64 / seconds : 0);
 }
 
-double median(std::vector<double> v) {
-  if (v.empty())
-    return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-double best(const std::vector<double>& v) { return v.empty() ? 0 : *std::max_element(v.begin(), v.end()); }
 // Per-round ratios (cluster run / the single-process run just before it), so that both sides
 // of a ratio saw the same moment's load.
 std::vector<double> ratios(const std::vector<double>& cluster, const std::vector<double>& single) {

@@ -10,6 +10,7 @@
 // the table gives the median and the best of the repetitions, and the ratio of the medians
 // (the load average is printed before and after: on a shared 2-core VM it moves everything).
 
+#include "bench/bench_support.hpp"
 #include "transport/ucx_channel.hpp"
 
 #include <signal.h>
@@ -30,6 +31,9 @@
 
 using namespace moert;
 using namespace moert::transport;
+using moert::bench::best;
+using moert::bench::load_average;
+using moert::bench::median;
 using clock_type = std::chrono::steady_clock;
 
 namespace {
@@ -281,26 +285,6 @@ std::vector<double> perftest_final(const std::string& test, ucx_transport transp
 }
 
 }  // namespace
-
-double median(std::vector<double> v) {
-  if (v.empty())
-    return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-double best(const std::vector<double>& v, bool lowest) {
-  if (v.empty())
-    return 0;
-  return lowest ? *std::min_element(v.begin(), v.end()) : *std::max_element(v.begin(), v.end());
-}
-std::string load_average() {
-  double load[3] = {0, 0, 0};
-  if (::getloadavg(load, 3) != 3)
-    return "?";
-  char text[64];
-  std::snprintf(text, sizeof text, "%.2f %.2f %.2f", load[0], load[1], load[2]);
-  return text;
-}
 
 int main(int argc, char** argv) {
   std::vector<ucx_transport> transports{ucx_transport::posix, ucx_transport::tcp};

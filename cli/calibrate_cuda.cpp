@@ -3,6 +3,7 @@
 #include "core/rng.hpp"
 #include "gpu/cuda/backend.hpp"
 #include "gpu/cuda/gemm.hpp"
+#include "policy_commands.hpp"
 #include "policy/perf_model.hpp"
 #include "policy/testbed_json.hpp"
 
@@ -41,10 +42,6 @@ std::vector<float> random_floats(std::size_t n, std::uint64_t seed) {
     x = gen.uniform(-1.0f, 1.0f);
   return v;
 }
-
-struct sample_set {
-  std::vector<double> x, y;
-};
 
 // Median milliseconds of `issue` (work enqueued on the backend) over `trials` runs after
 // `warmup`, each run timed from issue to the end of synchronize(): what a device task costs.
@@ -212,17 +209,9 @@ int run_calibrate_cuda(const cuda_calibrate_options& opt) {
     std::printf("crossover: dense from %zu rows per expert (grouped below)\n", sw->dense_min_rows);
 
   // -- the testbed ---------------------------------------------------------------------------
-  auto fit = [&](const char* what, const sample_set& s) -> result<policy::linear_fit> {
-    auto f = policy::fit_linear_nonnegative(s.x, s.y);
-    if (!f)
-      return make_error(error_code::invalid_argument, std::string(what) + ": " + f.err().message);
-    std::printf("%-12s alpha %.4g ms, beta %.4g ms per unit, R^2 %.6f (%zu points)\n", what, f->alpha, f->beta,
-                f->r2, s.x.size());
-    return f;
-  };
-  auto g = fit("gemm", gemm);
-  auto a = fit("attention", attn);
-  auto c = fit("comm (copy)", copy);
+  auto g = fit_and_report("gemm", gemm);
+  auto a = fit_and_report("attention", attn);
+  auto c = fit_and_report("comm (copy)", copy);
   for (auto* r : {&g, &a, &c})
     if (!*r)
       return fail(r->err());

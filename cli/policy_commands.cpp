@@ -399,10 +399,6 @@ std::vector<float> random_floats(std::size_t n, std::uint64_t seed) {
   return v;
 }
 
-struct sample_set {
-  std::vector<double> x, y;
-};
-
 int run_calibrate(const calibrate_options& opt) {
   if (opt.backend == "cuda") {
 #if MOERT_HAVE_CUDA
@@ -499,18 +495,10 @@ int run_calibrate(const calibrate_options& opt) {
   }
 
   policy::testbed bed;
-  auto fit = [&](const char* what, const sample_set& s) -> result<policy::linear_fit> {
-    auto f = policy::fit_linear_nonnegative(s.x, s.y);
-    if (!f)
-      return make_error(error_code::invalid_argument, std::string(what) + ": " + f.err().message);
-    std::printf("%-14s alpha %.4g ms, beta %.4g ms per unit, R^2 %.6f (%zu points)\n", what, f->alpha, f->beta,
-                f->r2, s.x.size());
-    return f;
-  };
-  auto g = fit("gemm", gemm);
-  auto a = fit("attention", attn);
-  auto f = fit("shared_expert", ffn);
-  auto c = fit("comm (copy)", copy);
+  auto g = fit_and_report("gemm", gemm);
+  auto a = fit_and_report("attention", attn);
+  auto f = fit_and_report("shared_expert", ffn);
+  auto c = fit_and_report("comm (copy)", copy);
   for (auto* r : {&g, &a, &f, &c})
     if (!*r)
       return fail(r->err());
@@ -607,6 +595,15 @@ command_runner add_calibrate_command(CLI::App& app) {
   sub->add_option("--warmup", opt->warmup, "Warm-up runs per point")->check(CLI::Range(0, 1000));
   sub->add_option("--trials", opt->trials, "Measured runs per point")->check(CLI::Range(1, 1000));
   return [opt] { return run_calibrate(*opt); };
+}
+
+result<policy::linear_fit> fit_and_report(const char* what, const sample_set& samples) {
+  auto f = policy::fit_linear_nonnegative(samples.x, samples.y);
+  if (!f)
+    return make_error(error_code::invalid_argument, std::string(what) + ": " + f.err().message);
+  std::printf("%-14s alpha %.4g ms, beta %.4g ms per unit, R^2 %.6f (%zu points)\n", what, f->alpha, f->beta, f->r2,
+              samples.x.size());
+  return f;
 }
 
 }  // namespace moert::cli

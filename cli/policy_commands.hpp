@@ -9,6 +9,7 @@
 #include "policy/perf_model.hpp"
 
 #include <string>
+#include <vector>
 
 namespace moert::cli {
 
@@ -21,5 +22,13 @@ command_runner add_calibrate_command(CLI::App& app);
 [[nodiscard]] result<policy::model_shape> load_model_shape(const std::string& name_or_path);
 // A testbed by file path, or by name from configs/testbeds/<name>.json.
 [[nodiscard]] result<policy::testbed> load_testbed(const std::string& name_or_path);
+
+// Measured points of one task kind (x: its size, y: milliseconds) for the α-β fit.
+struct sample_set {
+  std::vector<double> x, y;
+};
+// The non-negative least-squares line through `samples`, printed as one line of the
+// calibration report; the error names `what`.
+[[nodiscard]] result<policy::linear_fit> fit_and_report(const char* what, const sample_set& samples);
 
 }  // namespace moert::cli

@@ -76,6 +76,7 @@ void expert::pull_if_room() {
   if (pull_pending_ || in_flight_ >= max_in_flight)
     return;
   pull_pending_ = true;
+  ctx_->stats->count_control(1);
   send(queue_, pull_atom::value);
 }
 

@@ -54,6 +54,9 @@ public:
   };
 
   void count_messages(std::uint64_t n) { messages_ += n; }
+  // The expert path's control messages (a batch handed over or finished, not its data): the
+  // per-token cost of giving each expert its own actor, asserted in tests/engine/expert_actors.
+  void count_control(std::uint64_t n) { control_ += n; }
   void count_tokens(std::uint64_t n) { tokens_ += n; }
   void record_expert_batch(std::uint32_t layer, std::size_t tokens,
                            const std::vector<std::tuple<std::uint32_t, std::uint64_t>>& waves);
@@ -66,6 +69,7 @@ public:
   }
 
   std::uint64_t messages() const { return messages_; }
+  std::uint64_t control_messages() const { return control_; }
   std::uint64_t replans() const { return replans_; }
   double last_solve_micros() const;
   std::uint64_t tokens() const { return tokens_; }
@@ -81,6 +85,7 @@ public:
 
 private:
   std::atomic<std::uint64_t> messages_{0};
+  std::atomic<std::uint64_t> control_{0};
   std::atomic<std::uint64_t> tokens_{0};
   std::atomic<std::uint64_t> replans_{0};
   std::atomic<std::size_t> running_{0};

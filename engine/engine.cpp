@@ -661,6 +661,9 @@ EngineReport Engine::report() const {
   out.replans = impl_->stats.replans();
   out.last_solve_micros = impl_->stats.last_solve_micros();
   out.messages_per_token = out.tokens ? double(impl_->stats.messages()) / double(out.tokens) : 0.0;
+  out.messages = impl_->stats.messages();
+  out.control_messages = impl_->stats.control_messages();
+  out.expert_batches = batches.count;
   out.finished_length = impl_->finished[std::size_t(FinishReason::length)];
   out.finished_stop = impl_->finished[std::size_t(FinishReason::stop)];
   out.cancelled = impl_->finished[std::size_t(FinishReason::cancelled)];

@@ -220,6 +220,9 @@ struct EngineReport {
   double expert_batch_mean = 0, expert_batch_p50 = 0, expert_batch_p95 = 0;
   double executions_per_layer_wave = 0;  // fragmentation: expert runs per (layer, wave)
   double messages_per_token = 0;
+  // Counts behind messages_per_token: data messages (A2E, batches handed to experts, E2A), the
+  // expert path's control messages (a batch finished), and expert batches run.
+  std::uint64_t messages = 0, control_messages = 0, expert_batches = 0;
   std::uint64_t tokens = 0;
   std::uint64_t replans = 0;         // online FinDEP re-solves
   double last_solve_micros = 0;

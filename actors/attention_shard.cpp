@@ -337,7 +337,7 @@ void attention_shard::send_a2e(std::size_t mb_idx) {
         const model::routed_slot& route = mb.routes[row * mb.top_k + k];
         std::size_t dev = ctx_->device_of(std::size_t(route.expert));
         messages[dev].routes.push_back({std::uint32_t(row), std::uint32_t(row * mb.top_k + k),
-                                        std::uint32_t(ctx_->local_index(std::size_t(route.expert))), route.weight});
+                                        std::uint32_t(route.expert), route.weight});
       }
     for (std::size_t dev = 0; dev < num_devices; ++dev) {
       if (messages[dev].routes.empty())
@@ -374,7 +374,7 @@ void attention_shard::replay_a2e(std::size_t device_idx) {
       if (mb.weighted[slot] != nullptr || ctx_->device_of(std::size_t(route.expert)) != device_idx)
         continue;
       msg.routes.push_back({std::uint32_t(slot / mb.top_k), std::uint32_t(slot),
-                            std::uint32_t(ctx_->local_index(std::size_t(route.expert))), route.weight});
+                            std::uint32_t(route.expert), route.weight});
     }
     if (msg.routes.empty())
       continue;
@@ -610,7 +610,7 @@ void attention_shard::resend_missing(std::size_t mb_idx, std::uint32_t attempt) 
       continue;
     const model::routed_slot& route = mb.routes[slot];
     messages[ctx_->device_of(std::size_t(route.expert))].routes.push_back(
-        {std::uint32_t(slot / mb.top_k), std::uint32_t(slot), std::uint32_t(ctx_->local_index(std::size_t(route.expert))),
+        {std::uint32_t(slot / mb.top_k), std::uint32_t(slot), std::uint32_t(route.expert),
          route.weight});
   }
   caf::actor self = caf::actor_cast<caf::actor>(this);

@@ -12,9 +12,11 @@ namespace {
 
 using batch_done_atom = caf::atom_constant<caf::atom("batch_done")>;
 
-// E2A messages of one finished batch, ready to send.
+// E2A messages of one finished batch, ready to send, and the μ-queue to tell.
 struct finished_batch {
   std::vector<std::pair<caf::actor, expert_outputs>> outputs;
+  caf::actor queue;
+  std::uint32_t device = 0;
 };
 
 }  // namespace
@@ -25,45 +27,26 @@ CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::finished_batch)
 
 namespace moert::actors {
 
-expert::expert(caf::actor_config& cfg, const runtime_context* ctx, std::size_t device_idx, device* dev,
-               caf::actor queue)
-    : caf::event_based_actor(cfg),
-      ctx_(ctx),
-      device_idx_(device_idx),
-      device_(dev),
-      queue_(std::move(queue)) {}
-
-void expert::on_exit() {  // break handle cycles (see attention_shard::on_exit)
-  queue_ = nullptr;
-}
+expert::expert(caf::actor_config& cfg, const runtime_context* ctx, std::uint32_t expert_id)
+    : caf::event_based_actor(cfg), ctx_(ctx), expert_id_(expert_id) {}
 
 caf::behavior expert::make_behavior() {
-  pull_if_room();
   return {
-    [this](expert_batch& batch) {
-      pull_pending_ = false;
-      ++in_flight_;
-      run(batch);
-      pull_if_room();
-    },
-    // The μ-queue died and a new one took over: pull from it (a pull to the old one is lost).
-    [this](queue_atom, caf::actor& queue) {
-      queue_ = std::move(queue);
-      pull_pending_ = false;
-      pull_if_room();
-    },
+    [this](expert_batch& batch) { run(batch, caf::actor_cast<caf::actor>(current_sender())); },
     [this](batch_done_atom, finished_batch& done) {
-      --in_flight_;
       for (auto& [dest, out] : done.outputs) {
         if (ctx_->trace)
-          out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), device_->name()};
+          out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(),
+                      ctx_->expert_devices[done.device]->name()};
         ctx_->stats->count_messages(1);
         transport::message_identity id{transport::message_kind::e2a, out.key.shard, out.key.step,
-                                       out.key.micro_batch, out.key.layer, 0, std::uint32_t(device_idx_),
+                                       out.key.micro_batch, out.key.layer, 0, done.device,
                                        out.attempt, out.slots.empty() ? 0 : out.slots.front()};
         transmit_data(this, ctx_, dest, std::move(out), id);
       }
-      pull_if_room();
+      // After the outputs: the queue's next batch may not overtake them on the device.
+      ctx_->stats->count_control(1);
+      send(done.queue, expert_done_atom::value, expert_id_);
     },
     // An E2A the fault injector held back (reorder, delay).
     [this](fault_release_atom, const caf::actor& dest, expert_outputs& out) {
@@ -72,25 +55,23 @@ caf::behavior expert::make_behavior() {
   };
 }
 
-void expert::pull_if_room() {
-  if (pull_pending_ || in_flight_ >= max_in_flight)
-    return;
-  pull_pending_ = true;
-  ctx_->stats->count_control(1);
-  send(queue_, pull_atom::value);
-}
-
-void expert::run(expert_batch& batch) {
+void expert::run(expert_batch& batch, caf::actor queue) {
   std::size_t num_rows = batch.items.size();
   std::vector<std::tuple<std::uint32_t, std::uint64_t>> waves;
   for (const queued_row& item : batch.items)
     waves.emplace_back(item.key.shard, item.key.step);
   ctx_->stats->record_expert_batch(batch.layer, num_rows, waves);
   caf::actor self = caf::actor_cast<caf::actor>(this);
-  std::size_t global = ctx_->global_expert(device_idx_, batch.local_expert);
-  device_->post("expert L" + std::to_string(batch.layer) + " E" + std::to_string(global) + " x" +
-                    std::to_string(num_rows),
-                [this, self, global, batch = std::move(batch)](gpu::backend& backend) {
+  std::size_t global = batch.expert;
+  std::uint32_t dev_idx = batch.device;
+  device* dev = dev_idx < ctx_->expert_devices.size() ? ctx_->expert_devices[dev_idx] : nullptr;
+  if (!dev || global != expert_id_)  // a programming error: the queue handed what is not ours
+    return exit_with(self, caf::make_error(caf::sec::runtime_error,
+                                           "expert " + std::to_string(expert_id_) + " got a batch of expert " +
+                                               std::to_string(global) + " for device " + std::to_string(dev_idx) +
+                                               (dev ? "" : ", which this process does not have")));
+  dev->post("expert L" + std::to_string(batch.layer) + " E" + std::to_string(global) + " x" + std::to_string(num_rows),
+            [this, self, global, dev_idx, queue = std::move(queue), batch = std::move(batch)](gpu::backend& backend) {
                   std::size_t hidden = std::size_t(ctx_->config.hidden_size);
                   std::size_t n = batch.items.size();
                   std::vector<float> in(n * hidden), out(n * hidden);
@@ -106,6 +87,8 @@ void expert::run(expert_batch& batch) {
                   // One E2A message per destination micro-batch, all sharing the output block.
                   std::map<std::tuple<std::uint32_t, std::uint64_t, std::uint32_t>, std::size_t> index;
                   finished_batch done;
+                  done.queue = queue;
+                  done.device = dev_idx;
                   for (std::size_t r = 0; r < n; ++r) {
                     const queued_row& item = batch.items[r];
                     auto key = std::make_tuple(item.key.shard, item.key.step, item.key.micro_batch);

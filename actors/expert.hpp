@@ -1,8 +1,14 @@
 #pragma once
 
-// One expert device: hosts its experts of every layer, asks its mu_queue for work whenever it
-// is idle, runs each batch on its device, and sends the weighted outputs straight back to each
-// source shard (E2A), one message per destination micro-batch.
+// One routed expert: its weights of every layer (shared read-only in the process), run on the
+// device of whichever μ-queue hands it a batch. It runs each batch on that device, sends the
+// weighted outputs straight back to each source shard (E2A), one message per destination
+// micro-batch, and tells the μ-queue that handed the batch that it is done (the device has
+// room again). Supervised on its own (actors/supervisor.hpp); moving it to another device
+// (Engine::move_expert) needs nothing from it: the μ-queues change, the actor stays.
+//
+// The experts of one device share its executor; the μ-queue keeps at most two batches in
+// flight per device (mu_queue.hpp says why).
 
 #include "actors/device.hpp"
 #include "actors/protocol.hpp"
@@ -16,27 +22,15 @@ namespace moert::actors {
 
 class expert : public caf::event_based_actor {
 public:
-  expert(caf::actor_config& cfg, const runtime_context* ctx, std::size_t device_idx, device* dev,
-         caf::actor queue);
+  expert(caf::actor_config& cfg, const runtime_context* ctx, std::uint32_t expert_id);
 
   caf::behavior make_behavior() override;
-  void on_exit() override;
 
 private:
-  // Two batches in flight: the next one is already queued on the device when the current one
-  // ends, so the pull round trip never leaves the device idle. More would drain μ-queues
-  // earlier than needed and shrink batches.
-  static constexpr std::size_t max_in_flight = 2;
-
-  void run(expert_batch& batch);
-  void pull_if_room();
+  void run(expert_batch& batch, caf::actor queue);
 
   const runtime_context* ctx_;
-  std::size_t device_idx_;
-  device* device_;  // owned by the engine; outlives this actor
-  caf::actor queue_;
-  std::size_t in_flight_ = 0;
-  bool pull_pending_ = false;
+  std::uint32_t expert_id_;
 };
 
 }  // namespace moert::actors

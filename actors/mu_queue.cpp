@@ -2,26 +2,42 @@
 #include "actors/fault_seam.hpp"
 #include "actors/tensor_link.hpp"
 
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
 namespace moert::actors {
 
+namespace {
+constexpr std::size_t npos = std::size_t(-1);
+}  // namespace
+
 mu_queue::mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size_t device_idx,
-                   scheduler_update scheduler, std::string track)
+                   scheduler_update scheduler, std::string track, std::map<std::uint32_t, caf::actor> experts)
     : caf::event_based_actor(cfg),
       ctx_(ctx),
       device_idx_(device_idx),
-      num_local_(ctx->experts_on(device_idx)),
-      queues_(std::size_t(ctx->config.num_layers) * num_local_),
-      matrix_(std::size_t(ctx->config.num_layers), num_local_),
+      matrix_(std::size_t(ctx->config.num_layers), 0),
       scheduler_(std::move(scheduler)),
-      track_(std::move(track)) {}
+      experts_(std::move(experts)),
+      track_(std::move(track)) {
+  rehost(ctx->hosted_by(device_idx));
+}
 
 std::chrono::nanoseconds mu_queue::now() const {
   return std::chrono::steady_clock::now().time_since_epoch();
 }
 
 void mu_queue::on_exit() {  // break handle cycles (see attention_shard::on_exit)
-  expert_ = nullptr;
+  experts_.clear();
+  peers_.clear();
   queues_.clear();
+  held_.clear();
+}
+
+std::size_t mu_queue::slot_of(std::uint32_t expert) const {
+  auto it = std::lower_bound(hosted_.begin(), hosted_.end(), expert);
+  return it != hosted_.end() && *it == expert ? std::size_t(it - hosted_.begin()) : npos;
 }
 
 caf::behavior mu_queue::make_behavior() {
@@ -30,58 +46,196 @@ caf::behavior mu_queue::make_behavior() {
       if (!(ctx_->link && ctx_->link->fetch(this, msg)))  // rows by UCX come back completed
         enqueue(msg);
     },
-    [this](pull_atom) {
-      expert_ = caf::actor_cast<caf::actor>(current_sender());
-      expert_waiting_ = true;
+    [this](expert_done_atom, std::uint32_t expert) {
+      auto it = handed_.find(expert);
+      // A done of an actor that was replaced since: its batches were counted off then.
+      if (it == handed_.end() || it->second.to != caf::actor_cast<caf::actor_addr>(current_sender()))
+        return;
+      --in_flight_;
+      if (--it->second.count == 0)
+        handed_.erase(it);
       dispatch();
     },
     [this](scheduler_update& update) { scheduler_ = update; },
-    // The expert died: hand nothing to it any more; its replacement announces itself by pulling.
-    [this](expert_lost_atom) {
-      expert_ = nullptr;
-      expert_waiting_ = false;
+    // The expert's actor died and this one replaces it: what the old one had is lost (the
+    // shards replay it), so it no longer counts against the device.
+    [this](expert_atom, std::uint32_t expert, caf::actor& actor) {
+      if (auto it = handed_.find(expert); it != handed_.end()) {
+        in_flight_ -= it->second.count;
+        handed_.erase(it);
+      }
+      if (slot_of(expert) != npos)
+        experts_[expert] = std::move(actor);
+      dispatch();
     },
+    [this](adopt_atom, std::uint32_t expert, caf::actor& actor) {
+      if (slot_of(expert) == npos) {
+        std::vector<std::uint32_t> hosted = hosted_;
+        hosted.insert(std::lower_bound(hosted.begin(), hosted.end(), expert), expert);
+        rehost(std::move(hosted));
+      }
+      experts_[expert] = std::move(actor);
+      std::vector<routed_tokens> held = std::move(held_);
+      held_.clear();
+      for (routed_tokens& msg : held)
+        enqueue(msg);
+      dispatch();
+    },
+    [this](hand_off_atom, std::uint32_t expert) {
+      std::size_t slot = slot_of(expert);
+      if (slot == npos)
+        return;
+      std::vector<queued_row> rows;
+      for (std::size_t layer = 0; layer < matrix_.num_layers(); ++layer) {
+        auto& queue = queues_[layer * hosted_.size() + slot];
+        rows.insert(rows.end(), std::make_move_iterator(queue.begin()), std::make_move_iterator(queue.end()));
+        queue.clear();
+      }
+      std::vector<std::uint32_t> hosted = hosted_;
+      hosted.erase(hosted.begin() + std::ptrdiff_t(slot));
+      rehost(std::move(hosted));
+      experts_.erase(expert);  // its batches in flight here still count (handed_)
+      forward(std::move(rows), expert);
+      dispatch();
+    },
+    [this](peers_atom, std::vector<caf::actor>& queues) { peers_ = std::move(queues); },
   };
+}
+
+void mu_queue::rehost(std::vector<std::uint32_t> hosted) {
+  std::size_t num_layers = std::size_t(ctx_->config.num_layers), n = hosted.size();
+  std::vector<std::deque<queued_row>> queues(num_layers * n);
+  policy::queue_matrix matrix{num_layers, n};
+  for (std::size_t j = 0; j < n; ++j) {
+    std::size_t old = slot_of(hosted[j]);
+    if (old == npos)
+      continue;
+    for (std::size_t layer = 0; layer < num_layers; ++layer) {
+      queues[layer * n + j] = std::move(queues_[layer * hosted_.size() + old]);
+      matrix.set(layer, j, matrix_.tokens(layer, old), matrix_.oldest(layer, old));
+    }
+  }
+  hosted_ = std::move(hosted);
+  queues_ = std::move(queues);
+  matrix_ = std::move(matrix);
 }
 
 void mu_queue::enqueue(routed_tokens& msg) {
   if (ctx_->faults && fault_kills())
     return;
   auto arrived = now();
-  if (ctx_->trace && msg.flow.id)
+  if (ctx_->trace && msg.flow.id) {
     ctx_->trace->flow("A2E", msg.flow.id, msg.flow.from_track, msg.flow.sent, track_, std::chrono::steady_clock::now());
+    msg.flow.id = 0;  // a held or forwarded part is not a second arrival
+  }
+  std::size_t n = hosted_.size();
+  std::map<std::size_t, routed_tokens> away;  // by device: rows of experts hosted elsewhere
   for (const route_entry& route : msg.routes) {
-    std::size_t q = msg.key.layer * num_local_ + route.local_expert;
+    if (route.expert >= std::uint32_t(ctx_->config.num_experts)) {
+      spdlog::error("{}: A2E names expert {} of a model with {}; dropped", track_, route.expert,
+                    ctx_->config.num_experts);
+      continue;
+    }
+    std::size_t slot = slot_of(route.expert);
+    if (slot == npos) {
+      away[ctx_->device_of(route.expert)].routes.push_back(route);
+      continue;
+    }
+    std::size_t q = msg.key.layer * n + slot;
     if (queues_[q].empty())
-      matrix_.set(msg.key.layer, route.local_expert, 0, arrived);
+      matrix_.set(msg.key.layer, slot, 0, arrived);
     queues_[q].push_back({msg.rows, route.row, route.slot, route.weight, msg.key, msg.reply_to, msg.attempt});
-    matrix_.set(msg.key.layer, route.local_expert, queues_[q].size(), matrix_.oldest(msg.key.layer, route.local_expert));
+    matrix_.set(msg.key.layer, slot, queues_[q].size(), matrix_.oldest(msg.key.layer, slot));
+  }
+  for (auto& [dev, part] : away) {
+    part.key = msg.key;
+    part.chunk = msg.chunk;
+    part.rows = msg.rows;
+    part.reply_to = msg.reply_to;
+    part.attempt = msg.attempt;
+    if (dev == device_idx_) {  // placed here, adoption on its way (the supervisor sent it first)
+      held_.push_back(std::move(part));
+    } else if (dev < peers_.size() && peers_[dev]) {
+      ctx_->stats->count_messages(1);
+      ctx_->stats->count_forwarded(part.routes.size());
+      send(peers_[dev], std::move(part));
+    } else {
+      spdlog::error("{}: rows of layer {} for expert device {}, which it cannot reach; the shard's retransmission "
+                    "or replay must bring them",
+                    track_, msg.key.layer, dev);
+    }
   }
   dispatch();
 }
 
-void mu_queue::dispatch() {
-  if (!expert_waiting_)
-    return;
-  auto choice = policy::pick_queue(matrix_, scheduler_.policy, scheduler_.params, now());
-  if (!choice)
-    return;
-  std::size_t q = choice->layer * num_local_ + choice->expert;
-  expert_batch batch;
-  batch.layer = std::uint32_t(choice->layer);
-  batch.local_expert = std::uint32_t(choice->expert);
-  batch.items.assign(std::make_move_iterator(queues_[q].begin()), std::make_move_iterator(queues_[q].end()));
-  queues_[q].clear();
-  matrix_.set(choice->layer, choice->expert, 0);
-  expert_waiting_ = false;
-  ctx_->stats->count_messages(1);
-  send(expert_, std::move(batch));
+// Rows of an expert handed off, to wherever the placement puts it now, one A2E per
+// (micro-batch, chunk of rows) as they were queued.
+void mu_queue::forward(std::vector<queued_row> rows, std::uint32_t expert) {
+  std::vector<routed_tokens> parts;
+  for (queued_row& row : rows) {
+    auto same = [&](const routed_tokens& m) {
+      return m.rows == row.rows && m.reply_to == row.reply_to && m.attempt == row.attempt &&
+             m.key.shard == row.key.shard && m.key.step == row.key.step &&
+             m.key.micro_batch == row.key.micro_batch && m.key.layer == row.key.layer;
+    };
+    auto it = std::find_if(parts.begin(), parts.end(), same);
+    if (it == parts.end()) {
+      routed_tokens& m = parts.emplace_back();
+      m.key = row.key;
+      m.rows = row.rows;
+      m.reply_to = row.reply_to;
+      m.attempt = row.attempt;
+      it = parts.end() - 1;
+    }
+    it->routes.push_back({row.row, row.slot, expert, row.weight});
+  }
+  for (routed_tokens& part : parts) {
+    // Through enqueue's own routing: held if the adoption is not in yet, else sent on.
+    part.flow = {};
+    std::size_t dev = ctx_->device_of(expert);
+    if (dev == device_idx_) {
+      held_.push_back(std::move(part));
+    } else if (dev < peers_.size() && peers_[dev]) {
+      ctx_->stats->count_messages(1);
+      ctx_->stats->count_forwarded(part.routes.size());
+      send(peers_[dev], std::move(part));
+    } else {
+      spdlog::error("{}: cannot forward the rows of expert {} to device {}", track_, expert, dev);
+    }
+  }
 }
 
+void mu_queue::dispatch() {
+  while (in_flight_ < max_in_flight) {
+    auto choice = policy::pick_queue(matrix_, scheduler_.policy, scheduler_.params, now());
+    if (!choice)
+      return;
+    std::uint32_t expert = hosted_[choice->expert];
+    auto actor = experts_.find(expert);
+    if (actor == experts_.end())
+      return;  // its actor is being re-created: the replacement's arrival dispatches again
+    std::size_t q = choice->layer * hosted_.size() + choice->expert;
+    expert_batch batch;
+    batch.layer = std::uint32_t(choice->layer);
+    batch.expert = expert;
+    batch.device = std::uint32_t(device_idx_);
+    batch.items.assign(std::make_move_iterator(queues_[q].begin()), std::make_move_iterator(queues_[q].end()));
+    queues_[q].clear();
+    matrix_.set(choice->layer, choice->expert, 0);
+    handed& h = handed_[expert];
+    if (h.to != actor->second.address())
+      h = {actor->second.address(), 0};
+    ++h.count;
+    ++in_flight_;
+    ctx_->stats->count_messages(1);
+    send(actor->second, std::move(batch));
+  }
+}
 
-// The fault plan's kills of this device's expert or μ-queue, counted in A2E messages that
-// reached the device. The expert is told to exit (its supervisor re-creates it, and the
-// shards send its missing rows again); a killed μ-queue exits itself, losing what it held.
+// The fault plan's kills of this device's experts or μ-queue, counted in A2E messages that
+// reached the device. Every expert actor hosted here is told to exit (the supervisor re-creates
+// them, or re-places them on other devices, and the shards send their missing rows again); a
+// killed μ-queue exits itself, losing what it held.
 bool mu_queue::fault_kills() {
   auto dev = std::uint32_t(device_idx_);
   bool watched = ctx_->faults->watches(transport::fault_actor::expert, dev) ||
@@ -89,11 +243,11 @@ bool mu_queue::fault_kills() {
   if (!watched)
     return false;
   ++arrivals_;
-  if (expert_)
+  if (!experts_.empty())
     if (auto kill = ctx_->faults->kill_due(transport::fault_actor::expert, dev, arrivals_)) {
-      send_exit(expert_, fault_kill_reason(*kill));
-      expert_ = nullptr;
-      expert_waiting_ = false;
+      for (auto& [id, actor] : experts_)
+        send_exit(actor, fault_kill_reason(*kill));
+      experts_.clear();
     }
   if (auto kill = ctx_->faults->kill_due(transport::fault_actor::queue, dev, arrivals_)) {
     quit(fault_kill_reason(*kill));

@@ -1,9 +1,23 @@
 #pragma once
 
-// The μ-queues of one expert device, one per (layer, local expert). A2E messages are split
-// into them on arrival; when the device's expert actor is idle and pulls, the scheduler
-// (policy/defrag.hpp) picks one queue and it is drained whole into one expert_batch, which
-// re-batches tokens of different shards and micro-batches (AMoE, amoe-eps.md §2.3–2.9).
+// The μ-queues of one expert device, one per (layer, hosted expert). A2E messages are split
+// into them on arrival; while the device has room (fewer than two batches in flight), the
+// scheduler (policy/defrag.hpp) picks one queue and it is drained whole into one expert_batch,
+// which re-batches tokens of different shards and micro-batches (AMoE, amoe-eps.md §2.3–2.9),
+// and is handed to that expert's own actor (actors/expert.hpp), which answers expert_done when
+// it has run. One hand-off and one done per batch: as many messages as the pull and the batch
+// of one expert actor per device.
+//
+// Two batches in flight per device: the next one is already queued on the device when the
+// current one ends, so the done round trip never leaves the device idle. More would drain
+// μ-queues earlier than needed and shrink batches. The experts of the device share its
+// executor, so the bound is the queue's, not each expert's.
+//
+// Moving an expert here (adopt) or away (hand_off, actors/protocol.hpp): the hosted set
+// changes, the scheduler sees the queues of the hosted experts in ascending id order (with no
+// move, the order of the round-robin local indices, so its choices are those of before). Rows
+// of an expert this device no longer hosts, queued or arriving late (a shard that read the
+// placement before the move), are forwarded to the device that hosts it now: nothing is lost.
 
 #include "actors/protocol.hpp"
 #include "actors/runtime.hpp"
@@ -11,33 +25,49 @@
 #include <caf/all.hpp>
 
 #include <deque>
+#include <map>
 
 namespace moert::actors {
 
 class mu_queue : public caf::event_based_actor {
 public:
-  // `track` names the expert device in traces.
+  // `track` names the expert device in traces; `experts` the actors of the experts it hosts
+  // (ctx->hosted_by(device_idx)), by expert id.
   mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size_t device_idx, scheduler_update scheduler,
-           std::string track);
+           std::string track, std::map<std::uint32_t, caf::actor> experts);
 
   caf::behavior make_behavior() override;
   void on_exit() override;
 
 private:
+  static constexpr std::size_t max_in_flight = 2;
+
+  struct handed {
+    caf::actor_addr to;     // the actor that has them
+    std::size_t count = 0;  // batches not yet done
+  };
+
   void enqueue(routed_tokens& msg);
   // Counts an A2E arrival; true when the fault plan killed this μ-queue on it.
   bool fault_kills();
   void dispatch();
+  // The hosted set becomes `hosted` (ascending); rows queued for experts still hosted stay.
+  void rehost(std::vector<std::uint32_t> hosted);
+  void forward(std::vector<queued_row> rows, std::uint32_t expert);
+  std::size_t slot_of(std::uint32_t expert) const;  // npos: not hosted
   std::chrono::nanoseconds now() const;
 
   const runtime_context* ctx_;
   std::size_t device_idx_;
-  std::size_t num_local_;
-  std::vector<std::deque<queued_row>> queues_;  // layer × local expert
+  std::vector<std::uint32_t> hosted_;           // expert ids, ascending
+  std::vector<std::deque<queued_row>> queues_;  // layer × hosted slot
   policy::queue_matrix matrix_;
   scheduler_update scheduler_;
-  caf::actor expert_;           // learnt from its first pull
-  bool expert_waiting_ = false;
+  std::map<std::uint32_t, caf::actor> experts_;  // hosted expert → its actor (absent: dead)
+  std::map<std::uint32_t, handed> handed_;        // batches in flight, by expert
+  std::size_t in_flight_ = 0;
+  std::vector<caf::actor> peers_;                 // every device's μ-queue (forwarding)
+  std::vector<routed_tokens> held_;               // rows for an expert placed here, not yet adopted
   std::string track_;
   std::uint64_t arrivals_ = 0;  // A2E messages that reached this device (fault plan kills)
 };

@@ -113,9 +113,16 @@ caf::behavior node_host::make_behavior() {
       for (std::uint32_t d = ask.first_device; d < ask.first_device + ask.num_devices; ++d) {
         auto& dev = devices_.emplace_back(
             std::make_unique<device>(name_ + ": expert " + std::to_string(d), ask.threads_per_device, nullptr));
-        caf::actor queue = system().spawn<mu_queue>(ctx_.get(), d, ask.scheduler, dev->name());
+        if (ctx_->expert_devices.size() < ask.total_expert_devices)
+          ctx_->expert_devices.resize(ask.total_expert_devices, nullptr);
+        ctx_->expert_devices[d] = dev.get();
+        std::map<std::uint32_t, caf::actor> experts;  // one actor per routed expert of the device
+        for (std::uint32_t e : ctx_->hosted_by(d)) {
+          experts[e] = system().spawn<expert>(ctx_.get(), e);
+          hosted_.push_back(experts[e]);
+        }
+        caf::actor queue = system().spawn<mu_queue>(ctx_.get(), d, ask.scheduler, dev->name(), std::move(experts));
         hosted_.push_back(queue);
-        hosted_.push_back(system().spawn<expert>(ctx_.get(), d, dev.get(), queue));
         queues.push_back(queue);
       }
       return queues;

@@ -3,8 +3,9 @@
 // Every message of the data path, in the order a token meets them (DESIGN.md §2):
 //
 //   client ─ admit_request ─▶ ingress ─ admit_request ─▶ attention_shard
-//   attention_shard ─ routed_tokens (A2E) ─▶ mu_queue ─ expert_batch ─▶ expert
+//   attention_shard ─ routed_tokens (A2E) ─▶ mu_queue ─ expert_batch ─▶ expert (one per routed expert)
 //   expert ─ expert_outputs (E2A) ─▶ attention_shard ─ token_event ─▶ client's token_sink
+//   expert ─ expert_done ─▶ mu_queue (the device has room for another batch)
 //   attention_shard ─ request_ended ─▶ ingress ─ last token_event ─▶ client's token_sink
 //   attention_shard ─ shape_report ─▶ policy ─ plan_update ─▶ attention_shard
 //   policy ─ scheduler_update ─▶ mu_queue
@@ -40,7 +41,7 @@ namespace moert::actors {
 
 // -- atoms ----------------------------------------------------------------------
 
-using pull_atom = caf::atom_constant<caf::atom("pull")>;            // expert → mu_queue: idle
+using expert_done_atom = caf::atom_constant<caf::atom("exp_done")>;  // expert → mu_queue: a batch finished
 using step_atom = caf::atom_constant<caf::atom("step")>;            // shard → itself: next step
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;        // client → ingress → shard
 using drain_atom = caf::atom_constant<caf::atom("drain")>;          // engine → ingress: refuse new work
@@ -49,8 +50,16 @@ using node_lost_atom = caf::atom_constant<caf::atom("node_lost")>;  // engine �
 // Supervision (actors/supervisor.hpp): a replacement actor takes over, and what was lost with
 // the old one is sent again.
 using shard_atom = caf::atom_constant<caf::atom("shard")>;        // supervisor → ingress, policy: new shard
-using queue_atom = caf::atom_constant<caf::atom("queue")>;        // supervisor → shards, expert, policy: new queue
-using expert_lost_atom = caf::atom_constant<caf::atom("exp_lost")>;  // supervisor → mu_queue: its expert died
+using queue_atom = caf::atom_constant<caf::atom("queue")>;        // supervisor → shards, policy: new queue
+// supervisor → mu_queue: (expert id, actor) the expert's new actor; hand it its batches.
+using expert_atom = caf::atom_constant<caf::atom("expert")>;
+// Moving an expert (supervisor → mu_queues, actors/mu_queue.hpp): the target adopts it (id,
+// actor), then the source hands it off (id): it forwards the expert's queued rows, and any
+// that still reach it, to the device the placement names.
+using adopt_atom = caf::atom_constant<caf::atom("adopt")>;
+using hand_off_atom = caf::atom_constant<caf::atom("hand_off")>;
+using peers_atom = caf::atom_constant<caf::atom("peers")>;        // engine, supervisor → mu_queue: every queue
+using move_atom = caf::atom_constant<caf::atom("move")>;          // engine → supervisor: move_expert
 using replay_atom = caf::atom_constant<caf::atom("replay")>;      // supervisor → shard: resend A2E of a device
 using kill_atom = caf::atom_constant<caf::atom("kill")>;          // engine → supervisor: fault injection
 
@@ -139,7 +148,7 @@ struct batch_key {
 struct route_entry {
   std::uint32_t row;           // row in routed_tokens::rows (the token's index in its micro-batch)
   std::uint32_t slot;          // token × top_k + k: where the output goes in the join
-  std::uint32_t local_expert;  // expert index on the receiving device
+  std::uint32_t expert;        // the routed expert (global id); the receiving device's μ-queue finds its queue
   float weight;                // routing weight, applied by the expert (E2A carries weighted rows)
 };
 
@@ -176,7 +185,8 @@ struct queued_row {
 
 struct expert_batch {
   std::uint32_t layer = 0;
-  std::uint32_t local_expert = 0;
+  std::uint32_t expert = 0;  // global id
+  std::uint32_t device = 0;  // the expert device whose μ-queue handed it: it runs there
   std::vector<queued_row> items;
 };
 
@@ -317,7 +327,7 @@ typename Inspector::result_type inspect(Inspector& f, batch_key& x) {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, route_entry& x) {
-  return f(caf::meta::type_name("route_entry"), x.row, x.slot, x.local_expert, x.weight);
+  return f(caf::meta::type_name("route_entry"), x.row, x.slot, x.expert, x.weight);
 }
 
 // A2E over a wire: only the rows this expert device's routes name.

@@ -6,6 +6,32 @@
 
 namespace moert::actors {
 
+// -- expert_placement ------------------------------------------------------------------------
+
+expert_placement::expert_placement(std::size_t num_experts, std::size_t num_devices)
+    : num_experts_(num_experts), device_(std::make_unique<std::atomic<std::uint32_t>[]>(num_experts)) {
+  for (std::size_t e = 0; e < num_experts; ++e)
+    device_[e].store(std::uint32_t(e % std::max<std::size_t>(num_devices, 1)));
+}
+
+std::vector<std::uint32_t> expert_placement::experts_on(std::size_t device) const {
+  std::vector<std::uint32_t> out;
+  for (std::size_t e = 0; e < num_experts_; ++e)
+    if (device_of(e) == device)
+      out.push_back(std::uint32_t(e));
+  return out;
+}
+
+std::vector<std::uint32_t> runtime_context::hosted_by(std::size_t device) const {
+  if (placement)
+    return placement->experts_on(device);
+  std::vector<std::uint32_t> out;
+  for (std::size_t e = 0; e < std::size_t(config.num_experts); ++e)
+    if (e % num_expert_devices == device)
+      out.push_back(std::uint32_t(e));
+  return out;
+}
+
 // -- size_histogram ------------------------------------------------------------------------
 
 std::size_t size_histogram::bucket_of(std::size_t value) {

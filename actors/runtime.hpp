@@ -19,6 +19,27 @@
 
 namespace moert::actors {
 
+class device;
+
+// Which expert device hosts each routed expert now. Starts round-robin (expert e on device
+// e mod eg); only the supervisor moves experts (Engine::move_expert, and recovery re-placing
+// a lost device's experts). Thread safety: any actor reads it at any time (one atomic per
+// expert); a reader may see a move late, and the rows it then sends to the old device are
+// forwarded by that device's μ-queue (mu_queue.hpp), so a late read loses nothing.
+class expert_placement {
+public:
+  expert_placement(std::size_t num_experts, std::size_t num_devices);
+
+  std::size_t num_experts() const { return num_experts_; }
+  std::size_t device_of(std::size_t expert) const { return device_[expert].load(std::memory_order_acquire); }
+  void move(std::size_t expert, std::size_t device) { device_[expert].store(std::uint32_t(device), std::memory_order_release); }
+  std::vector<std::uint32_t> experts_on(std::size_t device) const;  // ascending ids
+
+private:
+  std::size_t num_experts_;
+  std::unique_ptr<std::atomic<std::uint32_t>[]> device_;
+};
+
 // Expert batch sizes as a histogram of fixed size: exact counts below `exact_limit` tokens,
 // above it 64 sub-buckets per power of two (a percentile there is off by < 1/64). The mean
 // is exact. Memory does not grow with the run (it used to keep every batch size).
@@ -57,6 +78,8 @@ public:
   // The expert path's control messages (a batch handed over or finished, not its data): the
   // per-token cost of giving each expert its own actor, asserted in tests/engine/expert_actors.
   void count_control(std::uint64_t n) { control_ += n; }
+  // Rows a μ-queue sent on to another device because their expert moved (mu_queue.hpp).
+  void count_forwarded(std::uint64_t rows) { forwarded_ += rows; }
   void count_tokens(std::uint64_t n) { tokens_ += n; }
   void record_expert_batch(std::uint32_t layer, std::size_t tokens,
                            const std::vector<std::tuple<std::uint32_t, std::uint64_t>>& waves);
@@ -70,6 +93,7 @@ public:
 
   std::uint64_t messages() const { return messages_; }
   std::uint64_t control_messages() const { return control_; }
+  std::uint64_t forwarded_rows() const { return forwarded_; }
   std::uint64_t replans() const { return replans_; }
   double last_solve_micros() const;
   std::uint64_t tokens() const { return tokens_; }
@@ -86,6 +110,7 @@ public:
 private:
   std::atomic<std::uint64_t> messages_{0};
   std::atomic<std::uint64_t> control_{0};
+  std::atomic<std::uint64_t> forwarded_{0};
   std::atomic<std::uint64_t> tokens_{0};
   std::atomic<std::uint64_t> replans_{0};
   std::atomic<std::size_t> running_{0};
@@ -112,8 +137,18 @@ struct runtime_context {
   // not retransmitted (in one process CAF loses no message).
   transport::fault_injector* faults = nullptr;
 
-  // Round-robin placement: expert e lives on device e mod eg as its local expert e div eg.
-  std::size_t device_of(std::size_t expert) const { return expert % num_expert_devices; }
+  // Where each expert is now; null: round-robin for good (a node of a cluster, unit tests).
+  std::shared_ptr<expert_placement> placement;
+  // This process's expert devices by global index (null: another process's), owned by the
+  // engine or node, outliving every actor. The expert actors run each batch on the device of
+  // the μ-queue that handed it.
+  std::vector<device*> expert_devices;
+
+  std::size_t device_of(std::size_t expert) const {
+    return placement ? placement->device_of(expert) : expert % num_expert_devices;
+  }
+  std::vector<std::uint32_t> hosted_by(std::size_t device) const;  // ascending ids
+  // Round-robin placement, as it starts: expert e on device e mod eg as its local expert e div eg.
   std::size_t local_index(std::size_t expert) const { return expert / num_expert_devices; }
   std::size_t global_expert(std::size_t device, std::size_t local) const {
     return local * num_expert_devices + device;

@@ -6,11 +6,18 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 namespace moert::actors {
 
 supervisor::supervisor(caf::actor_config& cfg, const runtime_context* ctx, supervised_set children,
                        supervision_params params)
-    : caf::event_based_actor(cfg), ctx_(ctx), set_(std::move(children)), params_(params) {}
+    : caf::event_based_actor(cfg),
+      ctx_(ctx),
+      set_(std::move(children)),
+      params_(params),
+      expert_restarts_(set_.experts.size()),
+      lost_(set_.queues.size(), false) {}
 
 const char* supervisor::name_of(kind what) {
   switch (what) {
@@ -49,6 +56,15 @@ caf::behavior supervisor::make_behavior() {
     // Fault injection: the named actor dies as if it had crashed (exit_reason::kill cannot
     // be trapped). Answers false when there is no such actor.
     [this](kill_atom, const std::string& what, std::uint32_t idx) {
+      if (what == "expert_device") {  // every expert actor placed on expert device idx
+        bool any = false;
+        for (std::size_t e = 0; !stopping_ && e < set_.experts.size(); ++e)
+          if (ctx_->device_of(e) == idx) {
+            caf::anon_send_exit(set_.experts[e], caf::exit_reason::kill);
+            any = true;
+          }
+        return any;
+      }
       const std::vector<caf::actor>* list = what == "attention" ? &set_.shards
                                           : what == "queue"     ? &set_.queues
                                           : what == "expert"    ? &set_.experts
@@ -58,6 +74,7 @@ caf::behavior supervisor::make_behavior() {
       caf::anon_send_exit((*list)[idx], caf::exit_reason::kill);
       return true;
     },
+    [this](move_atom, std::uint32_t expert, std::uint32_t device) { return move(expert, device); },
     [this](caf::get_atom) {
       return caf::make_message(report_.restarts, report_.escalated, report_.last_recovery_us);
     },
@@ -80,13 +97,23 @@ void supervisor::on_down(const caf::down_msg& down) {
   std::string why = std::string(name_of(who.what)) + " " + std::to_string(who.idx) + " died (" +
                     system().render(down.reason) + ")";
   auto now = std::chrono::steady_clock::now();
-  while (!restarts_.empty() && now - restarts_.front() > params_.period)
-    restarts_.pop_front();
-  if (restarts_.size() >= params_.max_restarts)
+  auto past_intensity = [&](std::deque<std::chrono::steady_clock::time_point>& window) {
+    while (!window.empty() && now - window.front() > params_.period)
+      window.pop_front();
+    if (window.size() >= params_.max_restarts)
+      return true;
+    window.push_back(now);
+    return false;
+  };
+  if (who.what == kind::expert && past_intensity(expert_restarts_[who.idx])) {
+    if (!replace_device(ctx_->device_of(who.idx), why))
+      return;
+  } else if (who.what != kind::expert && past_intensity(restarts_)) {
     return escalate(why);
-  restarts_.push_back(now);
-  restart(who, why);
-  ++report_.restarts;
+  } else {
+    restart(who, why);
+    ++report_.restarts;
+  }
   report_.last_recovery_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - now).count();
 }
 
@@ -95,19 +122,24 @@ void supervisor::restart(child who, const std::string& why) {
   std::size_t idx = who.idx;
   switch (who.what) {
     case kind::expert: {
-      // The queue first: from here on it hands nothing to the dead expert, and the
-      // replacement's first pull lands behind this message.
-      send(set_.queues[idx], expert_lost_atom::value);
-      caf::actor fresh = spawn<expert>(ctx_, idx, set_.expert_devices[idx], set_.queues[idx]);
+      caf::actor fresh = spawn<expert>(ctx_, std::uint32_t(idx));
       set_.experts[idx] = fresh;
       watch(fresh, kind::expert, idx);
+      // The queue first: the replay's rows land behind the replacement.
+      idx = ctx_->device_of(idx);
+      send(set_.queues[idx], expert_atom::value, std::uint32_t(who.idx), fresh);
       break;
     }
     case kind::queue: {
-      caf::actor fresh = spawn<mu_queue>(ctx_, idx, set_.scheduler, set_.expert_devices[idx]->name());
+      std::map<std::uint32_t, caf::actor> hosted;
+      for (std::uint32_t e : ctx_->hosted_by(idx))
+        hosted[e] = set_.experts[e];
+      caf::actor fresh =
+          spawn<mu_queue>(ctx_, idx, set_.scheduler, set_.expert_devices[idx]->name(), std::move(hosted));
       set_.queues[idx] = fresh;
       watch(fresh, kind::queue, idx);
-      send(set_.experts[idx], queue_atom::value, fresh);
+      for (const auto& queue : set_.queues)
+        send(queue, peers_atom::value, set_.queues);
       if (set_.policy)
         send(set_.policy, queue_atom::value, std::uint32_t(idx), fresh);
       for (const auto& shard : set_.shards)
@@ -130,6 +162,75 @@ void supervisor::restart(child who, const std::string& why) {
   // The rows the dead expert or queue held are sent again (after the new queue, same sender).
   for (const auto& shard : set_.shards)
     send(shard, replay_atom::value, std::uint32_t(idx));
+}
+
+bool supervisor::replace_device(std::size_t device, const std::string& why) {
+  lost_[device] = true;
+  std::vector<std::size_t> load(set_.queues.size(), 0);
+  std::string lost;
+  for (std::size_t d = 0; d < lost_.size(); ++d)
+    if (lost_[d])
+      lost += (lost.empty() ? "" : ", ") + std::to_string(d);
+  for (std::size_t e = 0; e < set_.experts.size(); ++e)
+    ++load[ctx_->device_of(e)];
+  if (std::find(lost_.begin(), lost_.end(), false) == lost_.end()) {
+    escalate(why + "; no expert device survives (lost: " + lost + ")");
+    return false;
+  }
+  spdlog::warn("supervisor: {} past {} restarts within {} ms: expert device {} is lost, its experts re-placed", why,
+               params_.max_restarts, params_.period.count(), device);
+  std::vector<bool> targets(set_.queues.size(), false);
+  for (std::uint32_t e : ctx_->hosted_by(device)) {
+    std::size_t to = set_.queues.size();
+    for (std::size_t d = 0; d < set_.queues.size(); ++d)  // the least loaded survivor, lowest first
+      if (!lost_[d] && (to == set_.queues.size() || load[d] < load[to]))
+        to = d;
+    ++load[to];
+    --load[device];
+    targets[to] = true;
+    // A fresh actor, dead or not: the old one's death (pending, maybe) is no longer heard.
+    caf::actor old = set_.experts[e];
+    children_.erase(old.address());
+    demonitor(old);
+    caf::anon_send_exit(old, caf::exit_reason::user_shutdown);
+    caf::actor fresh = spawn<expert>(ctx_, e);
+    set_.experts[e] = fresh;
+    watch(fresh, kind::expert, e);
+    expert_restarts_[e].clear();  // a new device: a new count
+    send(set_.queues[to], adopt_atom::value, e, fresh);
+    ctx_->placement->move(e, to);
+    send(set_.queues[device], hand_off_atom::value, e);
+    ++report_.restarts;
+  }
+  for (std::size_t d = 0; d < targets.size(); ++d)
+    if (targets[d])
+      for (const auto& shard : set_.shards)
+        send(shard, replay_atom::value, std::uint32_t(d));
+  return true;
+}
+
+std::string supervisor::move(std::uint32_t expert, std::uint32_t device) {
+  if (stopping_)
+    return "move_expert: supervision gave up (" + escalation_ + ")";
+  if (!ctx_->placement)
+    return "move_expert: this engine's placement is fixed";
+  if (expert >= set_.experts.size())
+    return "move_expert: expert " + std::to_string(expert) + " is out of range (the model has " +
+           std::to_string(set_.experts.size()) + " routed experts)";
+  if (device >= set_.queues.size())
+    return "move_expert: expert device " + std::to_string(device) + " is out of range (the engine has " +
+           std::to_string(set_.queues.size()) + ")";
+  if (lost_[device])
+    return "move_expert: expert device " + std::to_string(device) + " is lost (its experts were re-placed)";
+  std::size_t from = ctx_->device_of(expert);
+  if (from == device)
+    return {};
+  // Adopt before the placement changes: a shard that reads the new placement sends to a
+  // queue whose mailbox already holds the adoption.
+  send(set_.queues[device], adopt_atom::value, expert, set_.experts[expert]);
+  ctx_->placement->move(expert, device);
+  send(set_.queues[from], hand_off_atom::value, expert);
+  return {};
 }
 
 void supervisor::escalate(const std::string& why) {

@@ -7,9 +7,14 @@
 // with an error naming what died and why. Nothing is left silent and nothing hangs.
 //
 // What a restart replays, so that outputs are those of the fault-free run bit for bit:
-//   expert d     its μ-queue forgets it (its replacement pulls), and every shard sends again
-//                the routes to device d whose outputs it still misses (A2E replay).
-//   μ-queue d    the expert and the shards get the new queue, then the same A2E replay.
+//   expert e     (one actor per routed expert) its μ-queue gets the replacement, and every
+//                shard sends again the routes to e's device whose outputs it still misses
+//                (A2E replay). Experts count restarts each on their own: one more than
+//                max_restarts within period and e's device counts as lost: every expert on
+//                it is re-created on the surviving expert devices (the least loaded first)
+//                and moved there as move_atom moves one, then the A2E replay to those
+//                devices. Only when no expert device survives does it escalate.
+//   μ-queue d    the shards and the other queues get the new queue, then the same A2E replay.
 //   shard a      the new shard on the same device gets every request pinned to a from the
 //                ingress, with the tokens its client already has: it rebuilds their KV by
 //                prefill and goes on from there.
@@ -40,7 +45,8 @@ struct supervision_params {
 
 // What the supervisor needs to re-create each child as the engine first made it.
 struct supervised_set {
-  std::vector<caf::actor> shards, queues, experts;
+  std::vector<caf::actor> shards, queues;  // by attention / expert device
+  std::vector<caf::actor> experts;         // by expert id
   std::vector<device*> attention_devices, expert_devices;  // owned by the engine
   caf::actor ingress;
   caf::actor policy;
@@ -56,6 +62,10 @@ struct supervision_report {
   double last_recovery_us = 0;  // from the down message to the replay sent
 };
 
+// Also moves an expert at run time (move_atom, expert id, device → "" or why not): the target's
+// μ-queue adopts it, the placement changes, the source's μ-queue hands it off (forwarding the
+// rows it holds or still gets for it). The expert's actor stays; no token is lost or computed
+// differently (every expert row is computed alone).
 class supervisor : public caf::event_based_actor {
 public:
   supervisor(caf::actor_config& cfg, const runtime_context* ctx, supervised_set children, supervision_params params);
@@ -73,6 +83,9 @@ private:
   void watch(const caf::actor& actor, kind what, std::size_t idx);
   void on_down(const caf::down_msg& down);
   void restart(child who, const std::string& why);
+  // Re-places every expert of the lost expert device `device`; false when none survives.
+  bool replace_device(std::size_t device, const std::string& why);
+  std::string move(std::uint32_t expert, std::uint32_t device);
   void escalate(const std::string& why);
   static const char* name_of(kind what);
 
@@ -80,7 +93,9 @@ private:
   supervised_set set_;
   supervision_params params_;
   std::map<caf::actor_addr, child> children_;
-  std::deque<std::chrono::steady_clock::time_point> restarts_;  // within the last period
+  std::deque<std::chrono::steady_clock::time_point> restarts_;  // shards, queues: within the last period
+  std::vector<std::deque<std::chrono::steady_clock::time_point>> expert_restarts_;  // by expert
+  std::vector<bool> lost_;  // by expert device: its experts were re-placed
   supervision_report report_;
   bool stopping_ = false;
   std::size_t downs_pending_ = 0;  // while escalating: children not yet down

@@ -362,15 +362,28 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->all_actors.push_back(state->cluster_watch);
     state->cluster = std::move(*session);
   }
+  // One actor per routed expert, on the device the placement names (round-robin to start).
+  if (!config.cluster) {
+    state->ctx.placement =
+        std::make_shared<actors::expert_placement>(std::size_t(state->ctx.config.num_experts), config.expert_devices);
+    experts.resize(std::size_t(state->ctx.config.num_experts));
+  }
   for (std::size_t d = 0; !config.cluster && d < config.expert_devices; ++d) {
     actors::device* dev = make_device("expert " + std::to_string(d));
-    caf::actor queue = sys.spawn<actors::mu_queue>(ctx, d, scheduler, dev->name());
+    state->ctx.expert_devices.push_back(dev);
+    std::map<std::uint32_t, caf::actor> hosted;
+    for (std::uint32_t e : ctx->hosted_by(d)) {
+      experts[e] = sys.spawn<actors::expert>(ctx, e);
+      hosted[e] = experts[e];
+    }
+    caf::actor queue = sys.spawn<actors::mu_queue>(ctx, d, scheduler, dev->name(), std::move(hosted));
     queues.push_back(queue);
     state->all_actors.push_back(queue);
-    experts.push_back(sys.spawn<actors::expert>(ctx, d, dev, queue));
-    state->all_actors.push_back(experts.back());
     expert_devs.push_back(dev);
   }
+  state->all_actors.insert(state->all_actors.end(), experts.begin(), experts.end());
+  for (const auto& queue : config.cluster ? std::vector<caf::actor>{} : queues)  // rows of moved experts
+    caf::anon_send(queue, actors::peers_atom::value, queues);
   if (!config.cluster) {
     state->ingress = sys.spawn<actors::ingress>(config.kv_capacity_tokens, &state->stats, config.max_queued_tokens);
     state->all_actors.push_back(state->ingress);
@@ -575,6 +588,32 @@ void Engine::shutdown() {
       spdlog::error("{}: tasks still running 60 s after shutdown", dev->name());
 }
 
+status Engine::move_expert(std::size_t expert_id, std::size_t device) {
+  caf::actor supervisor;
+  {
+    std::lock_guard<std::mutex> guard{impl_->mutex};
+    if (impl_->stopped || !impl_->supervisor)
+      return make_error(error_code::invalid_argument,
+                        "move_expert: experts move in one process only (cluster), and not after shutdown");
+    supervisor = impl_->supervisor;
+  }
+  std::string why = "move_expert: the supervisor did not answer within 5 s";
+  caf::scoped_actor self{*impl_->system};
+  self->request(supervisor, std::chrono::seconds{5}, actors::move_atom::value, std::uint32_t(expert_id),
+                std::uint32_t(device))
+      .receive([&](const std::string& answer) { why = answer; }, [](caf::error&) {});
+  if (!why.empty())
+    return make_error(error_code::invalid_argument, why);
+  return status::success();
+}
+
+std::vector<std::size_t> Engine::expert_placement() const {
+  std::vector<std::size_t> out;
+  for (std::size_t e = 0; e < std::size_t(impl_->ctx.config.num_experts); ++e)
+    out.push_back(impl_->ctx.device_of(e));
+  return out;
+}
+
 status Engine::kill_actor(const std::string& kind, std::size_t device) {
   caf::actor supervisor;
   {
@@ -588,9 +627,10 @@ status Engine::kill_actor(const std::string& kind, std::size_t device) {
   self->request(supervisor, std::chrono::seconds{5}, actors::kill_atom::value, kind, std::uint32_t(device))
       .receive([&](bool ok) { killed = ok; }, [](caf::error&) {});
   if (!killed)
-    return make_error(error_code::invalid_argument, "kill_actor: no " + kind + " actor on device " +
-                                                        std::to_string(device) +
-                                                        " (kinds: expert, queue, attention), or supervision gave up");
+    return make_error(error_code::invalid_argument,
+                      "kill_actor: no " + kind + " actor " + std::to_string(device) +
+                          " (kinds: expert <expert id>, expert_device <device>, queue <device>, attention <device>), "
+                          "or supervision gave up");
   return status::success();
 }
 
@@ -664,6 +704,7 @@ EngineReport Engine::report() const {
   out.messages = impl_->stats.messages();
   out.control_messages = impl_->stats.control_messages();
   out.expert_batches = batches.count;
+  out.forwarded_rows = impl_->stats.forwarded_rows();
   out.finished_length = impl_->finished[std::size_t(FinishReason::length)];
   out.finished_stop = impl_->finished[std::size_t(FinishReason::stop)];
   out.cancelled = impl_->finished[std::size_t(FinishReason::cancelled)];

@@ -2,19 +2,19 @@
 // CAF's test coordinator (scheduler.policy=testing), and the script lets exactly one message
 // be handled at a time, in the order below, checking each one's receiver, sender and content:
 //
-//   setup    expert ─pull─▶ mu_queue, policy ─plan_update─▶ shard, ─scheduler_update─▶ queues,
+//   setup    policy ─plan_update─▶ shard, ─scheduler_update─▶ queues,
 //            engine ─policy─▶ shard, engine ─shard list─▶ ingress
 //   admit    client ─admit_request─▶ ingress ─admit_request─▶ shard ─step─▶ shard
 //   per step shard ─shape_report─▶ policy, then per layer
 //            shard's device ─attn_done─▶ shard            (attention + router ran)
 //            shard ─routed_tokens (A2E)─▶ mu_queue d      (for each device d hosting a chosen expert)
 //            shard's device ─side_done─▶ shard            (shared expert / dense MLP ran)
-//            mu_queue d ─expert_batch─▶ expert d          (one drained μ-queue, after a pull)
-//            expert d's device ─batch_done─▶ expert d
-//            expert d ─expert_outputs (E2A)─▶ shard
-//            expert d ─pull─▶ mu_queue d                  (sent when the expert took the batch, as
-//                                                          it has room for a second; handled only
-//                                                          now, so no next batch races batch_done)
+//            mu_queue d ─expert_batch─▶ expert e          (one drained μ-queue, to its expert's own
+//                                                          actor; two at once: two in flight)
+//            expert e's device ─batch_done─▶ expert e
+//            expert e ─expert_outputs (E2A)─▶ shard
+//            expert e ─expert_done─▶ mu_queue d           (room on the device: the next batch, to
+//                                                          an expert of the layer that has none)
 //   per step shard's device ─final_done─▶ shard ─token_event─▶ client's sink, shard ─step─▶ shard
 //            (the last token instead: shard ─request_ended─▶ ingress, which releases the
 //            request and only then hands the last token_event to the sink)
@@ -50,6 +50,7 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -213,10 +214,14 @@ public:
     scheduler.policy = policy::queue_policy::defrag;
     scheduler.params.max_wait = std::chrono::nanoseconds{0};  // no wall-clock guard: counts decide
 
+    experts.resize(std::size_t(config.num_experts));
     for (std::size_t d = 0; d < num_expert_devices; ++d) {
       devices.push_back(std::make_unique<device>("expert " + std::to_string(d), 1, nullptr));
-      queues.push_back(system->spawn<mu_queue>(cctx(), d, scheduler, devices.back()->name()));
-      experts.push_back(system->spawn<expert>(cctx(), d, devices.back().get(), queues.back()));
+      ctx.expert_devices.push_back(devices.back().get());
+      std::map<std::uint32_t, caf::actor> hosted;
+      for (std::uint32_t e : ctx.hosted_by(d))
+        hosted[e] = experts[e] = system->spawn<expert>(cctx(), e);
+      queues.push_back(system->spawn<mu_queue>(cctx(), d, scheduler, devices.back()->name(), hosted));
     }
     ingress_actor = system->spawn<ingress>(std::size_t{1} << 16);
     devices.push_back(std::make_unique<device>("attention 0", 1, nullptr));
@@ -224,10 +229,8 @@ public:
     // Offline policy (no FinDEP problem): it pushes the configured plan and only listens.
     policy_actor_ = system->spawn<policy_actor>(cctx(), std::vector<caf::actor>{shard}, queues, plan, scheduler,
                                                 std::optional<online_problem>{});
-    for (std::size_t d = 0; d < num_expert_devices; ++d) {
-      all.push_back(queues[d]);
-      all.push_back(experts[d]);
-    }
+    all.insert(all.end(), experts.begin(), experts.end());
+    all.insert(all.end(), queues.begin(), queues.end());
     all.insert(all.end(), {ingress_actor, shard, policy_actor_});
   }
 
@@ -403,20 +406,21 @@ public:
   }
 
   // The routes expert device d hosts, row-major then k: round-robin placement, expert e on
-  // device e mod eg as local expert e div eg.
+  // device e mod eg (its queue's slot there: e div eg).
   std::vector<route_entry> routes_on(const layer_expect& le, std::size_t d) const {
     std::vector<route_entry> routes;
     for (std::size_t slot = 0; slot < le.routes.size(); ++slot) {
       const model::routed_slot& r = le.routes[slot];
       if (std::size_t(r.expert) % num_expert_devices == d)
         routes.push_back({std::uint32_t(slot / le.top_k), std::uint32_t(slot),
-                          std::uint32_t(std::size_t(r.expert) / num_expert_devices), r.weight});
+                          std::uint32_t(r.expert), r.weight});
     }
     return routes;
   }
 
-  // A2E to expert device d, then its μ-queues drained one batch per pull, each batch's E2A
-  // back to the shard. Devices without a chosen expert must get nothing.
+  // A2E to expert device d, then its μ-queues drained one batch each, two in flight, each
+  // to its expert's actor and its E2A back to the shard. Devices without a chosen expert must
+  // get nothing.
   void run_expert_device(std::uint64_t step, std::size_t layer, std::size_t d, const layer_expect& le,
                          const std::string& where) {
     const std::size_t hidden = std::size_t(config.hidden_size);
@@ -426,7 +430,6 @@ public:
     };
     std::vector<route_entry> routes = routes_on(le, d);
     const caf::actor& queue = queues[d];
-    const caf::actor& worker = experts[d];
     std::string dev = " ";  // (not " " + to_string: GCC 12 warns falsely, -Wrestrict)
     dev += std::to_string(d);
     if (routes.empty()) {
@@ -452,60 +455,87 @@ public:
                                     INFO("route " << i);
                                     CHECK(m.routes[i].row == routes[i].row);
                                     CHECK(m.routes[i].slot == routes[i].slot);
-                                    CHECK(m.routes[i].local_expert == routes[i].local_expert);
+                                    CHECK(m.routes[i].expert == routes[i].expert);
                                     CHECK(same_bits(&m.routes[i].weight, &routes[i].weight, 1));
                                   }
                                   lease = m.rows.get();
                                 });
 
-    // Which μ-queue each pull drains: the same pure scheduler function, on the same counts.
+    // Which μ-queue each batch drains: the same pure scheduler function, on the same counts,
+    // in order (every pick is made before any batch of the layer is done: the choice does not
+    // depend on when the dones come).
     policy::queue_matrix matrix{std::size_t(config.num_layers), ctx.experts_on(d)};
+    auto slot_of = [](const route_entry& r) { return std::size_t(r.expert) / num_expert_devices; };
     for (const route_entry& r : routes)
-      matrix.set(layer, r.local_expert, matrix.tokens(layer, r.local_expert) + 1);
-    std::size_t batches = 0;
+      matrix.set(layer, slot_of(r), matrix.tokens(layer, slot_of(r)) + 1);
+    std::vector<std::size_t> order;
     while (auto choice = policy::pick_queue(matrix, scheduler.policy, scheduler.params, std::chrono::nanoseconds{0})) {
       REQUIRE(choice->layer == layer);
       matrix.set(choice->layer, choice->expert, 0);
+      order.push_back(choice->expert);
+    }
+    std::size_t batches = order.size();
+    auto expert_of = [&](std::size_t i) { return order[i] * num_expert_devices + d; };
+    auto items_of = [&](std::size_t i) {
       std::vector<route_entry> items;
       for (const route_entry& r : routes)
-        if (r.local_expert == choice->expert)
+        if (slot_of(r) == order[i])
           items.push_back(r);
-      std::string batch = " (batch " + std::to_string(batches++) + ": local expert " +
-                          std::to_string(choice->expert) + ")";
-      expect_value<expert_batch>("mu_queue" + dev + " -> expert" + dev + ": expert_batch" + where + batch, worker, &queue,
+      return items;
+    };
+    auto name_of = [&](std::size_t i) {
+      return " (batch " + std::to_string(i) + ": expert " + std::to_string(expert_of(i)) + ")";
+    };
+    auto expect_batch = [&](std::size_t i) {
+      std::vector<route_entry> items = items_of(i);
+      const caf::actor& worker = experts[expert_of(i)];
+      expect_value<expert_batch>("mu_queue" + dev + " -> expert: expert_batch" + where + name_of(i), worker, &queue,
                                  [&](const expert_batch& b) {
                                    REQUIRE(b.layer == layer);
-                                   REQUIRE(b.local_expert == choice->expert);
+                                   REQUIRE(b.expert == expert_of(i));
+                                   REQUIRE(b.device == d);
                                    REQUIRE(b.items.size() == items.size());
-                                   for (std::size_t i = 0; i < items.size(); ++i) {
-                                     INFO("item " << i);
-                                     CHECK(b.items[i].rows.get() == lease);  // the same lease: no copy
-                                     CHECK(b.items[i].row == items[i].row);
-                                     CHECK(b.items[i].slot == items[i].slot);
-                                     CHECK(same_bits(&b.items[i].weight, &items[i].weight, 1));
-                                     CHECK(same_key(b.items[i].key, key));
-                                     CHECK(b.items[i].reply_to == shard);
+                                   for (std::size_t k = 0; k < items.size(); ++k) {
+                                     INFO("item " << k);
+                                     CHECK(b.items[k].rows.get() == lease);  // the same lease: no copy
+                                     CHECK(b.items[k].row == items[k].row);
+                                     CHECK(b.items[k].slot == items[k].slot);
+                                     CHECK(same_bits(&b.items[k].weight, &items[k].weight, 1));
+                                     CHECK(same_key(b.items[k].key, key));
+                                     CHECK(b.items[k].reply_to == shard);
                                    }
                                  });
-      expect_atom("expert" + dev + "'s device -> expert" + dev + ": batch done" + where + batch, worker, nullptr,
-                  batch_done, [](const caf::type_erased_tuple& c) { REQUIRE(c.size() == 2); });
-      expect_value<expert_outputs>("expert" + dev + " -> shard: E2A" + where + batch, shard, &worker,
+    };
+    // The A2E handler handed the first two at once; each done lets the next one go.
+    for (std::size_t i = 0; i < std::min<std::size_t>(2, batches); ++i)
+      expect_batch(i);
+    for (std::size_t i = 0; i < batches; ++i) {
+      std::vector<route_entry> items = items_of(i);
+      const caf::actor& worker = experts[expert_of(i)];
+      std::string batch = name_of(i);
+      expect_atom("expert's device -> expert: batch done" + where + batch, worker, nullptr, batch_done,
+                  [](const caf::type_erased_tuple& c) { REQUIRE(c.size() == 2); });
+      expect_value<expert_outputs>("expert -> shard: E2A" + where + batch, shard, &worker,
                                    [&](const expert_outputs& out) {
                                      REQUIRE(same_key(out.key, key));
                                      REQUIRE(out.rows != nullptr);
                                      REQUIRE(out.rows->row_floats == hidden);
                                      REQUIRE(out.rows_idx.size() == items.size());
                                      REQUIRE(out.slots.size() == items.size());
-                                     for (std::size_t i = 0; i < items.size(); ++i) {
-                                       INFO("entry " << i);
-                                       REQUIRE(out.rows_idx[i] == i);
-                                       REQUIRE(out.slots[i] == items[i].slot);
-                                       CHECK(same_bits(out.rows->row(i), le.weighted[items[i].slot].data(), hidden));
+                                     for (std::size_t k = 0; k < items.size(); ++k) {
+                                       INFO("entry " << k);
+                                       REQUIRE(out.rows_idx[k] == k);
+                                       REQUIRE(out.slots[k] == items[k].slot);
+                                       CHECK(same_bits(out.rows->row(k), le.weighted[items[k].slot].data(), hidden));
                                      }
                                    });
-      // The expert asked for more as soon as it took the batch (up to two in flight); the queue
-      // hears it only now, so that a next batch cannot race batch_done into the expert's mailbox.
-      expect_atom("expert" + dev + " -> mu_queue" + dev + ": pull" + where + batch, queue, &worker, pull_atom::value);
+      expect_atom("expert -> mu_queue" + dev + ": expert_done" + where + batch, queue, &worker,
+                  expert_done_atom::value, [&](const caf::type_erased_tuple& c) {
+                    REQUIRE((c.match_elements<caf::atom_value, std::uint32_t>()));
+                    REQUIRE(c.get_as<std::uint32_t>(1) == expert_of(i));
+                  });
+      if (i + 2 < batches)
+        expect_batch(i + 2);
     }
     REQUIRE(batches >= 1);
   }
@@ -557,9 +587,6 @@ TEST_CASE_METHOD(data_path_fixture, "one request through every hop of the data p
   // -- setup: first activations, in spawn order, then what they sent ---------------------------
   for (const auto& a : all)
     initialize(a);
-  for (std::size_t d = 0; d < num_expert_devices; ++d)
-    expect_atom("expert " + std::to_string(d) + " -> mu_queue " + std::to_string(d) + ": pull (idle)", queues[d],
-                &experts[d], pull_atom::value);
   expect_value<plan_update>("policy -> shard: plan_update", shard, &policy_actor_, [&](const plan_update& u) {
     REQUIRE(u.plan.r1 == plan.r1);
     REQUIRE(u.plan.m_a == plan.m_a);

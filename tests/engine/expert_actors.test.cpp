@@ -8,6 +8,7 @@
 
 #include "engine/engine.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -192,5 +193,144 @@ TEST_CASE("messages per token are those of one expert actor per device") {
               "%llu expert batches\n",
               (unsigned long long)report.tokens, (unsigned long long)report.messages, report.messages_per_token,
               (unsigned long long)report.control_messages, (unsigned long long)report.expert_batches);
+  // Measured at 6edd3c4 by this same test: 36 tokens, 454 data messages, 170 control
+  // messages (168 pulls answered by a batch, 2 left waiting), 168 expert batches.
   CHECK(report.tokens == 36);
+  CHECK(report.expert_batches == 168);
+  CHECK(report.messages == 454);
+  CHECK(report.control_messages == report.expert_batches);  // one expert_done per batch
+  CHECK(report.control_messages <= 170);
+}
+
+TEST_CASE("one expert actor killed mid-generation: outputs bit-identical", "[fault]") {
+  const std::vector<outcome> reference = fault_free(3, 1234);
+  run r{config_of(3)};
+  r.submit_all(1234);
+  REQUIRE(r.wait_tokens(r.num_requests * 4));
+  auto killed_at = clock_type::now();
+  REQUIRE(r.engine->kill_actor("expert", 4).ok());
+  REQUIRE(r.all_ended());
+  double recovery_ms = r.next_token_after(killed_at);
+  EngineReport report = r.engine->report();
+  std::printf("expert_actors: kill expert 4: next token %.3f ms after the kill; restarts %llu\n", recovery_ms,
+              (unsigned long long)report.restarts);
+  CHECK(report.restarts == 1);
+  CHECK_FALSE(report.supervision_escalated);
+  check_identical(r, reference);
+  r.engine->shutdown();
+}
+
+TEST_CASE("experts moved between devices mid-generation: outputs bit-identical, several seeds") {
+  std::uint64_t forwarded = 0;
+  for (std::uint64_t seed : {1234u, 7u, 99u}) {
+    INFO("seed " << seed);
+    const std::vector<outcome> reference = fault_free(3, seed);
+    run r{config_of(3)};
+    r.submit_all(seed);
+    std::mt19937_64 pick{seed};
+    std::size_t moves = 0;
+    // Two moves after every other token, while requests run: each one lands among rows in
+    // flight (whether a row is queued or on its way at that instant is up to timing; the
+    // forwarding itself is asserted deterministically in tests/actors/mu_queue).
+    for (std::size_t at = 2; at <= r.new_tokens - 2; at += 2) {
+      REQUIRE(r.wait_tokens(r.num_requests * at));
+      for (int i = 0; i < 2; ++i) {
+        std::size_t expert = std::size_t(pick() % num_experts), device = std::size_t(pick() % 3);
+        REQUIRE(r.engine->move_expert(expert, device).ok());
+        CHECK(r.engine->expert_placement()[expert] == device);
+        ++moves;
+      }
+    }
+    REQUIRE(r.all_ended());
+    EngineReport report = r.engine->report();
+    std::printf("expert_actors: seed %llu: %zu moves, %llu rows forwarded, %llu data messages for %llu tokens\n",
+                (unsigned long long)seed, moves, (unsigned long long)report.forwarded_rows,
+                (unsigned long long)report.messages, (unsigned long long)report.tokens);
+    forwarded += report.forwarded_rows;
+    CHECK(report.restarts == 0);
+    check_identical(r, reference);
+    r.engine->shutdown();
+  }
+  std::printf("expert_actors: %llu rows forwarded over the seeds\n", (unsigned long long)forwarded);
+}
+
+TEST_CASE("move_expert names a bad expert or device") {
+  run r{config_of(2)};
+  auto bad_expert = r.engine->move_expert(8, 0);
+  REQUIRE_FALSE(bad_expert.ok());
+  CHECK(bad_expert.err().message.find("expert 8 is out of range") != std::string::npos);
+  auto bad_device = r.engine->move_expert(0, 2);
+  REQUIRE_FALSE(bad_device.ok());
+  CHECK(bad_device.err().message.find("expert device 2 is out of range") != std::string::npos);
+  CHECK(r.engine->move_expert(0, 0).ok());  // already there
+  CHECK(r.engine->move_expert(0, 1).ok());
+  CHECK(r.engine->expert_placement() == std::vector<std::size_t>{1, 1, 0, 1, 0, 1, 0, 1});
+  r.engine->shutdown();
+  CHECK_FALSE(r.engine->move_expert(0, 0).ok());
+}
+
+TEST_CASE("every expert actor of a device dies past the restart intensity: re-placed, outputs bit-identical",
+          "[fault]") {
+  const std::vector<outcome> reference = fault_free(3, 1234);
+  EngineConfig config = config_of(3);
+  config.max_restarts = 1;
+  run r{config};
+  r.submit_all(1234);
+  REQUIRE(r.wait_tokens(r.num_requests * 3));
+  // 8 experts on 3 devices: 0, 3 and 6 on device 0.
+  REQUIRE(r.engine->kill_actor("expert_device", 0).ok());
+  REQUIRE(r.wait_restarts(3));
+  REQUIRE(r.wait_tokens(r.num_requests * 6));
+  auto killed_at = clock_type::now();
+  REQUIRE(r.engine->kill_actor("expert_device", 0).ok());  // past the intensity: device 0 is lost
+  REQUIRE(r.wait_restarts(6));
+  REQUIRE(r.all_ended());
+  double recovery_ms = r.next_token_after(killed_at);
+  EngineReport report = r.engine->report();
+  std::printf("expert_actors: expert device 0 lost, its experts re-placed: next token %.3f ms after the kill; "
+              "supervisor %.3f ms; restarts %llu\n",
+              recovery_ms, report.last_restart_ms, (unsigned long long)report.restarts);
+  CHECK_FALSE(report.supervision_escalated);
+  std::vector<std::size_t> placement = r.engine->expert_placement();
+  for (std::size_t e = 0; e < num_experts; ++e)
+    CHECK(placement[e] != 0);
+  CHECK(std::count(placement.begin(), placement.end(), 1) == 4);  // least loaded first: 3/3 → 4/4
+  CHECK(!r.engine->move_expert(1, 0).ok());                       // a lost device takes none
+  check_identical(r, reference);
+  r.engine->shutdown();
+}
+
+TEST_CASE("every expert device lost: each request ends with an error naming the cause, no hang", "[fault]") {
+  EngineConfig config = config_of(2);
+  config.max_restarts = 0;  // the first death of an expert loses its device
+  run r{config};
+  r.submit_all(1234);
+  REQUIRE(r.wait_tokens(r.num_requests * 2));
+  auto started = clock_type::now();
+  REQUIRE(r.engine->kill_actor("expert_device", 0).ok());  // re-placed on device 1
+  REQUIRE(r.wait_restarts(4));
+  CHECK_FALSE(r.engine->report().supervision_escalated);
+  REQUIRE(r.engine->kill_actor("expert_device", 1).ok());  // none left
+  REQUIRE(r.all_ended());
+  CHECK(clock_type::now() - started < std::chrono::seconds{10});
+  {
+    std::lock_guard<std::mutex> guard{r.mutex};
+    std::size_t failed = 0;
+    for (const outcome& o : r.outcomes) {
+      INFO(o.message);
+      CHECK(o.last_events == 1);
+      if (o.error == ErrorCode::none)  // a request may have finished before the last kill
+        continue;
+      ++failed;
+      CHECK(o.error == ErrorCode::internal);
+      CHECK(o.message.find("no expert device survives (lost: 0, 1)") != std::string::npos);
+      CHECK(o.message.find("died") != std::string::npos);
+    }
+    std::printf("expert_actors: every expert device lost: %zu of %zu requests ended with the error\n", failed,
+                r.num_requests);
+  }
+  CHECK(r.engine->report().supervision_escalated);
+  auto stopping = clock_type::now();
+  r.engine->shutdown();
+  CHECK(clock_type::now() - stopping < std::chrono::seconds{5});
 }

@@ -1,8 +1,9 @@
-// Supervision (issue [E]): an expert, μ-queue or attention-shard actor killed mid-generation
-// (CAF exit_reason::kill, through Engine::kill_actor) is re-created by the supervisor and its
-// work replayed, so every request completes with exactly the tokens and logits of the
-// fault-free run; past the restart limit every request ends with an error naming what died,
-// and nothing hangs (a dead actor used to leave its requests silent and shutdown() waiting
+// Supervision (issue [E]): an expert actor (one per routed expert), every expert actor of a
+// device, a μ-queue or an attention-shard actor killed mid-generation (CAF exit_reason::kill,
+// through Engine::kill_actor) is re-created by the supervisor and its work replayed, so every
+// request completes with exactly the tokens and logits of the fault-free run; past the restart
+// limit with no expert device left every request ends with an error naming what died, and
+// nothing hangs (a dead actor used to leave its requests silent and shutdown() waiting
 // forever). Prints the recovery time of each kill: kill -> the next token of any request.
 #include <catch2/catch.hpp>
 
@@ -147,10 +148,12 @@ TEST_CASE("a killed expert, mu_queue or attention shard is recovered; outputs st
   }
   struct kill_case {
     const char* kind;
-    std::size_t device;
+    std::size_t device;      // the expert id for "expert"
+    std::uint64_t restarts;  // actors re-created
   };
-  for (kill_case k : {kill_case{"expert", 1}, kill_case{"queue", 0}, kill_case{"attention", 1},
-                      kill_case{"expert", 0}}) {
+  // 8 experts on 2 expert devices: 4 expert actors each.
+  for (kill_case k : {kill_case{"expert", 1, 1}, kill_case{"queue", 0, 1}, kill_case{"attention", 1, 1},
+                      kill_case{"expert", 6, 1}, kill_case{"expert_device", 0, 4}}) {
     SECTION(std::string("kill ") + k.kind + " " + std::to_string(k.device)) {
       run r{config_of()};
       r.submit_all();
@@ -164,7 +167,7 @@ TEST_CASE("a killed expert, mu_queue or attention shard is recovered; outputs st
       std::printf("supervision: kill %s %zu: next token %.3f ms after the kill; supervisor restart %.3f ms; "
                   "restarts %llu\n",
                   k.kind, k.device, recovery_ms, report.last_restart_ms, (unsigned long long)report.restarts);
-      CHECK(report.restarts == 1);
+      CHECK(report.restarts == k.restarts);
       CHECK_FALSE(report.supervision_escalated);
       CHECK(recovery_ms >= 0);
       CHECK(recovery_ms < 1000);
@@ -186,17 +189,27 @@ TEST_CASE("a killed expert, mu_queue or attention shard is recovered; outputs st
   }
 }
 
-TEST_CASE("past the restart limit every request ends with an error naming the death; nothing hangs") {
+TEST_CASE("past the restart limit with no expert device left every request ends with an error naming the death") {
   EngineConfig config = config_of();
   config.max_restarts = 1;
   run r{config};
   r.submit_all();
   REQUIRE(r.wait_tokens(num_requests * 2));
+  auto wait_restarts = [&](std::uint64_t n) {
+    auto deadline = clock_type::now() + end_limit;
+    while (r.engine->report().restarts < n && clock_type::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds{1});
+    return r.engine->report().restarts >= n;
+  };
   REQUIRE(r.engine->kill_actor("expert", 0).ok());  // restarted
-  auto deadline = clock_type::now() + end_limit;
-  while (r.engine->report().restarts < 1 && clock_type::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds{1});
-  REQUIRE(r.engine->kill_actor("expert", 0).ok());  // its replacement: one too many
+  REQUIRE(wait_restarts(1));
+  // Its replacement: one too many, so device 0 is lost and its 4 experts go to device 1.
+  REQUIRE(r.engine->kill_actor("expert", 0).ok());
+  REQUIRE(wait_restarts(5));
+  CHECK_FALSE(r.engine->report().supervision_escalated);
+  REQUIRE(r.engine->kill_actor("expert", 1).ok());  // on device 1, the last one
+  REQUIRE(wait_restarts(6));
+  REQUIRE(r.engine->kill_actor("expert", 1).ok());  // none left to re-place it on
   REQUIRE(r.all_ended());
   {
     std::lock_guard<std::mutex> guard{r.mutex};
@@ -206,7 +219,8 @@ TEST_CASE("past the restart limit every request ends with an error naming the de
       if (o.error != ErrorCode::none) {  // a request may have finished before the second kill
         CHECK(o.error == ErrorCode::internal);
         CHECK(o.message.find("supervision gave up") != std::string::npos);
-        CHECK(o.message.find("expert 0 died") != std::string::npos);
+        CHECK(o.message.find("expert 1 died") != std::string::npos);
+        CHECK(o.message.find("no expert device survives") != std::string::npos);
       }
     }
   }
@@ -228,6 +242,8 @@ TEST_CASE("kill_actor names a bad kind or device") {
   auto bad = r.engine->kill_actor("router", 0);
   REQUIRE_FALSE(bad.ok());
   CHECK(bad.err().message.find("router") != std::string::npos);
-  CHECK_FALSE(r.engine->kill_actor("expert", 9).ok());
+  CHECK_FALSE(r.engine->kill_actor("expert", 9).ok());  // 8 experts
+  CHECK_FALSE(r.engine->kill_actor("expert_device", 2).ok());
+  CHECK(r.engine->kill_actor("expert", 7).ok());
   r.engine->shutdown();
 }

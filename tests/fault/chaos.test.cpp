@@ -348,7 +348,7 @@ TEST_CASE("chaos: kills past the restart limit end every request with an error n
     test::skip_whole_binary("../shared/fixtures not found");
   EngineConfig config = base_config(models.front());
   config.expert_devices = 2;
-  config.max_restarts = 0;  // the first death escalates
+  config.max_restarts = 0;  // the first death of an expert loses its device; the second device: none left
   auto plan = parse_fault_plan(R"({"kill": [{"actor": "expert", "device": 0, "after_messages": 2},
     {"actor": "expert", "device": 1, "after_messages": 2}], "retransmit": {"ms": 2, "max_ms": 8, "max_retries": 3}})",
                                "kill all");

@@ -110,7 +110,7 @@ struct EngineConfig {
   std::shared_ptr<const model::model_weights> weights;
   model::model_config weights_config;
   std::size_t attention_devices = 1;  // ag: attention shards
-  std::size_t expert_devices = 1;     // eg: expert devices (experts placed round-robin)
+  std::size_t expert_devices = 1;     // eg: expert devices (experts placed round-robin at start)
   std::size_t threads_per_device = 1;
   // The compute backend of every device: cpu (always built, the reference) or cuda (built
   // with CUDA; the engine's device i runs on GPU i mod the GPUs visible). Engine::create fails
@@ -152,11 +152,13 @@ struct EngineConfig {
   cluster_tls tls;
   // How long bring-up waits for a node to connect and load its part.
   std::chrono::milliseconds cluster_timeout{60000};
-  // Supervision (one process): an attention shard, μ-queue or expert actor that dies is
-  // re-created and its work replayed, so every request completes with the tokens and logits
-  // it would have had. More than max_restarts restarts within restart_period stop the engine's
-  // data path: every request ends with ErrorCode::internal naming what died, and new ones are
-  // refused.
+  // Supervision (one process): an attention shard, μ-queue or expert actor (one per routed
+  // expert) that dies is re-created and its work replayed, so every request completes with the
+  // tokens and logits it would have had. More than max_restarts restarts within restart_period
+  // of one expert make its expert device count as lost: its experts are re-placed on the
+  // surviving expert devices (Engine::move_expert). Past that limit for shards and queues
+  // together, or with no expert device left, the engine's data path stops: every request ends
+  // with ErrorCode::internal naming what died, and new ones are refused.
   std::size_t max_restarts = 3;
   std::chrono::milliseconds restart_period{10000};
   // A fault plan (engine/fault_plan.hpp, `--faults FILE`): seeded drops, duplicates,
@@ -223,6 +225,8 @@ struct EngineReport {
   // Counts behind messages_per_token: data messages (A2E, batches handed to experts, E2A), the
   // expert path's control messages (a batch finished), and expert batches run.
   std::uint64_t messages = 0, control_messages = 0, expert_batches = 0;
+  // Rows sent on from one expert device to another because their expert moved.
+  std::uint64_t forwarded_rows = 0;
   std::uint64_t tokens = 0;
   std::uint64_t replans = 0;         // online FinDEP re-solves
   double last_solve_micros = 0;
@@ -265,9 +269,19 @@ public:
   void cancel(std::uint64_t request_id);
   // Refuses new requests, finishes the accepted ones, stops every actor and device.
   void shutdown();
-  // Fault injection: the actor `kind` ("expert", "queue" or "attention") of device `device`
-  // dies as if it had crashed; the supervisor recovers it. One process only.
-  status kill_actor(const std::string& kind, std::size_t device);
+  // Fault injection: the actor `kind` dies as if it had crashed; the supervisor recovers it.
+  // "expert": the actor of routed expert `idx`; "expert_device": every expert actor placed on
+  // expert device `idx`; "queue", "attention": that of device `idx`. One process only.
+  status kill_actor(const std::string& kind, std::size_t idx);
+  // Moves routed expert `expert_id` (its actor keeps running) to expert device `device` at run
+  // time without losing a token: the old device's μ-queue stops handing it batches and forwards
+  // its queued rows, and any A2E still sent there, to the new one; shards route by the new
+  // placement from then on. Outputs stay bit-identical. Returns once the move is ordered (the
+  // rows already queued follow asynchronously). Errors name a bad expert or device, a device
+  // lost to faults, or a cluster (one process only). Thread-safe.
+  status move_expert(std::size_t expert_id, std::size_t device);
+  // The expert device of each routed expert now (by expert id). Thread-safe.
+  std::vector<std::size_t> expert_placement() const;
 
   const model::model_config& model_config() const;
   std::size_t vocab_size() const;

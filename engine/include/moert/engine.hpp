@@ -237,6 +237,18 @@ struct EngineReport {
   // and with transport caf the rows too: CAF 0.17 routes node-to-node messages through the
   // process that introduced the actors), and what the nodes sent by UCX (asked at report time).
   std::uint64_t cluster_caf_bytes = 0, cluster_ucx_bytes = 0, cluster_ucx_messages = 0;
+  // A cluster only: the nodes lost (by name), each part re-placed on a survivor (e.g. "expert
+  // device 1 -> e0", with the lost node's reason and the time from the loss noticed to the
+  // replay sent, in ms), and whether recovery gave up (every request then ended with an error).
+  struct node_recovery {
+    std::string lost;
+    std::string what;
+    std::chrono::steady_clock::time_point noticed{};  // when the loss was noticed
+    double recovery_ms = 0;
+  };
+  std::vector<std::string> lost_nodes;
+  std::vector<node_recovery> node_recoveries;
+  bool cluster_recovery_failed = false;
   // Supervision: actors re-created, whether it gave up, and the supervisor's own time for the
   // last restart (down message to replay sent), in milliseconds.
   std::uint64_t restarts = 0;

@@ -68,7 +68,7 @@ caf::behavior mu_queue::make_behavior() {
         experts_[expert] = std::move(actor);
       dispatch();
     },
-    [this](adopt_atom, std::uint32_t expert, caf::actor& actor) {
+    [this](adopt_expert_atom, std::uint32_t expert, caf::actor& actor) {
       if (slot_of(expert) == npos) {
         std::vector<std::uint32_t> hosted = hosted_;
         hosted.insert(std::lower_bound(hosted.begin(), hosted.end(), expert), expert);

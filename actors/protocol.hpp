@@ -56,7 +56,7 @@ using expert_atom = caf::atom_constant<caf::atom("expert")>;
 // Moving an expert (supervisor → mu_queues, actors/mu_queue.hpp): the target adopts it (id,
 // actor), then the source hands it off (id): it forwards the expert's queued rows, and any
 // that still reach it, to the device the placement names.
-using adopt_atom = caf::atom_constant<caf::atom("adopt")>;
+using adopt_expert_atom = caf::atom_constant<caf::atom("adopt_exp")>;
 using hand_off_atom = caf::atom_constant<caf::atom("hand_off")>;
 using peers_atom = caf::atom_constant<caf::atom("peers")>;        // engine, supervisor → mu_queue: every queue
 using move_atom = caf::atom_constant<caf::atom("move")>;          // engine → supervisor: move_expert

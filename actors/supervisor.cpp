@@ -197,7 +197,7 @@ bool supervisor::replace_device(std::size_t device, const std::string& why) {
     set_.experts[e] = fresh;
     watch(fresh, kind::expert, e);
     expert_restarts_[e].clear();  // a new device: a new count
-    send(set_.queues[to], adopt_atom::value, e, fresh);
+    send(set_.queues[to], adopt_expert_atom::value, e, fresh);
     ctx_->placement->move(e, to);
     send(set_.queues[device], hand_off_atom::value, e);
     ++report_.restarts;
@@ -227,7 +227,7 @@ std::string supervisor::move(std::uint32_t expert, std::uint32_t device) {
     return {};
   // Adopt before the placement changes: a shard that reads the new placement sends to a
   // queue whose mailbox already holds the adoption.
-  send(set_.queues[device], adopt_atom::value, expert, set_.experts[expert]);
+  send(set_.queues[device], adopt_expert_atom::value, expert, set_.experts[expert]);
   ctx_->placement->move(expert, device);
   send(set_.queues[from], hand_off_atom::value, expert);
   return {};

@@ -190,7 +190,7 @@ TEST_CASE("moving an expert forwards its queued and late rows to its new device,
       REQUIRE(b.expert == 0);
   }
   // The supervisor's order: adopt on the target, move the placement, hand off on the source.
-  caf::anon_send(f.queues[1], adopt_atom::value, std::uint32_t{2}, f.experts[2]);
+  caf::anon_send(f.queues[1], adopt_expert_atom::value, std::uint32_t{2}, f.experts[2]);
   f.ctx.placement->move(2, 1);
   caf::anon_send(f.queues[0], hand_off_atom::value, std::uint32_t{2});
   // A shard that read the placement before the move: its row still goes to device 0.

@@ -234,6 +234,16 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
                    gpu::to_string(config.backend) +
                    "' (or per_device_weights) each device loads its own part: give model_dir or synthetic_config");
 
+  if (config.cluster && config.cluster->transport == cluster_transport::nccl) {
+    // Rows GPU to GPU need CUDA here and on the nodes; where it can run, the row path itself
+    // (tensor_link over transport/nccl_channel, cuda devices on the nodes) is not built yet.
+    if (auto usable = actors::check_backend(gpu::backend_kind::cuda); !usable.ok())
+      return make_error(usable.err().code, std::string("cluster transport \"nccl\" moves rows GPU to GPU: ") +
+                                               usable.err().message);
+    return make_error(error_code::unsupported,
+                      "cluster transport \"nccl\": its row path between nodes is not built yet (the nodes run cpu "
+                      "devices); use \"ucx-tcp\", \"ucx-posix\" or \"caf\"");
+  }
   if (config.cluster) {
     if (config.weights)
       return invalid("a cluster's nodes load the model themselves: give model_dir or synthetic_config, not weights");
@@ -313,7 +323,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   // Per-device weights: each device's part, loaded onto its own backend (one backend, one
   // stream, per device). The checkpoint is opened once and read per device.
   std::optional<model::checkpoint> source;
-  if (per_device && !config.model_dir.empty()) {
+  if (per_device && !config.cluster && !config.model_dir.empty()) {
     auto opened = model::checkpoint::open(config.model_dir);
     if (!opened)
       return opened.err();

@@ -55,9 +55,9 @@ result<node_link> connect_node(caf::actor_system& system, const std::string& hos
 actors::peer_connector make_peer_connector(caf::actor_system& system, std::string secret, bool tls,
                                            std::chrono::milliseconds liveness_timeout);
 
-// Every wait is bounded by `ask.timeout`; errors name the node. Each attention node is also
-// connected directly to each expert node (node_host's peer_atom), so that A2E and E2A do not
-// pass through this process.
+// Every wait is bounded by `ask.timeout`; errors name the node. Without TLS each attention
+// node is also connected directly to each expert node (node_host's peer_atom), so that A2E
+// and E2A do not pass through this process.
 result<cluster_session> connect_cluster(caf::actor_system& system, const cluster_config& cluster,
                                         const std::string& secret, const cluster_request& ask,
                                         bool tls = false);

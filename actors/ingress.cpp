@@ -77,7 +77,16 @@ caf::behavior ingress::make_behavior() {
     [this](token_event& event) {
       if (stats_)  // counted here: the shard's counters live in its own process
         stats_->count_tokens(1);
-      if (auto it = pinned_.find(event.request_id); it != pinned_.end() && it->second.sink)
+      auto it = pinned_.find(event.request_id);
+      if (it == pinned_.end())
+        return;
+      // The shard's delivery log stays in its own process: a replay on another node (its node
+      // lost) starts from what is recorded here.
+      if (event.token >= 0 && it->second.delivered) {
+        std::lock_guard<std::mutex> guard{it->second.delivered->mutex};
+        it->second.delivered->tokens.push_back(event.token);
+      }
+      if (it->second.sink)
         (*it->second.sink)(std::move(event));
     },
     [this](cancel_atom, std::uint64_t id) {

@@ -39,6 +39,21 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
       return "node " + name_ + ": one engine asked for two different models or placements";
     return {};
   }
+  stats_ = std::make_unique<runtime_stats>();
+  std::unique_ptr<runtime_context> ctx;
+  if (auto failure = load_context(source, total_expert_devices, ctx); !failure.empty()) {
+    stats_.reset();
+    return failure;
+  }
+  ctx_ = std::move(ctx);
+  loaded_key_ = std::move(key);
+  owner_ = owner;
+  monitor(owner_);
+  return {};
+}
+
+std::string node_host::load_context(const model_source& source, std::uint32_t total_expert_devices,
+                                    std::unique_ptr<runtime_context>& out) {
   auto ctx = std::make_unique<runtime_context>();
   if (!source.model_dir.empty()) {
     // Only this node's part: its experts (expert e lives on device e mod eg), and the
@@ -65,15 +80,44 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
   if (total_expert_devices == 0 || total_expert_devices > std::uint32_t(ctx->config.num_experts))
     return "node " + name_ + ": " + std::to_string(total_expert_devices) + " expert devices for " +
            std::to_string(ctx->config.num_experts) + " experts";
-  stats_ = std::make_unique<runtime_stats>();
   ctx->num_expert_devices = total_expert_devices;
   ctx->stats = stats_.get();
   ctx->link = link_.get();
-  ctx_ = std::move(ctx);
-  loaded_key_ = std::move(key);
-  owner_ = owner;
-  monitor(owner_);
+  out = std::move(ctx);
   return {};
+}
+
+std::string node_host::check_adopter(const caf::actor& owner) const {
+  if (!ctx_ || !owner_)
+    return "node " + name_ + " serves no engine: it cannot adopt a lost node's part";
+  if (owner != owner_)
+    return "node " + name_ + " already serves another engine";
+  return {};
+}
+
+std::vector<caf::actor> node_host::spawn_experts(const runtime_context* ctx, const host_experts& ask) {
+  std::vector<caf::actor> queues;
+  for (std::uint32_t d = ask.first_device; d < ask.first_device + ask.num_devices; ++d) {
+    auto& dev = devices_.emplace_back(
+        std::make_unique<device>(name_ + ": expert " + std::to_string(d), ask.threads_per_device, nullptr));
+    caf::actor queue = system().spawn<mu_queue>(ctx, d, ask.scheduler, dev->name());
+    hosted_.push_back(queue);
+    hosted_.push_back(system().spawn<expert>(ctx, d, dev.get(), queue));
+    queues.push_back(queue);
+  }
+  return queues;
+}
+
+std::vector<caf::actor> node_host::spawn_shards(const runtime_context* ctx, const host_shards& ask) {
+  std::vector<caf::actor> shards;
+  for (std::uint32_t a = ask.first_shard; a < ask.first_shard + ask.num_shards; ++a) {
+    auto& dev = devices_.emplace_back(
+        std::make_unique<device>(name_ + ": attention " + std::to_string(a), ask.threads_per_device, nullptr));
+    caf::actor shard = system().spawn<attention_shard>(ctx, a, dev.get(), ask.queues, ask.owner, ask.plan.plan);
+    hosted_.push_back(shard);
+    shards.push_back(shard);
+  }
+  return shards;
 }
 
 // Stops what this node hosts for its engine. Order matters: the actors stop first (so no one
@@ -94,6 +138,7 @@ void node_host::teardown() {
   if (owner_)
     demonitor(owner_);
   owner_ = nullptr;
+  adopted_ctx_.clear();
   ctx_.reset();
   stats_.reset();
   loaded_key_.clear();
@@ -110,30 +155,40 @@ caf::behavior node_host::make_behavior() {
         return caf::make_error(caf::sec::runtime_error, failure);
       if (ask.num_devices == 0 || ask.first_device + ask.num_devices > ask.total_expert_devices)
         return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": expert devices out of range");
-      std::vector<caf::actor> queues;
-      for (std::uint32_t d = ask.first_device; d < ask.first_device + ask.num_devices; ++d) {
-        auto& dev = devices_.emplace_back(
-            std::make_unique<device>(name_ + ": expert " + std::to_string(d), ask.threads_per_device, nullptr));
-        caf::actor queue = system().spawn<mu_queue>(ctx_.get(), d, ask.scheduler, dev->name());
-        hosted_.push_back(queue);
-        hosted_.push_back(system().spawn<expert>(ctx_.get(), d, dev.get(), queue));
-        queues.push_back(queue);
-      }
-      return queues;
+      return spawn_experts(ctx_.get(), ask);
     },
     [this](host_atom, host_shards& ask) -> caf::result<std::vector<caf::actor>> {
       if (auto failure = ensure_model(ask.model, ask.total_expert_devices, ask.owner); !failure.empty())
         return caf::make_error(caf::sec::runtime_error, failure);
       if (ask.num_shards == 0 || ask.queues.size() != ask.total_expert_devices)
         return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": shards need every expert queue");
-      std::vector<caf::actor> shards;
-      for (std::uint32_t a = ask.first_shard; a < ask.first_shard + ask.num_shards; ++a) {
-        auto& dev = devices_.emplace_back(
-            std::make_unique<device>(name_ + ": attention " + std::to_string(a), ask.threads_per_device, nullptr));
-        caf::actor shard = system().spawn<attention_shard>(ctx_.get(), a, dev.get(), ask.queues, ask.owner, ask.plan.plan);
-        hosted_.push_back(shard);
-        shards.push_back(shard);
-      }
+      return spawn_shards(ctx_.get(), ask);
+    },
+    // Recovery: one more part, which a lost node held, with weights of its own.
+    [this](adopt_atom, host_experts& ask) -> caf::result<std::vector<caf::actor>> {
+      if (auto failure = check_adopter(ask.owner); !failure.empty())
+        return caf::make_error(caf::sec::runtime_error, failure);
+      if (ask.num_devices == 0 || ask.first_device + ask.num_devices > ask.total_expert_devices)
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": expert devices out of range");
+      std::unique_ptr<runtime_context> ctx;
+      if (auto failure = load_context(ask.model, ask.total_expert_devices, ctx); !failure.empty())
+        return caf::make_error(caf::sec::runtime_error, failure);
+      ctx->faults = ctx_->faults;
+      auto queues = spawn_experts(ctx.get(), ask);
+      adopted_ctx_.push_back(std::move(ctx));
+      return queues;
+    },
+    [this](adopt_atom, host_shards& ask) -> caf::result<std::vector<caf::actor>> {
+      if (auto failure = check_adopter(ask.owner); !failure.empty())
+        return caf::make_error(caf::sec::runtime_error, failure);
+      if (ask.num_shards == 0 || ask.queues.size() != ask.total_expert_devices)
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": shards need every expert queue");
+      std::unique_ptr<runtime_context> ctx;
+      if (auto failure = load_context(ask.model, ask.total_expert_devices, ctx); !failure.empty())
+        return caf::make_error(caf::sec::runtime_error, failure);
+      ctx->faults = ctx_->faults;
+      auto shards = spawn_shards(ctx.get(), ask);
+      adopted_ctx_.push_back(std::move(ctx));
       return shards;
     },
     // Connect to another node so that messages to its actors go node to node.

@@ -9,6 +9,12 @@
 // The node watches the engine that asked: when it goes (shutdown, crash, lost connection)
 // the hosted actors are stopped and the devices torn down, and the node serves the next one.
 //
+// Recovery (the engine's cluster_supervisor, actors/node_supervisor.hpp): (adopt_atom,
+// host_experts) asks a node already serving the engine to host one more expert device that a
+// lost node held, (adopt_atom, host_shards) one more attention shard. The node loads that
+// part's weights from the checkpoint into a context of its own (its other devices keep
+// theirs) and answers with the new μ-queues or shards, as host_atom does.
+//
 // With a ucx transport the engine first sets up each node's tensor link: (link_atom,
 // transport, process index) → this node's UCX worker address, then (link_atom, peer node id,
 // peer address) for every other node.
@@ -53,6 +59,7 @@ struct peer_connection {
 // deadline; errors name the address. Supplied by the process (it owns CAF's network modules).
 using peer_connector = std::function<result<peer_connection>(const std::string& host, std::uint16_t port,
                                                              std::chrono::steady_clock::time_point deadline)>;
+using adopt_atom = caf::atom_constant<caf::atom("adopt")>;
 
 // Where a node finds the model: a checkpoint directory, or a synthetic model's config.json
 // text and weight seed (what EngineConfig::synthetic_config builds in one process).
@@ -123,11 +130,20 @@ public:
 private:
   // Loads the model once per engine; returns the error (naming the source) or "".
   std::string ensure_model(const model_source& source, std::uint32_t total_expert_devices, const caf::actor& owner);
+  // The part of the model `source` names, in a context of its own; an error text or "".
+  std::string load_context(const model_source& source, std::uint32_t total_expert_devices,
+                           std::unique_ptr<runtime_context>& out);
+  std::vector<caf::actor> spawn_experts(const runtime_context* ctx, const host_experts& ask);
+  std::vector<caf::actor> spawn_shards(const runtime_context* ctx, const host_shards& ask);
+  // An adoption is only for the engine this node already serves.
+  std::string check_adopter(const caf::actor& owner) const;
   void teardown();
 
   std::string name_;
   std::unique_ptr<runtime_stats> stats_;
   std::unique_ptr<runtime_context> ctx_;
+  // Parts adopted from lost nodes, each with its own weights (after devices_ in teardown).
+  std::vector<std::unique_ptr<runtime_context>> adopted_ctx_;
   std::string loaded_key_;  // what ctx_ was built from
   caf::actor owner_;
   std::vector<std::unique_ptr<device>> devices_;

@@ -7,9 +7,11 @@
 #include "actors/mu_queue.hpp"
 #include "actors/policy_actor.hpp"
 #include "actors/runtime.hpp"
+#include "actors/node_supervisor.hpp"
 #include "actors/supervisor.hpp"
 #include "engine/cluster.hpp"
 #include "model/weights.hpp"
+#include "policy/placement.hpp"
 
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
@@ -20,6 +22,9 @@
 #include <atomic>
 #include <map>
 #include <set>
+#include <thread>
+
+#include <sched.h>
 
 namespace moert {
 
@@ -126,11 +131,12 @@ struct Engine::impl {
   caf::actor ingress;
   caf::actor supervisor;  // one process only: re-creates dead shards, queues and experts
   std::vector<caf::actor> all_actors;
-  // Cluster mode: the gates to the nodes (they relay CAF's connections) and the watcher
-  // that ends every request when a node is lost. Empty in one process.
+  // Cluster mode: the gates to the nodes (they relay CAF's connections) and the node
+  // supervisor that re-places a lost node's part (actors/node_supervisor.hpp). Empty in one
+  // process.
   std::optional<cluster_session> cluster;
-  caf::actor cluster_watch;
-  std::shared_ptr<std::atomic<bool>> cluster_lost_node = std::make_shared<std::atomic<bool>>(false);
+  caf::actor node_supervisor;
+  std::shared_ptr<actors::cluster_health> cluster_health = std::make_shared<actors::cluster_health>();
 
   mutable std::mutex mutex;  // guards the members below, and `ingress` once created
   std::condition_variable idle;
@@ -142,6 +148,7 @@ struct Engine::impl {
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   // How requests ended, by FinishReason (index).
   std::array<std::atomic<std::uint64_t>, 5> finished{};
+  std::string placement_reason;  // from the testbed (resolve_placement), or empty
 };
 
 namespace {
@@ -198,46 +205,6 @@ TokenEvent to_public(actors::token_event&& e) {
 
 }  // namespace
 
-namespace {
-
-// Watches every node and every actor a node hosts for this engine; the first one lost (its
-// process died, or stopped answering heartbeats past the liveness timeout) ends every request
-// with an error naming the node. Recovery is the fault issue's; here nothing may hang.
-caf::actor spawn_cluster_watch(caf::actor_system& sys, const cluster_config& cluster, const cluster_session& session,
-                               caf::actor ingress, std::shared_ptr<std::atomic<bool>> lost_flag) {
-  std::vector<std::pair<caf::actor, std::string>> watched;
-  for (std::size_t i = 0; i < cluster.nodes.size(); ++i)
-    watched.emplace_back(session.nodes[i], cluster.nodes[i].name);
-  for (std::size_t d = 0; d < session.queues.size(); ++d)
-    watched.emplace_back(session.queues[d], cluster.nodes[cluster.node_of_expert_device(d)].name);
-  for (std::size_t a = 0; a < session.shards.size(); ++a)
-    watched.emplace_back(session.shards[a], cluster.nodes[cluster.node_of_shard(a)].name);
-  std::vector<caf::actor> nodes = session.nodes;
-  return sys.spawn([watched, ingress, nodes, lost_flag](caf::event_based_actor* self) -> caf::behavior {
-    std::map<caf::actor_addr, std::string> names;
-    for (const auto& [actor, name] : watched) {
-      names.emplace(actor.address(), name);
-      self->monitor(actor);
-    }
-    auto reported = std::make_shared<bool>(false);
-    self->set_down_handler([self, names, ingress, reported, nodes, lost_flag](const caf::down_msg& down) {
-      auto it = names.find(down.source);
-      if (it == names.end() || *reported)
-        return;
-      *reported = true;
-      lost_flag->store(true);
-      std::string reason = "node " + it->second + " was lost (" + self->system().render(down.reason) + ")";
-      caf::anon_send(ingress, actors::node_lost_atom::value, reason);
-      // The surviving nodes cancel their UCX transfers with the lost one.
-      for (const auto& node : nodes)
-        if (node.node() != down.source.node())
-          caf::anon_send(node, actors::node_lost_atom::value, down.source.node(), reason);
-    });
-    return {[](caf::exit_msg&) {}};
-  });
-}
-
-}  // namespace
 
 Engine::Engine(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
 
@@ -301,6 +268,10 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->ctx.config = *parsed;
     weights = model::synthetic_weights(*parsed, config.weight_seed);
   }
+  auto placed = resolve_placement(config, state->ctx.config);
+  if (!placed)
+    return placed.err();
+  state->placement_reason = std::move(*placed);
   if (config.expert_devices > std::size_t(state->ctx.config.num_experts))
     return invalid("expert_devices (" + std::to_string(config.expert_devices) + ") exceeds the number of experts (" +
                    std::to_string(state->ctx.config.num_experts) + ")");
@@ -358,8 +329,6 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     }
     queues = session->queues;
     shards = session->shards;
-    state->cluster_watch = spawn_cluster_watch(sys, *config.cluster, *session, state->ingress, state->cluster_lost_node);
-    state->all_actors.push_back(state->cluster_watch);
     state->cluster = std::move(*session);
   }
   for (std::size_t d = 0; !config.cluster && d < config.expert_devices; ++d) {
@@ -401,6 +370,29 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   for (const auto& shard : shards)
     caf::anon_send(shard, actors::policy_atom::value, policy);
   caf::anon_send(state->ingress, shards);
+  if (config.cluster) {
+    actors::cluster_placement placement;
+    for (std::size_t i = 0; i < config.cluster->nodes.size(); ++i) {
+      const cluster_node& node = config.cluster->nodes[i];
+      placement.nodes.push_back({state->cluster->nodes[i], node.name, node.attention_devices > 0,
+                                 node.expert_devices > 0, {}});
+    }
+    placement.queues = queues;
+    placement.shards = shards;
+    for (std::size_t d = 0; d < queues.size(); ++d)
+      placement.queue_node.push_back(config.cluster->node_of_expert_device(d));
+    for (std::size_t a = 0; a < shards.size(); ++a)
+      placement.shard_node.push_back(config.cluster->node_of_shard(a));
+    placement.ingress = state->ingress;
+    placement.policy = policy;
+    placement.model = {config.model_dir, config.synthetic_config, config.weight_seed};
+    placement.threads_per_device = std::uint32_t(config.threads_per_device);
+    placement.scheduler = scheduler;
+    placement.plan = {config.plan};
+    placement.adopt_timeout = config.cluster_timeout;
+    state->node_supervisor = sys.spawn<actors::node_supervisor>(std::move(placement), state->cluster_health);
+    state->all_actors.push_back(state->node_supervisor);
+  }
   if (!config.cluster) {  // a cluster's nodes are watched by the cluster watch instead
     actors::supervised_set children{shards, queues, experts, attention_devs, expert_devs,
                                     state->ingress, policy, config.plan, scheduler};
@@ -551,14 +543,15 @@ void Engine::shutdown() {
     impl_->idle.wait(lock, [this] { return impl_->live_ids.empty(); });
     impl_->stopped = true;
   }
-  if (impl_->cluster && !impl_->cluster_lost_node->load()) {
+  if (impl_->cluster) {
     // Wait (bounded) until each node has torn down this engine's part, so the next engine
-    // finds the nodes free. After a loss nobody waits on a dead node: the survivors free
-    // themselves when they see this engine go.
+    // finds the nodes free. Nobody waits on a lost node: should it come back, it frees itself
+    // when it sees this engine go.
     caf::scoped_actor self{*impl_->system};
-    for (const auto& node : impl_->cluster->nodes)
-      self->request(node, std::chrono::seconds{5}, actors::release_atom::value)
-          .receive([](caf::atom_value) {}, [](caf::error&) {});
+    for (std::size_t i = 0; i < impl_->cluster->nodes.size(); ++i)
+      if (!impl_->cluster_health->node_lost(i))
+        self->request(impl_->cluster->nodes[i], std::chrono::seconds{5}, actors::release_atom::value)
+            .receive([](caf::atom_value) {}, [](caf::error&) {});
   }
   for (auto& actor : impl_->all_actors)
     caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
@@ -618,6 +611,38 @@ policy::model_shape Engine::shape_of(const model::model_config& c) {
   s.vocab = std::size_t(c.vocab_size);
   s.dtype_bytes = 4;  // compute and KV cache are f32
   return s;
+}
+
+result<std::string> Engine::resolve_placement(EngineConfig& config, const model::model_config& model) {
+  if (!config.placement_testbed || config.cluster)
+    return std::string{};
+  // The cores this process may run on (taskset, cgroup cpusets), not the machine's.
+  std::size_t cores = config.placement_cores;
+  cpu_set_t allowed;
+  if (cores == 0 && sched_getaffinity(0, sizeof allowed, &allowed) == 0)
+    cores = std::size_t(CPU_COUNT(&allowed));
+  if (cores == 0)
+    cores = std::max<std::size_t>(1, std::thread::hardware_concurrency());
+  auto choice = policy::choose_placement(shape_of(model), *config.placement_testbed, cores);
+  if (!choice)
+    return choice.err();
+  const policy::placement_candidate& c = choice->chosen;
+  config.single_device = c.colocated;
+  config.attention_devices = c.ag;
+  config.expert_devices = std::min(c.eg, std::size_t(std::max<std::int64_t>(1, model.num_experts)));
+  config.threads_per_device = c.threads_per_device;
+  if (!c.colocated)
+    config.plan = c.plan;
+  return choice->reason;
+}
+
+std::string Engine::placement() const {
+  const EngineConfig& c = impl_->config;
+  std::string text = c.single_device
+                         ? "1 device (attention and experts), " + std::to_string(c.threads_per_device) + " threads"
+                         : std::to_string(c.attention_devices) + " attention + " + std::to_string(c.expert_devices) +
+                               " expert devices, " + std::to_string(c.threads_per_device) + " threads each";
+  return impl_->placement_reason.empty() ? text : text + "; " + impl_->placement_reason;
 }
 
 const model::model_config& Engine::model_config() const {
@@ -692,8 +717,10 @@ EngineReport Engine::report() const {
     for (const auto& gate : impl_->cluster->gates)
       out.cluster_caf_bytes += gate->counters().bytes_from_network + gate->counters().bytes_to_network;
     caf::scoped_actor self{*impl_->system};
-    for (const auto& node : impl_->cluster->nodes)
-      self->request(node, std::chrono::seconds{2}, caf::get_atom::value)
+    for (std::size_t i = 0; i < impl_->cluster->nodes.size(); ++i) {
+      if (impl_->cluster_health->node_lost(i))
+        continue;
+      self->request(impl_->cluster->nodes[i], std::chrono::seconds{2}, caf::get_atom::value)
           .receive(
               [&](const std::string& shipped) {
                 std::uint64_t bytes = 0, messages = 0;
@@ -703,6 +730,14 @@ EngineReport Engine::report() const {
                 }
               },
               [](caf::error&) {});
+    }
+    std::lock_guard<std::mutex> guard{impl_->cluster_health->mutex};
+    for (std::size_t i = 0; i < impl_->cluster_health->lost.size(); ++i)
+      if (impl_->cluster_health->lost[i])
+        out.lost_nodes.push_back(impl_->config.cluster->nodes[i].name);
+    out.cluster_recovery_failed = impl_->cluster_health->failed;
+    for (const auto& r : impl_->cluster_health->recoveries)
+      out.node_recoveries.push_back({r.node, r.what, r.noticed, r.recovery_ms});
   }
   return out;
 }

@@ -71,13 +71,21 @@ void expert::run(expert_batch& batch, caf::actor queue) {
                                                std::to_string(global) + " for device " + std::to_string(dev_idx) +
                                                (dev ? "" : ", which this process does not have")));
   dev->post("expert L" + std::to_string(batch.layer) + " E" + std::to_string(global) + " x" + std::to_string(num_rows),
-            [this, self, global, dev_idx, queue = std::move(queue), batch = std::move(batch)](gpu::backend& backend) {
+            [this, self, global, dev, dev_idx, queue = std::move(queue), batch = std::move(batch)](gpu::backend& backend) {
                   std::size_t hidden = std::size_t(ctx_->config.hidden_size);
                   std::size_t n = batch.items.size();
                   std::vector<float> in(n * hidden), out(n * hidden);
                   for (std::size_t r = 0; r < n; ++r)  // the re-batching gather
                     std::copy_n(batch.items[r].rows->row(batch.items[r].row), hidden, in.data() + r * hidden);
-                  model::expert_step(*ctx_->weights, batch.layer, global, in.data(), n, out.data(), backend);
+                  const model::model_weights& w = dev->weights() ? *dev->weights() : *ctx_->weights;
+                  if (gpu::holds_host_memory(backend)) {
+                    model::expert_step(w, batch.layer, global, in.data(), n, out.data(), backend);
+                  } else {  // A2E rows arrive and E2A rows leave in host memory (UCX 1.13 has no CUDA path)
+                    gpu::buffer in_dev = backend.upload_floats(in);
+                    gpu::buffer out_dev = backend.allocate(out.size() * sizeof(float));
+                    model::expert_step(w, batch.layer, global, in_dev.floats(), n, out_dev.floats(), backend);
+                    backend.download(out.data(), out_dev.floats(), out.size() * sizeof(float));
+                  }
                   auto weighted = std::make_shared<row_block>();
                   weighted->row_floats = hidden;
                   weighted->data.resize(n * hidden);

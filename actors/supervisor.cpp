@@ -165,6 +165,10 @@ void supervisor::restart(child who, const std::string& why) {
 }
 
 bool supervisor::replace_device(std::size_t device, const std::string& why) {
+  if (!ctx_->placement) {
+    escalate(why + "; its experts cannot be re-placed: each expert device holds only its own experts' weights");
+    return false;
+  }
   lost_[device] = true;
   std::vector<std::size_t> load(set_.queues.size(), 0);
   std::string lost;
@@ -213,7 +217,8 @@ std::string supervisor::move(std::uint32_t expert, std::uint32_t device) {
   if (stopping_)
     return "move_expert: supervision gave up (" + escalation_ + ")";
   if (!ctx_->placement)
-    return "move_expert: this engine's placement is fixed";
+    return "move_expert: each expert device holds only its own experts' weights (per_device_weights or a device "
+           "backend): moving one would need loading its weights there, which is not built";
   if (expert >= set_.experts.size())
     return "move_expert: expert " + std::to_string(expert) + " is out of range (the model has " +
            std::to_string(set_.experts.size()) + " routed experts)";

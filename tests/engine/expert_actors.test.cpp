@@ -267,6 +267,14 @@ TEST_CASE("move_expert names a bad expert or device") {
   CHECK(r.engine->expert_placement() == std::vector<std::size_t>{1, 1, 0, 1, 0, 1, 0, 1});
   r.engine->shutdown();
   CHECK_FALSE(r.engine->move_expert(0, 0).ok());
+
+  EngineConfig own_weights = config_of(2);
+  own_weights.per_device_weights = true;  // each expert device holds only its experts
+  run p{own_weights};
+  auto refused = p.engine->move_expert(0, 1);
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.err().message.find("holds only its own experts' weights") != std::string::npos);
+  p.engine->shutdown();
 }
 
 TEST_CASE("every expert actor of a device dies past the restart intensity: re-placed, outputs bit-identical",

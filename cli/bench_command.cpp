@@ -388,11 +388,21 @@ int run_model_bench(const bench_options& o) {
               "sequences = %zu new tokens after a %zu-token prompt each, tokens/s once every sequence has its first "
               "token; median (min-max) of %zu runs, modes interleaved\n",
               o.pp_tokens, o.pp_tokens, o.tg_batch, o.tg_tokens, o.tg_prompt, o.reps);
-  std::printf("# engine default: %zu attention + %zu expert devices, %zu threads each, plan r1 %zu r2 %zu %s, "
+  // What Engine::create will choose, to print it (create resolves it again, the same way).
+  EngineConfig resolved = engine_config;
+  auto placed = Engine::resolve_placement(resolved, config);
+  if (!placed) {
+    std::fprintf(stderr, "moert: error: %s\n", placed.err().what().c_str());
+    return 1;
+  }
+  std::printf("# engine default: %s%zu attention + %zu expert devices, %zu threads each, plan r1 %zu r2 %zu %s, "
               "scheduler %s; reference forward: %zu threads\n",
-              engine_config.attention_devices, engine_config.expert_devices, engine_config.threads_per_device,
-              engine_config.plan.r1, engine_config.plan.r2, std::string{policy::to_string(engine_config.plan.order)}.c_str(),
-              std::string{to_string(engine_config.scheduler)}.c_str(), o.reference_threads);
+              resolved.single_device ? "one device (attention and experts) = " : "", resolved.attention_devices,
+              resolved.expert_devices, resolved.threads_per_device, resolved.plan.r1, resolved.plan.r2,
+              std::string{policy::to_string(resolved.plan.order)}.c_str(),
+              std::string{to_string(resolved.scheduler)}.c_str(), o.reference_threads);
+  if (!placed->empty())
+    std::printf("# placement: %s\n", placed->c_str());
   std::printf("# reproduce: moert bench --model %s --reps %zu --pp %zu --tg %zu --tg-batch %zu --tg-prompt %zu "
               "--reference-threads %zu\n",
               o.model_dir.c_str(), o.reps, o.pp_tokens, o.tg_tokens, o.tg_batch, o.tg_prompt, o.reference_threads);

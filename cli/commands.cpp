@@ -125,7 +125,7 @@ int run_generate_reference(const generate_options& opt) {
   auto backend = reference_backend(opt.engine);
   if (!backend)
     return fail(backend.err());
-  auto loaded = load_model(opt.model_dir, opt.weight_seed, opt.engine.threads, *backend);
+  auto loaded = load_model(opt.model_dir, opt.weight_seed, reference_threads(opt.engine), *backend);
   if (!loaded)
     return fail(loaded.err());
   model::reference_model& m = *loaded->model;
@@ -205,10 +205,11 @@ int run_generate(const generate_options& opt) {
   std::printf("model: %s\n       %s\n",
               opt.model_dir.empty() ? "embedded default (configs/models/default-moe.json)" : opt.model_dir.c_str(),
               describe(c).c_str());
-  std::printf("engine: %s, %zu threads each; plan r1 %zu, r2 %zu, %s; "
+  std::printf("engine: %s; plan r1 %zu, r2 %zu, %s; "
               "scheduler %s; %s\n",
-              placement_text(opt.engine).c_str(), opt.engine.threads, opt.engine.r1, opt.engine.r2, opt.engine.order.c_str(),
-              opt.engine.scheduler.c_str(), sampling_text(opt).c_str());
+              opt.engine.cluster_file.empty() ? (*engine)->placement().c_str() : placement_text(opt.engine).c_str(),
+              opt.engine.r1, opt.engine.r2, opt.engine.order.c_str(), opt.engine.scheduler.c_str(),
+              sampling_text(opt).c_str());
   print_generated(*prompts, out);
   std::printf("throughput: %zu prompt + %zu generated tokens in %.4f s (%.1f generated tokens/s, batch %zu)\n",
               prompt_tokens, generated, seconds, double(generated) / std::max(seconds, 1e-9), prompts->size());
@@ -241,7 +242,7 @@ result<std::vector<eval_result>> eval_reference(const eval_options& opt, std::st
   auto backend = reference_backend(opt.engine);
   if (!backend)
     return backend.err();
-  auto loaded = load_model(opt.model_dir, 1, opt.engine.threads, *backend);
+  auto loaded = load_model(opt.model_dir, 1, reference_threads(opt.engine), *backend);
   if (!loaded)
     return loaded.err();
   model::reference_model& m = *loaded->model;
@@ -285,7 +286,8 @@ result<std::vector<eval_result>> eval_engine(const eval_options& opt, std::strin
   auto engine = Engine::create(std::move(config.value()));
   if (!engine)
     return engine.err();
-  model_text = "checkpoint " + opt.model_dir + " (engine: " + placement_text(opt.engine) + ")";
+  model_text = "checkpoint " + opt.model_dir + " (engine: " +
+               (opt.engine.cluster_file.empty() ? (*engine)->placement() : placement_text(opt.engine)) + ")";
   std::size_t vocab = std::size_t((*engine)->model_config().vocab_size);
   auto prompts = load_prompts(opt.prompts_file, (*engine)->model_config().vocab_size);
   if (!prompts)

@@ -15,9 +15,9 @@ namespace moert::cli {
 
 void add_engine_options(CLI::App& app, engine_options& opt) {
   app.add_option("--backend", opt.backend, "Compute backend of every device: cpu or cuda (needs a CUDA build and a GPU)");
-  app.add_option("--ag", opt.ag, "Attention devices (shards)")->check(CLI::Range(1, 256));
+  app.add_option("--ag", opt.ag, "Attention devices (shards); without --ag, --eg and --threads the placement comes from the calibrated cpu testbed")->check(CLI::Range(1, 256));
   app.add_option("--eg", opt.eg, "Expert devices")->check(CLI::Range(1, 256));
-  app.add_option("--threads", opt.threads, "Compute threads per device")->check(CLI::Range(1, 256));
+  app.add_option("--threads", opt.threads, "Compute threads per device (with --reference: of the forward, default 1)")->check(CLI::Range(1, 256));
   app.add_option("--r1", opt.r1, "Micro-batches per step")->check(CLI::Range(1, 1024));
   app.add_option("--m-a", opt.m_a, "Sequences per micro-batch (0: batch / r1)");
   app.add_option("--r2", opt.r2, "A2E chunks per micro-batch")->check(CLI::Range(1, 1024));
@@ -64,9 +64,19 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
   if (model_dir.empty())
     config.synthetic_config = default_model_json();
   config.weight_seed = weight_seed;
-  config.attention_devices = opt.ag;
-  config.expert_devices = opt.eg;
-  config.threads_per_device = opt.threads;
+  config.attention_devices = std::max<std::size_t>(1, opt.ag);
+  config.expert_devices = std::max<std::size_t>(1, opt.eg);
+  config.threads_per_device = std::max<std::size_t>(1, opt.threads);
+  if (opt.ag == 0 && opt.eg == 0 && opt.threads == 0 && opt.cluster_file.empty() && opt.faults_file.empty()) {
+    // No placement asked for: the one the solver predicts fastest on this machine. (A fault
+    // plan names attention and expert devices: it keeps 1 + 1 unless placed.)
+    auto bed = load_testbed("cpu");
+    if (bed)
+      config.placement_testbed = *bed;
+    else
+      std::fprintf(stderr, "moert: warning: no calibrated cpu testbed (%s): the engine runs on 1 attention + 1 "
+                   "expert device\n", bed.err().what().c_str());
+  }
   auto backend = parse_backend(opt.backend);
   if (!backend)
     return backend.err();
@@ -119,8 +129,12 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
   return config;
 }
 
+std::size_t reference_threads(const engine_options& opt) {
+  return std::max<std::size_t>(1, opt.threads);
+}
+
 std::string placement_text(const engine_options& opt) {
-  std::size_t ag = opt.ag, eg = opt.eg;
+  std::size_t ag = std::max<std::size_t>(1, opt.ag), eg = std::max<std::size_t>(1, opt.eg);
   std::string where;
   if (!opt.cluster_file.empty()) {
     auto cluster = load_cluster_config(opt.cluster_file);

@@ -12,9 +12,13 @@
 namespace moert::cli {
 
 struct engine_options {
-  std::size_t ag = 1;
-  std::size_t eg = 1;
-  std::size_t threads = 1;  // per device
+  // 0: not given. With none of the three given (and no cluster) the engine's placement comes
+  // from the calibrated cpu testbed (EngineConfig::placement_testbed; not with --faults, whose
+  // plan names attention and expert devices); with any of them given,
+  // exactly that placement, 1 for the others.
+  std::size_t ag = 0;
+  std::size_t eg = 0;
+  std::size_t threads = 0;  // per device; with --reference: the forward's threads (default 1)
   std::string backend = "cpu";  // cpu or cuda (EngineConfig::backend)
   std::size_t r1 = 1;
   std::size_t m_a = 0;
@@ -40,6 +44,9 @@ result<gpu::backend_kind> parse_backend(const std::string& name);
 // With --reference: the backend the bare forward runs on, or the error naming why it cannot
 // run here.
 result<gpu::backend_kind> reference_backend(const engine_options& opt);
+
+// --threads, or 1 when not given: the reference forward's threads.
+std::size_t reference_threads(const engine_options& opt);
 
 // Fills placement, plan and scheduler of `config` from the options.
 result<EngineConfig> make_engine_config(const engine_options& opt, const std::string& model_dir,

@@ -517,6 +517,7 @@ int run_calibrate(const calibrate_options& opt) {
                 "loopback transport). device_memory_gib is the host's physical memory.",
                 opt.threads, cpu::matmul_kernel_name(), opt.warmup, opt.trials, seconds_since(started));
   bed.notes = notes;
+  bed.threads = opt.threads;
   if (!opt.out.empty()) {
     auto written = write_text(opt.out, policy::to_json(bed));
     if (!written)

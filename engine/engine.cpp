@@ -11,6 +11,7 @@
 #include "actors/supervisor.hpp"
 #include "engine/cluster.hpp"
 #include "model/weights.hpp"
+#include "policy/placement.hpp"
 
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
@@ -21,6 +22,9 @@
 #include <atomic>
 #include <map>
 #include <set>
+#include <thread>
+
+#include <sched.h>
 
 namespace moert {
 
@@ -144,6 +148,7 @@ struct Engine::impl {
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   // How requests ended, by FinishReason (index).
   std::array<std::atomic<std::uint64_t>, 5> finished{};
+  std::string placement_reason;  // from the testbed (resolve_placement), or empty
 };
 
 namespace {
@@ -263,6 +268,10 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->ctx.config = *parsed;
     weights = model::synthetic_weights(*parsed, config.weight_seed);
   }
+  auto placed = resolve_placement(config, state->ctx.config);
+  if (!placed)
+    return placed.err();
+  state->placement_reason = std::move(*placed);
   if (config.expert_devices > std::size_t(state->ctx.config.num_experts))
     return invalid("expert_devices (" + std::to_string(config.expert_devices) + ") exceeds the number of experts (" +
                    std::to_string(state->ctx.config.num_experts) + ")");
@@ -294,6 +303,12 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   }
 
   state->system_config.set("scheduler.max-threads", config.actor_threads);
+  // Device threads post completions from outside CAF's workers. Under work stealing such a
+  // message lands in one worker's queue, and an idle worker polls it only every 10 ms
+  // (relaxed-sleep-duration): measured, 2-3 ms of idle device between every attention and
+  // expert task of a decode step. The sharing policy's workers wait on a condition variable
+  // that the enqueue signals; its few µs more per local message do not count here.
+  state->system_config.set("scheduler.policy", caf::atom("sharing"));
   state->system_config.set("logger.verbosity", caf::atom("quiet"));
   if (config.cluster)
     configure_for_cluster(state->system_config, config.cluster->heartbeat, config.cluster->liveness_timeout,
@@ -617,6 +632,38 @@ policy::model_shape Engine::shape_of(const model::model_config& c) {
   s.vocab = std::size_t(c.vocab_size);
   s.dtype_bytes = 4;  // compute and KV cache are f32
   return s;
+}
+
+result<std::string> Engine::resolve_placement(EngineConfig& config, const model::model_config& model) {
+  if (!config.placement_testbed || config.cluster)
+    return std::string{};
+  // The cores this process may run on (taskset, cgroup cpusets), not the machine's.
+  std::size_t cores = config.placement_cores;
+  cpu_set_t allowed;
+  if (cores == 0 && sched_getaffinity(0, sizeof allowed, &allowed) == 0)
+    cores = std::size_t(CPU_COUNT(&allowed));
+  if (cores == 0)
+    cores = std::max<std::size_t>(1, std::thread::hardware_concurrency());
+  auto choice = policy::choose_placement(shape_of(model), *config.placement_testbed, cores);
+  if (!choice)
+    return choice.err();
+  const policy::placement_candidate& c = choice->chosen;
+  config.single_device = c.colocated;
+  config.attention_devices = c.ag;
+  config.expert_devices = std::min(c.eg, std::size_t(std::max<std::int64_t>(1, model.num_experts)));
+  config.threads_per_device = c.threads_per_device;
+  if (!c.colocated)
+    config.plan = c.plan;
+  return choice->reason;
+}
+
+std::string Engine::placement() const {
+  const EngineConfig& c = impl_->config;
+  std::string text = c.single_device
+                         ? "1 device (attention and experts), " + std::to_string(c.threads_per_device) + " threads"
+                         : std::to_string(c.attention_devices) + " attention + " + std::to_string(c.expert_devices) +
+                               " expert devices, " + std::to_string(c.threads_per_device) + " threads each";
+  return impl_->placement_reason.empty() ? text : text + "; " + impl_->placement_reason;
 }
 
 const model::model_config& Engine::model_config() const {

@@ -62,6 +62,9 @@ struct testbed {
   std::optional<linear_fit> shared_expert;
   std::vector<comm_fit> comm;               // per (ag, eg) pair
   std::optional<linear_fit> comm_default;   // for pairs not in `comm`; assumed, not fitted
+  // Threads per task the lines were measured with (`moert calibrate --threads`): placement.hpp
+  // scales compute to devices of other widths from it. 1 when the file does not say.
+  std::size_t threads = 1;
   double device_memory_bytes = 0.0;         // per device
   double reserved_bytes = 0.0;              // runtime, allocator and workspace headroom per device
   std::optional<expert_gemm_crossover> expert_gemm;  // GPU testbeds only

@@ -228,8 +228,8 @@ std::string to_json(const model_shape& s) {
 result<testbed> parse_testbed(std::string_view json_text, const std::string& source) {
   MOERT_GET(doc, parse_object(json_text, source));
   reader r{doc, source, ""};
-  MOERT_TRY(r.only({"name", "notes", "source", "units", "device_memory_gib", "reserved_gib", "gemm",
-                    "attention", "shared_expert", "comm", "comm_default", "expert_gemm"}));
+  MOERT_TRY(r.only({"name", "notes", "source", "units", "device_memory_gib", "reserved_gib", "threads",
+                    "gemm", "attention", "shared_expert", "comm", "comm_default", "expert_gemm"}));
   testbed bed;
   MOERT_GET(name, r.text("name"));
   MOERT_GET(notes, r.text("notes", std::string{}));
@@ -243,6 +243,12 @@ result<testbed> parse_testbed(std::string_view json_text, const std::string& sou
     return r.fail("reserved_gib", "must be in [0, device_memory_gib)");
   bed.device_memory_bytes = memory * gib;
   bed.reserved_bytes = reserved * gib;
+  if (r.find("threads")) {
+    MOERT_GET(threads, r.count("threads"));
+    if (threads == 0)
+      return r.fail("threads", "must be positive");
+    bed.threads = threads;
+  }
   MOERT_GET(gemm, parse_fit(r, "gemm"));
   MOERT_GET(attention, parse_fit(r, "attention"));
   bed.gemm = gemm;
@@ -302,6 +308,7 @@ std::string to_json(const testbed& bed) {
                         "one of its three GEMMs) or ms per byte (comm: x = bytes per expert-group device)"},
               {"device_memory_gib", bed.device_memory_bytes / gib},
               {"reserved_gib", bed.reserved_bytes / gib},
+              {"threads", bed.threads},
               {"gemm", fit_json(bed.gemm)},
               {"attention", fit_json(bed.attention)}};
   if (bed.shared_expert)

@@ -72,6 +72,18 @@ TEST_CASE("generate runs the embedded default through the engine, same tokens as
   CHECK_FALSE(generated_lines(r.out).empty());
 }
 
+TEST_CASE("generate without placement flags runs the testbed's placement, same tokens as the reference") {
+  auto r = run("generate --batch 3 --max-new-tokens 4");
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  // The calibrated cpu testbed's choice, and why (policy/placement.hpp).
+  CHECK(r.out.find("predicted at batch 16 from testbed cpu") != std::string::npos);
+  auto reference = run("generate --batch 3 --max-new-tokens 4 --reference");
+  REQUIRE(reference.exit_code == 0);
+  CHECK(generated_lines(reference.out) == generated_lines(r.out));
+  CHECK_FALSE(generated_lines(r.out).empty());
+}
+
 TEST_CASE("generate --trace writes a Chrome trace with a track per device") {
   fs::path trace = scratch_dir() / "trace.json";
   auto r = run("generate --batch 1 --max-new-tokens 2 --eg 2 --trace " + trace.string());

@@ -276,10 +276,19 @@ TEST_CASE("a workload whose shape changes re-solves the plan online; tokens stay
       CHECK(*tokens == (*expected)[i]);
     }
   };
+  // The policy actor counts a re-solve when it reads a shard's shape report, which may come
+  // after the wave's last token: wait for it (bounded) instead of racing it.
+  auto replans_reaching = [&](std::uint64_t wanted) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds{5};
+    while ((*engine)->report().replans < wanted && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds{5});
+    return (*engine)->report().replans;
+  };
   run_wave(2, 4, 1);       // small batch, short context: the first plan
-  auto after_first = (*engine)->report().replans;
+  auto after_first = replans_reaching(1);
   CHECK(after_first >= 1);
   run_wave(48, 60, 100);   // 24× the batch, 15× the context: a new plan
+  replans_reaching(after_first + 1);
   auto report = (*engine)->report();
   CHECK(report.replans > after_first);
   CHECK(report.last_solve_micros > 0);

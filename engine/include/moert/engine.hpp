@@ -120,6 +120,14 @@ struct EngineConfig {
   // its overhead with the bare forward.
   bool single_device = false;
   policy::execution_plan plan;
+  // The placement from the machine (policy/placement.hpp, issue [P] part 3): with a testbed
+  // here, Engine::create replaces attention_devices, expert_devices, threads_per_device,
+  // single_device (and, for a disaggregated choice, the plan's r1, r2 and order) by the best
+  // predicted placement of placement_cores cores (0: this machine's). On a small CPU machine
+  // that is one device with every core running attention and experts in turn. Ignored with a
+  // cluster. What was chosen, and why: Engine::placement().
+  std::optional<policy::testbed> placement_testbed;
+  std::size_t placement_cores = 0;
   // Online FinDEP: with a testbed, the policy actor re-solves the plan whenever the observed
   // batch or context length leaves the replan band (`plan` is then only the starting plan).
   std::optional<policy::testbed> online_testbed;
@@ -288,6 +296,12 @@ public:
   EngineLoad load() const;
   // The FinDEP view of the model: the shapes the cost and memory models use.
   static policy::model_shape shape_of(const model::model_config& config);
+  // Applies config.placement_testbed to `config` (see there) for this model; returns what was
+  // chosen and why, or "" when it has no testbed (or a cluster). Engine::create calls it.
+  static result<std::string> resolve_placement(EngineConfig& config, const model::model_config& model);
+  // "2 attention + 1 expert devices, 1 thread each" or "1 device (attention and experts), 2
+  // threads", with the placement choice's reason when it came from the testbed.
+  std::string placement() const;
   EngineReport report() const;
   // Chrome/Perfetto trace JSON (empty unless EngineConfig::trace).
   std::string trace_json() const;

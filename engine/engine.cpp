@@ -279,6 +279,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->ctx.weights =
         config.weights ? config.weights : std::make_shared<const model::model_weights>(std::move(weights));
   state->ctx.num_expert_devices = config.expert_devices;
+  state->ctx.prefill_chunk_tokens = config.prefill_chunk_tokens;
   state->ctx.backend = config.backend;
   state->ctx.stats = &state->stats;
   state->ctx.trace = config.trace ? &state->trace : nullptr;

@@ -16,8 +16,8 @@ void register_node_message_types(caf::actor_system_config& config) {
   config.add_message_type<host_shards>("moert::host_shards");
 }
 
-node_host::node_host(caf::actor_config& cfg, std::string name)
-    : caf::event_based_actor(cfg), name_(std::move(name)) {}
+node_host::node_host(caf::actor_config& cfg, std::string name, peer_connector connector)
+    : caf::event_based_actor(cfg), name_(std::move(name)), connector_(std::move(connector)) {}
 
 node_host::~node_host() {
   teardown();
@@ -134,6 +134,7 @@ void node_host::teardown() {
   devices_.clear();
   hosted_.clear();
   link_.reset();  // after the devices: their last tasks may still ship rows
+  peers_.clear();  // after the actors that sent through them
   if (owner_)
     demonitor(owner_);
   owner_ = nullptr;
@@ -189,6 +190,22 @@ caf::behavior node_host::make_behavior() {
       auto shards = spawn_shards(ctx.get(), ask);
       adopted_ctx_.push_back(std::move(ctx));
       return shards;
+    },
+    // Connect to another node so that messages to its actors go node to node.
+    [this](peer_atom, const std::string& host, std::uint16_t port, const std::string& peer_name,
+           std::uint32_t timeout_ms) -> caf::result<caf::atom_value> {
+      if (!connector_)
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": cannot connect to other nodes");
+      std::string key = host + ":" + std::to_string(port);
+      if (peers_.count(key))
+        return caf::atom("ok");
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds{timeout_ms};
+      auto connected = connector_(host, port, deadline);
+      if (!connected.ok())
+        return caf::make_error(caf::sec::runtime_error,
+                               "node " + name_ + " cannot reach node " + peer_name + ": " + connected.err().message);
+      peers_.emplace(key, std::move(*connected));
+      return caf::atom("ok");
     },
     [this](release_atom) {
       teardown();

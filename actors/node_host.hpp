@@ -19,7 +19,14 @@
 // transport, process index) → this node's UCX worker address, then (link_atom, peer node id,
 // peer address) for every other node.
 //
-// Runs detached (its own thread): loading a checkpoint blocks only this actor.
+// Direct connections: the engine asks each attention node to connect to each expert node
+// (peer_atom, host, port, name), through the same authenticated gate (or TLS) the engine's
+// own connection uses, so that A2E and E2A messages go node to node. Without them CAF 0.17
+// routes a node-to-node message through the engine's process (it learnt the handles there):
+// two gates and one more process per hop. CAF sends to an actor by its node's direct route
+// once one exists, whichever connection brought the handle.
+//
+// Runs detached (its own thread): loading a checkpoint or connecting blocks only this actor.
 
 #include "actors/device.hpp"
 #include "actors/protocol.hpp"
@@ -28,6 +35,9 @@
 
 #include <caf/all.hpp>
 
+#include <chrono>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,6 +46,19 @@ namespace moert::actors {
 
 using host_atom = caf::atom_constant<caf::atom("host")>;
 using release_atom = caf::atom_constant<caf::atom("release")>;
+using peer_atom = caf::atom_constant<caf::atom("peer")>;
+
+// A connection to another node's listener: its node_host, and what keeps the connection up
+// (an outbound gate) while it is held.
+struct peer_connection {
+  caf::actor node;
+  std::shared_ptr<void> keep;
+};
+// Connects to a node listening at host:port, authenticated as the engine's own connections
+// are (the shared secret through a gate, TLS, or plain loopback). Blocking, bounded by the
+// deadline; errors name the address. Supplied by the process (it owns CAF's network modules).
+using peer_connector = std::function<result<peer_connection>(const std::string& host, std::uint16_t port,
+                                                             std::chrono::steady_clock::time_point deadline)>;
 using adopt_atom = caf::atom_constant<caf::atom("adopt")>;
 
 // Where a node finds the model: a checkpoint directory, or a synthetic model's config.json
@@ -97,7 +120,8 @@ void register_node_message_types(caf::actor_system_config& config);
 class node_host : public caf::event_based_actor {
 public:
   // `name` labels the node's devices ("e0: expert 1").
-  node_host(caf::actor_config& cfg, std::string name);
+  // Without `connector` the node refuses peer_atom (no direct connections).
+  node_host(caf::actor_config& cfg, std::string name, peer_connector connector = {});
   ~node_host() override;
 
   caf::behavior make_behavior() override;
@@ -125,6 +149,9 @@ private:
   std::vector<std::unique_ptr<device>> devices_;
   std::vector<caf::actor> hosted_;
   std::unique_ptr<tensor_link> link_;  // ucx transports: this node's UCX data path
+  peer_connector connector_;
+  // Direct connections to other nodes, by "host:port": kept while the engine lives.
+  std::map<std::string, peer_connection> peers_;
 };
 
 }  // namespace moert::actors

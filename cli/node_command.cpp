@@ -67,7 +67,11 @@ int run_node(const node_options& options) {
                         std::chrono::milliseconds{options.liveness_timeout_ms}, options.tls);
   caf::actor_system system{config};
   std::string name = options.name.empty() ? options.listen : options.name;
-  auto host = system.spawn<actors::node_host, caf::detached>(name);
+  // The node connects to other nodes itself (node to node A2E/E2A), authenticated as the
+  // engine connects to it.
+  auto host = system.spawn<actors::node_host, caf::detached>(
+      name, make_peer_connector(system, secret, options.tls.enabled(),
+                                std::chrono::milliseconds{options.liveness_timeout_ms}));
 
   std::unique_ptr<transport::inbound_gate> gate;
   if (options.tls.enabled()) {

@@ -53,57 +53,81 @@ result<std::vector<caf::actor>> ask_node(caf::actor_system& system, const caf::a
 
 }  // namespace
 
+result<node_link> connect_node(caf::actor_system& system, const std::string& host, std::uint16_t port,
+                               const std::string& secret, bool tls, std::chrono::milliseconds liveness_timeout,
+                               std::chrono::steady_clock::time_point deadline) {
+  // CAF 0.17 can time a fresh connection out at its first heartbeat tick when the peer's
+  // BASP handshake has not arrived yet (the gate still authenticating, a TLS handshake, a
+  // loaded node), and a node started together with the caller may not listen yet (refused):
+  // those errors are retried while one more try (up to the liveness timeout) fits the
+  // deadline; any other is final.
+  auto retryable = [](const caf::error& error) {
+    return error == caf::sec::connection_timeout || error == caf::sec::cannot_connect_to_node;
+  };
+  auto connect = [&](auto attempt) {
+    auto remote = attempt();
+    while (!remote && retryable(remote.error()) && std::chrono::steady_clock::now() + liveness_timeout < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds{100});
+      remote = attempt();
+    }
+    return remote;
+  };
+  node_link link;
+  if (tls) {
+    auto remote = connect([&] { return caf::openssl::remote_actor(system, host, port); });
+    if (!remote)
+      return make_error(error_code::io_error, "cannot connect over TLS: " + system.render(remote.error()) +
+                                                  " (a certificate the CA did not sign, or the node is not running)");
+    link.node = *remote;
+    return link;
+  }
+  std::string caf_host = host;
+  std::uint16_t caf_port = port;
+  if (!secret.empty()) {
+    transport::gate_limits limits;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    limits.handshake_timeout = std::clamp(left, std::chrono::milliseconds{1}, std::chrono::milliseconds{5000});
+    auto gate = transport::outbound_gate::start(host, port, secret, limits);
+    if (!gate.ok())
+      return gate.err();
+    caf_host = "127.0.0.1";
+    caf_port = (*gate)->local_port();
+    link.gate = std::move(*gate);
+  } else if (!transport::is_loopback(host)) {
+    return make_error(error_code::invalid_argument, "a node beyond loopback needs the cluster secret (--secret-file)");
+  }
+  auto remote = connect([&] { return system.middleman().remote_actor(caf_host, caf_port); });
+  if (!remote)
+    return make_error(error_code::io_error, "cannot connect: " + system.render(remote.error()) +
+                                                (secret.empty() ? "" : " (wrong secret, or the node is not running)"));
+  link.node = *remote;
+  return link;
+}
+
+actors::peer_connector make_peer_connector(caf::actor_system& system, std::string secret, bool tls,
+                                           std::chrono::milliseconds liveness_timeout) {
+  return [&system, secret = std::move(secret), tls, liveness_timeout](
+             const std::string& host, std::uint16_t port,
+             std::chrono::steady_clock::time_point deadline) -> result<actors::peer_connection> {
+    auto link = connect_node(system, host, port, secret, tls, liveness_timeout, deadline);
+    if (!link.ok())
+      return link.err();
+    return actors::peer_connection{link->node, std::shared_ptr<transport::outbound_gate>(std::move(link->gate))};
+  };
+}
+
 result<cluster_session> connect_cluster(caf::actor_system& system, const cluster_config& cluster,
                                         const std::string& secret, const cluster_request& ask, bool tls) {
   cluster_session session;
   // One deadline for connecting to every node.
   auto deadline = std::chrono::steady_clock::now() + ask.timeout;
   for (const auto& node : cluster.nodes) {
-    std::string host = node.host;
-    std::uint16_t port = node.port;
-    // CAF 0.17 can time a fresh connection out at its first heartbeat tick when the peer's
-    // BASP handshake has not arrived yet (the gate still authenticating, a TLS handshake, a
-    // loaded node), and a node started together with the caller may not listen yet (refused):
-    // those errors are retried while one more try (up to the liveness timeout) fits the
-    // deadline; any other is final.
-    auto retryable = [](const caf::error& error) {
-      return error == caf::sec::connection_timeout || error == caf::sec::cannot_connect_to_node;
-    };
-    auto connect = [&](auto attempt) {
-      auto remote = attempt();
-      while (!remote && retryable(remote.error()) &&
-             std::chrono::steady_clock::now() + cluster.liveness_timeout < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds{100});
-        remote = attempt();
-      }
-      return remote;
-    };
-    if (tls) {
-      auto remote = connect([&] { return caf::openssl::remote_actor(system, host, port); });
-      if (!remote)
-        return node_error(node, "cannot connect over TLS: " + system.render(remote.error()) +
-                                    " (a certificate the CA did not sign, or the node is not running)");
-      session.nodes.push_back(*remote);
-      continue;
-    }
-    if (!secret.empty()) {
-      transport::gate_limits limits;
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      limits.handshake_timeout = std::clamp(left, std::chrono::milliseconds{1}, std::chrono::milliseconds{5000});
-      auto gate = transport::outbound_gate::start(node.host, node.port, secret, limits);
-      if (!gate.ok())
-        return node_error(node, gate.err().message);
-      host = "127.0.0.1";
-      port = (*gate)->local_port();
-      session.gates.push_back(std::move(*gate));
-    } else if (!transport::is_loopback(node.host)) {
-      return node_error(node, "a node beyond loopback needs the cluster secret (--secret-file)");
-    }
-    auto remote = connect([&] { return system.middleman().remote_actor(host, port); });
-    if (!remote)
-      return node_error(node, "cannot connect: " + system.render(remote.error()) +
-                                  (secret.empty() ? "" : " (wrong secret, or the node is not running)"));
-    session.nodes.push_back(*remote);
+    auto link = connect_node(system, node.host, node.port, secret, tls, cluster.liveness_timeout, deadline);
+    if (!link.ok())
+      return node_error(node, link.err().message);
+    session.nodes.push_back(link->node);
+    if (link->gate)
+      session.gates.push_back(std::move(link->gate));
   }
 
   if (cluster.transport != cluster_transport::caf) {
@@ -129,6 +153,28 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
         if (!linked.ok())
           return linked.err();
       }
+  }
+
+  // Node to node: each attention node connects to each expert node (A2E and E2A then skip
+  // this process). Not over TLS yet: a node's caf::openssl::remote_actor to another node did
+  // not answer within the bring-up timeout (tests/engine/cluster_tls), so TLS clusters still
+  // route node-to-node messages through this process.
+  for (std::size_t i = 0; i < cluster.nodes.size() && !tls; ++i) {
+    if (cluster.nodes[i].attention_devices == 0)
+      continue;
+    for (std::size_t j = 0; j < cluster.nodes.size(); ++j) {
+      const auto& peer = cluster.nodes[j];
+      if (i == j || peer.expert_devices == 0)
+        continue;
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      auto budget = std::uint32_t(std::clamp<std::int64_t>(left.count(), 1, std::int64_t{1} << 30));
+      auto linked = ask_for<caf::atom_value>(
+          system, session.nodes[i], cluster.nodes[i],
+          caf::make_message(actors::peer_atom::value, peer.host, peer.port, peer.name, budget),
+          left + std::chrono::milliseconds{1000});
+      if (!linked.ok())
+        return linked.err();
+    }
   }
 
   auto total_experts = std::uint32_t(cluster.expert_devices());

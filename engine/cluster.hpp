@@ -39,7 +39,25 @@ struct cluster_request {
 void configure_for_cluster(caf::actor_system_config& config, std::chrono::milliseconds heartbeat,
                            std::chrono::milliseconds liveness_timeout, const cluster_tls& tls = {});
 
-// Every wait is bounded by `ask.timeout`; errors name the node.
+// One authenticated CAF connection to the node listening at host:port: through an outbound
+// gate with the secret, over TLS, or plainly (loopback only, without a secret). Retries what a
+// node still starting answers (refused, a first-heartbeat timeout) while a try fits before
+// `deadline`. Blocking. Errors say what failed, not which node (callers add the name).
+struct node_link {
+  caf::actor node;
+  std::unique_ptr<transport::outbound_gate> gate;  // relays the connection: keep it while used
+};
+result<node_link> connect_node(caf::actor_system& system, const std::string& host, std::uint16_t port,
+                               const std::string& secret, bool tls, std::chrono::milliseconds liveness_timeout,
+                               std::chrono::steady_clock::time_point deadline);
+
+// A node_host's peer_connector: connect_node with this node's secret or TLS.
+actors::peer_connector make_peer_connector(caf::actor_system& system, std::string secret, bool tls,
+                                           std::chrono::milliseconds liveness_timeout);
+
+// Every wait is bounded by `ask.timeout`; errors name the node. Without TLS each attention
+// node is also connected directly to each expert node (node_host's peer_atom), so that A2E
+// and E2A do not pass through this process.
 result<cluster_session> connect_cluster(caf::actor_system& system, const cluster_config& cluster,
                                         const std::string& secret, const cluster_request& ask,
                                         bool tls = false);

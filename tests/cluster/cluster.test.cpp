@@ -305,3 +305,72 @@ TEST_CASE("a wrong secret is refused with an error naming the node, without a ha
   INFO(run.failure << "\n" << fleet.logs());
   CHECK(run.failure.empty());
 }
+
+// -- node to node ----------------------------------------------------------------------
+
+TEST_CASE("A2E and E2A go node to node: this process's gates carry control only", "[multiproc]") {
+  auto dir = test::fixture_dir("qwen3_moe_tiny");
+  if (dir.empty()) {
+    test::skip_whole_binary("../shared/fixtures not found");
+    return;
+  }
+  node_fleet fleet;
+  for (const char* n : {"a0", "e0", "e1"})
+    fleet.start(n);
+  EngineConfig config;
+  config.model_dir = dir.string();
+  // Transport caf: the rows travel inside the CAF messages, so rows routed through this
+  // process would show in its gates' byte counts.
+  config.cluster = write_cluster("node-to-node.json", "caf",
+                                 {{"a0", fleet["a0"].address(), 1, 0},
+                                  {"e0", fleet["e0"].address(), 0, 1},
+                                  {"e1", fleet["e1"].address(), 0, 1}});
+  config.cluster_secret = cluster_secret();
+  auto requests = fixture_requests(dir, 8);
+  std::size_t tokens = 0;
+  for (auto& r : requests) {
+    r.return_logits = false;  // logits come to this process by design: keep them out of the count
+    r.return_prompt_logits = false;
+    tokens += r.prompt.size() + r.max_new_tokens;
+  }
+  std::unique_ptr<Engine> engine;
+  std::string create_error;
+  bounded("Engine::create", 120s, [&] {
+    auto created = Engine::create(config);
+    if (created.ok())
+      engine = std::move(*created);
+    else
+      create_error = created.err().message;
+  });
+  INFO(create_error << "\n" << fleet.logs());
+  REQUIRE(engine);
+  std::uint64_t before = 0;  // bring-up: the handles and the plan
+  bounded("Engine::report", 30s, [&] { before = engine->report().cluster_caf_bytes; });
+  collector events{requests.size()};
+  for (std::size_t i = 0; i < requests.size(); ++i)
+    engine->submit(requests[i], events.sink(i));
+  bool all_ended = events.wait_all(120s);
+  // report() on a thread of its own, as ~Engine runs on one of bounded()'s: a CAF 0.17
+  // scoped_actor leaves the actor system's logger in its thread's thread-local storage, and
+  // ~actor_system waits for the logger's last reference, so an engine destroyed on another
+  // thread than the one that called report() hangs (its caller's thread still holds it).
+  EngineReport report;
+  bounded("Engine::report", 30s, [&] { report = engine->report(); });
+  bounded("Engine::shutdown", 60s, [&] { engine->shutdown(); });
+  bounded("~Engine", 60s, [&] { engine.reset(); });
+  REQUIRE(all_ended);
+  for (const auto& log : events.snapshot())
+    REQUIRE(log.error.empty());
+
+  // Every token crosses A2E and E2A on each layer with top_k rows of hidden floats.
+  auto cfg = json::parse(slurp(dir / "config.json"));
+  double row_bytes = double(tokens) * cfg["num_hidden_layers"].get<double>() *
+                     cfg["num_experts_per_tok"].get<double>() * cfg["hidden_size"].get<double>() * 4 * 2;
+  double through_gates = double(report.cluster_caf_bytes - before);
+  std::printf("node to node: %.0f bytes through this process's gates for %zu tokens (%.0f B/token); the rows are "
+              "%.0f bytes (%.0f B/token)\n",
+              through_gates, tokens, through_gates / double(tokens), row_bytes, row_bytes / double(tokens));
+  // Routed through this process, the rows would pass two of its gates (in from a0, out to
+  // e0/e1): at least twice row_bytes.
+  CHECK(through_gates < row_bytes / 2);
+}

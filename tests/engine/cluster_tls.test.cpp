@@ -135,6 +135,7 @@ std::vector<output> run(const EngineConfig& config, std::size_t vocab) {
   for (auto& stream : streams) {
     output o;
     while (auto event = stream->next()) {
+      INFO(event->error);
       REQUIRE(event->error.empty());
       if (event->token >= 0)
         o.tokens.push_back(event->token);

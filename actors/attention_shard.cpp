@@ -74,6 +74,10 @@ void attention_shard::on_exit() {
 
 // A device task that throws makes this shard exit with the task and the cause as its reason:
 // the supervisor replays its requests, or ends them naming the cause once restarts run out.
+const model::model_weights& attention_shard::weights() const {
+  return device_->weights() ? *device_->weights() : *ctx_->weights;
+}
+
 device::error_handler attention_shard::exit_on_error() {
   caf::actor self = caf::actor_cast<caf::actor>(this);
   return [self](std::string why) { exit_with(self, caf::make_error(caf::sec::runtime_error, std::move(why))); };
@@ -202,7 +206,7 @@ void attention_shard::start_step() {
       mb.last_rows.push_back(mb.tokens.size() - 1);
       max_position = std::max(max_position, seq.cache.length() + feed.size() - 1);
     }
-    mb.x.resize(mb.tokens.size() * hidden);
+    mb.x = device_->backend().allocate(mb.tokens.size() * hidden * sizeof(float));
   }
   rope_.ensure(max_position);  // no task is in flight between steps
   if (policy_) {
@@ -258,27 +262,40 @@ void attention_shard::run_attention(std::size_t mb_idx) {
   auto normed = std::make_shared<row_block>();
   normed->row_floats = hidden;
   normed->data.resize(mb.tokens.size() * hidden);
+  // Off host memory the expert input is made on the device and downloaded for A2E (UCX 1.13
+  // carries host memory only, and a row block may go to several devices and processes).
+  std::shared_ptr<gpu::buffer> normed_dev;
+  if (!gpu::holds_host_memory(device_->backend()))
+    normed_dev = std::make_shared<gpu::buffer>(device_->backend().allocate(normed->data.size() * sizeof(float)));
   mb.routes.assign(mb.tokens.size() * next_top_k, {});
   caf::actor self = caf::actor_cast<caf::actor>(this);
   std::uint64_t step = step_;
   device_->post("attention L" + std::to_string(layer) + " mb" + std::to_string(mb_idx),
-                [this, &mb, layer, normed, self, step, mb_idx, hidden, prev_top_k, prev_side](gpu::backend& backend) {
+                [this, &mb, layer, normed, normed_dev, self, step, mb_idx, hidden, prev_top_k,
+                 prev_side](gpu::backend& backend) {
                   const model::model_config& cfg = ctx_->config;
+                  const model::model_weights& w = weights();
+                  gpu::buffer staging;  // the E2A rows, uploaded when the backend is not host memory
                   if (layer == 0) {
-                    model::embed_step(cfg, *ctx_->weights, mb.input_ids, mb.x.data(), backend);
+                    model::embed_step(cfg, w, mb.input_ids, mb.x.floats(), backend);
                   } else {
-                    model::combine_step(hidden, prev_top_k, mb.weighted.data(), prev_side ? mb.side.data() : nullptr,
-                                        mb.tokens.size(), mb.x.data(), backend);
+                    std::vector<const float*> weighted = stage_rows(backend, mb.weighted, hidden, staging);
+                    model::combine_step(hidden, prev_top_k, weighted.data(), prev_side ? mb.side.floats() : nullptr,
+                                        mb.tokens.size(), mb.x.floats(), backend);
                   }
-                  model::attention_step(cfg, *ctx_->weights, rope_, layer, mb.tokens, mb.x.data(), backend);
-                  model::route_step(cfg, *ctx_->weights, layer, mb.x.data(), mb.tokens.size(), normed->data.data(),
-                                    mb.routes.data(), backend);
+                  model::attention_step(cfg, w, rope_, layer, mb.tokens, mb.x.floats(), backend);
+                  float* normed_out = normed_dev ? normed_dev->floats() : normed->data.data();
+                  model::route_step(cfg, w, layer, mb.x.floats(), mb.tokens.size(), normed_out, mb.routes.data(),
+                                    backend);
+                  if (normed_dev)
+                    backend.download(normed->data.data(), normed_out, normed->data.size() * sizeof(float));
                   backend.when_done([self, step, mb_idx] {
                     caf::anon_send(self, attention_done_atom::value, step, std::uint32_t(mb_idx));
                   });
                 },
                 exit_on_error());
   mb.normed = normed;
+  mb.normed_dev = std::move(normed_dev);
 }
 
 void attention_shard::on_attention_done(std::size_t mb_idx) {
@@ -303,13 +320,18 @@ void attention_shard::run_side(std::size_t mb_idx) {
   mb.side_valid = true;
   ++in_flight_;
   std::size_t layer = mb.layer;
-  mb.side.resize(mb.tokens.size() * std::size_t(ctx_->config.hidden_size));
+  std::size_t side_bytes = mb.tokens.size() * std::size_t(ctx_->config.hidden_size) * sizeof(float);
+  if (mb.side.num_bytes() != side_bytes || mb.side.empty())
+    mb.side = device_->backend().allocate(side_bytes);
+  // The expert input this FFN reads: on the device when the backend is not host memory.
+  const float* normed = mb.normed_dev ? mb.normed_dev->floats() : mb.normed->data.data();
   caf::actor self = caf::actor_cast<caf::actor>(this);
   std::uint64_t step = step_;
   device_->post("shared/dense L" + std::to_string(layer) + " mb" + std::to_string(mb_idx),
-                [this, &mb, layer, self, step, mb_idx](gpu::backend& backend) {
-                  model::side_ffn_step(ctx_->config, *ctx_->weights, layer, mb.normed->data.data(), mb.tokens.size(),
-                                       mb.side.data(), backend);
+                [this, &mb, layer, self, step, mb_idx, normed, keep = mb.normed, keep_dev = mb.normed_dev](
+                    gpu::backend& backend) {
+                  model::side_ffn_step(ctx_->config, weights(), layer, normed, mb.tokens.size(), mb.side.floats(),
+                                       backend);
                   backend.when_done([self, step, mb_idx] {
                     caf::anon_send(self, side_done_atom::value, step, std::uint32_t(mb_idx));
                   });
@@ -468,15 +490,31 @@ void attention_shard::run_final(std::size_t mb_idx) {
     const model::model_config& c = ctx_->config;
     std::size_t hidden = std::size_t(c.hidden_size);
     std::size_t vocab = std::size_t(c.vocab_size);
-    model::combine_step(hidden, mb.top_k, mb.weighted.data(), with_side ? mb.side.data() : nullptr,
-                        mb.tokens.size(), mb.x.data(), backend);
-    std::vector<float> rows;
+    gpu::buffer staging;  // the E2A rows, uploaded when the backend is not host memory
+    std::vector<const float*> weighted = stage_rows(backend, mb.weighted, hidden, staging);
+    model::combine_step(hidden, mb.top_k, weighted.data(), with_side ? mb.side.floats() : nullptr, mb.tokens.size(),
+                        mb.x.floats(), backend);
+    std::size_t num_rows = 0;
     for (auto [begin, end] : row_ranges)
-      rows.insert(rows.end(), mb.x.begin() + std::ptrdiff_t(begin * hidden), mb.x.begin() + std::ptrdiff_t(end * hidden));
-    std::size_t num_rows = rows.size() / hidden;
+      num_rows += end - begin;
+    gpu::buffer rows = backend.allocate(num_rows * hidden * sizeof(float));
+    std::size_t at = 0;
+    for (auto [begin, end] : row_ranges) {
+      backend.copy_rows(mb.x.floats() + begin * hidden, hidden, rows.floats() + at * hidden, hidden, end - begin, hidden);
+      at += end - begin;
+    }
+    // Logits and sampling stay on the host at the actor boundary: downloaded when the
+    // backend's memory is not host memory.
     std::vector<float> logits(num_rows * vocab);
-    if (num_rows > 0)  // none when every sequence of the micro-batch is mid-prefill
-      model::logits_step(c, *ctx_->weights, rows.data(), num_rows, logits.data(), backend);
+    if (num_rows == 0) {
+      // Every sequence of the micro-batch is mid-prefill: nothing to sample.
+    } else if (gpu::holds_host_memory(backend)) {
+      model::logits_step(c, weights(), rows.floats(), num_rows, logits.data(), backend);
+    } else {
+      gpu::buffer logits_dev = backend.allocate(logits.size() * sizeof(float));
+      model::logits_step(c, weights(), rows.floats(), num_rows, logits_dev.floats(), backend);
+      backend.download(logits.data(), logits_dev.floats(), logits.size() * sizeof(float));
+    }
     std::vector<std::int32_t> tokens;
     // Its logits rows (the last one drew the token), only when the client asked for logits.
     std::vector<std::vector<float>> per_sequence(ids.size());

@@ -50,10 +50,13 @@ private:
     std::vector<std::int32_t> input_ids;
     std::vector<std::size_t> first_rows;    // the row of each sequence's first token this step
     std::vector<std::size_t> last_rows;     // the row of each sequence's last token
-    std::vector<float> x;                   // residual stream, rows × hidden
-    std::shared_ptr<row_block> normed;      // this layer's expert input, shared with experts
+    gpu::buffer x;                          // residual stream, rows × hidden, on the device's backend
+    std::shared_ptr<row_block> normed;      // this layer's expert input, shared with experts (host)
+    // The same rows on the device's backend when its memory is not host memory (the attention
+    // task writes them there and downloads `normed` for A2E); null on host memory.
+    std::shared_ptr<gpu::buffer> normed_dev;
     std::vector<model::routed_slot> routes;
-    std::vector<float> side;                // attention-side FFN output of this layer
+    gpu::buffer side;                       // attention-side FFN output of this layer (backend)
     bool side_valid = false;                // `side` will hold this layer's output (S posted)
     std::vector<const float*> weighted;     // join: row × top_k pointers into E2A leases
     std::vector<row_lease> held;            // keeps those leases alive until the combine
@@ -102,6 +105,8 @@ private:
   // The request leaves the shard; `last` reaches its sink through the ingress.
   void finish_request(std::uint64_t id, token_event last);
   device::error_handler exit_on_error();
+  // The weights this shard's device reads: its own copy when it has one, else the engine's.
+  const model::model_weights& weights() const;
 
   const runtime_context* ctx_;
   std::uint32_t shard_idx_;

@@ -6,14 +6,34 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 namespace moert::actors {
 
 device::device(std::string name, std::size_t num_threads, trace_recorder* trace)
     : name_(std::move(name)),
       trace_(trace),
       num_threads_(num_threads),
-      backend_(gpu::create_backend(gpu::backend_kind::cpu, {.num_threads = num_threads}).value()),
+      backend_(gpu::create_backend(gpu::backend_kind::cpu, gpu::backend_options::with_threads(num_threads)).value()),
       thread_([this] { run(); }) {}
+
+device::device(std::string name, std::unique_ptr<gpu::backend> backend, trace_recorder* trace)
+    : name_(std::move(name)), trace_(trace), num_threads_(1), backend_(std::move(backend)), thread_([this] { run(); }) {}
+
+std::vector<const float*> stage_rows(gpu::backend& backend, std::span<const float* const> rows_host, std::size_t dim,
+                                     gpu::buffer& staging) {
+  std::vector<const float*> out(rows_host.begin(), rows_host.end());
+  if (gpu::holds_host_memory(backend) || rows_host.empty())
+    return out;
+  std::vector<float> packed(rows_host.size() * dim);
+  for (std::size_t r = 0; r < rows_host.size(); ++r)
+    if (rows_host[r])
+      std::copy_n(rows_host[r], dim, packed.data() + r * dim);
+  staging = backend.upload_floats(packed);
+  for (std::size_t r = 0; r < rows_host.size(); ++r)
+    out[r] = rows_host[r] ? staging.floats() + r * dim : nullptr;
+  return out;
+}
 
 device::~device() {
   {

@@ -12,6 +12,7 @@
 // destructor finishes every task already posted, then joins.
 
 #include "gpu/backend.hpp"
+#include "model/weights.hpp"
 
 #include <chrono>
 #include <condition_variable>
@@ -20,7 +21,9 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <span>
 #include <thread>
+#include <vector>
 
 namespace moert::actors {
 
@@ -36,17 +39,27 @@ public:
   // the task's failure (tests and the fault injector use it to fail or slow a device).
   using task_hook = std::function<void(const std::string& label)>;
 
-  // `trace` may be null; it must outlive the device.
+  // `trace` may be null; it must outlive the device. This one runs a cpu backend of
+  // `num_threads` threads.
   device(std::string name, std::size_t num_threads, trace_recorder* trace);
+  // Runs `backend` (one backend, one stream, per device executor), e.g. from
+  // make_device_backend(). Must not be null.
+  device(std::string name, std::unique_ptr<gpu::backend> backend, trace_recorder* trace);
   ~device();
 
   device(const device&) = delete;
   device& operator=(const device&) = delete;
 
   const std::string& name() const { return name_; }
-  // The backend the tasks run on (a cpu backend of `num_threads` threads). Its memory
-  // functions may be called from any thread (attention shards allocate caches there).
+  // The backend the tasks run on. Its memory functions may be called from any thread
+  // (attention shards allocate caches and residuals there).
   gpu::backend& backend() const { return *backend_; }
+
+  // This device's own copy of the weights it uses, on its backend (an expert device only its
+  // experts, an attention device the rest): set once by whoever builds the device, before
+  // any actor uses it; null when the device reads the engine's shared host weights.
+  void set_weights(std::shared_ptr<const model::model_weights> weights) { weights_ = std::move(weights); }
+  const std::shared_ptr<const model::model_weights>& weights() const { return weights_; }
 
   // Queues `work`; `label` names the slice in the trace ("attention L3 mb1").
   void post(std::string label, task work, error_handler on_error = {});
@@ -89,7 +102,15 @@ private:
   bool stopping_ = false;
   std::size_t num_threads_;
   std::unique_ptr<gpu::backend> backend_;
+  std::shared_ptr<const model::model_weights> weights_;
   std::thread thread_;  // last: starts after every member above exists
 };
+
+// Host rows at the actor boundary (A2E/E2A rows, each `dim` floats) where `backend` can read
+// them: the pointers as given when its memory is host memory (no copy), else the rows packed
+// into `staging` (allocated and uploaded here) and pointers into it, in the same order. For
+// device tasks (it runs on the device thread); `staging` must outlive the operations that read it.
+std::vector<const float*> stage_rows(gpu::backend& backend, std::span<const float* const> rows_host, std::size_t dim,
+                                     gpu::buffer& staging);
 
 }  // namespace moert::actors

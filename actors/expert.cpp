@@ -95,7 +95,15 @@ void expert::run(expert_batch& batch) {
                   std::vector<float> in(n * hidden), out(n * hidden);
                   for (std::size_t r = 0; r < n; ++r)  // the re-batching gather
                     std::copy_n(batch.items[r].rows->row(batch.items[r].row), hidden, in.data() + r * hidden);
-                  model::expert_step(*ctx_->weights, batch.layer, global, in.data(), n, out.data(), backend);
+                  const model::model_weights& w = device_->weights() ? *device_->weights() : *ctx_->weights;
+                  if (gpu::holds_host_memory(backend)) {
+                    model::expert_step(w, batch.layer, global, in.data(), n, out.data(), backend);
+                  } else {  // A2E rows arrive and E2A rows leave in host memory (UCX 1.13 has no CUDA path)
+                    gpu::buffer in_dev = backend.upload_floats(in);
+                    gpu::buffer out_dev = backend.allocate(out.size() * sizeof(float));
+                    model::expert_step(w, batch.layer, global, in_dev.floats(), n, out_dev.floats(), backend);
+                    backend.download(out.data(), out_dev.floats(), out.size() * sizeof(float));
+                  }
                   auto weighted = std::make_shared<row_block>();
                   weighted->row_floats = hidden;
                   weighted->data.resize(n * hidden);

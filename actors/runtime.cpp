@@ -122,11 +122,13 @@ status check_backend(gpu::backend_kind kind) {
 }
 
 result<std::unique_ptr<gpu::backend>> make_device_backend(gpu::backend_kind kind, std::size_t device_index,
-                                                          std::size_t num_threads) {
+                                                          std::size_t num_threads,
+                                                          const gpu::gemm_calibration& expert_gemm) {
   if (auto usable = check_backend(kind); !usable.ok())
     return usable.err();
   gpu::backend_options options;
   options.num_threads = num_threads;
+  options.expert_gemm = expert_gemm;
   if (kind == gpu::backend_kind::cuda) {
     std::size_t gpus = 0;
     for (const gpu::backend_info& info : gpu::compiled_backends())

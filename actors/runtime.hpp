@@ -130,7 +130,9 @@ struct runtime_context {
 // The backend of the engine's device `device_index` (attention and expert devices numbered
 // together), through gpu/registry: cpu with `num_threads` kernel threads, or cuda on GPU
 // device_index mod the GPUs visible, so one GPU hosts every device's stream when it is alone.
+// `expert_gemm` is the calibrated grouped/dense switch a cuda device starts with.
 result<std::unique_ptr<gpu::backend>> make_device_backend(gpu::backend_kind kind, std::size_t device_index,
-                                                          std::size_t num_threads);
+                                                          std::size_t num_threads,
+                                                          const gpu::gemm_calibration& expert_gemm = {});
 
 }  // namespace moert::actors

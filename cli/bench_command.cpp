@@ -363,14 +363,17 @@ int run_model_bench(const bench_options& o) {
   placement.cluster_file = o.cluster_file;
   placement.secret_file = o.secret_file;
   placement.faults_file = o.faults_file;
-  // --backend names the reference forward's backend: the engine's actor path is cpu-only for now.
-  auto defaults = make_engine_config(placement, o.cluster_file.empty() ? "" : o.model_dir, 1);
+  // --backend: the reference forward's and the engine's devices' backend. Off the cpu backend
+  // each device loads its own part of the checkpoint (the host copy cannot be shared).
+  bool on_device = o.backend_kind != gpu::backend_kind::cpu;
+  auto defaults = make_engine_config(placement, o.cluster_file.empty() && !on_device ? "" : o.model_dir, 1);
   if (!defaults) {
     std::fprintf(stderr, "moert: error: %s\n", defaults.err().what().c_str());
     return 1;
   }
   EngineConfig engine_config = std::move(defaults.value());
-  if (!engine_config.cluster) {
+  engine_config.backend = o.backend_kind;
+  if (!engine_config.cluster && !on_device) {
     engine_config.weights = weights;
     engine_config.weights_config = config;
   }
@@ -484,8 +487,9 @@ int run_bench(bench_options o) {
   }
   o.backend_kind = *kind;
   if (o.backend_kind != gpu::backend_kind::cpu && o.model_dir.empty()) {
-    std::fprintf(stderr, "moert: error: bench --backend %s: without --model it times the engine, whose actor path "
-                 "runs on the cpu backend only for now; --model DIR --backend %s times the reference forward on it\n",
+    std::fprintf(stderr, "moert: error: bench --backend %s: without --model it times engines sharing one host copy "
+                 "of synthetic weights (cpu only); --model DIR --backend %s times the reference forward and the engine "
+                 "on it\n",
                  o.backend.c_str(), o.backend.c_str());
     return 1;
   }
@@ -601,7 +605,7 @@ command_runner add_bench_command(CLI::App& app) {
   CLI::App* sub = app.add_subcommand("bench", "Runtime vs bare forward, overlap of FinDEP plans, queue schedulers");
   sub->add_option("--model-type", o->model_type, "qwen3_moe or deepseek_v2 (synthetic, same sizes)")
       ->check(CLI::IsMember({"qwen3_moe", "deepseek_v2"}));
-  sub->add_option("--backend", o->backend, "With --model: the reference forward's backend, cpu or cuda (the engine runs on cpu)");
+  sub->add_option("--backend", o->backend, "With --model: the backend of the reference forward and of the engine's devices, cpu or cuda");
   sub->add_option("--layers", o->layers)->check(CLI::Range(1, 512));
   sub->add_option("--hidden", o->hidden)->check(CLI::Range(16, 65536));
   sub->add_option("--experts", o->experts)->check(CLI::Range(1, 4096));

@@ -27,6 +27,9 @@ void add_engine_options(CLI::App& app, engine_options& opt) {
       ->check(CLI::Range(0.0, 1e6));
   app.add_option("--online", opt.online_testbed,
                  "Re-solve the FinDEP plan online with this testbed (e.g. cpu, or a JSON path)");
+  app.add_option("--gemm-testbed", opt.gemm_testbed,
+                 "Testbed JSON written by `moert calibrate --backend cuda`: its expert_gemm crossover sets the cuda "
+                 "devices' grouped/dense switch (without it: the uncalibrated default, said in the report)");
   app.add_option("--trace", opt.trace_file, "Write a Chrome/Perfetto trace (JSON)");
   app.add_flag("--reference", opt.reference, "Run the bare reference forward, without actors");
   app.add_option("--cluster", opt.cluster_file,
@@ -109,6 +112,16 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
       return bed.err();
     config.online_testbed = *bed;
   }
+  if (!opt.gemm_testbed.empty()) {
+    auto bed = load_testbed(opt.gemm_testbed);
+    if (!bed)
+      return bed.err();
+    if (!bed->expert_gemm)
+      return make_error(error_code::invalid_argument, "--gemm-testbed " + opt.gemm_testbed +
+                                                          ": has no \"expert_gemm\" (write it with `moert calibrate "
+                                                          "--backend cuda`)");
+    config.expert_gemm = bed->expert_gemm;
+  }
   if (!opt.cluster_file.empty()) {
     auto cluster = load_cluster_config(opt.cluster_file);
     if (!cluster.ok())
@@ -164,6 +177,14 @@ void print_report(const EngineReport& report) {
               "%.1f messages per token\n",
               report.expert_batch_mean, report.expert_batch_p50, report.expert_batch_p95,
               report.executions_per_layer_wave, report.messages_per_token);
+  // Off the cpu backend: each device's backend and own weights, and the expert GEMM switch.
+  if (!report.expert_gemm_switch.empty()) {
+    std::printf("backends:");
+    for (std::size_t i = 0; i < report.devices.size(); ++i)
+      std::printf("%s %s on %s (%.1f MiB of weights)", i ? "," : "", report.devices[i].name.c_str(),
+                  report.devices[i].backend.c_str(), double(report.devices[i].weight_bytes) / double(1 << 20));
+    std::printf("\nexpert GEMM switch: %s\n", report.expert_gemm_switch.c_str());
+  }
 }
 
 std::string faults_json(const EngineReport& report) {

@@ -27,6 +27,7 @@ struct engine_options {
   std::string scheduler = "defrag";
   double max_wait_ms = 100.0;
   std::string online_testbed;  // re-solve the plan online with this testbed (name or path)
+  std::string gemm_testbed;    // its "expert_gemm" (moert calibrate --backend cuda) sets cuda's switch
   std::string trace_file;
   bool reference = false;  // bypass the actors: the bare single-process forward
   std::string cluster_file;  // run on `moert node` processes (configs/clusters/README.md)

@@ -45,6 +45,7 @@ const char* to_string(cluster_transport transport) {
     case cluster_transport::ucx_tcp: return "ucx-tcp";
     case cluster_transport::ucx_posix: return "ucx-posix";
     case cluster_transport::caf: return "caf";
+    case cluster_transport::nccl: return "nccl";
   }
   return "?";
 }
@@ -113,7 +114,7 @@ result<cluster_config> parse_cluster_config(const std::string& json_text, const 
   cluster_config config;
   auto transport = root.find("transport");
   if (transport == root.end() || !transport->is_string())
-    return fail(source, "transport", "is missing: one of \"ucx-tcp\", \"ucx-posix\", \"caf\"");
+    return fail(source, "transport", "is missing: one of \"ucx-tcp\", \"ucx-posix\", \"caf\", \"nccl\"");
   auto name = transport->get<std::string>();
   if (name == "ucx-tcp")
     config.transport = cluster_transport::ucx_tcp;
@@ -121,8 +122,10 @@ result<cluster_config> parse_cluster_config(const std::string& json_text, const 
     config.transport = cluster_transport::ucx_posix;
   else if (name == "caf")
     config.transport = cluster_transport::caf;
+  else if (name == "nccl")
+    config.transport = cluster_transport::nccl;
   else
-    return fail(source, "transport", "is \"" + name + "\": one of \"ucx-tcp\", \"ucx-posix\", \"caf\"");
+    return fail(source, "transport", "is \"" + name + "\": one of \"ucx-tcp\", \"ucx-posix\", \"caf\", \"nccl\"");
 
   auto heartbeat = milliseconds(root, "heartbeat_ms", config.heartbeat, source);
   if (!heartbeat.ok())

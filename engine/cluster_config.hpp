@@ -23,7 +23,9 @@
 
 namespace moert {
 
-enum class cluster_transport { ucx_tcp, ucx_posix, caf };
+// nccl: rows GPU to GPU between cuda nodes ([F]); parsed, but bring-up refuses it with the
+// reason (no GPU here, or its row path not wired yet).
+enum class cluster_transport { ucx_tcp, ucx_posix, caf, nccl };
 const char* to_string(cluster_transport transport);
 
 struct cluster_node {

@@ -126,6 +126,7 @@ struct Engine::impl {
   actors::runtime_context ctx;
   // Devices outlive the actors that post to them: declared before the actor system.
   std::vector<std::unique_ptr<actors::device>> devices;
+  std::string expert_gemm_switch;  // EngineReport::expert_gemm_switch
   caf::actor_system_config system_config;
   std::unique_ptr<caf::actor_system> system;
   caf::actor ingress;
@@ -221,14 +222,28 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   // Before anything is loaded: a backend that cannot run here fails at once, naming why.
   if (auto usable = actors::check_backend(config.backend); !usable.ok())
     return usable.err();
-  // The actors' activations (row blocks, residuals, logits) are still host vectors, so the
-  // data path is correct on the cpu backend only (docs/architecture.md, the device seam).
-  if (config.backend != gpu::backend_kind::cpu)
+  // Off the cpu backend every device loads its own part of the weights onto its backend, so
+  // weights already in host memory cannot be used; a cluster's nodes build cpu devices.
+  bool per_device = config.per_device_weights || config.backend != gpu::backend_kind::cpu;
+  if (config.backend != gpu::backend_kind::cpu && config.cluster)
     return make_error(error_code::unsupported,
                       std::string("backend '") + gpu::to_string(config.backend) +
-                          "': the engine's actor path runs on the cpu backend only for now (its activations are "
-                          "host vectors); the reference forward (--reference) runs on it");
+                          "' with a cluster: the nodes run the cpu backend for now (run one process, or --backend cpu)");
+  if (per_device && config.weights)
+    return invalid(std::string("EngineConfig::weights are host weights shared by every device; with backend '") +
+                   gpu::to_string(config.backend) +
+                   "' (or per_device_weights) each device loads its own part: give model_dir or synthetic_config");
 
+  if (config.cluster && config.cluster->transport == cluster_transport::nccl) {
+    // Rows GPU to GPU need CUDA here and on the nodes; where it can run, the row path itself
+    // (tensor_link over transport/nccl_channel, cuda devices on the nodes) is not built yet.
+    if (auto usable = actors::check_backend(gpu::backend_kind::cuda); !usable.ok())
+      return make_error(usable.err().code, std::string("cluster transport \"nccl\" moves rows GPU to GPU: ") +
+                                               usable.err().message);
+    return make_error(error_code::unsupported,
+                      "cluster transport \"nccl\": its row path between nodes is not built yet (the nodes run cpu "
+                      "devices); use \"ucx-tcp\", \"ucx-posix\" or \"caf\"");
+  }
   if (config.cluster) {
     if (config.weights)
       return invalid("a cluster's nodes load the model themselves: give model_dir or synthetic_config, not weights");
@@ -251,6 +266,11 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->ctx.config = *parsed;
   } else if (config.weights) {
     state->ctx.config = config.weights_config;
+  } else if (!config.model_dir.empty() && per_device) {
+    auto parsed = model::load_config(config.model_dir);  // the devices load their parts below
+    if (!parsed)
+      return parsed.err();
+    state->ctx.config = *parsed;
   } else if (!config.model_dir.empty()) {
     auto loaded = model::load_checkpoint(config.model_dir);
     if (!loaded)
@@ -266,7 +286,8 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     if (!parsed)
       return parsed.err();
     state->ctx.config = *parsed;
-    weights = model::synthetic_weights(*parsed, config.weight_seed);
+    if (!per_device)
+      weights = model::synthetic_weights(*parsed, config.weight_seed);
   }
   auto placed = resolve_placement(config, state->ctx.config);
   if (!placed)
@@ -275,7 +296,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   if (config.expert_devices > std::size_t(state->ctx.config.num_experts))
     return invalid("expert_devices (" + std::to_string(config.expert_devices) + ") exceeds the number of experts (" +
                    std::to_string(state->ctx.config.num_experts) + ")");
-  if (!config.cluster)
+  if (!config.cluster && !per_device)
     state->ctx.weights =
         config.weights ? config.weights : std::make_shared<const model::model_weights>(std::move(weights));
   state->ctx.num_expert_devices = config.expert_devices;
@@ -306,14 +327,86 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   caf::actor_system& sys = *state->system;
   const actors::runtime_context* ctx = &state->ctx;
 
-  auto make_device = [&](const std::string& name) {
+  // Per-device weights: each device's part, loaded onto its own backend (one backend, one
+  // stream, per device). The checkpoint is opened once and read per device.
+  std::optional<model::checkpoint> source;
+  if (per_device && !config.cluster && !config.model_dir.empty()) {
+    auto opened = model::checkpoint::open(config.model_dir);
+    if (!opened)
+      return opened.err();
+    source.emplace(std::move(*opened));
+  }
+  std::size_t next_device_index = 0;
+  // The grouped/dense expert GEMM switch a cuda device starts with: the calibrated crossover
+  // (moert calibrate --backend cuda writes it into the testbed), else the backend's default.
+  gpu::gemm_calibration gemm_calibration;
+  if (auto crossover = config.expert_gemm ? config.expert_gemm
+                       : config.online_testbed ? config.online_testbed->expert_gemm
+                                               : std::nullopt) {
+    gemm_calibration.calibrated = true;
+    gemm_calibration.dense_min_rows = crossover->dense_min_rows;
+    gemm_calibration.source = crossover->source;
+  }
+  if (config.backend == gpu::backend_kind::cuda)
+    state->expert_gemm_switch =
+        !gemm_calibration.calibrated
+            ? "the cuda backend's default (EPS-MoE's threshold), not calibrated: run `moert calibrate --backend cuda` "
+              "and pass its testbed"
+        : gemm_calibration.dense_min_rows
+            ? "dense from " + std::to_string(*gemm_calibration.dense_min_rows) + " rows (calibrated: " +
+                  gemm_calibration.source + ")"
+            : "every expert grouped: dense never won (calibrated: " + gemm_calibration.source + ")";  // attention and expert devices numbered together
+  auto build_device = [&](const std::string& name, const model::load_options& part) -> result<actors::device*> {
+    std::size_t index = next_device_index++;
+    if (!per_device)
+      return state->devices.emplace_back(std::make_unique<actors::device>(name, config.threads_per_device, ctx->trace))
+          .get();
+    auto backend = actors::make_device_backend(config.backend, index, config.threads_per_device, gemm_calibration);
+    if (!backend)
+      return backend.err();
+    auto dev = std::make_unique<actors::device>(name, std::move(*backend), ctx->trace);
+    result<model::model_weights> w = source ? model::load_weights(state->ctx.config, *source, part, dev->backend())
+                                            : model::synthetic_weights(state->ctx.config, config.weight_seed,
+                                                                       dev->backend(), part);
+    if (!w)
+      return make_error(w.err().code, "loading the weights of " + name + " on " + dev->backend().name() + ": " +
+                                          w.err().message);
+    dev->set_weights(std::make_shared<const model::model_weights>(std::move(*w)));
+    return state->devices.emplace_back(std::move(dev)).get();
+  };
+  auto make_device = [&](const std::string& name, const model::load_options& part) -> result<actors::device*> {
     if (config.single_device && !state->devices.empty())
       return state->devices.front().get();
-    return state->devices
-        .emplace_back(std::make_unique<actors::device>(config.single_device ? "device 0" : name,
-                                                       config.threads_per_device, ctx->trace))
-        .get();
+    model::load_options whole;  // a single device runs every role
+    return build_device(config.single_device ? "device 0" : name, config.single_device ? whole : part);
   };
+  auto expert_part = [&](std::size_t d) {
+    model::load_options part;
+    part.attention_side = false;
+    std::size_t eg = config.expert_devices;
+    part.keep_expert = [d, eg](std::size_t expert) { return expert % eg == d; };  // runtime_context::device_of
+    return part;
+  };
+  auto attention_part = [] {
+    model::load_options part;
+    part.keep_expert = [](std::size_t) { return false; };
+    return part;
+  };
+  // Every device exists (and holds its weights) before any actor is spawned, so a device that
+  // cannot be made or loaded fails Engine::create with no actor left running.
+  std::vector<actors::device*> made_expert_devs, made_attention_devs;
+  for (std::size_t d = 0; !config.cluster && d < config.expert_devices; ++d) {
+    auto dev = make_device("expert " + std::to_string(d), expert_part(d));
+    if (!dev)
+      return dev.err();
+    made_expert_devs.push_back(*dev);
+  }
+  for (std::size_t a = 0; !config.cluster && a < config.attention_devices; ++a) {
+    auto dev = make_device("attention " + std::to_string(a), attention_part());
+    if (!dev)
+      return dev.err();
+    made_attention_devs.push_back(*dev);
+  }
   actors::scheduler_update scheduler{config.scheduler, config.defrag};
   std::vector<caf::actor> queues;
   std::vector<caf::actor> shards;
@@ -339,7 +432,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->cluster = std::move(*session);
   }
   for (std::size_t d = 0; !config.cluster && d < config.expert_devices; ++d) {
-    actors::device* dev = make_device("expert " + std::to_string(d));
+    actors::device* dev = made_expert_devs[d];
     caf::actor queue = sys.spawn<actors::mu_queue>(ctx, d, scheduler, dev->name());
     queues.push_back(queue);
     state->all_actors.push_back(queue);
@@ -352,7 +445,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->all_actors.push_back(state->ingress);
   }
   for (std::size_t a = 0; !config.cluster && a < config.attention_devices; ++a) {
-    actors::device* dev = make_device("attention " + std::to_string(a));
+    actors::device* dev = made_attention_devs[a];
     attention_devs.push_back(dev);
     shards.push_back(sys.spawn<actors::attention_shard>(ctx, std::uint32_t(a), dev, queues, state->ingress,
                                                         config.plan));
@@ -683,7 +776,9 @@ EngineReport Engine::report() const {
   EngineReport out;
   double lifetime = std::chrono::duration<double>(std::chrono::steady_clock::now() - impl_->started).count();
   for (const auto& dev : impl_->devices)
-    out.devices.push_back({dev->name(), std::chrono::duration<double>(dev->busy_time()).count() / lifetime});
+    out.devices.push_back({dev->name(), std::chrono::duration<double>(dev->busy_time()).count() / lifetime,
+                           dev->backend().name(), dev->weights() ? model::resident_bytes(*dev->weights()).total() : 0});
+  out.expert_gemm_switch = impl_->expert_gemm_switch;
   auto batches = impl_->stats.expert_batches();
   out.expert_batch_mean = batches.mean;
   out.expert_batch_p50 = batches.p50;

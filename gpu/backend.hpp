@@ -138,6 +138,15 @@ struct routed_slot {
   float weight;
 };
 
+// One GEMM of a device's expert batch (backend::matmul_batch): y (num_rows × w->rows()) =
+// x (num_rows × w->cols()) · wᵀ, as matmul.
+struct batched_matmul {
+  const matrix* w;
+  const float* x;
+  float* y;
+  std::size_t num_rows;
+};
+
 // Router selection (Hugging Face / DeepSeek semantics): f32 softmax over num_experts, then
 // the top_k among the eligible experts (ties to the lower index). num_groups > 1 is
 // group-limited greedy: only the topk_group groups (of num_experts / num_groups consecutive
@@ -231,6 +240,15 @@ public:
   // is one sequential fma chain over k from +0 on the cpu backend, in any batch.
   virtual void matmul(const float* x, std::size_t num_rows, const matrix& w, float* y,
                       const float* bias = nullptr) = 0;
+
+  // Every GEMM of `batch`: a device's experts of one step (weights of one shape and type, rows
+  // may differ, outputs disjoint). By default matmul per entry in order (the cpu backend: the
+  // bits of matmul); cuda runs the experts with few rows as one grouped GEMM and the others
+  // dense, by its calibrated switch (EPS-MoE).
+  virtual void matmul_batch(std::span<const batched_matmul> batch) {
+    for (const batched_matmul& m : batch)
+      matmul(m.x, m.num_rows, *m.w, m.y);
+  }
 
   // out = x / sqrt(mean(x²) + eps) · weight per row of `dim` floats (Hugging Face RMSNorm,
   // statistics in f32). Rows start row_stride floats apart in both x and out; out may alias x.

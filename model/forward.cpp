@@ -15,7 +15,7 @@ reference_model::reference_model(model_config config, model_weights weights, std
 reference_model::reference_model(model_config config, std::shared_ptr<const model_weights> weights,
                                  std::size_t num_threads)
     : reference_model(std::move(config), std::move(weights),
-                      gpu::create_backend(gpu::backend_kind::cpu, {.num_threads = num_threads}).value()) {
+                      gpu::create_backend(gpu::backend_kind::cpu, gpu::backend_options::with_threads(num_threads)).value()) {
   num_threads_ = num_threads;
 }
 

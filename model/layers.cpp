@@ -263,7 +263,33 @@ void side_ffn_step(const model_config& c, const model_weights& weights, std::siz
 
 void expert_step(const model_weights& weights, std::size_t layer, std::size_t expert, const float* in,
                  std::size_t num_rows, float* out, gpu::backend& b) {
-  mlp(b, weights.layers[layer].experts[expert], in, num_rows, out);
+  const expert_rows one{expert, in, num_rows, out};
+  experts_step(weights, layer, {&one, 1}, b);
+}
+
+// mlp() for several experts at once: the gate/up GEMMs of all of them, the SwiGLUs, then the
+// down GEMMs, each set in one matmul_batch.
+void experts_step(const model_weights& weights, std::size_t layer, std::span<const expert_rows> batch,
+                  gpu::backend& b) {
+  std::vector<gpu::buffer> gate_up(batch.size()), act(batch.size());
+  std::vector<gpu::batched_matmul> gemms;
+  gemms.reserve(batch.size());
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const mlp_weights& w = weights.layers[layer].experts[batch[i].expert];
+    std::size_t inter = std::size_t(w.intermediate_size());
+    gate_up[i] = scratch(b, batch[i].num_rows * 2 * inter);
+    act[i] = scratch(b, batch[i].num_rows * inter);
+    gemms.push_back({&w.gate_up, batch[i].in, gate_up[i].floats(), batch[i].num_rows});
+  }
+  b.matmul_batch(gemms);
+  gemms.clear();
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const mlp_weights& w = weights.layers[layer].experts[batch[i].expert];
+    std::size_t inter = std::size_t(w.intermediate_size());
+    b.swiglu(gate_up[i].floats(), batch[i].num_rows, inter, act[i].floats());
+    gemms.push_back({&w.down, act[i].floats(), batch[i].out, batch[i].num_rows});
+  }
+  b.matmul_batch(gemms);
 }
 
 void weight_row(const float* y, float weight, std::size_t hidden, float* out) {

@@ -92,9 +92,22 @@ bool has_side_ffn(const model_config& config, std::size_t layer);
 void side_ffn_step(const model_config& config, const model_weights& weights, std::size_t layer,
                    const float* normed, std::size_t num_rows, float* out, gpu::backend& backend);
 
-// out (rows × hidden) = SwiGLU MLP of `expert` in `layer` on `in`.
+// out (rows × hidden) = SwiGLU MLP of `expert` in `layer` on `in` (experts_step with one entry).
 void expert_step(const model_weights& weights, std::size_t layer, std::size_t expert, const float* in,
                  std::size_t num_rows, float* out, gpu::backend& backend);
+
+// A device's expert batch in one call: entry i runs expert `expert` of the layer on its
+// `num_rows` rows `in` into `out` (backend memory, rows × hidden). The GEMMs of every entry go
+// through backend::matmul_batch (one grouped or dense GEMM per expert on cuda, by load); each
+// entry's bits are expert_step's.
+struct expert_rows {
+  std::size_t expert;
+  const float* in;
+  std::size_t num_rows;
+  float* out;
+};
+void experts_step(const model_weights& weights, std::size_t layer, std::span<const expert_rows> batch,
+                  gpu::backend& backend);
 
 // Scales an expert's output row by its routing weight, as the combine expects it (host
 // memory; gpu::backend::weight_rows is the same on a backend).

@@ -343,6 +343,13 @@ model_weights synthetic_weights(const model_config& config, std::uint64_t seed, 
   return std::move(b.build().value());
 }
 
+result<model_weights> synthetic_weights(const model_config& config, std::uint64_t seed, gpu::backend& backend,
+                                        const load_options& options) {
+  synthetic_source src{seed};
+  builder b{config, src, options, backend};
+  return b.build();
+}
+
 namespace {
 
 void count(const gpu::matrix& m, weight_bytes& out) {

@@ -116,5 +116,8 @@ weight_bytes resident_bytes(const model_weights& weights);
 // The same (config, seed) always gives the same bits.
 model_weights synthetic_weights(const model_config& config, std::uint64_t seed,
                                 gpu::backend& backend = gpu::host_backend());
+// Only the part `options` keeps (a device's part), the same bits as the whole model's.
+result<model_weights> synthetic_weights(const model_config& config, std::uint64_t seed, gpu::backend& backend,
+                                        const load_options& options);
 
 }  // namespace moert::model

@@ -134,6 +134,8 @@ public:
   // expert grouped or dense by its row count under gemm_switch_for(that shape); counts what
   // ran how.
   status expert_matmuls(std::span<const expert_matmul> batch, expert_gemm_stats* stats = nullptr);
+  // The seam's expert batch (model::experts_step): expert_matmuls, its error kept (sticky).
+  void matmul_batch(std::span<const gpu::batched_matmul> batch) override;
 
 private:
   explicit cuda_backend(std::unique_ptr<context> ctx);

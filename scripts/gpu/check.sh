@@ -7,7 +7,10 @@
 # the calibrated testbed; default ./gpu-check-out).
 #
 #   steps: unpack every .deb into a prefix (dpkg -x), configure against it with CUDA (arch 90),
-#   build with all cores, run the GPU tests (ctest -L gpu, fixtures on CUDA), bench/cuda_bench,
+#   build with all cores, run the GPU tests (ctest -L gpu: every operation against cpu, the
+#   fixtures on CUDA through the reference forward (f32 1e-3, bf16 2e-2) and through the engine's
+#   actor path with one attention + one expert GPU stream in one process (the cpu backend's
+#   greedy tokens)), bench/cuda_bench,
 #   `moert calibrate --backend cuda`, and decode tokens/s of the bench checkpoint: moert
 #   --backend cuda against PyTorch eager transformers (bench/torch_decode.py) on the same
 #   checkpoint.
@@ -156,7 +159,12 @@ if wants tests; then
 # the CPU fixture and engine tests as a control that the prefix build itself is sound.
 step ctest_gpu 300 ctest --test-dir "$BUILD" -L gpu --output-on-failure -j 4 --timeout 240
 grep -E "tests passed|SKIPPED|Not Run|Failed|\*\*\*" "$LOGS/ctest_gpu.log" | head -n 40 >>"$SUMMARY"
-# The CLI on the GPU: generate --reference --backend cuda gives the cpu tokens, the engine refuses cuda.
+# The engine's actor path on cuda (1 attention + 1 expert stream, one process): the cpu
+# backend's greedy tokens, synthetic model and the three fixtures; its summary line on its own.
+step engine_cuda 180 "$BUILD/tests/engine_backend_test" "[gpu]" --reporter compact
+grep -E "passed|failed|FAILED|warning" "$LOGS/engine_cuda.log" | tail -n 6 >>"$SUMMARY"
+# The CLI on the GPU: generate --reference --backend cuda and generate --backend cuda (the
+# engine) give the cpu tokens.
 step cli_gpu 120 "$BUILD/tests/cli/cli_moert_test" "[gpu]"
 tail -n 3 "$LOGS/cli_gpu.log" >>"$SUMMARY"
 step ctest_control 240 ctest --test-dir "$BUILD" -R "model_fixtures|engine_engine|gpu_cpu" --output-on-failure -j 4 --timeout 200
@@ -183,8 +191,8 @@ if ! wants decode; then
 elif [[ -f $CARRY/make_bench_checkpoint.py ]]; then
   [[ -f $CK/model.safetensors ]] || step checkpoint 240 "$PY" "$CARRY/make_bench_checkpoint.py" "$CK" --dtype bfloat16
   # The figures of `moert bench --model` (prompt 256; decode at 1 and 16 sequences): its
-  # reference forward on CUDA (--backend cuda), its engine figure on the cpu (the actor path
-  # does not run on cuda yet).
+  # reference forward and its engine (every device a CUDA stream) on CUDA (--backend cuda),
+  # the engine's expert GEMM switch at its uncalibrated default (the report says so).
   step moert_decode 300 "$MOERT" bench --model "$CK" --backend cuda --reps 3 --tg 64 --tg-batch 16 --tg-prompt 16 \
     --json "$LOGS/moert_decode.json"
   grep -E "^\||^#" "$LOGS/moert_decode.log" >>"$SUMMARY"

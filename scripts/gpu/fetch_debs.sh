@@ -38,7 +38,8 @@ PACKAGES=(
 )
 
 mkdir -p "$DEBS" "$CARRY"
-exclude="$ROOT/.git/info/exclude"
+# The repository's own exclude file (in a git worktree .git is a file: the common dir has it).
+exclude="$(git -C "$ROOT" rev-parse --path-format=absolute --git-common-dir)/info/exclude"
 for entry in /.debs/ /.gpu-carry/; do
   grep -qxF "$entry" "$exclude" 2>/dev/null || echo "$entry" >>"$exclude"
 done

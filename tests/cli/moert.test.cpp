@@ -193,13 +193,18 @@ TEST_CASE("bad input: one clear error line, non-zero exit") {
 TEST_CASE("backend cuda where it cannot run: one clear error line, non-zero exit", "[gpu]") {
   auto probe = run("generate --reference -n 8 --backend cuda");
   if (probe.exit_code == 0) {
-    // A GPU: the reference forward on it gives the cpu backend's greedy tokens; the engine
-    // refuses cuda, naming why (its actor path is cpu-only for now).
+    // A GPU: the reference forward and the engine's actor path on it give the cpu backend's
+    // greedy tokens.
     auto cpu = run("generate --reference -n 8 --backend cpu");
     REQUIRE(cpu.exit_code == 0);
     CHECK(probe.out.find("on cuda") != std::string::npos);
     CHECK(generated_lines(probe.out) == generated_lines(cpu.out));
-    expect_error("generate -n 4 --backend cuda", "actor path runs on the cpu backend only");
+    auto engine_cuda = run("generate -n 8 --backend cuda");
+    auto engine_cpu = run("generate -n 8 --backend cpu");
+    REQUIRE(engine_cuda.exit_code == 0);
+    REQUIRE(engine_cpu.exit_code == 0);
+    CHECK(generated_lines(engine_cuda.out) == generated_lines(engine_cpu.out));
+    CHECK(engine_cuda.out.find("expert GEMM switch") != std::string::npos);
     return;
   }
   INFO("stderr: " << probe.err);

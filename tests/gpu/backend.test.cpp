@@ -106,7 +106,7 @@ template <class F>
 void for_each_backend(F&& body) {
   for (gpu::backend_kind kind : gpu::available_backends()) {
     DYNAMIC_SECTION(gpu::to_string(kind)) {
-      auto made = gpu::create_backend(kind, {.num_threads = 2});
+      auto made = gpu::create_backend(kind, gpu::backend_options::with_threads(2));
       REQUIRE(made.ok());
       device dev{kind, std::move(made.value())};
       INFO("backend " << dev.b->name());
@@ -193,6 +193,43 @@ TEST_CASE("matmul is the packed GEMM's bits for f32, bf16 and f16 weights, with 
         gpu::buffer one = d.zeros(n);
         d.b->matmul(dx.floats() + 5 * k, 1, *m, one.floats(), dbias.floats());
         CHECK(same_bits(d.get(one, n), std::vector<float>(batched.begin() + 5 * n, batched.begin() + 6 * n)));
+      }
+    }
+  });
+}
+
+TEST_CASE("matmul_batch: a device's expert GEMMs (rows 0 to many) are each the packed GEMM's") {
+  // Row counts from none to past a grouped/dense switch at a few rows: on cuda both paths run.
+  const std::size_t n = 96, k = 128;
+  const std::size_t rows[] = {0, 1, 3, 17, 64, 2};
+  for_each_backend([&](device& d) {
+    for (dtype type : {dtype::f32, dtype::bf16}) {
+      INFO("weights " << safetensors_name(type));
+      std::vector<gpu::matrix> weights;
+      std::vector<gpu::buffer> xs, ys;
+      std::vector<std::vector<float>> want;
+      std::vector<gpu::batched_matmul> batch;
+      for (std::size_t e = 0; e < std::size(rows); ++e) {
+        std::vector<float> wf = random_floats(n * k, 40 + e);
+        std::vector<std::uint16_t> w16 = random_16bit(type, n * k, 50 + e);
+        const void* w = type == dtype::f32 ? static_cast<const void*>(wf.data()) : w16.data();
+        const gpu::matrix_part part{w, type, n, k};
+        auto m = d.b->upload_matrix(type, k, std::span{&part, 1});
+        REQUIRE(m.ok());
+        weights.push_back(std::move(*m));
+        auto x = random_floats(std::max<std::size_t>(1, rows[e]) * k, 60 + e);
+        std::vector<float> expect(rows[e] * n);
+        cpu::matmul(x.data(), rows[e], cpu::packed_matrix::pack(type, w, n, k), expect.data(), nullptr);
+        want.push_back(std::move(expect));
+        xs.push_back(d.put(x));
+        ys.push_back(d.zeros(std::max<std::size_t>(1, rows[e]) * n));
+      }
+      for (std::size_t e = 0; e < std::size(rows); ++e)
+        batch.push_back({&weights[e], xs[e].floats(), ys[e].floats(), rows[e]});
+      d.b->matmul_batch(batch);
+      for (std::size_t e = 0; e < std::size(rows); ++e) {
+        INFO("expert " << e << ", " << rows[e] << " rows");
+        check_matches(d.kind, d.get(ys[e], rows[e] * n), want[e], type == dtype::f32 ? 1e-3f : 2e-2f);
       }
     }
   });
@@ -565,8 +602,8 @@ TEST_CASE("when_done calls back once the work issued before it is done") {
 }
 
 TEST_CASE("the cpu backend's bits do not depend on its thread count") {
-  auto one = gpu::create_backend(gpu::backend_kind::cpu, {.num_threads = 1});
-  auto four = gpu::create_backend(gpu::backend_kind::cpu, {.num_threads = 4});
+  auto one = gpu::create_backend(gpu::backend_kind::cpu, gpu::backend_options::with_threads(1));
+  auto four = gpu::create_backend(gpu::backend_kind::cpu, gpu::backend_options::with_threads(4));
   REQUIRE(one.ok());
   REQUIRE(four.ok());
   const std::size_t n = 256, k = 512, rows = 20;

@@ -116,6 +116,15 @@ struct EngineConfig {
   // with CUDA; the engine's device i runs on GPU i mod the GPUs visible). Engine::create fails
   // with a message naming the reason when it is not compiled in or no device is present.
   gpu::backend_kind backend = gpu::backend_kind::cpu;
+  // Each device loads its own part of the weights onto its backend (an expert device only its
+  // experts; an attention device embeddings, attention, norms, router, shared/dense experts
+  // and lm_head), as GPUs need. Always so on a backend other than cpu; on cpu it is for tests
+  // and comparisons (the default shares one host copy). Not with `weights` or a cluster.
+  bool per_device_weights = false;
+  // The grouped/dense switch of a cuda device's expert GEMMs, from `moert calibrate --backend
+  // cuda` (its testbed's "expert_gemm"); unset: online_testbed's, else the uncalibrated default
+  // (the report says which).
+  std::optional<policy::expert_gemm_crossover> expert_gemm;
   // Every shard and expert posts to one device: the runtime on a single core, for comparing
   // its overhead with the bare forward.
   bool single_device = false;
@@ -228,8 +237,15 @@ struct EngineReport {
   struct device_load {
     std::string name;
     double busy_fraction;  // busy time ÷ engine lifetime
+    std::string backend;   // its backend's name ("cpu (avx512, 1 threads)", "cuda:0 (NVIDIA H200)")
+    // Bytes of weights the device holds itself (per-device weights), by type; 0 when it reads
+    // the engine's shared host copy.
+    std::size_t weight_bytes = 0;
   };
   std::vector<device_load> devices;
+  // The cuda devices' expert GEMM switch: "dense from N rows (calibrated: <source>)", or the
+  // default marked "not calibrated"; empty on the cpu backend.
+  std::string expert_gemm_switch;
   double expert_batch_mean = 0, expert_batch_p50 = 0, expert_batch_p95 = 0;
   double executions_per_layer_wave = 0;  // fragmentation: expert runs per (layer, wave)
   double messages_per_token = 0;

@@ -36,12 +36,18 @@ void transmit(caf::event_based_actor* self, const runtime_context* ctx, const ca
     self->send(dest, std::move(msg));
 }
 
+// A node fault of the plan (fault_injector::node_fault_due) carried out on this process:
+// SIGKILL, or SIGSTOP with a helper that resumes it after for_ms (node_host.cpp).
+void carry_out_node_fault(const transport::fault_node& fault);
+
 template <class Message>
 void transmit_data(caf::event_based_actor* self, const runtime_context* ctx, const caf::actor& dest, Message msg,
                    const transport::message_identity& id) {
   if (!ctx->faults)
     return transmit(self, ctx, dest, std::move(msg));
   transport::fault_decision d = ctx->faults->decide_and_count(id);
+  if (auto node_fault = ctx->faults->node_fault_due())
+    carry_out_node_fault(*node_fault);  // a stopped node sends this message when it resumes
   switch (d.action) {
     case transport::fault_action::deliver:
       return transmit(self, ctx, dest, std::move(msg));

@@ -5,7 +5,14 @@
 #include "actors/mu_queue.hpp"
 #include "model/weights.hpp"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
+#include <csignal>
+#include <ctime>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 namespace moert::actors {
 
@@ -14,6 +21,7 @@ void register_node_message_types(caf::actor_system_config& config) {
   config.add_message_type<model_source>("moert::model_source");
   config.add_message_type<host_experts>("moert::host_experts");
   config.add_message_type<host_shards>("moert::host_shards");
+  config.add_message_type<transport::fault_counts>("moert::fault_counts");
 }
 
 node_host::node_host(caf::actor_config& cfg, std::string name, peer_connector connector)
@@ -28,7 +36,7 @@ void node_host::on_exit() {
 }
 
 std::string node_host::ensure_model(const model_source& source, std::uint32_t total_expert_devices,
-                                    const caf::actor& owner) {
+                                    const caf::actor& owner, const transport::fault_plan* faults) {
   if (owner_ && owner != owner_)
     return "node " + name_ + " already serves another engine";
   std::string key = source.model_dir + '\n' + source.synthetic_config + '\n' + std::to_string(source.weight_seed) +
@@ -44,6 +52,11 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
   if (auto failure = load_context(source, total_expert_devices, ctx); !failure.empty()) {
     stats_.reset();
     return failure;
+  }
+  if (faults) {
+    faults_ = std::make_unique<transport::fault_injector>(*faults);
+    faults_->watch_node(name_);
+    ctx->faults = faults_.get();
   }
   ctx_ = std::move(ctx);
   loaded_key_ = std::move(key);
@@ -100,9 +113,16 @@ std::vector<caf::actor> node_host::spawn_experts(const runtime_context* ctx, con
   for (std::uint32_t d = ask.first_device; d < ask.first_device + ask.num_devices; ++d) {
     auto& dev = devices_.emplace_back(
         std::make_unique<device>(name_ + ": expert " + std::to_string(d), ask.threads_per_device, nullptr));
+    if (ctx->faults && ctx->faults->slowdown("expert", d) > 1.0)
+      dev->set_slowdown(ctx->faults->slowdown("expert", d));
     caf::actor queue = system().spawn<mu_queue>(ctx, d, ask.scheduler, dev->name());
     hosted_.push_back(queue);
-    hosted_.push_back(system().spawn<expert>(ctx, d, dev.get(), queue));
+    caf::actor worker = system().spawn<expert>(ctx, d, dev.get(), queue);
+    hosted_.push_back(worker);
+    // An expert that dies takes its μ-queue along: the engine's node supervisor sees the
+    // device go and re-places it (its rows replayed), as it does for a lost node.
+    expert_queue_.emplace(worker.address(), queue);
+    monitor(worker);
     queues.push_back(queue);
   }
   return queues;
@@ -113,6 +133,8 @@ std::vector<caf::actor> node_host::spawn_shards(const runtime_context* ctx, cons
   for (std::uint32_t a = ask.first_shard; a < ask.first_shard + ask.num_shards; ++a) {
     auto& dev = devices_.emplace_back(
         std::make_unique<device>(name_ + ": attention " + std::to_string(a), ask.threads_per_device, nullptr));
+    if (ctx->faults && ctx->faults->slowdown("attention", a) > 1.0)
+      dev->set_slowdown(ctx->faults->slowdown("attention", a));
     caf::actor shard = system().spawn<attention_shard>(ctx, a, dev.get(), ask.queues, ask.owner, ask.plan.plan);
     hosted_.push_back(shard);
     shards.push_back(shard);
@@ -133,6 +155,7 @@ void node_host::teardown() {
   }
   devices_.clear();
   hosted_.clear();
+  expert_queue_.clear();
   link_.reset();  // after the devices: their last tasks may still ship rows
   peers_.clear();  // after the actors that sent through them
   if (owner_)
@@ -140,6 +163,7 @@ void node_host::teardown() {
   owner_ = nullptr;
   adopted_ctx_.clear();
   ctx_.reset();
+  faults_.reset();  // after every actor and device that points at it
   stats_.reset();
   loaded_key_.clear();
 }
@@ -147,18 +171,29 @@ void node_host::teardown() {
 caf::behavior node_host::make_behavior() {
   set_down_handler([this](const caf::down_msg& down) {
     if (owner_ && down.source == owner_.address())
-      teardown();
+      return teardown();
+    auto it = expert_queue_.find(down.source);
+    if (it == expert_queue_.end())
+      return;
+    caf::actor queue = it->second;
+    expert_queue_.erase(it);
+    if (down.reason != caf::exit_reason::user_shutdown && down.reason != caf::exit_reason::normal)
+      send_exit(queue, down.reason);
   });
   return {
     [this](host_atom, host_experts& ask) -> caf::result<std::vector<caf::actor>> {
-      if (auto failure = ensure_model(ask.model, ask.total_expert_devices, ask.owner); !failure.empty())
+      if (auto failure = ensure_model(ask.model, ask.total_expert_devices, ask.owner,
+                                      ask.with_faults ? &ask.faults : nullptr);
+          !failure.empty())
         return caf::make_error(caf::sec::runtime_error, failure);
       if (ask.num_devices == 0 || ask.first_device + ask.num_devices > ask.total_expert_devices)
         return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": expert devices out of range");
       return spawn_experts(ctx_.get(), ask);
     },
     [this](host_atom, host_shards& ask) -> caf::result<std::vector<caf::actor>> {
-      if (auto failure = ensure_model(ask.model, ask.total_expert_devices, ask.owner); !failure.empty())
+      if (auto failure = ensure_model(ask.model, ask.total_expert_devices, ask.owner,
+                                      ask.with_faults ? &ask.faults : nullptr);
+          !failure.empty())
         return caf::make_error(caf::sec::runtime_error, failure);
       if (ask.num_shards == 0 || ask.queues.size() != ask.total_expert_devices)
         return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": shards need every expert queue");
@@ -174,6 +209,10 @@ caf::behavior node_host::make_behavior() {
       if (auto failure = load_context(ask.model, ask.total_expert_devices, ctx); !failure.empty())
         return caf::make_error(caf::sec::runtime_error, failure);
       ctx->faults = ctx_->faults;
+      if (faults_)
+        for (std::uint32_t d = ask.first_device; d < ask.first_device + ask.num_devices; ++d)
+          for (auto actor : {transport::fault_actor::expert, transport::fault_actor::queue})
+            faults_->disarm_kills(actor, d);
       auto queues = spawn_experts(ctx.get(), ask);
       adopted_ctx_.push_back(std::move(ctx));
       return queues;
@@ -187,6 +226,9 @@ caf::behavior node_host::make_behavior() {
       if (auto failure = load_context(ask.model, ask.total_expert_devices, ctx); !failure.empty())
         return caf::make_error(caf::sec::runtime_error, failure);
       ctx->faults = ctx_->faults;
+      if (faults_)
+        for (std::uint32_t a = ask.first_shard; a < ask.first_shard + ask.num_shards; ++a)
+          faults_->disarm_kills(transport::fault_actor::attention, a);
       auto shards = spawn_shards(ctx.get(), ask);
       adopted_ctx_.push_back(std::move(ctx));
       return shards;
@@ -216,6 +258,13 @@ caf::behavior node_host::make_behavior() {
       if (link_)
         link_->cancel_peer(lost, std::move(reason));
     },
+    // What this node's fault injector did for its current engine (zeros without a plan).
+    [this](caf::get_atom, fault_atom) {
+      transport::fault_counts counts = faults_ ? faults_->counts() : transport::fault_counts{};
+      for (const auto& dev : devices_)
+        counts.slowed_tasks += dev->stretched_tasks();
+      return counts;
+    },
     // What this node sent by UCX for its current engine: "<bytes> <messages>".
     [this](caf::get_atom) -> std::string {
       return link_ ? std::to_string(link_->bytes_shipped()) + " " + std::to_string(link_->messages_shipped()) : "0 0";
@@ -238,6 +287,42 @@ caf::behavior node_host::make_behavior() {
       return caf::atom("ok");
     },
   };
+}
+
+}  // namespace moert::actors
+
+namespace moert::actors {
+
+// Forks a helper that sends SIGCONT after the stop's duration (it forks again so the node
+// need not reap it), then stops this process; or kills it. Only async-signal-safe calls in
+// the children: this process has many threads.
+void carry_out_node_fault(const transport::fault_node& fault) {
+  spdlog::warn("fault injector: node {} {}s itself after {} messages{}", fault.node, transport::to_string(fault.signal),
+               fault.after_messages, fault.signal == transport::fault_signal::stop
+                                         ? " for " + std::to_string(fault.for_ms) + " ms"
+                                         : std::string{});
+  if (fault.signal == transport::fault_signal::kill) {
+    ::raise(SIGKILL);
+    return;
+  }
+  pid_t self = ::getpid();
+  pid_t child = ::fork();
+  if (child == 0) {
+    if (::fork() == 0) {
+      timespec wait{time_t(fault.for_ms / 1000), long(fault.for_ms % 1000) * 1000000L};
+      while (::nanosleep(&wait, &wait) != 0) {
+      }
+      ::kill(self, SIGCONT);
+    }
+    ::_exit(0);
+  }
+  if (child < 0) {
+    spdlog::error("fault injector: cannot fork the helper that would resume node {}: not stopping", fault.node);
+    return;
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  ::raise(SIGSTOP);
 }
 
 }  // namespace moert::actors

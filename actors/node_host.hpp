@@ -32,6 +32,7 @@
 #include "actors/protocol.hpp"
 #include "actors/runtime.hpp"
 #include "actors/tensor_link.hpp"
+#include "transport/fault_injector.hpp"
 
 #include <caf/all.hpp>
 
@@ -73,6 +74,41 @@ struct model_source {
   std::uint32_t first_expert_device = 0, num_expert_devices = 0;
 };
 
+}  // namespace moert::actors
+
+// The fault plan travels to every node at bring-up (host_experts / host_shards) over the
+// authenticated CAF connection, and each node's counts come back the same way.
+namespace moert::transport {
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, fault_kill& x) {
+  return f(caf::meta::type_name("fault_kill"), x.actor, x.device, x.after_messages);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, fault_slow& x) {
+  return f(caf::meta::type_name("fault_slow"), x.device, x.factor);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, fault_node& x) {
+  return f(caf::meta::type_name("fault_node"), x.node, x.signal, x.after_messages, x.for_ms);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, fault_plan& x) {
+  return f(caf::meta::type_name("fault_plan"), x.seed, x.drop, x.duplicate, x.reorder, x.delay_probability,
+           x.delay_max_ms, x.kill, x.slow, x.nodes, x.retransmit_ms, x.retransmit_max_ms, x.max_retransmits);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, fault_counts& x) {
+  return f(caf::meta::type_name("fault_counts"), x.messages, x.dropped, x.duplicated, x.reordered, x.delayed,
+           x.killed, x.slowed_tasks, x.retransmitted, x.ignored_e2a, x.failed_batches, x.node_faults);
+}
+
+}  // namespace moert::transport
+
+namespace moert::actors {
+
+using fault_atom = caf::atom_constant<caf::atom("faults")>;  // engine → node: (get, faults) → its fault_counts
+
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, model_source& x) {
   return f(caf::meta::type_name("model_source"), x.model_dir, x.synthetic_config, x.weight_seed, x.attention_side,
@@ -89,6 +125,8 @@ struct host_experts {
   std::uint32_t threads_per_device = 1;
   scheduler_update scheduler;
   caf::actor owner;  // the engine's ingress: the node tears down when it goes
+  bool with_faults = false;  // the engine's fault plan, when it has one
+  transport::fault_plan faults;
 };
 
 // Attention shards [first_shard, first_shard + num_shards). Reply: the shards, in order.
@@ -101,18 +139,20 @@ struct host_shards {
   plan_update plan;
   std::vector<caf::actor> queues;  // every expert device's μ-queue, in global order
   caf::actor owner;                // the engine's ingress (hears each request's end)
+  bool with_faults = false;
+  transport::fault_plan faults;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, host_experts& x) {
   return f(caf::meta::type_name("host_experts"), x.model, x.first_device, x.num_devices, x.total_expert_devices,
-           x.threads_per_device, x.scheduler, x.owner);
+           x.threads_per_device, x.scheduler, x.owner, x.with_faults, x.faults);
 }
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, host_shards& x) {
   return f(caf::meta::type_name("host_shards"), x.model, x.first_shard, x.num_shards, x.total_expert_devices,
-           x.threads_per_device, x.plan, x.queues, x.owner);
+           x.threads_per_device, x.plan, x.queues, x.owner, x.with_faults, x.faults);
 }
 
 void register_node_message_types(caf::actor_system_config& config);
@@ -129,7 +169,8 @@ public:
 
 private:
   // Loads the model once per engine; returns the error (naming the source) or "".
-  std::string ensure_model(const model_source& source, std::uint32_t total_expert_devices, const caf::actor& owner);
+  std::string ensure_model(const model_source& source, std::uint32_t total_expert_devices, const caf::actor& owner,
+                           const transport::fault_plan* faults);
   // The part of the model `source` names, in a context of its own; an error text or "".
   std::string load_context(const model_source& source, std::uint32_t total_expert_devices,
                            std::unique_ptr<runtime_context>& out);
@@ -141,6 +182,8 @@ private:
 
   std::string name_;
   std::unique_ptr<runtime_stats> stats_;
+  std::unique_ptr<transport::fault_injector> faults_;  // the engine's plan, this node's share
+  std::map<caf::actor_addr, caf::actor> expert_queue_;  // each hosted expert's μ-queue
   std::unique_ptr<runtime_context> ctx_;
   // Parts adopted from lost nodes, each with its own weights (after devices_ in teardown).
   std::vector<std::unique_ptr<runtime_context>> adopted_ctx_;

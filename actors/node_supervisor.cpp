@@ -25,21 +25,21 @@ node_supervisor::node_supervisor(caf::actor_config& cfg, cluster_placement place
 // Handles are strong references: drop them so nothing here keeps a node's actors alive.
 void node_supervisor::on_exit() {
   p_ = {};
-  node_of_.clear();
+  watched_.clear();
 }
 
-void node_supervisor::watch(const caf::actor& actor, std::size_t node) {
-  node_of_[actor.address()] = node;
+void node_supervisor::watch(const caf::actor& actor, std::size_t node, kind what, std::uint32_t idx) {
+  watched_[actor.address()] = {node, what, idx};
   monitor(actor);
 }
 
 caf::behavior node_supervisor::make_behavior() {
   for (std::size_t i = 0; i < p_.nodes.size(); ++i)
-    watch(p_.nodes[i].host, i);
+    watch(p_.nodes[i].host, i, kind::node, 0);
   for (std::size_t d = 0; d < p_.queues.size(); ++d)
-    watch(p_.queues[d], p_.queue_node[d]);
+    watch(p_.queues[d], p_.queue_node[d], kind::queue, std::uint32_t(d));
   for (std::size_t a = 0; a < p_.shards.size(); ++a)
-    watch(p_.shards[a], p_.shard_node[a]);
+    watch(p_.shards[a], p_.shard_node[a], kind::shard, std::uint32_t(a));
   set_down_handler([this](const caf::down_msg& down) { on_down(down); });
   return {
     // Whether recovery gave up (a probe for tests): answers failed_.
@@ -48,17 +48,39 @@ caf::behavior node_supervisor::make_behavior() {
 }
 
 void node_supervisor::on_down(const caf::down_msg& down) {
-  auto it = node_of_.find(down.source);
-  if (it == node_of_.end())
+  auto it = watched_.find(down.source);
+  if (it == watched_.end())
     return;
-  std::size_t node = it->second;
-  node_of_.erase(it);
+  watched who = it->second;
+  watched_.erase(it);
   // A node releasing its part on purpose (the engine shutting down) is no loss.
   if (down.reason == caf::exit_reason::user_shutdown || down.reason == caf::exit_reason::normal)
     return;
-  if (node >= lost_.size() || lost_[node])
+  if (who.node >= lost_.size() || lost_[who.node] || failed_)
     return;
-  lose(node, "node " + p_.nodes[node].name + " was lost (" + system().render(down.reason) + ")");
+  const std::string& name = p_.nodes[who.node].name;
+  std::string why = system().render(down.reason);
+  // The node process itself (dead, or silent past the liveness timeout: CAF then drops the
+  // connection and every proxy of that node goes with remote_link_unreachable).
+  if (who.what == kind::node || down.reason == caf::exit_reason::remote_link_unreachable)
+    return lose(who.node, "node " + name + " was lost (" + why + ")");
+  // One part died while its node lives: re-place that part only (the node may take it again).
+  auto now = std::chrono::steady_clock::now();
+  while (!restarts_.empty() && now - restarts_.front() > p_.restart_period)
+    restarts_.pop_front();
+  std::string what = (who.what == kind::queue ? "expert device " : "attention shard ") + std::to_string(who.idx) +
+                     " on node " + name + " died (" + why + ")";
+  if (restarts_.size() >= p_.max_restarts)
+    return give_up("recovery gave up after " + std::to_string(p_.max_restarts) + " re-placements within " +
+                   std::to_string(p_.restart_period.count()) + " ms: " + what);
+  restarts_.push_back(now);
+  spdlog::warn("cluster: {}", what);
+  if (who.what == kind::queue)
+    place_expert(who.idx, what, now, 0);
+  else if (experts_pending_ > 0)
+    shards_waiting_.push_back({who.idx, {what, now}});
+  else
+    place_shard(who.idx, what, now, 0);
 }
 
 void node_supervisor::lose(std::size_t node, const std::string& reason) {
@@ -128,7 +150,7 @@ void node_supervisor::place_expert(std::uint32_t device, std::string lost, std::
             caf::actor queue = queues.front();
             p_.queues[device] = queue;
             p_.queue_node[device] = target;
-            watch(queue, target);
+            watch(queue, target, kind::queue, device);
             if (lost_[target])  // lost while adopting: its down message came first
               return place_expert(device, lost, since, 1);
             // The new queue first, then the replay: the same sender, so in that order.
@@ -185,7 +207,7 @@ void node_supervisor::place_shard(std::uint32_t shard, std::string lost, std::ch
             caf::actor fresh = shards.front();
             p_.shards[shard] = fresh;
             p_.shard_node[shard] = target;
-            watch(fresh, target);
+            watch(fresh, target, kind::shard, shard);
             if (lost_[target])
               return place_shard(shard, lost, since, 1);
             if (p_.policy) {

@@ -32,6 +32,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -84,6 +85,11 @@ struct cluster_placement {
   scheduler_update scheduler;
   plan_update plan;
   std::chrono::milliseconds adopt_timeout{60000};
+  // A single μ-queue or shard that dies while its node lives (a fault plan's kill, a device
+  // task that threw) is re-placed too, at most max_restarts times within restart_period;
+  // one more gives up (as the in-process supervisor escalates).
+  std::size_t max_restarts = 3;
+  std::chrono::milliseconds restart_period{10000};
 };
 
 class node_supervisor : public caf::event_based_actor {
@@ -103,11 +109,18 @@ private:
   // The live node of that kind hosting the fewest parts; nodes.size() when none.
   std::size_t pick(bool attention) const;
   void give_up(const std::string& reason);
-  void watch(const caf::actor& actor, std::size_t node);
 
   cluster_placement p_;
   std::shared_ptr<cluster_health> health_;
-  std::map<caf::actor_addr, std::size_t> node_of_;  // watched actor -> node index
+  enum class kind { node, queue, shard };
+  struct watched {
+    std::size_t node;
+    kind what;
+    std::uint32_t idx;
+  };
+  void watch(const caf::actor& actor, std::size_t node, kind what, std::uint32_t idx);
+  std::map<caf::actor_addr, watched> watched_;
+  std::deque<std::chrono::steady_clock::time_point> restarts_;
   std::vector<bool> lost_;
   std::size_t experts_pending_ = 0;  // expert adoptions under way: shards wait for them
   std::vector<std::pair<std::uint32_t, std::pair<std::string, std::chrono::steady_clock::time_point>>>

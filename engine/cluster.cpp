@@ -194,6 +194,10 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
       continue;
     actors::host_experts host{parts[i],          next_device,  std::uint32_t(node.expert_devices), total_experts,
                               ask.threads_per_device, ask.scheduler, ask.ingress};
+    if (ask.faults) {
+      host.with_faults = true;
+      host.faults = *ask.faults;
+    }
     auto queues = ask_node(system, session.nodes[i], node, caf::make_message(actors::host_atom::value, host),
                            ask.timeout);
     if (!queues.ok())
@@ -211,6 +215,10 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
       continue;
     actors::host_shards host{parts[i],   next_shard,     std::uint32_t(node.attention_devices), total_experts,
                              ask.threads_per_device, ask.plan, session.queues, ask.ingress};
+    if (ask.faults) {
+      host.with_faults = true;
+      host.faults = *ask.faults;
+    }
     auto shards = ask_node(system, session.nodes[i], node, caf::make_message(actors::host_atom::value, host),
                            ask.timeout);
     if (!shards.ok())

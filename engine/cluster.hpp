@@ -31,6 +31,7 @@ struct cluster_request {
   actors::plan_update plan;
   caf::actor ingress;
   std::chrono::milliseconds timeout{60000};
+  const transport::fault_plan* faults = nullptr;  // every node gets the engine's plan (null: none)
 };
 
 // Sets CAF's heartbeat and connection timeout (off by default in 0.17) and registers the

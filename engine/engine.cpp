@@ -154,6 +154,26 @@ struct Engine::impl {
 
 namespace {
 
+// CAF 0.17 keeps a reference to the actor system's logger in a thread-local of every thread
+// that spawns an actor or makes a scoped_actor (logger::set_current_actor_system), and
+// ~actor_system waits for the logger's last reference. A caller's thread that stays alive
+// after such a call would hang ~Engine on any other thread, so every public call that spawns
+// or makes a scoped_actor on its caller's thread drops that reference before it returns
+// (tests/engine/caller_threads). Declared before the scoped_actor, so it runs after it.
+class caller_thread_release {
+ public:
+  explicit caller_thread_release(caf::actor_system& system) : system_(system) {}
+  caller_thread_release(const caller_thread_release&) = delete;
+  caller_thread_release& operator=(const caller_thread_release&) = delete;
+  ~caller_thread_release() {
+    if (caf::logger::current_logger() == &system_.logger())
+      caf::logger::set_current_actor_system(nullptr);
+  }
+
+ private:
+  caf::actor_system& system_;
+};
+
 using clock = std::chrono::steady_clock;
 
 double ms_between(clock::time_point from, clock::time_point to) {
@@ -305,9 +325,21 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   state->ctx.stats = &state->stats;
   state->ctx.trace = config.trace ? &state->trace : nullptr;
   if (config.faults) {
-    if (config.cluster)
-      return invalid("a fault plan runs in one process for now: the nodes of a cluster do not get it (drop --faults "
-                     "or --cluster)");
+    // Node faults name nodes of the cluster file: checked before any node is asked.
+    for (std::size_t i = 0; i < config.faults->nodes.size(); ++i) {
+      const std::string& name = config.faults->nodes[i].node;
+      std::string key = "fault plan: 'nodes[" + std::to_string(i) + "].node' ";
+      if (!config.cluster)
+        return invalid(key + "'" + name + "': node faults need a cluster (--cluster FILE)");
+      std::string names;
+      bool known = false;
+      for (const auto& node : config.cluster->nodes) {
+        known = known || node.name == name;
+        names += (names.empty() ? "" : ", ") + node.name;
+      }
+      if (!known)
+        return invalid(key + "'" + name + "' is not a node of the cluster (its nodes: " + names + ")");
+    }
     state->faults = std::make_unique<transport::fault_injector>(*config.faults);
     state->ctx.faults = state->faults.get();
   }
@@ -325,6 +357,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
                           config.tls);
   state->system = std::make_unique<caf::actor_system>(state->system_config);
   caf::actor_system& sys = *state->system;
+  caller_thread_release release_thread{sys};
   const actors::runtime_context* ctx = &state->ctx;
 
   // Per-device weights: each device's part, loaded onto its own backend (one backend, one
@@ -422,6 +455,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     ask.plan = {config.plan};
     ask.ingress = state->ingress;
     ask.timeout = config.cluster_timeout;
+    ask.faults = config.faults ? &*config.faults : nullptr;
     auto session = connect_cluster(sys, *config.cluster, config.cluster_secret, ask, config.tls.enabled());
     if (!session.ok()) {
       caf::anon_send_exit(state->ingress, caf::exit_reason::user_shutdown);
@@ -490,6 +524,8 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     placement.scheduler = scheduler;
     placement.plan = {config.plan};
     placement.adopt_timeout = config.cluster_timeout;
+    placement.max_restarts = config.max_restarts;
+    placement.restart_period = config.restart_period;
     state->node_supervisor = sys.spawn<actors::node_supervisor>(std::move(placement), state->cluster_health);
     state->all_actors.push_back(state->node_supervisor);
   }
@@ -647,6 +683,7 @@ void Engine::shutdown() {
     // Wait (bounded) until each node has torn down this engine's part, so the next engine
     // finds the nodes free. Nobody waits on a lost node: should it come back, it frees itself
     // when it sees this engine go.
+    caller_thread_release release_thread{*impl_->system};
     caf::scoped_actor self{*impl_->system};
     for (std::size_t i = 0; i < impl_->cluster->nodes.size(); ++i)
       if (!impl_->cluster_health->node_lost(i))
@@ -677,6 +714,7 @@ status Engine::kill_actor(const std::string& kind, std::size_t device) {
     supervisor = impl_->supervisor;
   }
   bool killed = false;
+  caller_thread_release release_thread{*impl_->system};
   caf::scoped_actor self{*impl_->system};
   self->request(supervisor, std::chrono::seconds{5}, actors::kill_atom::value, kind, std::uint32_t(device))
       .receive([&](bool ok) { killed = ok; }, [](caf::error&) {});
@@ -796,6 +834,34 @@ EngineReport Engine::report() const {
     out.faults = impl_->faults->counts();
     for (const auto& dev : impl_->devices)
       out.faults.slowed_tasks += dev->stretched_tasks();
+    if (impl_->cluster) {
+      // Each surviving node's injector (a lost node's counts are lost with it), and the nodes
+      // the plan's node faults took down.
+      caf::scoped_actor self{*impl_->system};
+      for (std::size_t i = 0; i < impl_->cluster->nodes.size(); ++i) {
+        if (impl_->cluster_health->node_lost(i))
+          continue;
+        self->request(impl_->cluster->nodes[i], std::chrono::seconds{2}, caf::get_atom::value, actors::fault_atom::value)
+            .receive(
+                [&](const transport::fault_counts& c) {
+                  out.faults.messages += c.messages;
+                  out.faults.dropped += c.dropped;
+                  out.faults.duplicated += c.duplicated;
+                  out.faults.reordered += c.reordered;
+                  out.faults.delayed += c.delayed;
+                  out.faults.killed += c.killed;
+                  out.faults.slowed_tasks += c.slowed_tasks;
+                  out.faults.retransmitted += c.retransmitted;
+                  out.faults.ignored_e2a += c.ignored_e2a;
+                  out.faults.failed_batches += c.failed_batches;
+                },
+                [](caf::error&) {});
+      }
+      for (const auto& fault : impl_->config.faults->nodes)
+        for (std::size_t i = 0; i < impl_->cluster->nodes.size(); ++i)
+          if (impl_->config.cluster->nodes[i].name == fault.node && impl_->cluster_health->node_lost(i))
+            ++out.faults.node_faults;
+    }
   }
   out.errors = impl_->finished[std::size_t(FinishReason::error)];
   caf::actor supervisor;
@@ -804,6 +870,7 @@ EngineReport Engine::report() const {
     if (!impl_->stopped)
       supervisor = impl_->supervisor;
   }
+  caller_thread_release release_thread{*impl_->system};
   if (supervisor) {
     caf::scoped_actor self{*impl_->system};
     self->request(supervisor, std::chrono::seconds{2}, caf::get_atom::value)

@@ -63,7 +63,8 @@ result<std::uint64_t> integer(const json& object, const char* key, std::uint64_t
 result<fault_plan> parse(const json& root, const std::string& source) {
   if (!root.is_object())
     return make_error(error_code::invalid_config, source + ": a fault plan is a JSON object");
-  MOERT_TRY(only_keys(root, {"seed", "drop", "duplicate", "reorder", "delay", "kill", "slow", "retransmit"}, source, ""));
+  MOERT_TRY(only_keys(root, {"seed", "drop", "duplicate", "reorder", "delay", "kill", "slow", "nodes", "retransmit"},
+                      source, ""));
   fault_plan plan;
   auto seed = integer(root, "seed", 0, ~std::uint64_t{0}, source, "");
   MOERT_TRY(seed);
@@ -151,6 +152,44 @@ result<fault_plan> parse(const json& root, const std::string& source) {
       plan.slow.push_back(slow);
     }
   }
+  if (auto it = root.find("nodes"); it != root.end()) {
+    if (!it->is_array())
+      return fail(source, "nodes", "must be a list of {\"node\", \"signal\", \"after_messages\", \"for_ms\"}");
+    for (std::size_t i = 0; i < it->size(); ++i) {
+      const json& entry = (*it)[i];
+      std::string path = "nodes[" + std::to_string(i) + "].";
+      if (!entry.is_object())
+        return fail(source, path.substr(0, path.size() - 1), "must be an object");
+      MOERT_TRY(only_keys(entry, {"node", "signal", "after_messages", "for_ms"}, source, path));
+      transport::fault_node fault;
+      auto node = entry.find("node");
+      if (node == entry.end() || !node->is_string() || node->get<std::string>().empty())
+        return fail(source, path + "node",
+                    "must be the name of a node of the cluster file" +
+                        (node == entry.end() ? std::string{" (missing)"} : ", not " + node->dump()));
+      fault.node = node->get<std::string>();
+      auto signal = entry.find("signal");
+      if (signal == entry.end())
+        return fail(source, path + "signal", "is missing (kill or stop)");
+      if (*signal == "kill")
+        fault.signal = transport::fault_signal::kill;
+      else if (*signal == "stop")
+        fault.signal = transport::fault_signal::stop;
+      else
+        return fail(source, path + "signal", "must be kill or stop, not " + signal->dump());
+      auto after = integer(entry, "after_messages", 0, ~std::uint64_t{0} >> 1, source, path);
+      MOERT_TRY(after);
+      fault.after_messages = *after;
+      auto for_ms = integer(entry, "for_ms", 0, 3600000, source, path);
+      MOERT_TRY(for_ms);
+      fault.for_ms = *for_ms;
+      if (fault.signal == transport::fault_signal::stop && fault.for_ms == 0)
+        return fail(source, path + "for_ms", "must be given (1 to 3600000) for a stop: how long the node stays stopped");
+      if (fault.signal == transport::fault_signal::kill && entry.contains("for_ms"))
+        return fail(source, path + "for_ms", "applies to stop only, not kill");
+      plan.nodes.push_back(fault);
+    }
+  }
   if (auto it = root.find("retransmit"); it != root.end()) {
     if (!it->is_object())
       return fail(source, "retransmit", "must be an object {\"ms\", \"max_ms\", \"max_retries\"}");
@@ -200,6 +239,13 @@ std::string to_json(const fault_plan& plan) {
   out["slow"] = json::array();
   for (const auto& s : plan.slow)
     out["slow"].push_back({{"device", s.device}, {"factor", s.factor}});
+  out["nodes"] = json::array();
+  for (const auto& n : plan.nodes) {
+    json entry{{"node", n.node}, {"signal", transport::to_string(n.signal)}, {"after_messages", n.after_messages}};
+    if (n.signal == transport::fault_signal::stop)
+      entry["for_ms"] = n.for_ms;
+    out["nodes"].push_back(entry);
+  }
   out["retransmit"] = {{"ms", plan.retransmit_ms}, {"max_ms", plan.retransmit_max_ms},
                        {"max_retries", plan.max_retransmits}};
   return out.dump();

@@ -8,9 +8,13 @@
 //    "delay": {"probability": 0.05, "max_ms": 5},
 //    "kill": [{"actor": "expert", "device": 0, "after_messages": 50}],
 //    "slow": [{"device": "expert:1", "factor": 3}],
+//    "nodes": [{"node": "e1", "signal": "kill", "after_messages": 40},
+//              {"node": "e0", "signal": "stop", "after_messages": 30, "for_ms": 3000}],
 //    "retransmit": {"ms": 25, "max_ms": 1000, "max_retries": 12}}
 //
 // Every key is optional; the probabilities apply per A2E/E2A message and may sum to at most 1.
+// "nodes" (a cluster only): the named node signals itself once it has sent after_messages
+// A2E/E2A messages; a stop lasts for_ms (required for stop, refused for kill).
 
 #include "core/error.hpp"
 #include "transport/fault_injector.hpp"

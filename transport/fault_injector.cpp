@@ -48,7 +48,38 @@ const char* to_string(fault_action action) {
   return "?";
 }
 
-fault_injector::fault_injector(fault_plan plan) : plan_(std::move(plan)), fired_(plan_.kill.size()) {}
+const char* to_string(fault_signal signal) {
+  return signal == fault_signal::kill ? "kill" : "stop";
+}
+
+fault_injector::fault_injector(fault_plan plan)
+    : plan_(std::move(plan)),
+      fired_(plan_.kill.size()),
+      disarmed_(plan_.kill.size(), false),
+      node_fired_(plan_.nodes.size()) {}
+
+void fault_injector::disarm_kills(fault_actor actor, std::uint32_t device) {
+  for (std::size_t i = 0; i < plan_.kill.size(); ++i)
+    if (plan_.kill[i].actor == actor && plan_.kill[i].device == device)
+      disarmed_[i] = true;
+}
+
+void fault_injector::watch_node(const std::string& name) {
+  own_nodes_.clear();
+  for (std::size_t i = 0; i < plan_.nodes.size(); ++i)
+    if (plan_.nodes[i].node == name)
+      own_nodes_.push_back(i);
+}
+
+std::optional<fault_node> fault_injector::node_fault_due() {
+  if (own_nodes_.empty())
+    return std::nullopt;
+  std::uint64_t sent = messages_.load();
+  for (std::size_t i : own_nodes_)
+    if (sent >= plan_.nodes[i].after_messages && !node_fired_[i].exchange(true))
+      return plan_.nodes[i];
+  return std::nullopt;
+}
 
 fault_decision fault_injector::decide(const message_identity& id) const {
   if (!plan_.message_faults())
@@ -91,7 +122,8 @@ bool fault_injector::watches(fault_actor actor, std::uint32_t device) const {
 std::optional<fault_kill> fault_injector::kill_due(fault_actor actor, std::uint32_t device, std::uint64_t messages) {
   for (std::size_t i = 0; i < plan_.kill.size(); ++i) {
     const fault_kill& k = plan_.kill[i];
-    if (k.actor == actor && k.device == device && messages >= k.after_messages && !fired_[i].exchange(true))
+    if (k.actor == actor && k.device == device && messages >= k.after_messages && !disarmed_[i] &&
+        !fired_[i].exchange(true))
       return k;
   }
   return std::nullopt;

@@ -45,6 +45,19 @@ struct fault_slow {
   double factor = 1.0;
 };
 
+// A node process signals itself once it has sent `after_messages` A2E/E2A messages: kill is
+// SIGKILL; stop is SIGSTOP, and a helper process it forks first sends SIGCONT after `for_ms`.
+enum class fault_signal { kill, stop };
+
+const char* to_string(fault_signal signal);
+
+struct fault_node {
+  std::string node;  // the cluster file's node name
+  fault_signal signal = fault_signal::kill;
+  std::uint64_t after_messages = 0;
+  std::uint64_t for_ms = 0;  // stop only
+};
+
 struct fault_plan {
   std::uint64_t seed = 0;
   // Probabilities per A2E/E2A message (each in [0, 1], their sum at most 1).
@@ -55,6 +68,7 @@ struct fault_plan {
   double delay_max_ms = 0.0;  // a delayed message waits uniformly in [0, delay_max_ms]
   std::vector<fault_kill> kill;
   std::vector<fault_slow> slow;
+  std::vector<fault_node> nodes;  // a cluster only
   // At-least-once delivery: a micro-batch's missing E2A rows are asked again after
   // retransmit_ms, doubling up to retransmit_max_ms, at most max_retransmits times; then its
   // requests end with an error.
@@ -63,7 +77,7 @@ struct fault_plan {
   std::uint32_t max_retransmits = 12;
 
   bool message_faults() const { return drop > 0 || duplicate > 0 || reorder > 0 || delay_probability > 0; }
-  bool empty() const { return !message_faults() && kill.empty() && slow.empty(); }
+  bool empty() const { return !message_faults() && kill.empty() && slow.empty() && nodes.empty(); }
 };
 
 // -- decisions ------------------------------------------------------------------------
@@ -103,7 +117,8 @@ struct fault_counts {
   std::uint64_t retransmitted = 0;  // A2E messages sent again by a shard
   std::uint64_t ignored_e2a = 0;    // E2A entries that arrived twice or late and were ignored
   std::uint64_t failed_batches = 0; // micro-batches whose retransmissions ran out
-  std::uint64_t injected() const { return dropped + duplicated + reordered + delayed + killed; }
+  std::uint64_t node_faults = 0;    // nodes of the plan's "nodes" that were lost (the engine counts)
+  std::uint64_t injected() const { return dropped + duplicated + reordered + delayed + killed + node_faults; }
 };
 
 class fault_injector {
@@ -128,6 +143,16 @@ public:
   // The slow-down factor of the device named `kind:index` ("expert:1"); 1 when none.
   double slowdown(std::string_view kind, std::size_t index) const;
 
+  // A part re-placed after a loss must not be killed again by the plan: the plan's kills of
+  // that device (or shard) fire once, where it lived at first. Call before its actors exist.
+  void disarm_kills(fault_actor actor, std::uint32_t device);
+
+  // In a node process: which of the plan's node faults are this node's own.
+  void watch_node(const std::string& name);
+  // The node fault due now that this node has sent its messages (decide_and_count counts
+  // them), once; nullopt otherwise. Cheap when the plan has none for this node.
+  std::optional<fault_node> node_fault_due();
+
   void count_retransmits(std::uint64_t n) { retransmitted_ += n; }
   void count_ignored_e2a(std::uint64_t n) { ignored_e2a_ += n; }
   void count_failed_batch() { ++failed_batches_; }
@@ -140,6 +165,9 @@ private:
   std::atomic<std::uint64_t> retransmitted_{0}, ignored_e2a_{0}, failed_batches_{0};
   // One flag per plan.kill entry: carried out.
   std::vector<std::atomic<bool>> fired_;
+  std::vector<bool> disarmed_;  // per plan.kill entry
+  std::vector<std::size_t> own_nodes_;  // indexes into plan_.nodes naming this node
+  std::vector<std::atomic<bool>> node_fired_;
 };
 
 }  // namespace moert::transport

@@ -2,7 +2,9 @@
 // a pure function of (seed, message identity), so a seed reproduces them.
 #include <catch2/catch.hpp>
 
+#include "engine/engine.hpp"
 #include "engine/fault_plan.hpp"
+#include "test_support.hpp"
 
 #include <map>
 
@@ -186,4 +188,82 @@ TEST_CASE("kills fire once, at their threshold, and are named") {
   CHECK(injector.kills_text(transport::fault_actor::expert, 0) ==
         "the fault injector killed the expert actor of device 0 after 50 messages");
   CHECK(injector.counts().killed == 1);
+}
+
+TEST_CASE("node faults parse, round-trip, and fire once on their own node after their messages") {
+  auto plan = parse_fault_plan(R"({"nodes": [{"node": "e1", "signal": "kill", "after_messages": 40},
+                                             {"node": "e0", "signal": "stop", "after_messages": 30, "for_ms": 3000}]})",
+                               "nodes.json");
+  REQUIRE(plan.ok());
+  REQUIRE(plan->nodes.size() == 2);
+  CHECK(plan->nodes[0].node == "e1");
+  CHECK(plan->nodes[0].signal == transport::fault_signal::kill);
+  CHECK(plan->nodes[0].after_messages == 40);
+  CHECK(plan->nodes[1].signal == transport::fault_signal::stop);
+  CHECK(plan->nodes[1].for_ms == 3000);
+  CHECK_FALSE(plan->empty());
+  auto again = parse_fault_plan(to_json(*plan), "again");
+  REQUIRE(again.ok());
+  CHECK(to_json(*again) == to_json(*plan));
+
+  transport::fault_injector on_e0{*plan};
+  on_e0.watch_node("e0");
+  transport::message_identity id;
+  for (std::uint32_t i = 0; i < 29; ++i) {
+    id.step = i;
+    on_e0.decide_and_count(id);
+    CHECK_FALSE(on_e0.node_fault_due());
+  }
+  on_e0.decide_and_count(id);
+  auto due = on_e0.node_fault_due();
+  REQUIRE(due);
+  CHECK(due->node == "e0");
+  CHECK(due->signal == transport::fault_signal::stop);
+  CHECK_FALSE(on_e0.node_fault_due());  // once
+  transport::fault_injector on_a0{*plan};
+  on_a0.watch_node("a0");
+  for (int i = 0; i < 100; ++i)
+    on_a0.decide_and_count(id);
+  CHECK_FALSE(on_a0.node_fault_due());
+}
+
+TEST_CASE("node fault errors name the file, the key and the value") {
+  CHECK(error_of(R"({"nodes": {"node": "e1"}})").find("'nodes' must be a list") != std::string::npos);
+  CHECK(error_of(R"({"nodes": [{"node": "e1", "signal": "kill", "after": 3}]})")
+            .find("'nodes[0].after' is not a fault plan key") != std::string::npos);
+  CHECK(error_of(R"({"nodes": [{"signal": "kill"}]})").find("'nodes[0].node' must be the name of a node") !=
+        std::string::npos);
+  CHECK(error_of(R"({"nodes": [{"node": "e1", "signal": "pause"}]})")
+            .find("'nodes[0].signal' must be kill or stop, not \"pause\"") != std::string::npos);
+  CHECK(error_of(R"({"nodes": [{"node": "e1"}]})").find("'nodes[0].signal' is missing") != std::string::npos);
+  CHECK(error_of(R"({"nodes": [{"node": "e1", "signal": "stop"}]})").find("'nodes[0].for_ms' must be given") !=
+        std::string::npos);
+  CHECK(error_of(R"({"nodes": [{"node": "e1", "signal": "kill", "for_ms": 5}]})")
+            .find("'nodes[0].for_ms' applies to stop only") != std::string::npos);
+  CHECK(error_of(R"({"nodes": [{"node": "e1", "signal": "stop", "for_ms": -1}]})")
+            .find("'nodes[0].for_ms' must be an integer from 0 to 3600000, not -1") != std::string::npos);
+  CHECK(error_of(R"({"nodes": [{"node": "e1", "signal": "pause"}]})").find("f.json") == 0);
+}
+
+TEST_CASE("Engine::create refuses node faults without a cluster, or naming no node of it") {
+  auto dir = test::fixture_dir("qwen3_moe_tiny");
+  if (dir.empty()) {
+    test::skip_whole_binary("../shared/fixtures not found");
+    return;
+  }
+  auto plan = parse_fault_plan(R"({"nodes": [{"node": "e9", "signal": "kill", "after_messages": 1}]})", "n.json");
+  REQUIRE(plan.ok());
+  EngineConfig config;
+  config.model_dir = dir.string();
+  config.faults = *plan;
+  auto alone = Engine::create(config);
+  REQUIRE_FALSE(alone.ok());
+  CHECK(alone.err().message.find("'nodes[0].node' 'e9': node faults need a cluster") != std::string::npos);
+
+  cluster_config cluster;
+  cluster.nodes = {{"a0", "127.0.0.1", 1, 1, 0}, {"e0", "127.0.0.1", 2, 0, 1}};
+  config.cluster = cluster;
+  auto unknown = Engine::create(config);  // refused before any node is asked (none listens)
+  REQUIRE_FALSE(unknown.ok());
+  CHECK(unknown.err().message.find("'e9' is not a node of the cluster (its nodes: a0, e0)") != std::string::npos);
 }

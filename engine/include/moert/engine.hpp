@@ -184,7 +184,10 @@ struct EngineConfig {
   // A fault plan (engine/fault_plan.hpp, `--faults FILE`): seeded drops, duplicates,
   // reorders and delays of A2E/E2A messages, actor kills and slow devices. With a plan, A2E/E2A
   // delivery is at least once (missing expert outputs are asked again, duplicates ignored),
-  // so message faults change no token and no logit. One process only for now.
+  // so message faults change no token and no logit. With a cluster every node gets the plan at
+  // bring-up and applies it at its own send seam (the same seeded decision per message), kills
+  // and slows act on the node hosting the named device, and the plan's "nodes" kill or stop
+  // node processes; the report sums what every surviving node injected.
   std::optional<fault_plan> faults;
 };
 

@@ -183,9 +183,16 @@ void attention_shard::start_step() {
       // A new sequence feeds its prompt, and a replayed one its tokens so far too (prefill
       // rebuilds the KV its old shard lost); a running one feeds its last token.
       std::vector<std::int32_t> feed;
-      if (seq.cache.length() == 0) {
+      if (seq.prefilling) {
         feed = seq.request.prompt;
         feed.insert(feed.end(), seq.generated.begin(), seq.generated.end());
+        // Chunked prefill: the next chunk only. Prompt logits of every row are kept whole.
+        std::size_t done = seq.cache.length();
+        std::size_t chunk = ctx_->prefill_chunk_tokens;
+        std::size_t end = chunk == 0 || seq.request.return_prompt_logits ? feed.size()
+                                                                         : std::min(feed.size(), done + chunk);
+        feed = std::vector<std::int32_t>(feed.begin() + std::ptrdiff_t(done), feed.begin() + std::ptrdiff_t(end));
+        seq.prefilling = end < seq.request.prompt.size() + seq.generated.size();
       } else {
         feed = {seq.generated.back()};
       }
@@ -468,7 +475,10 @@ void attention_shard::run_final(std::size_t mb_idx) {
     params.push_back(seq.request.sampling);
     positions.push_back(seq.request.prompt.size() + seq.generated.size());
     bool every_prompt_row = seq.request.return_prompt_logits && seq.generated.empty();
-    row_ranges.emplace_back(every_prompt_row ? mb.first_rows[s] : mb.last_rows[s], mb.last_rows[s] + 1);
+    if (seq.prefilling)  // a chunk before the prompt's last: nothing to sample yet
+      row_ranges.emplace_back(mb.last_rows[s], mb.last_rows[s]);
+    else
+      row_ranges.emplace_back(every_prompt_row ? mb.first_rows[s] : mb.last_rows[s], mb.last_rows[s] + 1);
     logprobs_asked.push_back(seq.request.wants_logprobs() ? 1 + seq.request.top_logprobs : 0);
     keep_logits.push_back(seq.request.return_logits || every_prompt_row);
   }
@@ -496,7 +506,9 @@ void attention_shard::run_final(std::size_t mb_idx) {
     // Logits and sampling stay on the host at the actor boundary: downloaded when the
     // backend's memory is not host memory.
     std::vector<float> logits(num_rows * vocab);
-    if (gpu::holds_host_memory(backend)) {
+    if (num_rows == 0) {
+      // Every sequence of the micro-batch is mid-prefill: nothing to sample.
+    } else if (gpu::holds_host_memory(backend)) {
       model::logits_step(c, weights(), rows.floats(), num_rows, logits.data(), backend);
     } else {
       gpu::buffer logits_dev = backend.allocate(logits.size() * sizeof(float));
@@ -510,6 +522,10 @@ void attention_shard::run_final(std::size_t mb_idx) {
     const float* next = logits.data();
     for (std::size_t s = 0; s < ids.size(); ++s) {
       std::size_t count = (row_ranges[s].second - row_ranges[s].first) * vocab;
+      if (count == 0) {  // still prefilling
+        tokens.push_back(-1);
+        continue;
+      }
       std::span<const float> drawn_from{next + count - vocab, vocab};
       tokens.push_back(model::sample(drawn_from, params[s], ids[s], positions[s]));
       if (logprobs_asked[s] > 0)
@@ -531,6 +547,8 @@ void attention_shard::on_final_done(std::size_t mb_idx, std::vector<std::int32_t
     std::uint64_t id = mb.sequence_ids[s];
     sequence& seq = sequences_.at(id);
     seq.cache.advance(seq.fed);
+    if (tokens[s] < 0)  // a prefill chunk: the prompt goes on next step
+      continue;
     seq.generated.push_back(tokens[s]);
     const std::vector<std::int32_t>& stops = seq.request.stop_token_ids;
     bool stop = std::binary_search(stops.begin(), stops.end(), tokens[s]);

@@ -36,7 +36,9 @@ private:
     model::kv_cache cache;
     std::vector<std::int32_t> generated;
     bool cancelled = false;
-    std::size_t fed = 0;  // tokens fed this step: the whole prompt (+ replayed) first, then 1
+    // Tokens fed this step: the prompt (+ replayed tokens), whole or in chunks, then 1.
+    std::size_t fed = 0;
+    bool prefilling = true;  // the prompt (+ replayed) is not all in the cache yet
   };
 
   // Per micro-batch state of the running step. Buffers are written by device tasks; the actor

@@ -136,6 +136,10 @@ struct runtime_context {
   // The engine's fault plan at work (actors/fault_seam.hpp); null: no faults, and A2E/E2A are
   // not retransmitted (in one process CAF loses no message).
   transport::fault_injector* faults = nullptr;
+  // Chunked prefill (EngineConfig::prefill_chunk_tokens): a step feeds at most this many
+  // tokens of a prompt, so the decode rows beside it never wait for a whole long prompt.
+  // 0: every prompt whole in one step.
+  std::size_t prefill_chunk_tokens = 0;
 
   // Where each expert is now; null: round-robin for good (a node of a cluster, unit tests).
   std::shared_ptr<expert_placement> placement;

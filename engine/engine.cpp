@@ -154,6 +154,26 @@ struct Engine::impl {
 
 namespace {
 
+// CAF 0.17 keeps a reference to the actor system's logger in a thread-local of every thread
+// that spawns an actor or makes a scoped_actor (logger::set_current_actor_system), and
+// ~actor_system waits for the logger's last reference. A caller's thread that stays alive
+// after such a call would hang ~Engine on any other thread, so every public call that spawns
+// or makes a scoped_actor on its caller's thread drops that reference before it returns
+// (tests/engine/caller_threads). Declared before the scoped_actor, so it runs after it.
+class caller_thread_release {
+ public:
+  explicit caller_thread_release(caf::actor_system& system) : system_(system) {}
+  caller_thread_release(const caller_thread_release&) = delete;
+  caller_thread_release& operator=(const caller_thread_release&) = delete;
+  ~caller_thread_release() {
+    if (caf::logger::current_logger() == &system_.logger())
+      caf::logger::set_current_actor_system(nullptr);
+  }
+
+ private:
+  caf::actor_system& system_;
+};
+
 using clock = std::chrono::steady_clock;
 
 double ms_between(clock::time_point from, clock::time_point to) {
@@ -300,6 +320,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     state->ctx.weights =
         config.weights ? config.weights : std::make_shared<const model::model_weights>(std::move(weights));
   state->ctx.num_expert_devices = config.expert_devices;
+  state->ctx.prefill_chunk_tokens = config.prefill_chunk_tokens;
   state->ctx.backend = config.backend;
   state->ctx.stats = &state->stats;
   state->ctx.trace = config.trace ? &state->trace : nullptr;
@@ -336,6 +357,7 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
                           config.tls);
   state->system = std::make_unique<caf::actor_system>(state->system_config);
   caf::actor_system& sys = *state->system;
+  caller_thread_release release_thread{sys};
   const actors::runtime_context* ctx = &state->ctx;
 
   // Per-device weights: each device's part, loaded onto its own backend (one backend, one
@@ -677,6 +699,7 @@ void Engine::shutdown() {
     // Wait (bounded) until each node has torn down this engine's part, so the next engine
     // finds the nodes free. Nobody waits on a lost node: should it come back, it frees itself
     // when it sees this engine go.
+    caller_thread_release release_thread{*impl_->system};
     caf::scoped_actor self{*impl_->system};
     for (std::size_t i = 0; i < impl_->cluster->nodes.size(); ++i)
       if (!impl_->cluster_health->node_lost(i))
@@ -733,6 +756,7 @@ status Engine::kill_actor(const std::string& kind, std::size_t device) {
     supervisor = impl_->supervisor;
   }
   bool killed = false;
+  caller_thread_release release_thread{*impl_->system};
   caf::scoped_actor self{*impl_->system};
   self->request(supervisor, std::chrono::seconds{5}, actors::kill_atom::value, kind, std::uint32_t(device))
       .receive([&](bool ok) { killed = ok; }, [](caf::error&) {});
@@ -893,6 +917,7 @@ EngineReport Engine::report() const {
     if (!impl_->stopped)
       supervisor = impl_->supervisor;
   }
+  caller_thread_release release_thread{*impl_->system};
   if (supervisor) {
     caf::scoped_actor self{*impl_->system};
     self->request(supervisor, std::chrono::seconds{2}, caf::get_atom::value)

@@ -115,36 +115,45 @@ void cpu_backend::rope(float* x, std::size_t num_rows, std::size_t row_stride, s
 void cpu_backend::attention(const float* q, std::span<const gpu::kv_rows> rows_host,
                             const gpu::attention_shape& s, float* out) {
   std::size_t q_dim = s.num_heads * s.head_dim;
-  auto attend_rows = [&](std::size_t begin, std::size_t end) {
+  // Tasks are (row, query head) pairs, so one long-context decode row spreads over every
+  // thread too. A head's result never depends on the split (attend_heads), so the bits are
+  // those of the serial loop.
+  auto attend_pairs = [&](std::size_t begin, std::size_t end) {
     std::vector<float> scores;
-    for (std::size_t t = begin; t < end; ++t) {
+    for (std::size_t task = begin; task < end;) {
+      std::size_t t = task / s.num_heads, h = task % s.num_heads;
+      std::size_t h_end = std::min(s.num_heads, h + (end - task));
       const gpu::kv_rows& kv = rows_host[t];
       scores.resize(kv.num_positions);
-      attend(q + t * q_dim, kv.keys, kv.values, s.kv_stride, kv.num_positions, s.num_heads, s.num_kv_heads,
-             s.head_dim, s.scale, scores.data(), out + t * q_dim);
+      attend_heads(q + t * q_dim, kv.keys, kv.values, s.kv_stride, kv.num_positions, s.num_heads, s.num_kv_heads,
+                   s.head_dim, s.scale, h, h_end, scores.data(), out + t * q_dim);
+      task += h_end - h;
     }
   };
   std::size_t work = 0;  // scalar loops: a multiply-add here costs ~32 of the matmul's
   for (const gpu::kv_rows& kv : rows_host)
     work += 32 * kv.num_positions * 2 * q_dim;
-  parallel_for_if_worth(pool_, work, rows_host.size(), attend_rows);
+  parallel_for_if_worth(pool_, work, rows_host.size() * s.num_heads, attend_pairs);
 }
 
 void cpu_backend::mla_attention(const float* q, std::span<const gpu::kv_rows> rows_host, const gpu::mla_shape& s,
                                 float* out) {
-  auto attend_rows = [&](std::size_t begin, std::size_t end) {
+  auto attend_pairs = [&](std::size_t begin, std::size_t end) {  // as attention(): (row, head) tasks
     std::vector<float> scores;
-    for (std::size_t t = begin; t < end; ++t) {
+    for (std::size_t task = begin; task < end;) {
+      std::size_t t = task / s.num_heads, h = task % s.num_heads;
+      std::size_t h_end = std::min(s.num_heads, h + (end - task));
       const gpu::kv_rows& kv = rows_host[t];
       scores.resize(kv.num_positions);
-      attend_shared_row(q + t * s.num_heads * s.key_dim, kv.keys, s.row_stride, kv.num_positions, s.num_heads,
-                        s.key_dim, s.value_dim, s.scale, scores.data(), out + t * s.num_heads * s.value_dim);
+      attend_shared_row_heads(q + t * s.num_heads * s.key_dim, kv.keys, s.row_stride, kv.num_positions, s.key_dim,
+                              s.value_dim, s.scale, h, h_end, scores.data(), out + t * s.num_heads * s.value_dim);
+      task += h_end - h;
     }
   };
   std::size_t work = 0;  // as attention()
   for (const gpu::kv_rows& kv : rows_host)
     work += 32 * kv.num_positions * s.num_heads * (s.key_dim + s.value_dim);
-  parallel_for_if_worth(pool_, work, rows_host.size(), attend_rows);
+  parallel_for_if_worth(pool_, work, rows_host.size() * s.num_heads, attend_pairs);
 }
 
 void cpu_backend::route(float* logits, std::size_t num_rows, const gpu::route_params& p,

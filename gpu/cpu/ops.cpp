@@ -84,8 +84,16 @@ void attend_head(const float* qh, const float* keys, const float* values, std::s
 void attend(const float* q, const float* keys, const float* values, std::size_t kv_stride,
             std::size_t num_positions, std::size_t num_heads, std::size_t num_kv_heads,
             std::size_t head_dim, float scale, float* scores, float* out) {
+  attend_heads(q, keys, values, kv_stride, num_positions, num_heads, num_kv_heads, head_dim, scale, 0, num_heads,
+               scores, out);
+}
+
+void attend_heads(const float* q, const float* keys, const float* values, std::size_t kv_stride,
+                  std::size_t num_positions, std::size_t num_heads, std::size_t num_kv_heads,
+                  std::size_t head_dim, float scale, std::size_t head_begin, std::size_t head_end, float* scores,
+                  float* out) {
   std::size_t group = num_heads / num_kv_heads;
-  for (std::size_t h = 0; h < num_heads; ++h) {
+  for (std::size_t h = head_begin; h < head_end; ++h) {
     std::size_t kv_offset = (h / group) * head_dim;
     attend_head(q + h * head_dim, keys + kv_offset, values + kv_offset, kv_stride, num_positions, head_dim,
                 head_dim, scale, scores, out + h * head_dim);
@@ -95,7 +103,13 @@ void attend(const float* q, const float* keys, const float* values, std::size_t 
 void attend_shared_row(const float* q, const float* rows, std::size_t row_stride, std::size_t num_positions,
                        std::size_t num_heads, std::size_t key_dim, std::size_t value_dim, float scale,
                        float* scores, float* out) {
-  for (std::size_t h = 0; h < num_heads; ++h)
+  attend_shared_row_heads(q, rows, row_stride, num_positions, key_dim, value_dim, scale, 0, num_heads, scores, out);
+}
+
+void attend_shared_row_heads(const float* q, const float* rows, std::size_t row_stride, std::size_t num_positions,
+                             std::size_t key_dim, std::size_t value_dim, float scale, std::size_t head_begin,
+                             std::size_t head_end, float* scores, float* out) {
+  for (std::size_t h = head_begin; h < head_end; ++h)
     attend_head(q + h * key_dim, rows, rows, row_stride, num_positions, key_dim, value_dim, scale, scores,
                 out + h * value_dim);
 }

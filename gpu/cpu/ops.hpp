@@ -35,6 +35,13 @@ void attend(const float* q, const float* keys, const float* values, std::size_t 
             std::size_t num_positions, std::size_t num_heads, std::size_t num_kv_heads,
             std::size_t head_dim, float scale, float* scores, float* out);
 
+// Query heads [head_begin, head_end) of attend(), each computed exactly as attend() computes
+// it (a head never reads another's result), so any split of the heads gives attend()'s bits.
+void attend_heads(const float* q, const float* keys, const float* values, std::size_t kv_stride,
+                  std::size_t num_positions, std::size_t num_heads, std::size_t num_kv_heads,
+                  std::size_t head_dim, float scale, std::size_t head_begin, std::size_t head_end, float* scores,
+                  float* out);
+
 // One query token's attention over a single shared cache row per position whose first
 // `value_dim` floats are also the value (MLA with absorbed weights). q: num_heads × key_dim.
 // Row p at rows + p·row_stride holds at least key_dim floats. `scores` is scratch of
@@ -42,5 +49,10 @@ void attend(const float* q, const float* keys, const float* values, std::size_t 
 void attend_shared_row(const float* q, const float* rows, std::size_t row_stride, std::size_t num_positions,
                        std::size_t num_heads, std::size_t key_dim, std::size_t value_dim, float scale,
                        float* scores, float* out);
+
+// Heads [head_begin, head_end) of attend_shared_row(), bit for bit as there.
+void attend_shared_row_heads(const float* q, const float* rows, std::size_t row_stride, std::size_t num_positions,
+                             std::size_t key_dim, std::size_t value_dim, float scale, std::size_t head_begin,
+                             std::size_t head_end, float* scores, float* out);
 
 }  // namespace moert::cpu

@@ -144,6 +144,11 @@ struct EngineConfig {
   policy::queue_policy scheduler = policy::queue_policy::defrag;
   policy::defrag_params defrag;
   std::size_t kv_capacity_tokens = std::size_t{1} << 20;  // per shard, prompt + new tokens
+  // Chunked prefill: a step feeds at most this many tokens of each prompt (the rest in later
+  // steps), so sequences decoding beside a long prompt get a token every step. Tokens and
+  // logits are those of a whole-prompt prefill. 0: every prompt whole. Requests that ask for
+  // prompt logits are prefilled whole.
+  std::size_t prefill_chunk_tokens = 512;
   std::size_t actor_threads = 2;                          // CAF scheduler threads
   bool trace = false;                                     // record a Perfetto trace
   // Admission: requests submitted and not yet ended (running or queued). Beyond it submit()

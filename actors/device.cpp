@@ -110,6 +110,10 @@ void device::run() {
       if (hook)
         hook(next.label);
       next.work(*backend_);
+      // A failed operation (a CUDA error) does not throw: it sticks in the backend, and what
+      // the task computed after it is garbage, so the task fails (and so will every later one).
+      if (status backend_state = backend_->error(); !backend_state.ok())
+        failure = backend_state.err().message;
     } catch (const std::exception& e) {
       failure = e.what();
     } catch (...) {

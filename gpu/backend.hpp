@@ -319,10 +319,16 @@ public:
 
   // Calls `callback` once every operation issued before this call has finished: the cpu
   // backend calls it at once on this thread, cuda from its completion thread. The callback
-  // must not block (it posts a message). This is how a device task completes.
+  // must not block (it posts a message). This is how a device task completes. A backend that
+  // has failed (error()) never calls it: the device executor fails the task instead.
   virtual void when_done(std::function<void()> callback) = 0;
   // Blocks the calling thread until every operation issued so far has finished.
   virtual void synchronize() = 0;
+  // The first failure of an operation since creation, or success. Operations return void, so
+  // a backend that can fail (cuda) keeps its first error and skips later operations; the
+  // device executor reads this after each task so the task fails instead of delivering what
+  // skipped operations left behind. The cpu backend never fails.
+  virtual status error() const { return status::success(); }
 
 protected:
   backend() = default;

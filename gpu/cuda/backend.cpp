@@ -445,12 +445,14 @@ void CUDART_CB run_callback(void* data) {
 }  // namespace
 
 void cuda_backend::when_done(std::function<void()> callback) {
+  // After a failure the completion is dropped: it would deliver what skipped operations left
+  // behind. The device executor reads error() after the task and fails it instead.
+  if (!ok_to_run())
+    return;
   auto* fn = new std::function<void()>(std::move(callback));
-  // After a failure nothing more runs on the stream, but the task must still complete.
-  if (!ok_to_run() ||
-      !record(check_cuda(cudaLaunchHostFunc(ctx_->stream(), run_callback, fn), "cudaLaunchHostFunc", __FILE__,
+  if (!record(check_cuda(cudaLaunchHostFunc(ctx_->stream(), run_callback, fn), "cudaLaunchHostFunc", __FILE__,
                          __LINE__)))
-    run_callback(fn);
+    delete fn;
 }
 
 void cuda_backend::synchronize() {

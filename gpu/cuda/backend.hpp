@@ -116,7 +116,7 @@ public:
   int device() const { return ctx_->device(); }
   context& ctx() { return *ctx_; }
   // The first failure of an operation since creation, or success.
-  status error() const;
+  status error() const override;
   // Waits for the stream (with a timeout) and reports the first failure: what synchronize()
   // would say if the seam let it return a status.
   status checked_synchronize(double timeout_ms = 60'000.0);

@@ -33,10 +33,13 @@ const char* shared_expert_model = R"({"model_type": "qwen2_moe", "vocab_size": 2
 // Makes backend_kind::cuda build checked backends while alive, and keeps what the engine asked.
 class checked_cuda {
 public:
-  checked_cuda() {
-    gpu::override_backend_for_tests(gpu::backend_kind::cuda, [this](const gpu::backend_options& options) {
+  // fail_after: every backend's operation number fail_after fails as a CUDA call would (0: never).
+  explicit checked_cuda(std::uint64_t fail_after = 0) {
+    gpu::override_backend_for_tests(gpu::backend_kind::cuda, [this, fail_after](const gpu::backend_options& options) {
       auto b = std::make_unique<test::checked_backend>(options.num_threads,
                                                        "checked " + std::to_string(options.device_index));
+      if (fail_after != 0)
+        b->fail_after_operations(fail_after, "cudaErrorIllegalAddress (planted by the test)");
       std::lock_guard<std::mutex> guard{mutex_};
       made_.push_back(b.get());
       options_.push_back(options);
@@ -104,7 +107,7 @@ run_output run(const EngineConfig& config, const std::vector<std::vector<std::in
   out.report = (*engine)->report();
   if (checked)
     for (test::checked_backend* b : checked->made()) {  // the engine (and its devices) still live
-      out.violations.push_back(b->error());
+      out.violations.push_back(b->violation());
       out.operations += b->operations();
       out.uploads += b->uploads();
       out.downloads += b->downloads();
@@ -178,6 +181,45 @@ TEST_CASE("device backend: shared experts, a dense layer, micro-batches, chunked
   }
 }
 
+TEST_CASE("a device backend's sticky error fails its task: every request ends with an error naming it, no hang",
+          "[gpu]") {
+  EngineConfig config;
+  config.synthetic_config = shared_expert_model;
+  config.weight_seed = 5;
+  config.attention_devices = 1;
+  config.expert_devices = 1;
+  config.backend = gpu::backend_kind::cuda;
+  checked_cuda checked{400};  // past start-up, inside the first decode steps
+  auto engine = Engine::create(config);
+  INFO((engine.ok() ? std::string{} : engine.err().message));
+  REQUIRE(engine.ok());
+  std::vector<std::shared_ptr<TokenStream>> streams;
+  for (std::uint64_t id = 1; id <= 3; ++id) {
+    Request r;
+    r.id = id;
+    r.prompt = {1, 2, 3, static_cast<std::int32_t>(id)};
+    r.max_new_tokens = 64;
+    r.ignore_eos = true;
+    r.deadline = std::chrono::seconds{30};  // bounds the waits below
+    streams.push_back((*engine)->submit(std::move(r)));
+  }
+  for (auto& stream : streams) {
+    std::string error;
+    std::size_t tokens = 0;
+    while (auto event = stream->next()) {
+      if (!event->error.empty())
+        error = event->error;
+      else
+        ++tokens;
+    }
+    INFO("tokens before the error: " << tokens << ", error: " << error);
+    CHECK(tokens < 64);  // the failed device delivered nothing after its failure
+    CHECK(error.find("cudaErrorIllegalAddress (planted by the test)") != std::string::npos);
+    CHECK(error.find("deadline") == std::string::npos);  // ended by the failure, not by the deadline
+  }
+  (*engine)->shutdown();
+}
+
 TEST_CASE("the checked backend refuses host pointers, other devices' buffers and freed ones", "[gpu]") {
   auto dir = test::fixture_dir("qwen3_moe_tiny");
   if (dir.empty()) {
@@ -190,18 +232,18 @@ TEST_CASE("the checked backend refuses host pointers, other devices' buffers and
     gpu::buffer in = a.upload_floats(host);
     gpu::buffer out = a.allocate(host.size() * sizeof(float));
     a.add(out.floats(), in.floats(), host.size());
-    CHECK(a.error() == "");
+    CHECK(a.violation() == "");
     a.add(out.floats(), host.data(), host.size());  // a host vector where device memory belongs
-    CHECK(a.error().find("add: argument 'y'") != std::string::npos);
-    CHECK(a.error().find("host memory, not a buffer of this backend") != std::string::npos);
+    CHECK(a.violation().find("add: argument 'y'") != std::string::npos);
+    CHECK(a.violation().find("host memory, not a buffer of this backend") != std::string::npos);
   }
   {
     test::checked_backend a, b;
     gpu::buffer theirs = b.allocate(64 * sizeof(float));
     gpu::buffer mine = a.allocate(64 * sizeof(float));
     a.add(mine.floats(), theirs.floats(), 64);
-    CHECK(a.error().find("device memory this backend did not allocate") != std::string::npos);
-    CHECK(b.error() == "");
+    CHECK(a.violation().find("device memory this backend did not allocate") != std::string::npos);
+    CHECK(b.violation() == "");
     CHECK_FALSE(a.shares_memory_with(b));
     CHECK_FALSE(gpu::holds_host_memory(a));
   }
@@ -210,8 +252,8 @@ TEST_CASE("the checked backend refuses host pointers, other devices' buffers and
     gpu::buffer x = a.allocate(64 * sizeof(float));
     std::vector<std::size_t> positions{0};
     a.rope(x.floats(), 1, 64, 1, 64, 64, gpu::rope_style::rotate_half, x.floats(), positions.data());
-    CHECK(a.error().find("'table_host'") != std::string::npos);
-    CHECK(a.error().find("must be host memory") != std::string::npos);
+    CHECK(a.violation().find("'table_host'") != std::string::npos);
+    CHECK(a.violation().find("must be host memory") != std::string::npos);
   }
   {
     test::checked_backend a;
@@ -222,7 +264,7 @@ TEST_CASE("the checked backend refuses host pointers, other devices' buffers and
     }
     std::vector<float> back(64);
     a.download(back.data(), stale, 64 * sizeof(float));
-    CHECK(a.error().find("did not allocate (another device's, or freed)") != std::string::npos);
+    CHECK(a.violation().find("did not allocate (another device's, or freed)") != std::string::npos);
   }
   {  // a matrix uploaded on another backend
     auto config = model::load_config(dir);
@@ -235,8 +277,8 @@ TEST_CASE("the checked backend refuses host pointers, other devices' buffers and
     gpu::buffer x = a.allocate(std::size_t(config->hidden_size) * sizeof(float));
     gpu::buffer y = a.allocate(std::size_t(config->vocab_size) * sizeof(float));
     a.matmul(x.floats(), 1, w->lm_head, y.floats(), nullptr);
-    CHECK(a.error().find("matrix this backend did not upload") != std::string::npos);
-    CHECK(b.error() == "");
+    CHECK(a.violation().find("matrix this backend did not upload") != std::string::npos);
+    CHECK(b.violation() == "");
   }
 }
 

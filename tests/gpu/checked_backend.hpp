@@ -87,10 +87,23 @@ public:
     return checked && checked->state_ == state_;
   }
 
-  // The first violation of the memory rule, naming the operation and argument; empty if none.
-  std::string error() const {
+  // The first violation of the memory rule (or the failure fail_after_operations planted),
+  // naming the operation and argument; empty if none.
+  std::string violation() const {
     std::lock_guard<std::mutex> guard{state_->mutex};
     return state_->error;
+  }
+  // The seam's sticky error, as the cuda backend reports a failed CUDA call.
+  status error() const override {
+    std::string v = violation();
+    return v.empty() ? status::success() : status{make_error(error_code::device_error, v)};
+  }
+  // Stands in for a CUDA error: operation number `count` (1-based, counting every operation
+  // of this backend) fails with `why`, and every later one is skipped.
+  void fail_after_operations(std::uint64_t count, std::string why) {
+    std::lock_guard<std::mutex> guard{state_->mutex};
+    state_->fail_at = count;
+    state_->fail_why = std::move(why);
   }
   std::uint64_t operations() const { return state_->operations; }
   std::uint64_t uploads() const { return state_->uploads; }
@@ -153,7 +166,7 @@ public:
   result<gpu::matrix> upload_matrix(dtype type, std::size_t cols, std::span<const gpu::matrix_part> parts) override {
     for (const gpu::matrix_part& part : parts)
       if (!host("upload_matrix", "parts[].data", part.data))
-        return make_error(error_code::invalid_argument, error());
+        return make_error(error_code::invalid_argument, violation());
     auto m = inner_.upload_matrix(type, cols, parts);
     if (m && !m->empty()) {
       std::lock_guard<std::mutex> guard{state_->mutex};
@@ -315,7 +328,11 @@ public:
     if (num_tasks > 0)
       body(*this, 0, num_tasks);
   }
-  void when_done(std::function<void()> callback) override { callback(); }
+  // As cuda: after a failure the completion is dropped; the device executor fails the task.
+  void when_done(std::function<void()> callback) override {
+    if (ok("when_done"))
+      callback();
+  }
   void synchronize() override {}
 
 private:
@@ -329,12 +346,16 @@ private:
     std::set<const gpu::matrix_storage*> matrices;
     std::size_t matrix_bytes = 0;
     std::string error;
+    std::uint64_t fail_at = 0;  // 0: never
+    std::string fail_why;
     std::atomic<std::uint64_t> operations{0}, uploads{0}, downloads{0};
   };
 
-  bool ok(const char*) {
-    ++state_->operations;
+  bool ok(const char* op) {
+    std::uint64_t n = ++state_->operations;
     std::lock_guard<std::mutex> guard{state_->mutex};
+    if (state_->error.empty() && state_->fail_at != 0 && n >= state_->fail_at)
+      state_->error = label_ + ": " + op + ": " + state_->fail_why;
     return state_->error.empty();
   }
   void fail(const std::string& why) {

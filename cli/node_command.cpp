@@ -62,6 +62,9 @@ int run_node(const node_options& options) {
 
   caf::actor_system_config config;
   config.set("scheduler.max-threads", options.scheduler_threads);
+  // As in the engine (engine.cpp says why): device completions come from outside CAF's
+  // workers, and under work stealing an idle worker polls them only every 10 ms.
+  config.set("scheduler.policy", caf::atom("sharing"));
   config.set("logger.verbosity", caf::atom("quiet"));
   configure_for_cluster(config, std::chrono::milliseconds{options.heartbeat_ms},
                         std::chrono::milliseconds{options.liveness_timeout_ms}, options.tls);

@@ -153,19 +153,26 @@ void mu_queue::enqueue(routed_tokens& msg) {
     part.rows = msg.rows;
     part.reply_to = msg.reply_to;
     part.attempt = msg.attempt;
-    if (dev == device_idx_) {  // placed here, adoption on its way (the supervisor sent it first)
-      held_.push_back(std::move(part));
-    } else if (dev < peers_.size() && peers_[dev]) {
-      ctx_->stats->count_messages(1);
-      ctx_->stats->count_forwarded(part.routes.size());
-      send(peers_[dev], std::move(part));
-    } else {
-      spdlog::error("{}: rows of layer {} for expert device {}, which it cannot reach; the shard's retransmission "
-                    "or replay must bring them",
-                    track_, msg.key.layer, dev);
-    }
+    send_on(dev, std::move(part));
   }
   dispatch();
+}
+
+// Rows for experts that are not (or no longer) served here: held when the expert is placed
+// here but its adoption is not in yet (the supervisor sent the adoption first), else sent to
+// the μ-queue of the device the placement names.
+void mu_queue::send_on(std::size_t dev, routed_tokens part) {
+  if (dev == device_idx_) {
+    held_.push_back(std::move(part));
+  } else if (dev < peers_.size() && peers_[dev]) {
+    ctx_->stats->count_messages(1);
+    ctx_->stats->count_forwarded(part.routes.size());
+    send(peers_[dev], std::move(part));
+  } else {
+    spdlog::error("{}: rows of layer {} for expert device {}, which it cannot reach; the shard's retransmission "
+                  "or replay must bring them",
+                  track_, part.key.layer, dev);
+  }
 }
 
 // Rows of an expert handed off, to wherever the placement puts it now, one A2E per
@@ -190,18 +197,8 @@ void mu_queue::forward(std::vector<queued_row> rows, std::uint32_t expert) {
     it->routes.push_back({row.row, row.slot, expert, row.weight});
   }
   for (routed_tokens& part : parts) {
-    // Through enqueue's own routing: held if the adoption is not in yet, else sent on.
     part.flow = {};
-    std::size_t dev = ctx_->device_of(expert);
-    if (dev == device_idx_) {
-      held_.push_back(std::move(part));
-    } else if (dev < peers_.size() && peers_[dev]) {
-      ctx_->stats->count_messages(1);
-      ctx_->stats->count_forwarded(part.routes.size());
-      send(peers_[dev], std::move(part));
-    } else {
-      spdlog::error("{}: cannot forward the rows of expert {} to device {}", track_, expert, dev);
-    }
+    send_on(ctx_->device_of(expert), std::move(part));
   }
 }
 

@@ -54,6 +54,7 @@ private:
   // The hosted set becomes `hosted` (ascending); rows queued for experts still hosted stay.
   void rehost(std::vector<std::uint32_t> hosted);
   void forward(std::vector<queued_row> rows, std::uint32_t expert);
+  void send_on(std::size_t dev, routed_tokens part);
   std::size_t slot_of(std::uint32_t expert) const;  // npos: not hosted
   std::chrono::nanoseconds now() const;
 

@@ -14,6 +14,14 @@ namespace moert::test {
 // unless a test failed.
 void skip_whole_binary(const std::string& reason);
 
+// The synthetic model most engine tests run (EngineConfig::synthetic_config): qwen2_moe, 3
+// layers of hidden 48, 8 experts top-2, a shared (gated) expert and a dense layer (layer 1),
+// so the attention-side FFN path is covered too.
+inline constexpr const char* small_moe_model = R"({"model_type": "qwen2_moe", "vocab_size": 211, "hidden_size": 48,
+  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8,
+  "num_experts_per_tok": 2, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+  "intermediate_size": 64, "mlp_only_layers": [1], "norm_topk_prob": false})";
+
 // ../shared/fixtures/<name>, or empty when the fixtures are not checked out beside us.
 inline std::filesystem::path fixture_dir(const std::string& name) {
   std::filesystem::path dir = std::filesystem::path{MOERT_FIXTURES_DIR} / name;

@@ -25,10 +25,7 @@ using namespace moert;
 namespace {
 
 // qwen2_moe with a shared (gated) expert and a dense layer: the attention-side FFN path.
-const char* shared_expert_model = R"({"model_type": "qwen2_moe", "vocab_size": 211, "hidden_size": 48,
-  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8,
-  "num_experts_per_tok": 2, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
-  "intermediate_size": 64, "mlp_only_layers": [1], "norm_topk_prob": false})";
+const char* shared_expert_model = test::small_moe_model;
 
 // Makes backend_kind::cuda build checked backends while alive, and keeps what the engine asked.
 class checked_cuda {

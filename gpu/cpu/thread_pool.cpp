@@ -41,6 +41,7 @@ void thread_pool::parallel_for(std::size_t num_tasks,
     fn(0, num_tasks);
     return;
   }
+  spread_jobs_.fetch_add(1, std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> guard{mutex_};
     job_ = &fn;

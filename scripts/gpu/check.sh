@@ -19,7 +19,8 @@
 # On the CPU machine (no GPU), to prove the unpack + configure + build steps before a GPU
 # session: MOERT_GPU_CHECK_CPU_ONLY=1 scripts/gpu/check.sh   (stops after the build; the
 # prefix is /tmp/moert-gpu-prefix unless MOERT_GPU_PREFIX says otherwise; MOERT_GPU_TARGETS
-# limits what is built, MOERT_GPU_JOBS the jobs).
+# limits what is built, MOERT_GPU_JOBS the jobs, MOERT_GPU_BUILD_TIMEOUT the build step's limit
+# in seconds, 900 by default: a cold build on 2 loaded cores needs more).
 #
 # Device-tool calls (15 min of device time in all, the machine's start included): two, the
 # second right after the first while the machine is warm (it then reuses the build):
@@ -140,7 +141,7 @@ else
       "${PYTHON:-python3}" -c 'import json,sys; [print(t["name"]) for t in json.load(sys.stdin)["tests"]]' 2>/dev/null)
 fi
 note "build targets: ${TARGETS[*]:-all}"
-step build 900 cmake --build "$BUILD" -j "$JOBS" ${TARGETS:+--target "${TARGETS[@]}"} || { note "build failed"; tail -n 40 "$LOGS/build.log" >>"$SUMMARY"; exit 4; }
+step build "${MOERT_GPU_BUILD_TIMEOUT:-900}" cmake --build "$BUILD" -j "$JOBS" ${TARGETS:+--target "${TARGETS[@]}"} || { note "build failed"; tail -n 40 "$LOGS/build.log" >>"$SUMMARY"; exit 4; }
 MOERT="$BUILD/cli/moert"
 if [[ $CPU_ONLY == 1 ]]; then
   note "MOERT_GPU_CHECK_CPU_ONLY=1: stopping after the build (nothing ran on a GPU)"

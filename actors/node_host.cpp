@@ -53,11 +53,10 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
     stats_.reset();
     return failure;
   }
-  if (faults) {
-    faults_ = std::make_unique<transport::fault_injector>(*faults);
-    faults_->watch_node(name_);
-    ctx->faults = faults_.get();
-  }
+  // Without a plan too: A2E/E2A delivery is always at least once (transport::without_faults).
+  faults_ = std::make_unique<transport::fault_injector>(faults ? *faults : transport::without_faults());
+  faults_->watch_node(name_);
+  ctx->faults = faults_.get();
   ctx_ = std::move(ctx);
   loaded_key_ = std::move(key);
   owner_ = owner;

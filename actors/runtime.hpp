@@ -179,4 +179,17 @@ result<std::unique_ptr<gpu::backend>> make_device_backend(gpu::backend_kind kind
                                                           std::size_t num_threads,
                                                           const gpu::gemm_calibration& expert_gemm = {});
 
+// A device on a backend of `kind` (make_device_backend) that holds its own part of the model,
+// uploaded to that backend: `part` read from `checkpoint`, or, when `checkpoint` is null, the
+// same part of the synthetic weights of (`config`, `weight_seed`). What the engine builds per
+// device off the cpu backend (or with per_device_weights), and what a cluster node builds on
+// its backend. Blocking (it loads weights); errors name `name` and the backend.
+result<std::unique_ptr<device>> make_device_with_weights(const std::string& name, gpu::backend_kind kind,
+                                                         std::size_t device_index, std::size_t num_threads,
+                                                         const gpu::gemm_calibration& expert_gemm,
+                                                         const model::model_config& config,
+                                                         const model::checkpoint* checkpoint,
+                                                         std::uint64_t weight_seed, const model::load_options& part,
+                                                         trace_recorder* trace);
+
 }  // namespace moert::actors

@@ -247,27 +247,19 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   if (auto usable = actors::check_backend(config.backend); !usable.ok())
     return usable.err();
   // Off the cpu backend every device loads its own part of the weights onto its backend, so
-  // weights already in host memory cannot be used; a cluster's nodes build cpu devices.
+  // weights already in host memory cannot be used. A cluster's devices live on its nodes, and
+  // each node picks their backend.
   bool per_device = config.per_device_weights || config.backend != gpu::backend_kind::cpu;
   if (config.backend != gpu::backend_kind::cpu && config.cluster)
     return make_error(error_code::unsupported,
                       std::string("backend '") + gpu::to_string(config.backend) +
-                          "' with a cluster: the nodes run the cpu backend for now (run one process, or --backend cpu)");
+                          "' with a cluster: the nodes pick their backend (moert node --backend, or \"backend\" per "
+                          "node in the cluster file); this process holds no device (use --backend cpu here)");
   if (per_device && config.weights)
     return invalid(std::string("EngineConfig::weights are host weights shared by every device; with backend '") +
                    gpu::to_string(config.backend) +
                    "' (or per_device_weights) each device loads its own part: give model_dir or synthetic_config");
 
-  if (config.cluster && config.cluster->transport == cluster_transport::nccl) {
-    // Rows GPU to GPU need CUDA here and on the nodes; where it can run, the row path itself
-    // (tensor_link over transport/nccl_channel, cuda devices on the nodes) is not built yet.
-    if (auto usable = actors::check_backend(gpu::backend_kind::cuda); !usable.ok())
-      return make_error(usable.err().code, std::string("cluster transport \"nccl\" moves rows GPU to GPU: ") +
-                                               usable.err().message);
-    return make_error(error_code::unsupported,
-                      "cluster transport \"nccl\": its row path between nodes is not built yet (the nodes run cpu "
-                      "devices); use \"ucx-tcp\", \"ucx-posix\" or \"caf\"");
-  }
   if (config.cluster) {
     if (config.weights)
       return invalid("a cluster's nodes load the model themselves: give model_dir or synthetic_config, not weights");
@@ -402,18 +394,12 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
     if (!per_device)
       return state->devices.emplace_back(std::make_unique<actors::device>(name, config.threads_per_device, ctx->trace))
           .get();
-    auto backend = actors::make_device_backend(config.backend, index, config.threads_per_device, gemm_calibration);
-    if (!backend)
-      return backend.err();
-    auto dev = std::make_unique<actors::device>(name, std::move(*backend), ctx->trace);
-    result<model::model_weights> w = source ? model::load_weights(state->ctx.config, *source, part, dev->backend())
-                                            : model::synthetic_weights(state->ctx.config, config.weight_seed,
-                                                                       dev->backend(), part);
-    if (!w)
-      return make_error(w.err().code, "loading the weights of " + name + " on " + dev->backend().name() + ": " +
-                                          w.err().message);
-    dev->set_weights(std::make_shared<const model::model_weights>(std::move(*w)));
-    return state->devices.emplace_back(std::move(dev)).get();
+    auto dev = actors::make_device_with_weights(name, config.backend, index, config.threads_per_device,
+                                                gemm_calibration, state->ctx.config, source ? &*source : nullptr,
+                                                config.weight_seed, part, ctx->trace);
+    if (!dev)
+      return dev.err();
+    return state->devices.emplace_back(std::move(*dev)).get();
   };
   auto make_device = [&](const std::string& name, const model::load_options& part) -> result<actors::device*> {
     if (config.single_device && !state->devices.empty())

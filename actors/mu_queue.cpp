@@ -1,4 +1,5 @@
 #include "actors/mu_queue.hpp"
+#include "actors/device.hpp"
 #include "actors/fault_seam.hpp"
 #include "actors/tensor_link.hpp"
 
@@ -22,6 +23,8 @@ mu_queue::mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size
       experts_(std::move(experts)),
       track_(std::move(track)) {
   rehost(ctx->hosted_by(device_idx));
+  if (device_idx < ctx->expert_devices.size() && ctx->expert_devices[device_idx])
+    max_in_flight_ = in_flight_per_lane * ctx->expert_devices[device_idx]->lanes();
 }
 
 std::chrono::nanoseconds mu_queue::now() const {
@@ -43,6 +46,7 @@ std::size_t mu_queue::slot_of(std::uint32_t expert) const {
 caf::behavior mu_queue::make_behavior() {
   return {
     [this](routed_tokens& msg) {
+      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::queue, mailbox().size());
       if (!(ctx_->link && ctx_->link->fetch(this, msg)))  // rows by UCX come back completed
         enqueue(msg);
     },
@@ -203,7 +207,7 @@ void mu_queue::forward(std::vector<queued_row> rows, std::uint32_t expert) {
 }
 
 void mu_queue::dispatch() {
-  while (in_flight_ < max_in_flight) {
+  while (in_flight_ < max_in_flight_) {
     auto choice = policy::pick_queue(matrix_, scheduler_.policy, scheduler_.params, now());
     if (!choice)
       return;

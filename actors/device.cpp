@@ -15,10 +15,16 @@ device::device(std::string name, std::size_t num_threads, trace_recorder* trace)
       trace_(trace),
       num_threads_(num_threads),
       backend_(gpu::create_backend(gpu::backend_kind::cpu, gpu::backend_options::with_threads(num_threads)).value()),
+      lanes_(std::max<std::size_t>(1, num_threads)),
       thread_([this] { run(); }) {}
 
 device::device(std::string name, std::unique_ptr<gpu::backend> backend, trace_recorder* trace)
-    : name_(std::move(name)), trace_(trace), num_threads_(1), backend_(std::move(backend)), thread_([this] { run(); }) {}
+    : name_(std::move(name)),
+      trace_(trace),
+      num_threads_(1),
+      backend_(std::move(backend)),
+      lanes_(1),
+      thread_([this] { run(); }) {}
 
 std::vector<const float*> stage_rows(gpu::backend& backend, std::span<const float* const> rows_host, std::size_t dim,
                                      gpu::buffer& staging) {
@@ -47,7 +53,15 @@ device::~device() {
 void device::post(std::string label, task work, error_handler on_error) {
   {
     std::lock_guard<std::mutex> guard{mutex_};
-    queue_.push_back({std::move(label), std::move(work), std::move(on_error)});
+    queue_.push_back({std::move(label), std::move(work), std::move(on_error), false});
+  }
+  wake_.notify_one();
+}
+
+void device::post_concurrent(std::string label, task work, error_handler on_error) {
+  {
+    std::lock_guard<std::mutex> guard{mutex_};
+    queue_.push_back({std::move(label), std::move(work), std::move(on_error), true});
   }
   wake_.notify_one();
 }
@@ -87,9 +101,30 @@ std::chrono::nanoseconds device::busy_time() const {
   return busy_;
 }
 
+device::outcome device::execute(posted& next, const task_hook& hook, gpu::backend& on) {
+  outcome out;
+  out.start = std::chrono::steady_clock::now();
+  // An exception escaping this thread would call std::terminate: it becomes the task's error.
+  try {
+    if (hook)
+      hook(next.label);
+    next.work(on);
+    // A failed operation (a CUDA error) does not throw: it sticks in the backend, and what
+    // the task computed after it is garbage, so the task fails (and so will every later one).
+    if (status backend_state = backend_->error(); !backend_state.ok())
+      out.failure = backend_state.err().message;
+  } catch (const std::exception& e) {
+    out.failure = e.what();
+  } catch (...) {
+    out.failure = "unknown exception";
+  }
+  out.end = std::chrono::steady_clock::now();
+  return out;
+}
+
 void device::run() {
   for (;;) {
-    posted next;
+    std::vector<posted> batch;  // one task, or up to lanes_ concurrent ones from the front
     task_hook hook;
     double slow = 1.0;
     {
@@ -97,52 +132,75 @@ void device::run() {
       wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
       if (queue_.empty())
         return;  // stopping, and every posted task has run
-      next = std::move(queue_.front());
-      queue_.pop_front();
+      do {
+        batch.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      } while (batch.back().concurrent && batch.size() < lanes_ && !queue_.empty() && queue_.front().concurrent);
       running_task_ = true;
       hook = hook_;
       slow = slowdown_;
     }
-    auto start = std::chrono::steady_clock::now();
-    std::string failure;
-    // An exception escaping this thread would call std::terminate: it becomes the task's error.
-    try {
-      if (hook)
-        hook(next.label);
-      next.work(*backend_);
-      // A failed operation (a CUDA error) does not throw: it sticks in the backend, and what
-      // the task computed after it is garbage, so the task fails (and so will every later one).
-      if (status backend_state = backend_->error(); !backend_state.ok())
-        failure = backend_state.err().message;
-    } catch (const std::exception& e) {
-      failure = e.what();
-    } catch (...) {
-      failure = "unknown exception";
+    std::vector<outcome> outcomes(batch.size());
+    if (batch.size() == 1) {
+      outcomes[0] = execute(batch[0], hook, *backend_);
+    } else {
+      // Hooks run here, on the device thread, as for a single task (they need not be
+      // thread-safe); a hook that throws fails its task, which then does not run.
+      std::vector<std::size_t> to_run;
+      for (std::size_t i = 0; i < batch.size(); ++i) {
+        outcomes[i].start = outcomes[i].end = std::chrono::steady_clock::now();
+        try {
+          if (hook)
+            hook(batch[i].label);
+          to_run.push_back(i);
+        } catch (const std::exception& e) {
+          outcomes[i].failure = e.what();
+        } catch (...) {
+          outcomes[i].failure = "unknown exception";
+        }
+      }
+      // Work large enough that the backend always spreads it: one task per lane.
+      backend_->concurrent(to_run.size(), std::size_t(-1) / 2,
+                           [&](gpu::backend& lane, std::size_t begin, std::size_t end) {
+                             for (std::size_t j = begin; j < end; ++j)
+                               outcomes[to_run[j]] = execute(batch[to_run[j]], {}, lane);
+                           });
     }
-    auto end = std::chrono::steady_clock::now();
-    if (slow > 1.0) {  // a slowed device (fault plan): busy (factor - 1) x the task's time more
-      std::this_thread::sleep_for((end - start) * (slow - 1.0));
-      end = std::chrono::steady_clock::now();
+    auto first_start = outcomes[0].start, last_end = outcomes[0].end;
+    for (const outcome& o : outcomes) {
+      first_start = std::min(first_start, o.start);
+      last_end = std::max(last_end, o.end);
     }
-    if (!failure.empty()) {
-      std::string why = next.label + " on " + name_ + ": " + failure;
-      if (next.on_error)
-        next.on_error(std::move(why));
-      else
-        spdlog::error("device task failed and nobody listens: {}", why);
+    if (slow > 1.0) {  // a slowed device (fault plan): busy (factor - 1) x the tasks' time more
+      std::this_thread::sleep_for((last_end - first_start) * (slow - 1.0));
+      last_end = std::chrono::steady_clock::now();
     }
-    std::string label = std::move(next.label);
-    next = {};  // the task's captures go before the device reports itself idle
+    std::uint64_t failures = 0;
+    std::vector<std::string> labels;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      if (!outcomes[i].failure.empty()) {
+        ++failures;
+        std::string why = batch[i].label + " on " + name_ + ": " + outcomes[i].failure;
+        if (batch[i].on_error)
+          batch[i].on_error(std::move(why));
+        else
+          spdlog::error("device task failed and nobody listens: {}", why);
+      }
+      labels.push_back(std::move(batch[i].label));
+    }
+    batch.clear();  // the tasks' captures go before the device reports itself idle
     {
       std::lock_guard<std::mutex> guard{mutex_};
-      busy_ += end - start;
-      failed_ += failure.empty() ? 0 : 1;
-      stretched_ += slow > 1.0 ? 1 : 0;
+      busy_ += last_end - first_start;
+      failed_ += failures;
+      stretched_ += slow > 1.0 ? labels.size() : 0;
       running_task_ = false;
     }
     idle_.notify_all();
     if (trace_)
-      trace_->slice(name_, label, start, end);
+      for (std::size_t i = 0; i < labels.size(); ++i)
+        trace_->slice(i == 0 ? name_ : name_ + " lane " + std::to_string(i), labels[i],
+                      outcomes[i].start, outcomes[i].end);
   }
 }
 

@@ -63,6 +63,14 @@ public:
 
   // Queues `work`; `label` names the slice in the trace ("attention L3 mb1").
   void post(std::string label, task work, error_handler on_error = {});
+  // As post(), for a task independent of every other such task (one expert batch): up to
+  // lanes() of them that are next in the queue together run at the same time, each on one
+  // thread of the pool with a single-threaded lane as its backend (gpu::backend::concurrent),
+  // as the reference forward runs a layer's experts. Their results do not depend on the lane
+  // (batch-invariant kernels), only the barriers and hand-offs between them go.
+  void post_concurrent(std::string label, task work, error_handler on_error = {});
+  // How many concurrent tasks run at once: the pool's threads on a host-memory backend, else 1.
+  std::size_t lanes() const { return lanes_; }
 
   // Waits until every task posted so far has run, at most `limit`; false on timeout.
   bool drain(std::chrono::milliseconds limit);
@@ -90,7 +98,14 @@ private:
     std::string label;
     task work;
     error_handler on_error;
+    bool concurrent = false;
   };
+  struct outcome {
+    std::chrono::steady_clock::time_point start, end;
+    std::string failure;
+  };
+  // Runs one task on `on` (the backend or a lane) with the hook; catches what it throws.
+  outcome execute(posted& next, const task_hook& hook, gpu::backend& on);
   std::deque<posted> queue_;
   std::condition_variable idle_;
   bool running_task_ = false;
@@ -102,6 +117,7 @@ private:
   bool stopping_ = false;
   std::size_t num_threads_;
   std::unique_ptr<gpu::backend> backend_;
+  std::size_t lanes_;  // after backend_: it is read from it
   std::shared_ptr<const model::model_weights> weights_;
   std::thread thread_;  // last: starts after every member above exists
 };

@@ -70,7 +70,8 @@ void expert::run(expert_batch& batch, caf::actor queue) {
                                            "expert " + std::to_string(expert_id_) + " got a batch of expert " +
                                                std::to_string(global) + " for device " + std::to_string(dev_idx) +
                                                (dev ? "" : ", which this process does not have")));
-  dev->post("expert L" + std::to_string(batch.layer) + " E" + std::to_string(global) + " x" + std::to_string(num_rows),
+  // Concurrent: a device's expert batches are independent, so several run at once, one per lane.
+  dev->post_concurrent("expert L" + std::to_string(batch.layer) + " E" + std::to_string(global) + " x" + std::to_string(num_rows),
             [this, self, global, dev, dev_idx, queue = std::move(queue), batch = std::move(batch)](gpu::backend& backend) {
                   std::size_t hidden = std::size_t(ctx_->config.hidden_size);
                   std::size_t n = batch.items.size();

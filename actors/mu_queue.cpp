@@ -1,4 +1,5 @@
 #include "actors/mu_queue.hpp"
+#include "actors/device.hpp"
 #include "actors/fault_seam.hpp"
 #include "actors/tensor_link.hpp"
 
@@ -22,6 +23,8 @@ mu_queue::mu_queue(caf::actor_config& cfg, const runtime_context* ctx, std::size
       experts_(std::move(experts)),
       track_(std::move(track)) {
   rehost(ctx->hosted_by(device_idx));
+  if (device_idx < ctx->expert_devices.size() && ctx->expert_devices[device_idx])
+    max_in_flight_ = in_flight_per_lane * ctx->expert_devices[device_idx]->lanes();
 }
 
 std::chrono::nanoseconds mu_queue::now() const {
@@ -203,7 +206,7 @@ void mu_queue::forward(std::vector<queued_row> rows, std::uint32_t expert) {
 }
 
 void mu_queue::dispatch() {
-  while (in_flight_ < max_in_flight) {
+  while (in_flight_ < max_in_flight_) {
     auto choice = policy::pick_queue(matrix_, scheduler_.policy, scheduler_.params, now());
     if (!choice)
       return;

@@ -8,10 +8,11 @@
 // it has run. One hand-off and one done per batch: as many messages as the pull and the batch
 // of one expert actor per device.
 //
-// Two batches in flight per device: the next one is already queued on the device when the
-// current one ends, so the done round trip never leaves the device idle. More would drain
-// μ-queues earlier than needed and shrink batches. The experts of the device share its
-// executor, so the bound is the queue's, not each expert's.
+// Two batches in flight per lane of the device (device::lanes(): a multi-threaded cpu device
+// runs that many expert batches side by side, one per thread): the next one is already
+// queued when the current one ends, so the done round trip never leaves the device idle.
+// More would drain μ-queues earlier than needed and shrink batches. The experts of the device
+// share its executor, so the bound is the queue's, not each expert's.
 //
 // Moving an expert here (adopt) or away (hand_off, actors/protocol.hpp): the hosted set
 // changes, the scheduler sees the queues of the hosted experts in ascending id order (with no
@@ -40,7 +41,8 @@ public:
   void on_exit() override;
 
 private:
-  static constexpr std::size_t max_in_flight = 2;
+  // Two batches per lane of the device (device::lanes(): its experts run side by side).
+  static constexpr std::size_t in_flight_per_lane = 2;
 
   struct handed {
     caf::actor_addr to;     // the actor that has them
@@ -67,6 +69,7 @@ private:
   std::map<std::uint32_t, caf::actor> experts_;  // hosted expert → its actor (absent: dead)
   std::map<std::uint32_t, handed> handed_;        // batches in flight, by expert
   std::size_t in_flight_ = 0;
+  std::size_t max_in_flight_ = in_flight_per_lane;
   std::vector<caf::actor> peers_;                 // every device's μ-queue (forwarding)
   std::vector<routed_tokens> held_;               // rows for an expert placed here, not yet adopted
   std::string track_;

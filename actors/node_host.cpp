@@ -3,6 +3,7 @@
 #include "actors/attention_shard.hpp"
 #include "actors/expert.hpp"
 #include "actors/mu_queue.hpp"
+#include "model/safetensors.hpp"
 #include "model/weights.hpp"
 
 #include <spdlog/spdlog.h>
@@ -24,8 +25,19 @@ void register_node_message_types(caf::actor_system_config& config) {
   config.add_message_type<transport::fault_counts>("moert::fault_counts");
 }
 
-node_host::node_host(caf::actor_config& cfg, std::string name, peer_connector connector)
-    : caf::event_based_actor(cfg), name_(std::move(name)), connector_(std::move(connector)) {}
+node_host::node_host(caf::actor_config& cfg, std::string name, peer_connector connector, gpu::backend_kind backend)
+    : caf::event_based_actor(cfg), name_(std::move(name)), default_backend_(backend), connector_(std::move(connector)) {}
+
+result<gpu::backend_kind> node_host::backend_for(const model_source& source) const {
+  if (source.backend.empty())
+    return ctx_ ? ctx_->backend : default_backend_;  // an adoption runs what the node runs
+  if (source.backend == "cpu")
+    return gpu::backend_kind::cpu;
+  if (source.backend == "cuda")
+    return gpu::backend_kind::cuda;
+  return make_error(error_code::invalid_argument,
+                    "node " + name_ + ": backend \"" + source.backend + "\" is not one of \"cpu\", \"cuda\"");
+}
 
 node_host::~node_host() {
   teardown();
@@ -41,7 +53,8 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
     return "node " + name_ + " already serves another engine";
   std::string key = source.model_dir + '\n' + source.synthetic_config + '\n' + std::to_string(source.weight_seed) +
                     '\n' + std::to_string(total_expert_devices) + '\n' + std::to_string(source.attention_side) +
-                    '\n' + std::to_string(source.first_expert_device) + '\n' + std::to_string(source.num_expert_devices);
+                    '\n' + std::to_string(source.first_expert_device) + '\n' + std::to_string(source.num_expert_devices) +
+                    '\n' + source.backend;
   if (ctx_) {
     if (key != loaded_key_)
       return "node " + name_ + ": one engine asked for two different models or placements";
@@ -53,11 +66,10 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
     stats_.reset();
     return failure;
   }
-  if (faults) {
-    faults_ = std::make_unique<transport::fault_injector>(*faults);
-    faults_->watch_node(name_);
-    ctx->faults = faults_.get();
-  }
+  // Without a plan too: A2E/E2A delivery is always at least once (transport::without_faults).
+  faults_ = std::make_unique<transport::fault_injector>(faults ? *faults : transport::without_faults());
+  faults_->watch_node(name_);
+  ctx->faults = faults_.get();
   ctx_ = std::move(ctx);
   loaded_key_ = std::move(key);
   owner_ = owner;
@@ -68,7 +80,21 @@ std::string node_host::ensure_model(const model_source& source, std::uint32_t to
 std::string node_host::load_context(const model_source& source, std::uint32_t total_expert_devices,
                                     std::unique_ptr<runtime_context>& out) {
   auto ctx = std::make_unique<runtime_context>();
-  if (!source.model_dir.empty()) {
+  auto kind = backend_for(source);
+  if (!kind)
+    return kind.err().message;
+  // Before anything is loaded: a backend that cannot run here (no GPU) fails at once.
+  if (auto usable = check_backend(*kind); !usable.ok())
+    return "node " + name_ + ": " + usable.err().message;
+  ctx->backend = *kind;
+  if (*kind != gpu::backend_kind::cpu) {
+    // Each device loads its own part onto its backend (make_device): only the shape here.
+    auto parsed = !source.model_dir.empty() ? model::load_config(source.model_dir)
+                                            : model::parse_config(source.synthetic_config, "synthetic model config");
+    if (!parsed)
+      return "node " + name_ + ": " + parsed.err().what();
+    ctx->config = *parsed;
+  } else if (!source.model_dir.empty()) {
     // Only this node's part: its experts (expert e lives on device e mod eg), and the
     // attention side when it hosts shards.
     model::load_options part;
@@ -108,13 +134,45 @@ std::string node_host::check_adopter(const caf::actor& owner) const {
   return {};
 }
 
-std::vector<caf::actor> node_host::spawn_experts(runtime_context* ctx, const host_experts& ask) {
+result<std::unique_ptr<device>> node_host::make_device(const runtime_context* ctx, const model_source& source,
+                                                       const std::string& name, const model::load_options& part,
+                                                       std::uint32_t threads) {
+  if (ctx->backend == gpu::backend_kind::cpu)
+    return std::make_unique<device>(name, threads, nullptr);
+  std::optional<model::checkpoint> checkpoint;
+  if (!source.model_dir.empty()) {
+    auto opened = model::checkpoint::open(source.model_dir);
+    if (!opened)
+      return make_error(opened.err().code, "node " + name_ + ": " + opened.err().message);
+    checkpoint.emplace(std::move(*opened));
+  }
+  // Numbered through the node's devices: on cuda, GPU (index mod the GPUs visible).
+  auto made = make_device_with_weights(name, ctx->backend, devices_.size(), threads, {}, ctx->config,
+                                       checkpoint ? &*checkpoint : nullptr, source.weight_seed, part, nullptr);
+  if (!made)
+    return make_error(made.err().code, "node " + name_ + ": " + made.err().message);
+  spdlog::info("node {}: {} on {}, holding its own {} bytes of weights", name_, name, (*made)->backend().name(),
+               (*made)->weights() ? model::resident_bytes(*(*made)->weights()).total() : 0);
+  return std::move(*made);
+}
+
+result<std::vector<caf::actor>> node_host::spawn_experts(runtime_context* ctx, const host_experts& ask) {
+  std::vector<std::unique_ptr<device>> made;
+  for (std::uint32_t d = ask.first_device; d < ask.first_device + ask.num_devices; ++d) {
+    model::load_options part;
+    part.attention_side = false;
+    std::uint32_t total = ask.total_expert_devices;
+    part.keep_expert = [d, total](std::size_t expert) { return expert % total == d; };  // runtime_context::device_of
+    auto dev = make_device(ctx, ask.model, name_ + ": expert " + std::to_string(d), part, ask.threads_per_device);
+    if (!dev)
+      return dev.err();
+    made.push_back(std::move(*dev));
+  }
   std::vector<caf::actor> queues;
   if (ctx->expert_devices.size() < ask.total_expert_devices)
     ctx->expert_devices.resize(ask.total_expert_devices, nullptr);
   for (std::uint32_t d = ask.first_device; d < ask.first_device + ask.num_devices; ++d) {
-    auto& dev = devices_.emplace_back(
-        std::make_unique<device>(name_ + ": expert " + std::to_string(d), ask.threads_per_device, nullptr));
+    auto& dev = devices_.emplace_back(std::move(made[d - ask.first_device]));
     if (ctx->faults && ctx->faults->slowdown("expert", d) > 1.0)
       dev->set_slowdown(ctx->faults->slowdown("expert", d));
     ctx->expert_devices[d] = dev.get();
@@ -140,11 +198,19 @@ std::vector<caf::actor> node_host::spawn_experts(runtime_context* ctx, const hos
   return queues;
 }
 
-std::vector<caf::actor> node_host::spawn_shards(const runtime_context* ctx, const host_shards& ask) {
+result<std::vector<caf::actor>> node_host::spawn_shards(const runtime_context* ctx, const host_shards& ask) {
+  std::vector<std::unique_ptr<device>> made;
+  for (std::uint32_t a = ask.first_shard; a < ask.first_shard + ask.num_shards; ++a) {
+    model::load_options part;
+    part.keep_expert = [](std::size_t) { return false; };  // the attention side: no routed expert
+    auto dev = make_device(ctx, ask.model, name_ + ": attention " + std::to_string(a), part, ask.threads_per_device);
+    if (!dev)
+      return dev.err();
+    made.push_back(std::move(*dev));
+  }
   std::vector<caf::actor> shards;
   for (std::uint32_t a = ask.first_shard; a < ask.first_shard + ask.num_shards; ++a) {
-    auto& dev = devices_.emplace_back(
-        std::make_unique<device>(name_ + ": attention " + std::to_string(a), ask.threads_per_device, nullptr));
+    auto& dev = devices_.emplace_back(std::move(made[a - ask.first_shard]));
     if (ctx->faults && ctx->faults->slowdown("attention", a) > 1.0)
       dev->set_slowdown(ctx->faults->slowdown("attention", a));
     caf::actor shard = system().spawn<attention_shard>(ctx, a, dev.get(), ask.queues, ask.owner, ask.plan.plan);
@@ -209,7 +275,10 @@ caf::behavior node_host::make_behavior() {
         return caf::make_error(caf::sec::runtime_error, failure);
       if (ask.num_devices == 0 || ask.first_device + ask.num_devices > ask.total_expert_devices)
         return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": expert devices out of range");
-      return spawn_experts(ctx_.get(), ask);
+      auto queues = spawn_experts(ctx_.get(), ask);
+      if (!queues)
+        return caf::make_error(caf::sec::runtime_error, queues.err().message);
+      return std::move(*queues);
     },
     [this](host_atom, host_shards& ask) -> caf::result<std::vector<caf::actor>> {
       if (auto failure = ensure_model(ask.model, ask.total_expert_devices, ask.owner,
@@ -218,7 +287,10 @@ caf::behavior node_host::make_behavior() {
         return caf::make_error(caf::sec::runtime_error, failure);
       if (ask.num_shards == 0 || ask.queues.size() != ask.total_expert_devices)
         return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": shards need every expert queue");
-      return spawn_shards(ctx_.get(), ask);
+      auto shards = spawn_shards(ctx_.get(), ask);
+      if (!shards)
+        return caf::make_error(caf::sec::runtime_error, shards.err().message);
+      return std::move(*shards);
     },
     // Recovery: one more part, which a lost node held, with weights of its own.
     [this](adopt_atom, host_experts& ask) -> caf::result<std::vector<caf::actor>> {
@@ -235,8 +307,10 @@ caf::behavior node_host::make_behavior() {
           for (auto actor : {transport::fault_actor::expert, transport::fault_actor::queue})
             faults_->disarm_kills(actor, d);
       auto queues = spawn_experts(ctx.get(), ask);
+      if (!queues)
+        return caf::make_error(caf::sec::runtime_error, queues.err().message);
       adopted_ctx_.push_back(std::move(ctx));
-      return queues;
+      return std::move(*queues);
     },
     [this](adopt_atom, host_shards& ask) -> caf::result<std::vector<caf::actor>> {
       if (auto failure = check_adopter(ask.owner); !failure.empty())
@@ -251,8 +325,10 @@ caf::behavior node_host::make_behavior() {
         for (std::uint32_t a = ask.first_shard; a < ask.first_shard + ask.num_shards; ++a)
           faults_->disarm_kills(transport::fault_actor::attention, a);
       auto shards = spawn_shards(ctx.get(), ask);
+      if (!shards)
+        return caf::make_error(caf::sec::runtime_error, shards.err().message);
       adopted_ctx_.push_back(std::move(ctx));
-      return shards;
+      return std::move(*shards);
     },
     // Connect to another node so that messages to its actors go node to node.
     [this](peer_atom, const std::string& host, std::uint16_t port, const std::string& peer_name,
@@ -293,12 +369,48 @@ caf::behavior node_host::make_behavior() {
     [this](link_atom, const std::string& transport, std::uint32_t process_idx) -> caf::result<std::string> {
       if (ctx_)
         return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": link after hosting");
+      if (transport == "nccl") {
+        // Rows stay host memory at the actor boundary and are staged through the channel's
+        // own device buffers, so any GPU serves; NCCL refuses two ranks of one communicator
+        // on one GPU, so nodes sharing a machine take GPU (process index mod GPUs visible).
+        std::size_t gpus = 0;
+        for (const gpu::backend_info& info : gpu::compiled_backends())
+          if (info.kind == gpu::backend_kind::cuda && info.usable)
+            gpus = info.num_devices;
+        auto link = tensor_link::create_nccl(gpus > 0 ? int(process_idx % gpus) : 0);
+        if (!link.ok())
+          return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": " + link.err().message);
+        link_ = std::move(*link);
+        return std::string{};
+      }
       auto kind = transport == "ucx-posix" ? moert::transport::ucx_transport::posix : moert::transport::ucx_transport::tcp;
       auto link = tensor_link::create(kind, process_idx);
       if (!link.ok())
         return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": " + link.err().message);
       link_ = std::move(*link);
       return link_->address();
+    },
+    // Pipe bring-up (nccl): this node sends to `peer` on a new pipe; its id goes back.
+    [this](link_atom, pipe_atom, const caf::node_id& peer) -> caf::result<std::string> {
+      if (!link_ || !link_->uses_pipes())
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": no tensor link with pipes");
+      auto key = link_->open_send_to(peer);
+      if (!key.ok())
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": " + key.err().message);
+      return std::string(key->begin(), key->end());
+    },
+    [this](link_atom, pipe_atom, const caf::node_id& peer, const std::string& id) -> caf::result<caf::atom_value> {
+      if (!link_ || !link_->uses_pipes())
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": no tensor link with pipes");
+      transport::pipe_key key{};
+      if (id.size() != key.size())
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": a pipe id of " +
+                                                            std::to_string(id.size()) + " bytes (expected " +
+                                                            std::to_string(key.size()) + ")");
+      std::copy(id.begin(), id.end(), key.begin());
+      if (auto opened = link_->open_receive_from(peer, key); !opened.ok())
+        return caf::make_error(caf::sec::runtime_error, "node " + name_ + ": " + opened.err().message);
+      return caf::atom("ok");
     },
     [this](link_atom, const caf::node_id& peer, const std::string& address) -> caf::result<caf::atom_value> {
       if (!link_)

@@ -17,7 +17,11 @@
 //
 // With a ucx transport the engine first sets up each node's tensor link: (link_atom,
 // transport, process index) → this node's UCX worker address, then (link_atom, peer node id,
-// peer address) for every other node.
+// peer address) for every other node. With nccl: (link_atom, "nccl", process index) makes the
+// link (pipes over an nccl_channel on CUDA device (process index mod GPUs); "" back), then per direction
+// between an attention and an expert node (link_atom, pipe_atom, receiver's node id) → the
+// 128-byte NCCL id of a new sending pipe, made here, which the engine hands to the receiver
+// as (link_atom, pipe_atom, sender's node id, id).
 //
 // Direct connections: the engine asks each attention node to connect to each expert node
 // (peer_atom, host, port, name), through the same authenticated gate (or TLS) the engine's
@@ -48,6 +52,7 @@ namespace moert::actors {
 using host_atom = caf::atom_constant<caf::atom("host")>;
 using release_atom = caf::atom_constant<caf::atom("release")>;
 using peer_atom = caf::atom_constant<caf::atom("peer")>;
+using pipe_atom = caf::atom_constant<caf::atom("pipe")>;
 
 // A connection to another node's listener: its node_host, and what keeps the connection up
 // (an outbound gate) while it is held.
@@ -72,6 +77,9 @@ struct model_source {
   std::uint64_t weight_seed = 1;
   bool attention_side = true;
   std::uint32_t first_expert_device = 0, num_expert_devices = 0;
+  // The backend the node builds this part's devices on: "cpu", "cuda", or "" for the node's
+  // own (`moert node --backend`, cpu by default). The cluster file's per-node "backend".
+  std::string backend;
 };
 
 }  // namespace moert::actors
@@ -112,7 +120,7 @@ using fault_atom = caf::atom_constant<caf::atom("faults")>;  // engine → node:
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, model_source& x) {
   return f(caf::meta::type_name("model_source"), x.model_dir, x.synthetic_config, x.weight_seed, x.attention_side,
-           x.first_expert_device, x.num_expert_devices);
+           x.first_expert_device, x.num_expert_devices, x.backend);
 }
 
 // Expert devices [first_device, first_device + num_devices) of `total_expert_devices`.
@@ -161,7 +169,12 @@ class node_host : public caf::event_based_actor {
 public:
   // `name` labels the node's devices ("e0: expert 1").
   // Without `connector` the node refuses peer_atom (no direct connections).
-  node_host(caf::actor_config& cfg, std::string name, peer_connector connector = {});
+  // `backend`: what its devices run when the engine's model_source names none. Off the cpu
+  // backend each device loads its own part of the weights onto its backend (as the engine's
+  // devices do in one process); a backend that cannot run here makes every host request fail
+  // with the reason, which the engine's bring-up reports naming this node.
+  node_host(caf::actor_config& cfg, std::string name, peer_connector connector = {},
+            gpu::backend_kind backend = gpu::backend_kind::cpu);
   ~node_host() override;
 
   caf::behavior make_behavior() override;
@@ -174,13 +187,23 @@ private:
   // The part of the model `source` names, in a context of its own; an error text or "".
   std::string load_context(const model_source& source, std::uint32_t total_expert_devices,
                            std::unique_ptr<runtime_context>& out);
-  std::vector<caf::actor> spawn_experts(runtime_context* ctx, const host_experts& ask);  // sets ctx's expert_devices
-  std::vector<caf::actor> spawn_shards(const runtime_context* ctx, const host_shards& ask);
+  // The backend `source` asks for (its own or the node's), or an error text.
+  result<gpu::backend_kind> backend_for(const model_source& source) const;
+  // A device for `part` of the model: cpu devices read the context's shared host weights,
+  // others hold their own part on their backend (actors::make_device_with_weights).
+  result<std::unique_ptr<device>> make_device(const runtime_context* ctx, const model_source& source,
+                                              const std::string& name, const model::load_options& part,
+                                              std::uint32_t threads);
+  // Every device is made before any actor is spawned: a device that cannot be made fails the
+  // request with nothing left running.
+  result<std::vector<caf::actor>> spawn_experts(runtime_context* ctx, const host_experts& ask);  // sets ctx's expert_devices
+  result<std::vector<caf::actor>> spawn_shards(const runtime_context* ctx, const host_shards& ask);
   // An adoption is only for the engine this node already serves.
   std::string check_adopter(const caf::actor& owner) const;
   void teardown();
 
   std::string name_;
+  gpu::backend_kind default_backend_;
   std::unique_ptr<runtime_stats> stats_;
   std::unique_ptr<transport::fault_injector> faults_;  // the engine's plan, this node's share
   std::map<caf::actor_addr, caf::actor> expert_queue_;  // each hosted expert's μ-queue
@@ -191,7 +214,7 @@ private:
   caf::actor owner_;
   std::vector<std::unique_ptr<device>> devices_;
   std::vector<caf::actor> hosted_;
-  std::unique_ptr<tensor_link> link_;  // ucx transports: this node's UCX data path
+  std::unique_ptr<tensor_link> link_;  // ucx and nccl transports: this node's data path
   peer_connector connector_;
   // Direct connections to other nodes, by "host:port": kept while the engine lives.
   std::map<std::string, peer_connection> peers_;

@@ -1,5 +1,8 @@
 #include "actors/runtime.hpp"
 
+#include "actors/device.hpp"
+#include "model/safetensors.hpp"
+
 #include <algorithm>
 #include <bit>
 #include <set>
@@ -163,6 +166,26 @@ result<std::unique_ptr<gpu::backend>> make_device_backend(gpu::backend_kind kind
     options.device_index = gpus > 0 ? device_index % gpus : 0;
   }
   return gpu::create_backend(kind, options);
+}
+
+result<std::unique_ptr<device>> make_device_with_weights(const std::string& name, gpu::backend_kind kind,
+                                                         std::size_t device_index, std::size_t num_threads,
+                                                         const gpu::gemm_calibration& expert_gemm,
+                                                         const model::model_config& config,
+                                                         const model::checkpoint* checkpoint,
+                                                         std::uint64_t weight_seed, const model::load_options& part,
+                                                         trace_recorder* trace) {
+  auto backend = make_device_backend(kind, device_index, num_threads, expert_gemm);
+  if (!backend)
+    return make_error(backend.err().code, name + ": " + backend.err().message);
+  auto dev = std::make_unique<device>(name, std::move(*backend), trace);
+  result<model::model_weights> w = checkpoint ? model::load_weights(config, *checkpoint, part, dev->backend())
+                                              : model::synthetic_weights(config, weight_seed, dev->backend(), part);
+  if (!w)
+    return make_error(w.err().code,
+                      "loading the weights of " + name + " on " + dev->backend().name() + ": " + w.err().message);
+  dev->set_weights(std::make_shared<const model::model_weights>(std::move(*w)));
+  return dev;
 }
 
 }  // namespace moert::actors

@@ -133,13 +133,17 @@ struct runtime_context {
   class tensor_link* link = nullptr;  // a cluster's UCX data path; null: rows travel in messages
   // The backend every device of this engine runs (EngineConfig::backend).
   gpu::backend_kind backend = gpu::backend_kind::cpu;
-  // The engine's fault plan at work (actors/fault_seam.hpp); null: no faults, and A2E/E2A are
-  // not retransmitted (in one process CAF loses no message).
+  // The engine's fault plan at work (actors/fault_seam.hpp); an engine or node always has one
+  // (transport::without_faults without a fault file), so A2E/E2A delivery is at least once.
+  // Null only in unit tests that build a context by hand: no retransmission then.
   transport::fault_injector* faults = nullptr;
   // Chunked prefill (EngineConfig::prefill_chunk_tokens): a step feeds at most this many
   // tokens of a prompt, so the decode rows beside it never wait for a whole long prompt.
   // 0: every prompt whole in one step.
   std::size_t prefill_chunk_tokens = 0;
+  // The engine's record of the actors it spawned (actors/census.hpp); spawn sites add to it.
+  // Null: nobody counts (unit tests, nodes).
+  class actor_census* census = nullptr;
 
   // Where each expert is now; null: round-robin for good (a node of a cluster, unit tests).
   std::shared_ptr<expert_placement> placement;
@@ -174,5 +178,18 @@ struct runtime_context {
 result<std::unique_ptr<gpu::backend>> make_device_backend(gpu::backend_kind kind, std::size_t device_index,
                                                           std::size_t num_threads,
                                                           const gpu::gemm_calibration& expert_gemm = {});
+
+// A device on a backend of `kind` (make_device_backend) that holds its own part of the model,
+// uploaded to that backend: `part` read from `checkpoint`, or, when `checkpoint` is null, the
+// same part of the synthetic weights of (`config`, `weight_seed`). What the engine builds per
+// device off the cpu backend (or with per_device_weights), and what a cluster node builds on
+// its backend. Blocking (it loads weights); errors name `name` and the backend.
+result<std::unique_ptr<device>> make_device_with_weights(const std::string& name, gpu::backend_kind kind,
+                                                         std::size_t device_index, std::size_t num_threads,
+                                                         const gpu::gemm_calibration& expert_gemm,
+                                                         const model::model_config& config,
+                                                         const model::checkpoint* checkpoint,
+                                                         std::uint64_t weight_seed, const model::load_options& part,
+                                                         trace_recorder* trace);
 
 }  // namespace moert::actors

@@ -1,6 +1,7 @@
 #include "actors/supervisor.hpp"
 
 #include "actors/attention_shard.hpp"
+#include "actors/census.hpp"
 #include "actors/expert.hpp"
 #include "actors/mu_queue.hpp"
 
@@ -42,6 +43,12 @@ void supervisor::on_exit() {
 void supervisor::watch(const caf::actor& actor, kind what, std::size_t idx) {
   children_[actor.address()] = child{what, idx};
   monitor(actor);
+}
+
+void supervisor::watch_fresh(const caf::actor& actor, kind what, std::size_t idx) {
+  if (ctx_->census)
+    ctx_->census->add(actor, std::string{name_of(what)} + " " + std::to_string(idx) + " (re-created)");
+  watch(actor, what, idx);
 }
 
 caf::behavior supervisor::make_behavior() {
@@ -124,7 +131,7 @@ void supervisor::restart(child who, const std::string& why) {
     case kind::expert: {
       caf::actor fresh = spawn<expert>(ctx_, std::uint32_t(idx));
       set_.experts[idx] = fresh;
-      watch(fresh, kind::expert, idx);
+      watch_fresh(fresh, kind::expert, idx);
       // The queue first: the replay's rows land behind the replacement.
       idx = ctx_->device_of(idx);
       send(set_.queues[idx], expert_atom::value, std::uint32_t(who.idx), fresh);
@@ -137,7 +144,7 @@ void supervisor::restart(child who, const std::string& why) {
       caf::actor fresh =
           spawn<mu_queue>(ctx_, idx, set_.scheduler, set_.expert_devices[idx]->name(), std::move(hosted));
       set_.queues[idx] = fresh;
-      watch(fresh, kind::queue, idx);
+      watch_fresh(fresh, kind::queue, idx);
       for (const auto& queue : set_.queues)
         send(queue, peers_atom::value, set_.queues);
       if (set_.policy)
@@ -150,7 +157,7 @@ void supervisor::restart(child who, const std::string& why) {
       caf::actor fresh = spawn<attention_shard>(ctx_, std::uint32_t(idx), set_.attention_devices[idx], set_.queues,
                                                 set_.ingress, set_.plan);
       set_.shards[idx] = fresh;
-      watch(fresh, kind::shard, idx);
+      watch_fresh(fresh, kind::shard, idx);
       if (set_.policy) {
         send(fresh, policy_atom::value, set_.policy);
         send(set_.policy, shard_atom::value, std::uint32_t(idx), fresh);
@@ -199,7 +206,7 @@ bool supervisor::replace_device(std::size_t device, const std::string& why) {
     caf::anon_send_exit(old, caf::exit_reason::user_shutdown);
     caf::actor fresh = spawn<expert>(ctx_, e);
     set_.experts[e] = fresh;
-    watch(fresh, kind::expert, e);
+    watch_fresh(fresh, kind::expert, e);
     expert_restarts_[e].clear();  // a new device: a new count
     send(set_.queues[to], adopt_expert_atom::value, e, fresh);
     ctx_->placement->move(e, to);

@@ -81,6 +81,7 @@ private:
   };
 
   void watch(const caf::actor& actor, kind what, std::size_t idx);
+  void watch_fresh(const caf::actor& actor, kind what, std::size_t idx);  // a replacement: also recorded in the census
   void on_down(const caf::down_msg& down);
   void restart(child who, const std::string& why);
   // Re-places every expert of the lost expert device `device`; false when none survives.

@@ -62,6 +62,14 @@ result<std::unique_ptr<tensor_link>> tensor_link::create(transport::ucx_transpor
 tensor_link::tensor_link(std::unique_ptr<transport::ucx_channel> channel, std::uint32_t process_idx)
     : channel_(std::move(channel)), blocks_(std::make_shared<block_pool>()), process_idx_(process_idx) {}
 
+// A link over pipes (tensor_link_pipes.cpp): here because the block pool is defined here.
+tensor_link::tensor_link(std::unique_ptr<transport::pipe_transport> pipes)
+    : blocks_(std::make_shared<block_pool>()), process_idx_(0), pipes_(std::move(pipes)) {}
+
+std::shared_ptr<row_block> tensor_link::acquire_block(std::size_t row_floats, std::size_t floats) {
+  return block_pool::acquire(blocks_, row_floats, floats, nullptr);
+}
+
 void tensor_link::warn_once(const std::string& what) {
   if (!warned_.exchange(true))
     spdlog::warn("tensor link: {}", what);
@@ -77,12 +85,23 @@ status tensor_link::add_peer(const caf::node_id& node, const std::string& addres
 }
 
 void tensor_link::cancel_peer(const caf::node_id& node, std::string reason) {
+  if (pipes_) {
+    auto pair = pipes_of(node);
+    for (auto pipe : {pair.send, pair.receive})
+      if (pipe != 0)
+        pipes_->cancel(pipe, reason);
+    return;
+  }
   if (auto peer = peer_of(node))
     channel_->cancel_peer(peer, std::move(reason));
 }
 
 bool tensor_link::remote(const caf::actor& dest) const {
   std::lock_guard<std::mutex> guard{mutex_};
+  if (pipes_) {
+    auto it = pipe_peers_.find(dest.node());
+    return it != pipe_peers_.end() && it->second.send != 0;
+  }
   return peers_.count(dest.node()) > 0;
 }
 
@@ -129,6 +148,8 @@ void tensor_link::ship(caf::event_based_actor* self, const caf::actor& dest, rou
   auto bytes = pack(*msg.rows, rows, renumbered);
   for (std::size_t i = 0; i < msg.routes.size(); ++i)
     msg.routes[i].row = renumbered[i];
+  if (pipes_)
+    return pipe_send(self, dest, std::move(msg), std::move(bytes));
   send_bytes(self, dest, std::move(msg), std::move(bytes));
 }
 
@@ -136,6 +157,8 @@ void tensor_link::ship(caf::event_based_actor* self, const caf::actor& dest, exp
   std::vector<std::uint32_t> renumbered;
   auto bytes = pack(*msg.rows, msg.rows_idx, renumbered);
   msg.rows_idx = std::move(renumbered);
+  if (pipes_)
+    return pipe_send(self, dest, std::move(msg), std::move(bytes));
   send_bytes(self, dest, std::move(msg), std::move(bytes));
 }
 
@@ -143,6 +166,8 @@ template <class Message, class Check>
 bool tensor_link::fetch_bytes(caf::event_based_actor* self, Message& msg, Check fits) {
   if (msg.wire.tag == 0)
     return false;
+  if (pipes_)
+    return pipe_fetch(self, msg);
   auto sender = self->current_sender();
   transport::peer_id peer = sender ? peer_of(sender->node()) : 0;
   wire_descriptor wire = msg.wire;

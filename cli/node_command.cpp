@@ -1,8 +1,10 @@
 #include "node_command.hpp"
 
 #include "actors/node_host.hpp"
+#include "actors/runtime.hpp"
 #include "engine/cluster.hpp"
 #include "engine/cluster_config.hpp"
+#include "engine_options.hpp"
 #include "transport/auth_gate.hpp"
 #include "transport/handshake.hpp"
 
@@ -22,6 +24,7 @@ struct node_options {
   std::string listen = "127.0.0.1:7101";
   std::string secret_file;
   std::string name;
+  std::string backend = "cpu";
   std::size_t scheduler_threads = 2;
   int heartbeat_ms = 200;
   int liveness_timeout_ms = 1500;
@@ -51,6 +54,14 @@ int run_node(const node_options& options) {
   }
   if (options.heartbeat_ms <= 0 || options.liveness_timeout_ms <= options.heartbeat_ms)
     throw std::runtime_error("--liveness-timeout-ms must exceed --heartbeat-ms, both positive");
+  auto backend = parse_backend(options.backend);
+  if (!backend.ok())
+    throw std::runtime_error(backend.err().message);
+  // A backend that cannot run here (no GPU) does not stop the node: every engine that asks it
+  // to host is refused with the reason, so the engine's bring-up names this node and why.
+  std::string unusable;
+  if (auto usable = actors::check_backend(*backend); !usable.ok())
+    unusable = usable.err().message;
 
   // Signals are taken by sigwait below: block them before CAF starts its threads.
   sigset_t stop_signals;
@@ -73,8 +84,9 @@ int run_node(const node_options& options) {
   // The node connects to other nodes itself (node to node A2E/E2A), authenticated as the
   // engine connects to it.
   auto host = system.spawn<actors::node_host, caf::detached>(
-      name, make_peer_connector(system, secret, options.tls.enabled(),
-                                std::chrono::milliseconds{options.liveness_timeout_ms}));
+      name,
+      make_peer_connector(system, secret, options.tls.enabled(), std::chrono::milliseconds{options.liveness_timeout_ms}),
+      *backend);
 
   std::unique_ptr<transport::inbound_gate> gate;
   if (options.tls.enabled()) {
@@ -97,10 +109,14 @@ int run_node(const node_options& options) {
       throw std::runtime_error(started.err().message);
     gate = std::move(*started);
   }
-  std::printf("moert node %s: listening on %s (%s)\n", name.c_str(), options.listen.c_str(),
+  std::printf("moert node %s: listening on %s (%s), backend %s\n", name.c_str(), options.listen.c_str(),
               options.tls.enabled() ? "TLS, peers verified against the CA"
               : secret.empty()      ? "loopback, no secret"
-                                    : "peers must hold the shared secret");
+                                    : "peers must hold the shared secret",
+              gpu::to_string(*backend));
+  if (!unusable.empty())
+    std::printf("moert node %s: error: --backend %s: %s; every request to host will be refused with this reason\n",
+                name.c_str(), gpu::to_string(*backend), unusable.c_str());
   std::fflush(stdout);
 
   int received = 0;
@@ -124,6 +140,10 @@ command_runner add_node_command(CLI::App& app) {
   sub->add_option("--tls-key", options->tls.key_file, "its private key (PEM)");
   sub->add_option("--tls-ca", options->tls.ca_file, "the CA that signed every peer's certificate (PEM)");
   sub->add_option("--name", options->name, "the node's name in reports (default: the listen address)");
+  sub->add_option("--backend", options->backend,
+                  "cpu|cuda: what this node's devices run (each holding its own part of the weights off cpu), "
+                  "unless the cluster file names a backend for the node")
+      ->capture_default_str();
   sub->add_option("--threads", options->scheduler_threads, "CAF scheduler threads")->capture_default_str();
   sub->add_option("--heartbeat-ms", options->heartbeat_ms, "CAF heartbeat interval")->capture_default_str();
   sub->add_option("--liveness-timeout-ms", options->liveness_timeout_ms,

@@ -11,6 +11,9 @@ set(_moert_libraries moert_core moert_gpu_cpu moert_gpu moert_model moert_policy
 if(TARGET moert_gpu_cuda)  # linked by moert_gpu when the CUDA backend is built
   list(INSERT _moert_libraries 2 moert_gpu_cuda)
 endif()
+if(TARGET moert_transport_nccl)  # linked by moert_actors (cluster transport nccl) with CUDA + NCCL
+  list(APPEND _moert_libraries moert_transport_nccl)
+endif()
 foreach(_lib IN LISTS _moert_libraries)
   string(REPLACE "moert_" "" _name ${_lib})
   set_target_properties(${_lib} PROPERTIES EXPORT_NAME ${_name})

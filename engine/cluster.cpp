@@ -169,7 +169,49 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
       session.gates.push_back(std::move(link->gate));
   }
 
-  if (cluster.transport != cluster_transport::caf) {
+  if (cluster.transport == cluster_transport::nccl) {
+    // Every node makes its link (an nccl_channel on its GPU: a node without one fails here,
+    // naming itself and why).
+    for (std::size_t i = 0; i < cluster.nodes.size(); ++i) {
+      auto made = ask_for<std::string>(system, session.nodes[i], cluster.nodes[i],
+                                       caf::make_message(actors::link_atom::value, std::string{"nccl"},
+                                                         std::uint32_t(i)),
+                                       ask.timeout);
+      if (!made.ok())
+        return made.err();
+    }
+    // One pipe per direction per (attention node, expert node): rows only flow between those.
+    // A pipe is a two-rank communicator that only sends one way (transport/nccl_channel.hpp
+    // says why one per direction: a shared one can deadlock). Its id is made by the sender and
+    // reaches the receiver through this process's authenticated CAF connections.
+    auto open_pipe = [&](std::size_t from, std::size_t to) -> status {
+      auto id = ask_for<std::string>(system, session.nodes[from], cluster.nodes[from],
+                                     caf::make_message(actors::link_atom::value, actors::pipe_atom::value,
+                                                       session.nodes[to].node()),
+                                     ask.timeout);
+      if (!id.ok())
+        return id.err();
+      auto joined = ask_for<caf::atom_value>(system, session.nodes[to], cluster.nodes[to],
+                                             caf::make_message(actors::link_atom::value, actors::pipe_atom::value,
+                                                               session.nodes[from].node(), *id),
+                                             ask.timeout);
+      if (!joined.ok())
+        return joined.err();
+      return status::success();
+    };
+    for (std::size_t a = 0; a < cluster.nodes.size(); ++a) {
+      if (cluster.nodes[a].attention_devices == 0)
+        continue;
+      for (std::size_t e = 0; e < cluster.nodes.size(); ++e) {
+        if (e == a || cluster.nodes[e].expert_devices == 0)
+          continue;
+        if (auto opened = open_pipe(a, e); !opened.ok())
+          return opened.err();
+        if (auto opened = open_pipe(e, a); !opened.ok())
+          return opened.err();
+      }
+    }
+  } else if (cluster.transport != cluster_transport::caf) {
     // Every node's UCX worker address, then every node learns every other.
     std::vector<std::string> addresses;
     for (std::size_t i = 0; i < cluster.nodes.size(); ++i) {
@@ -223,6 +265,7 @@ result<cluster_session> connect_cluster(caf::actor_system& system, const cluster
     part.attention_side = cluster.nodes[i].attention_devices > 0;
     part.first_expert_device = std::uint32_t(device);
     part.num_expert_devices = std::uint32_t(cluster.nodes[i].expert_devices);
+    part.backend = cluster.nodes[i].backend;
     parts.push_back(std::move(part));
   }
   std::uint32_t next_device = 0;

@@ -148,8 +148,10 @@ result<cluster_config> parse_cluster_config(const std::string& json_text, const 
     if (!node.is_object())
       return fail(source, path.substr(0, path.size() - 1), "must be an object");
     for (const auto& [key, value] : node.items())
-      if (key != "name" && key != "address" && key != "attention_devices" && key != "expert_devices")
-        return fail(source, path + key, "is not a known key (name, address, attention_devices, expert_devices)");
+      if (key != "name" && key != "address" && key != "attention_devices" && key != "expert_devices" &&
+          key != "backend")
+        return fail(source, path + key,
+                    "is not a known key (name, address, attention_devices, expert_devices, backend)");
     cluster_node parsed;
     auto node_name = node.find("name");
     if (node_name == node.end() || !node_name->is_string() || node_name->get<std::string>().empty())
@@ -175,6 +177,11 @@ result<cluster_config> parse_cluster_config(const std::string& json_text, const 
       return experts.err();
     parsed.attention_devices = *attention;
     parsed.expert_devices = *experts;
+    if (auto backend = node.find("backend"); backend != node.end()) {
+      if (!backend->is_string() || (*backend != "cpu" && *backend != "cuda"))
+        return fail(source, path + "backend", "must be \"cpu\" or \"cuda\"");
+      parsed.backend = backend->get<std::string>();
+    }
     if (parsed.attention_devices + parsed.expert_devices == 0)
       return fail(source, path.substr(0, path.size() - 1), "hosts nothing: give attention_devices or expert_devices");
     config.nodes.push_back(std::move(parsed));

@@ -34,6 +34,9 @@ struct cluster_node {
   std::uint16_t port = 0;
   std::size_t attention_devices = 0;
   std::size_t expert_devices = 0;
+  // What the node's devices run: "cpu", "cuda", or "" (unset) for the node's own
+  // `moert node --backend`.
+  std::string backend;
 };
 
 struct cluster_config {

@@ -26,7 +26,30 @@ double unit(std::uint64_t bits) {
   return double(bits >> 11) * 0x1.0p-53;
 }
 
+std::atomic<std::uint64_t> drops_for_testing{0};
+
+// Takes one of the test seam's drops, if any are left.
+bool take_test_drop() {
+  std::uint64_t left = drops_for_testing.load(std::memory_order_relaxed);
+  while (left > 0)
+    if (drops_for_testing.compare_exchange_weak(left, left - 1))
+      return true;
+  return false;
+}
+
 }  // namespace
+
+fault_plan without_faults() {
+  fault_plan plan;
+  plan.retransmit_ms = 1000.0;
+  plan.retransmit_max_ms = 10000.0;
+  plan.max_retransmits = 60;
+  return plan;
+}
+
+void fault_injector::drop_next_for_testing(std::uint64_t n) {
+  drops_for_testing.store(n);
+}
 
 const char* to_string(fault_actor actor) {
   switch (actor) {
@@ -100,7 +123,7 @@ fault_decision fault_injector::decide(const message_identity& id) const {
 }
 
 fault_decision fault_injector::decide_and_count(const message_identity& id) {
-  fault_decision d = decide(id);
+  fault_decision d = take_test_drop() ? fault_decision{fault_action::drop, 0.0} : decide(id);
   ++messages_;
   switch (d.action) {
     case fault_action::deliver: break;

@@ -80,6 +80,13 @@ struct fault_plan {
   bool empty() const { return !message_faults() && kill.empty() && slow.empty() && nodes.empty(); }
 };
 
+// The plan an engine or node runs without a fault file: no fault, but A2E/E2A delivery is
+// still at least once (a message lost anyway, e.g. with an actor that died holding it, is
+// asked again). Its timeouts are generous, so a batch that is only slow is rarely sent twice:
+// first after 1 s, doubling to 10 s, and a micro-batch fails only after 60 retransmissions
+// (about 9 minutes without an answer).
+fault_plan without_faults();
+
 // -- decisions ------------------------------------------------------------------------
 
 enum class message_kind : std::uint8_t { a2e, e2a };
@@ -152,6 +159,11 @@ public:
   // The node fault due now that this node has sent its messages (decide_and_count counts
   // them), once; nullopt otherwise. Cheap when the plan has none for this node.
   std::optional<fault_node> node_fault_due();
+
+  // A test's seam, with or without a plan: the next `n` A2E/E2A messages decided by any
+  // injector of this process are dropped (and counted as dropped). Only tests call it
+  // (tests/fault/at_least_once); it costs one relaxed atomic load per message otherwise.
+  static void drop_next_for_testing(std::uint64_t n);
 
   void count_retransmits(std::uint64_t n) { retransmitted_ += n; }
   void count_ignored_e2a(std::uint64_t n) { ignored_e2a_ += n; }

@@ -37,6 +37,8 @@ error nccl_failure(const std::string& what, ncclResult_t rc, ncclComm_t comm) {
 struct transfer {
   std::uint64_t sequence = 0;
   void* data = nullptr;
+  bool on_host = false;  // `data` is host memory: staged through `staging` (send_host / receive_host)
+  void* staging = nullptr;  // device buffer, from cudaMallocAsync on the pipe's stream
   std::size_t bytes = 0;
   cudaEvent_t ready = nullptr;  // sends only: the producer's event
   nccl_channel::done finished;
@@ -51,6 +53,7 @@ struct pipe_state {
   nccl_id id{};
   ncclComm_t comm = nullptr;
   cudaStream_t stream = nullptr;
+  cudaStream_t copy_stream = nullptr;  // staged receives' copies down, waited on alone
   phase at = phase::requested;
   clock_type::time_point init_deadline;
   std::string failure;
@@ -147,8 +150,16 @@ void nccl_channel::impl::fail(pipe_state& pipe, const std::string& reason, callb
   }
   if (pipe.stream != nullptr) {
     cudaStreamSynchronize(pipe.stream);
+    for (transfer& t : pipe.issued)
+      if (t.staging != nullptr)
+        cudaFreeAsync(t.staging, pipe.stream);
+    cudaStreamSynchronize(pipe.stream);
     cudaStreamDestroy(pipe.stream);
     pipe.stream = nullptr;
+  }
+  if (pipe.copy_stream != nullptr) {
+    cudaStreamDestroy(pipe.copy_stream);
+    pipe.copy_stream = nullptr;
   }
   status failed = make_error(error_code::device_error, reason);
   for (transfer& t : pipe.issued) {
@@ -165,6 +176,8 @@ void nccl_channel::impl::step(pipe_state& pipe, clock_type::time_point now, call
   const char* role = pipe.sender ? "send" : "receive";
   if (pipe.at == phase::requested) {
     cudaError_t crc = cudaStreamCreateWithFlags(&pipe.stream, cudaStreamNonBlocking);
+    if (crc == cudaSuccess && !pipe.sender)
+      crc = cudaStreamCreateWithFlags(&pipe.copy_stream, cudaStreamNonBlocking);
     if (crc != cudaSuccess)
       return fail(pipe, cuda_failure("nccl_channel: cudaStreamCreate on device " + std::to_string(config.device), crc)
                             .message,
@@ -234,11 +247,39 @@ void nccl_channel::impl::step(pipe_state& pipe, clock_type::time_point now, call
                     callbacks);
       }
     }
-    ncclResult_t rc = pipe.sender ? ncclSend(t.data, t.bytes, ncclUint8, 1, pipe.comm, pipe.stream)
-                                  : ncclRecv(t.data, t.bytes, ncclUint8, 0, pipe.comm, pipe.stream);
+    void* device_data = t.data;
+    if (t.on_host && t.bytes > 0) {
+      // Stream-ordered: the buffer exists for the operations queued behind this call.
+      cudaError_t crc = cudaMallocAsync(&t.staging, t.bytes, pipe.stream);
+      // From pageable memory the copy up returns once the driver holds the bytes: it does not
+      // wait for the transfers queued before it.
+      if (crc == cudaSuccess && pipe.sender)
+        crc = cudaMemcpyAsync(t.staging, t.data, t.bytes, cudaMemcpyHostToDevice, pipe.stream);
+      if (crc != cudaSuccess) {
+        if (t.staging != nullptr)
+          cudaFreeAsync(t.staging, pipe.stream);
+        t.staging = nullptr;
+        give_event(*event);
+        std::string what = "nccl_channel: staging message " + std::to_string(t.sequence) + " (" +
+                           std::to_string(t.bytes) + " bytes) through device memory";
+        pipe.waiting.emplace(t.sequence, std::move(t));
+        return fail(pipe, cuda_failure(what, crc).message, callbacks);
+      }
+      device_data = t.staging;
+    }
+    ncclResult_t rc = pipe.sender ? ncclSend(device_data, t.bytes, ncclUint8, 1, pipe.comm, pipe.stream)
+                                  : ncclRecv(device_data, t.bytes, ncclUint8, 0, pipe.comm, pipe.stream);
     rc = settle(pipe.comm, rc, t.deadline);
     cudaError_t crc = rc == ncclSuccess ? cudaEventRecord(*event, pipe.stream) : cudaSuccess;
+    if (rc == ncclSuccess && crc == cudaSuccess && t.staging != nullptr && pipe.sender) {
+      // A sent buffer is free once the send is done: in stream order, behind it.
+      crc = cudaFreeAsync(t.staging, pipe.stream);
+      t.staging = nullptr;
+    }
     if (rc != ncclSuccess || crc != cudaSuccess) {
+      if (t.staging != nullptr)
+        cudaFreeAsync(t.staging, pipe.stream);
+      t.staging = nullptr;
       give_event(*event);
       std::string what = std::string("nccl_channel: ") + (pipe.sender ? "ncclSend" : "ncclRecv") + " of message " +
                          std::to_string(t.sequence);
@@ -260,6 +301,21 @@ void nccl_channel::impl::step(pipe_state& pipe, clock_type::time_point now, call
     if (crc != cudaSuccess)
       return fail(pipe, cuda_failure("nccl_channel: message " + std::to_string(front.sequence), crc).message,
                   callbacks);
+    if (front.staging != nullptr) {
+      // A staged receive: its bytes are in the device buffer now. The copy down runs on the
+      // pipe's copy stream, where nothing waits for a peer, so waiting for it is bounded by
+      // the copy itself.
+      crc = cudaMemcpyAsync(front.data, front.staging, front.bytes, cudaMemcpyDeviceToHost, pipe.copy_stream);
+      if (crc == cudaSuccess)
+        crc = cudaStreamSynchronize(pipe.copy_stream);
+      if (crc == cudaSuccess)
+        crc = cudaFreeAsync(front.staging, pipe.copy_stream);
+      if (crc != cudaSuccess)
+        return fail(pipe, cuda_failure("nccl_channel: copying message " + std::to_string(front.sequence) +
+                                           " down to host memory", crc).message,
+                    callbacks);
+      front.staging = nullptr;
+    }
     give_event(front.completed);
     callbacks.emplace_back(std::move(front.finished), status::success());
     pipe.issued.pop_front();
@@ -375,6 +431,26 @@ result<pipe_id> nccl_channel::open_receive(const nccl_id& id) {
 
 result<std::uint64_t> nccl_channel::send(pipe_id pipe, const void* data, std::size_t bytes, CUevent_st* ready,
                                          done finished, std::chrono::milliseconds timeout) {
+  return post_send(pipe, data, false, bytes, ready, std::move(finished), timeout);
+}
+
+result<std::uint64_t> nccl_channel::send_host(pipe_id pipe, const void* host, std::size_t bytes, done finished,
+                                              std::chrono::milliseconds timeout) {
+  return post_send(pipe, host, true, bytes, nullptr, std::move(finished), timeout);
+}
+
+void nccl_channel::receive(pipe_id pipe, std::uint64_t sequence, void* data, std::size_t bytes, done finished,
+                           std::chrono::milliseconds timeout) {
+  post_receive(pipe, sequence, data, false, bytes, std::move(finished), timeout);
+}
+
+void nccl_channel::receive_host(pipe_id pipe, std::uint64_t sequence, void* host, std::size_t bytes, done finished,
+                                std::chrono::milliseconds timeout) {
+  post_receive(pipe, sequence, host, true, bytes, std::move(finished), timeout);
+}
+
+result<std::uint64_t> nccl_channel::post_send(pipe_id pipe, const void* data, bool on_host, std::size_t bytes,
+                                              CUevent_st* ready, done finished, std::chrono::milliseconds timeout) {
   std::lock_guard lock{impl_->mutex};
   auto it = impl_->pipes.find(pipe);
   if (it == impl_->pipes.end() || !it->second.sender)
@@ -385,7 +461,8 @@ result<std::uint64_t> nccl_channel::send(pipe_id pipe, const void* data, std::si
     return make_error(error_code::device_error, state.failure);
   transfer t;
   t.sequence = state.next_sequence++;
-  t.data = const_cast<void*>(data);  // ncclSend only reads it
+  t.data = const_cast<void*>(data);  // ncclSend (or the copy up) only reads it
+  t.on_host = on_host;
   t.bytes = bytes;
   t.ready = ready;
   t.finished = std::move(finished);
@@ -397,8 +474,8 @@ result<std::uint64_t> nccl_channel::send(pipe_id pipe, const void* data, std::si
   return sequence;
 }
 
-void nccl_channel::receive(pipe_id pipe, std::uint64_t sequence, void* data, std::size_t bytes, done finished,
-                           std::chrono::milliseconds timeout) {
+void nccl_channel::post_receive(pipe_id pipe, std::uint64_t sequence, void* data, bool on_host, std::size_t bytes,
+                                done finished, std::chrono::milliseconds timeout) {
   std::lock_guard lock{impl_->mutex};
   auto refuse = [&](std::string reason) {
     impl_->deferred.emplace_back(std::move(finished), make_error(error_code::invalid_argument, std::move(reason)));
@@ -415,6 +492,7 @@ void nccl_channel::receive(pipe_id pipe, std::uint64_t sequence, void* data, std
     transfer t;
     t.sequence = sequence;
     t.data = data;
+    t.on_host = on_host;
     t.bytes = bytes;
     t.finished = std::move(finished);
     t.deadline = clock_type::now() + (timeout.count() > 0 ? timeout : impl_->config.default_timeout);
@@ -437,6 +515,47 @@ bool nccl_channel::ready(pipe_id pipe) const {
   std::lock_guard lock{impl_->mutex};
   auto it = impl_->pipes.find(pipe);
   return it != impl_->pipes.end() && it->second.at == phase::ready;
+}
+
+// -- pipes for tensor_link ------------------------------------------------------------------
+
+namespace {
+
+class nccl_pipes final : public pipe_transport {
+public:
+  explicit nccl_pipes(std::unique_ptr<nccl_channel> channel) : channel_(std::move(channel)) {}
+
+  std::string name() const override { return "nccl on CUDA device " + std::to_string(channel_->device()); }
+  result<pipe_key> make_key() override { return make_nccl_id(); }
+  result<pipe_id> open_send(const pipe_key& key) override { return channel_->open_send(key); }
+  result<pipe_id> open_receive(const pipe_key& key) override { return channel_->open_receive(key); }
+
+  result<std::uint64_t> send(pipe_id pipe, std::shared_ptr<const std::vector<std::uint8_t>> bytes,
+                             done finished) override {
+    const void* data = bytes->data();
+    std::size_t size = bytes->size();
+    // The callback holds the bytes until the copy up is done and NCCL has sent them.
+    return channel_->send_host(pipe, data, size, [bytes = std::move(bytes), finished = std::move(finished)](status s) {
+      if (finished)
+        finished(std::move(s));
+    });
+  }
+  void receive(pipe_id pipe, std::uint64_t sequence, void* dest, std::size_t num_bytes, done finished) override {
+    channel_->receive_host(pipe, sequence, dest, num_bytes, std::move(finished));
+  }
+  void cancel(pipe_id pipe, std::string reason) override { channel_->cancel_peer(pipe, std::move(reason)); }
+
+private:
+  std::unique_ptr<nccl_channel> channel_;
+};
+
+}  // namespace
+
+result<std::unique_ptr<pipe_transport>> make_nccl_pipes(nccl_channel_config config) {
+  auto channel = nccl_channel::create(config);
+  if (!channel)
+    return channel.err();
+  return std::unique_ptr<pipe_transport>(std::make_unique<nccl_pipes>(std::move(*channel)));
 }
 
 }  // namespace moert::transport

@@ -27,6 +27,7 @@
 // the caller's call.
 
 #include "core/error.hpp"
+#include "transport/pipe_transport.hpp"
 
 #include <array>
 #include <chrono>
@@ -40,7 +41,7 @@ struct CUevent_st;  // cudaEvent_t without <cuda_runtime.h> in this header
 namespace moert::transport {
 
 // An ncclUniqueId as bytes (NCCL_UNIQUE_ID_BYTES), the form it travels in through CAF.
-using nccl_id = std::array<std::uint8_t, 128>;
+using nccl_id = pipe_key;
 
 // A fresh id for one pipe (ncclGetUniqueId: also works on a machine without a GPU).
 [[nodiscard]] result<nccl_id> make_nccl_id();
@@ -54,8 +55,6 @@ struct nccl_channel_config {
   std::chrono::milliseconds default_timeout{5000};
   std::chrono::milliseconds init_timeout{30000};  // both sides of a pipe joined
 };
-
-using pipe_id = std::uint64_t;
 
 class nccl_channel {
 public:
@@ -84,6 +83,17 @@ public:
   void receive(pipe_id pipe, std::uint64_t sequence, void* data, std::size_t bytes, done finished,
                std::chrono::milliseconds timeout = std::chrono::milliseconds{0});
 
+  // The same with host memory at both ends (what tensor_link's rows are at the actor
+  // boundary): the channel's thread stages the bytes through a device buffer of its own,
+  // allocated and freed in stream order on the pipe's stream (cudaMallocAsync). A send copies
+  // `host` up before its ncclSend (host must stay valid and unchanged until `finished`); a
+  // receive copies down into `host` once its ncclRecv completed, on a copy stream of the pipe
+  // that nothing else waits on, so a receive still waiting for its peer never holds the thread.
+  result<std::uint64_t> send_host(pipe_id pipe, const void* host, std::size_t bytes, done finished,
+                                  std::chrono::milliseconds timeout = std::chrono::milliseconds{0});
+  void receive_host(pipe_id pipe, std::uint64_t sequence, void* host, std::size_t bytes, done finished,
+                    std::chrono::milliseconds timeout = std::chrono::milliseconds{0});
+
   // Fails every pending transfer of the pipe with `reason` and aborts it (its peer was lost).
   void cancel_peer(pipe_id pipe, std::string reason);
 
@@ -95,9 +105,18 @@ public:
   struct impl;
 
 private:
+  result<std::uint64_t> post_send(pipe_id pipe, const void* data, bool on_host, std::size_t bytes, CUevent_st* ready,
+                                  done finished, std::chrono::milliseconds timeout);
+  void post_receive(pipe_id pipe, std::uint64_t sequence, void* data, bool on_host, std::size_t bytes, done finished,
+                    std::chrono::milliseconds timeout);
   nccl_channel(std::unique_ptr<impl> state, nccl_channel_config config);
   std::unique_ptr<impl> impl_;
   nccl_channel_config config_;
 };
+
+// tensor_link's pipes (transport/pipe_transport.hpp) over one nccl_channel on
+// `config.device`, host bytes staged (send_host / receive_host). Fails naming the device when
+// there is no such CUDA device.
+result<std::unique_ptr<pipe_transport>> make_nccl_pipes(nccl_channel_config config);
 
 }  // namespace moert::transport

@@ -90,6 +90,14 @@ void cpu_backend::matmul(const float* x, std::size_t num_rows, const gpu::matrix
       y[r * n + i] += bias[i];
 }
 
+void cpu_backend::matmul_batch(std::span<const gpu::batched_matmul> batch) {
+  std::vector<matmul_entry> entries;
+  entries.reserve(batch.size());
+  for (const gpu::batched_matmul& m : batch)
+    entries.push_back({&packed_of(*m.w), m.x, m.num_rows, m.y});
+  cpu::matmul_batch(entries, pool_);
+}
+
 void cpu_backend::rms_norm(const float* x, std::size_t num_rows, std::size_t dim, std::size_t row_stride,
                            const float* weight, float eps, float* out) {
   for (std::size_t r = 0; r < num_rows; ++r)

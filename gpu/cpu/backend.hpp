@@ -56,6 +56,8 @@ public:
   result<gpu::matrix> upload_matrix(dtype type, std::size_t cols, std::span<const gpu::matrix_part> parts) override;
 
   void matmul(const float* x, std::size_t num_rows, const gpu::matrix& w, float* y, const float* bias) override;
+  // One pool barrier for the whole batch (cpu::matmul_batch); the bits of matmul per entry.
+  void matmul_batch(std::span<const gpu::batched_matmul> batch) override;
   void rms_norm(const float* x, std::size_t num_rows, std::size_t dim, std::size_t row_stride,
                 const float* weight, float eps, float* out) override;
   void rope(float* x, std::size_t num_rows, std::size_t row_stride, std::size_t num_heads, std::size_t head_stride,

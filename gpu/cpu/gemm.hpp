@@ -82,6 +82,25 @@ private:
 void matmul(const float* x, std::size_t num_rows, const packed_matrix& w, float* y,
             thread_pool* pool);
 
+// One entry of matmul_batch: y = x · wᵀ as matmul, num_rows rows.
+struct matmul_entry {
+  const packed_matrix* w;
+  const float* x;
+  std::size_t num_rows;
+  float* y;
+};
+
+// matmul() of every entry (outputs disjoint, no output aliasing an input), as one
+// parallel_for over all their panels: the bits of matmul() per entry, one pool barrier for
+// all (a device's experts of one step are a few rows each, so per-entry barriers dominate).
+void matmul_batch(std::span<const matmul_entry> batch, thread_pool* pool);
+
+// The work matmul() weighs against min_parallel_work (thread_pool.hpp), in multiply-adds:
+// the product's own plus the cost of streaming the weights, which dominates at decode's few
+// rows (a 1024 × 1024 f32 weight is 4 MiB, ~0.3 ms from DRAM on one core, yet only 1 M
+// multiply-adds for one row).
+std::size_t matmul_work(std::size_t num_rows, std::size_t n, std::size_t k);
+
 // Name of the kernel matmul() dispatches to on this CPU ("avx512", "avx2", "scalar").
 const char* matmul_kernel_name();
 

@@ -1,5 +1,7 @@
 #include "gpu/cpu/thread_pool.hpp"
 
+#include <chrono>
+
 namespace moert::cpu {
 
 namespace {
@@ -26,11 +28,41 @@ thread_pool::~thread_pool() {
   {
     std::lock_guard<std::mutex> guard{mutex_};
     stopping_ = true;
+    generation_.fetch_add(1, std::memory_order_release);  // a spinning worker looks, then sees stopping_
   }
   wake_.notify_all();
   for (auto& worker : workers_)
     worker.join();
 }
+
+namespace {
+
+// How long a thread spins for the next job (or the last worker) before it sleeps: longer than
+// the serial gaps between a step's kernels, short enough that an idle pool costs little.
+constexpr auto spin_limit = std::chrono::microseconds{100};
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Spins until done() or spin_limit; true when done() held.
+template <class predicate>
+bool spin_until(predicate done) {
+  auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (done())
+        return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() - start > spin_limit)
+      return done();
+  }
+}
+
+}  // namespace
 
 void thread_pool::parallel_for(std::size_t num_tasks,
                                const std::function<void(std::size_t, std::size_t)>& fn) {
@@ -41,43 +73,51 @@ void thread_pool::parallel_for(std::size_t num_tasks,
     fn(0, num_tasks);
     return;
   }
+  spread_jobs_.fetch_add(1, std::memory_order_relaxed);
+  bool any_asleep;
   {
     std::lock_guard<std::mutex> guard{mutex_};
     job_ = &fn;
     job_tasks_ = num_tasks;
-    pending_ = workers_.size();
-    ++generation_;
+    pending_.store(workers_.size(), std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
+    any_asleep = sleepers_ > 0;
   }
-  wake_.notify_all();
+  if (any_asleep)
+    wake_.notify_all();
   auto [begin, end] = range_of(0, num_tasks, threads);
   if (begin < end)
     fn(begin, end);
-  std::unique_lock<std::mutex> lock{mutex_};
-  done_.wait(lock, [this] { return pending_ == 0; });
+  auto all_done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+  if (!spin_until(all_done)) {
+    std::unique_lock<std::mutex> lock{mutex_};
+    done_.wait(lock, all_done);
+  }
   job_ = nullptr;
 }
 
 void thread_pool::worker_loop(std::size_t worker_idx) {
   std::size_t seen = 0;
   for (;;) {
-    const std::function<void(std::size_t, std::size_t)>* job;
-    std::size_t tasks;
-    {
+    auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+    if (!spin_until(fresh)) {
       std::unique_lock<std::mutex> lock{mutex_};
-      wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
-      if (stopping_)
-        return;
-      seen = generation_;
-      job = job_;
-      tasks = job_tasks_;
+      ++sleepers_;
+      wake_.wait(lock, [&] { return stopping_ || fresh(); });
+      --sleepers_;
     }
-    auto [begin, end] = range_of(worker_idx, tasks, num_threads());
-    if (begin < end)
-      (*job)(begin, end);
     {
       std::lock_guard<std::mutex> guard{mutex_};
-      if (--pending_ == 0)
-        done_.notify_one();
+      if (stopping_)
+        return;
+    }
+    seen = generation_.load(std::memory_order_acquire);
+    auto [begin, end] = range_of(worker_idx, job_tasks_, num_threads());
+    if (begin < end)
+      (*job_)(begin, end);
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> guard{mutex_};  // the caller may be between its check and its wait
+      done_.notify_one();
     }
   }
 }

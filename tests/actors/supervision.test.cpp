@@ -132,6 +132,72 @@ TEST_CASE("a device task that throws comes back as an error and the device runs 
   CHECK(errors[0] == "expert L2 E5 x7 on expert 3: out of device memory");
 }
 
+TEST_CASE("concurrent device tasks run side by side on single-threaded lanes, in order with the others") {
+  device dev{"device 0", 2, nullptr};
+  REQUIRE(dev.lanes() == 2);
+  // Each of the two concurrent tasks waits (bounded) until the other has started: they can
+  // only both see the other if they run at the same time.
+  std::atomic<int> started{0};
+  std::atomic<int> saw_other{0};
+  std::atomic<int> lane_threads{0};
+  std::mutex mutex;
+  std::vector<std::string> order;
+  auto concurrent_task = [&](std::string name) {
+    return [&, name](gpu::backend& lane) {
+      lane_threads += lane.name().find("1 thread)") != std::string::npos ? 1 : 0;
+      ++started;
+      auto until = std::chrono::steady_clock::now() + std::chrono::seconds{5};
+      while (started.load() < 2 && std::chrono::steady_clock::now() < until)
+        std::this_thread::yield();
+      saw_other += started.load() == 2 ? 1 : 0;
+      std::lock_guard<std::mutex> guard{mutex};
+      order.push_back(name);
+    };
+  };
+  // Held until the concurrent pair is queued behind it, so the device sees the two together.
+  std::promise<void> release;
+  auto gate = release.get_future().share();
+  dev.post("gate", [&, gate](gpu::backend&) {
+    gate.wait_for(std::chrono::seconds{5});
+    std::lock_guard<std::mutex> guard{mutex};
+    order.push_back("gate");
+  });
+  dev.post_concurrent("expert L0 E1 x1", concurrent_task("e1"));
+  dev.post_concurrent("expert L0 E2 x1", concurrent_task("e2"));
+  dev.post("attention L1 mb0", [&](gpu::backend& b) {
+    std::lock_guard<std::mutex> guard{mutex};
+    order.push_back(b.name().find("2 threads)") != std::string::npos ? "after, whole pool" : "after, " + b.name());
+  });
+  release.set_value();
+  REQUIRE(dev.drain(wait_limit));
+  CHECK(saw_other.load() == 2);
+  CHECK(lane_threads.load() == 2);  // each ran on a lane of one thread
+  std::lock_guard<std::mutex> guard{mutex};
+  REQUIRE(order.size() == 4);
+  CHECK(order.front() == "gate");
+  CHECK(order.back() == "after, whole pool");  // the ordinary task after them has every thread
+}
+
+TEST_CASE("a concurrent task whose hook throws fails alone; its partner runs") {
+  device dev{"device 0", 2, nullptr};
+  std::atomic<int> ran{0};
+  std::atomic<int> errors{0};
+  std::promise<void> release;
+  auto gate = release.get_future().share();
+  dev.post("gate", [gate](gpu::backend&) { gate.wait_for(std::chrono::seconds{5}); });
+  dev.set_task_hook([](const std::string& label) {
+    if (label == "expert L0 E1 x1")
+      throw std::runtime_error("injected");
+  });
+  dev.post_concurrent("expert L0 E1 x1", [&](gpu::backend&) { ++ran; }, [&](std::string) { ++errors; });
+  dev.post_concurrent("expert L0 E2 x1", [&](gpu::backend&) { ++ran; }, [&](std::string) { ++errors; });
+  release.set_value();
+  REQUIRE(dev.drain(wait_limit));
+  CHECK(ran.load() == 1);
+  CHECK(errors.load() == 1);
+  CHECK(dev.failed_tasks() == 1);
+}
+
 TEST_CASE("a shard that dies while its device task is queued leaves that task valid state") {
   shard_fixture f;
   // Hold the device so the shard's first attention task waits behind this one.

@@ -150,6 +150,10 @@ void bounded(const std::string& what, std::chrono::milliseconds limit, Fn&& fn) 
   worker.join();
 }
 
+// The executable node_process starts as `<it> node ...`: `moert` unless a test runs a
+// stand-in (tests/cluster/checked_node.cpp) before starting its nodes.
+std::string node_binary = MOERT_BINARY;
+
 // A `moert node` child process, its output in a log file.
 class node_process {
 public:
@@ -216,7 +220,7 @@ private:
   void spawn() {
     static int counter = 0;
     log_ = scratch_dir() / (name_ + "_" + std::to_string(++counter) + ".log");
-    std::vector<std::string> args{MOERT_BINARY, "node",          "--listen", address(), "--secret-file",
+    std::vector<std::string> args{node_binary, "node",          "--listen", address(), "--secret-file",
                                   secret_file(), "--name", name_};
     args.insert(args.end(), extra_args_.begin(), extra_args_.end());
     std::vector<char*> argv;
@@ -234,7 +238,7 @@ private:
       int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
       ::dup2(fd, 1);
       ::dup2(fd, 2);
-      ::execv(MOERT_BINARY, argv.data());
+      ::execv(args.front().c_str(), argv.data());
       ::_exit(127);
     }
     std::lock_guard lock{children_mutex};
@@ -310,6 +314,7 @@ struct node_spec {
   std::string address;
   std::size_t attention_devices = 0;
   std::size_t expert_devices = 0;
+  std::string backend;  // the cluster file's "backend" for the node; empty: not written
 };
 
 // Writes the cluster file and reads it back the way `moert --cluster` does.
@@ -329,6 +334,8 @@ cluster_config write_cluster(const std::string& file_name, const std::string& tr
       node["attention_devices"] = n.attention_devices;
     if (n.expert_devices)
       node["expert_devices"] = n.expert_devices;
+    if (!n.backend.empty())
+      node["backend"] = n.backend;
     root["nodes"].push_back(node);
   }
   fs::path path = scratch_dir() / file_name;

@@ -184,9 +184,10 @@ struct EngineConfig {
   std::size_t max_restarts = 3;
   std::chrono::milliseconds restart_period{10000};
   // A fault plan (engine/fault_plan.hpp, `--faults FILE`): seeded drops, duplicates,
-  // reorders and delays of A2E/E2A messages, actor kills and slow devices. With a plan, A2E/E2A
-  // delivery is at least once (missing expert outputs are asked again, duplicates ignored),
-  // so message faults change no token and no logit. With a cluster every node gets the plan at
+  // reorders and delays of A2E/E2A messages, actor kills and slow devices. A2E/E2A delivery is
+  // always at least once (missing expert outputs are asked again, duplicates ignored), so
+  // message faults change no token and no logit; the plan's "retransmit" sets its timeouts,
+  // without a plan they are generous (first after 1 s, transport::without_faults). With a cluster every node gets the plan at
   // bring-up and applies it at its own send seam (the same seeded decision per message), kills
   // and slows act on the node hosting the named device, and the plan's "nodes" kill or stop
   // node processes; the report sums what every surviving node injected.
@@ -287,8 +288,18 @@ struct EngineReport {
   bool supervision_escalated = false;
   double last_restart_ms = 0;
   // With EngineConfig::faults: what the injector did, by type, and what delivery did about it.
+  // Without a plan the delivery counts are still filled in (A2E/E2A delivery is always at
+  // least once: `retransmitted`, `ignored_e2a`, `failed_batches`).
   bool faults_enabled = false;
   transport::fault_counts faults;
+  // Leak check, read after shutdown(): actors this engine spawned (re-created ones included),
+  // how many were still running once shutdown had told every actor to stop and waited 10 s
+  // (then they were killed), and how many exited actors were still held 2 s after that (a
+  // leaked handle or a cycle of handles). Both are 0 unless something leaks; the log names
+  // them. In a cluster only this process's actors count (a node frees its own).
+  std::size_t actors_spawned = 0;
+  std::size_t actors_running_after_shutdown = 0;
+  std::size_t actors_alive_after_shutdown = 0;
 };
 
 // Requests admitted to a shard (running) and submitted but not yet admitted (waiting), now.

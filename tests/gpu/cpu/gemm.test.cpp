@@ -168,6 +168,52 @@ TEST_CASE("thread count does not change the bits", "[gemm]") {
   }
 }
 
+TEST_CASE("a decode-sized matmul spreads over the pool, a router-sized one does not", "[gemm]") {
+  // One row through a 1024 x 1024 weight is 4 MiB of weight traffic: worth both cores even
+  // though it is only 1 M multiply-adds. A 1024 x 32 router is not.
+  thread_pool two{2};
+  const std::size_t k = 1024;
+  auto x = random_floats(k, 11);
+  auto big = packed_matrix::pack(random_floats(1024 * k, 12).data(), 1024, k);
+  auto router = packed_matrix::pack(random_floats(32 * k, 13).data(), 32, k);
+  std::vector<float> y(1024);
+  std::uint64_t before = two.spread_jobs();
+  matmul(x.data(), 1, big, y.data(), &two);
+  CHECK(two.spread_jobs() == before + 1);
+  matmul(x.data(), 1, router, y.data(), &two);
+  CHECK(two.spread_jobs() == before + 1);
+}
+
+TEST_CASE("matmul_batch gives each entry the bits of its own matmul, with one pool job", "[gemm]") {
+  thread_pool two{2}, three{3};
+  const std::size_t k = 512;  // enough work in all to be spread
+  const std::size_t shapes[][2] = {{3, 400}, {1, 17}, {0, 64}, {5, 300}, {2, 1}};  // rows, n
+  std::vector<packed_matrix> weights;
+  std::vector<std::vector<float>> xs, want, got;
+  for (std::size_t i = 0; i < std::size(shapes); ++i) {
+    auto [m, n] = shapes[i];
+    weights.push_back(packed_matrix::pack(random_floats(n * k, 20 + i).data(), n, k));
+    xs.push_back(random_floats(m * k, 30 + i));
+    want.push_back(reference(xs[i], random_floats(n * k, 20 + i), m, n, k));
+  }
+  for (thread_pool* pool : {static_cast<thread_pool*>(nullptr), &two, &three}) {
+    std::vector<matmul_entry> batch;
+    got.assign(std::size(shapes), {});
+    for (std::size_t i = 0; i < std::size(shapes); ++i) {
+      got[i].assign(want[i].size(), std::nanf(""));
+      batch.push_back({&weights[i], xs[i].data(), shapes[i][0], got[i].data()});
+    }
+    std::uint64_t before = pool ? pool->spread_jobs() : 0;
+    matmul_batch(batch, pool);
+    if (pool)
+      CHECK(pool->spread_jobs() == before + 1);
+    for (std::size_t i = 0; i < std::size(shapes); ++i) {
+      INFO("entry " << i << " threads " << (pool ? pool->num_threads() : 1));
+      REQUIRE(same_bits(got[i].data(), want[i].data(), want[i].size()));
+    }
+  }
+}
+
 TEST_CASE("all kernels agree on large, cancelling sums", "[gemm]") {
   // Wide dynamic range makes any reassociation or double rounding show up in the bits.
   const std::size_t m = 13, n = 50, k = 2049;

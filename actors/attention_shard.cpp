@@ -109,6 +109,7 @@ caf::behavior attention_shard::make_behavior() {
         on_final_done(mb, std::move(tokens), std::move(logits), std::move(logprobs));
     },
     [this](expert_outputs& out) {
+      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::shard, mailbox().size());
       if (!(ctx_->link && ctx_->link->fetch(this, out)))  // rows by UCX come back completed
         on_expert_outputs(out);
     },

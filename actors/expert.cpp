@@ -32,7 +32,10 @@ expert::expert(caf::actor_config& cfg, const runtime_context* ctx, std::uint32_t
 
 caf::behavior expert::make_behavior() {
   return {
-    [this](expert_batch& batch) { run(batch, caf::actor_cast<caf::actor>(current_sender())); },
+    [this](expert_batch& batch) {
+      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::expert, mailbox().size());
+      run(batch, caf::actor_cast<caf::actor>(current_sender()));
+    },
     [this](batch_done_atom, finished_batch& done) {
       for (auto& [dest, out] : done.outputs) {
         if (ctx_->trace)

@@ -26,6 +26,8 @@ caf::behavior ingress::make_behavior() {
       place_waiting();
     },
     [this](admit_request& request) {
+      if (stats_)
+        stats_->note_mailbox(runtime_stats::mailbox_kind::ingress, mailbox().size());
       if (draining_)
         return reject(request, finish_reason::error, request_error::shutdown, "the engine is shutting down");
       if (!lost_.empty())

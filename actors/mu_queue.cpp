@@ -46,6 +46,7 @@ std::size_t mu_queue::slot_of(std::uint32_t expert) const {
 caf::behavior mu_queue::make_behavior() {
   return {
     [this](routed_tokens& msg) {
+      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::queue, mailbox().size());
       if (!(ctx_->link && ctx_->link->fetch(this, msg)))  // rows by UCX come back completed
         enqueue(msg);
     },

@@ -9,6 +9,7 @@
 #include "model/weights.hpp"
 #include "transport/fault_injector.hpp"
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -85,6 +86,18 @@ public:
                            const std::vector<std::tuple<std::uint32_t, std::uint64_t>>& waves);
 
   void record_replan(double solve_micros);
+  // The hot actors' mailboxes (issue [E] part 4): each one reads its own mailbox().size() as
+  // it takes a data message (the ingress an admission, a shard an E2A, a μ-queue an A2E, an
+  // expert a batch) and the largest stays here. Admission and the plan bound them, not the
+  // load: EngineReport::mailbox_peak_*, asserted under 10x overload (tests/engine/overload).
+  enum class mailbox_kind : std::uint8_t { ingress, shard, queue, expert };
+  void note_mailbox(mailbox_kind kind, std::size_t queued) {
+    auto& peak = mailbox_peaks_[std::size_t(kind)];
+    std::size_t seen = peak.load(std::memory_order_relaxed);
+    while (queued > seen && !peak.compare_exchange_weak(seen, queued, std::memory_order_relaxed)) {
+    }
+  }
+  std::size_t mailbox_peak(mailbox_kind kind) const { return mailbox_peaks_[std::size_t(kind)].load(); }
   // Requests pinned to a shard and queued at the ingress (the ingress sets both).
   void set_load(std::size_t running, std::size_t waiting) {
     running_ = running;
@@ -115,6 +128,7 @@ private:
   std::atomic<std::uint64_t> replans_{0};
   std::atomic<std::size_t> running_{0};
   std::atomic<std::size_t> waiting_{0};
+  std::array<std::atomic<std::size_t>, 4> mailbox_peaks_{};
   mutable std::mutex mutex_;  // guards the members below
   double last_solve_micros_ = 0.0;
   size_histogram batch_sizes_;

@@ -289,8 +289,10 @@ llama_figures reference_run(model::reference_model& m, const std::vector<std::ve
 // The engine timed by when its tokens arrive: prompt rate = prompt tokens ÷ (submit → last
 // first token); decode rate = tokens that arrive after every sequence has its first token ÷
 // the time from then to the last token. Engine start-up is not counted.
+// With a fault plan, each run's fault counts (the nodes' too, asked before shutdown while they
+// still hold them) are added to `faults`.
 llama_figures engine_run(const EngineConfig& config, const std::vector<std::vector<std::int32_t>>& prompts,
-                         std::size_t new_tokens) {
+                         std::size_t new_tokens, EngineReport* faults = nullptr) {
   using clock = std::chrono::steady_clock;
   auto engine = Engine::create(config);
   if (!engine)
@@ -315,6 +317,23 @@ llama_figures engine_run(const EngineConfig& config, const std::vector<std::vect
   for (auto& s : streams)
     if (auto out = s->wait(); !out)
       throw std::runtime_error(out.err().what());
+  if (faults && config.faults) {
+    EngineReport r = (*engine)->report();
+    transport::fault_counts& t = faults->faults;
+    const transport::fault_counts& c = r.faults;
+    faults->faults_enabled = true;
+    t.messages += c.messages;
+    t.dropped += c.dropped;
+    t.duplicated += c.duplicated;
+    t.reordered += c.reordered;
+    t.delayed += c.delayed;
+    t.killed += c.killed;
+    t.slowed_tasks += c.slowed_tasks;
+    t.retransmitted += c.retransmitted;
+    t.ignored_e2a += c.ignored_e2a;
+    t.failed_batches += c.failed_batches;
+    t.node_faults += c.node_faults;
+  }
   (*engine)->shutdown();
   std::size_t prompt_tokens = 0;
   clock::time_point all_first = start, end = start;
@@ -429,10 +448,11 @@ int run_model_bench(const bench_options& o) {
   auto tgn_prompts = random_prompts(o.tg_batch, o.tg_prompt, config.vocab_size, 3);
   // [mode][figure]: mode 0 reference, 1 engine; figure 0 prompt, 1 decode at 1, 2 decode at tg_batch.
   std::vector<double> runs[2][3];
+  EngineReport fault_totals;  // with --faults: summed over the engine's runs
   for (std::size_t r = 0; r < o.reps; ++r)
     for (int mode = 0; mode < 2; ++mode) {
       auto run = [&](const std::vector<std::vector<std::int32_t>>& prompts, std::size_t n) {
-        return mode == 0 ? reference_run(reference, prompts, n) : engine_run(engine_config, prompts, n);
+        return mode == 0 ? reference_run(reference, prompts, n) : engine_run(engine_config, prompts, n, &fault_totals);
       };
       runs[mode][0].push_back(run(pp_prompt, 1).prompt);
       runs[mode][1].push_back(run(tg1_prompts, o.tg_tokens + 1).decode);
@@ -467,6 +487,11 @@ int run_model_bench(const bench_options& o) {
   for (int k = 0; k < 3; ++k)
     std::printf(" %26.3f |", f[1][k].median / std::max(f[0][k].median, 1e-9));
   std::printf("\n");
+  if (!o.faults_file.empty()) {  // by type, over all of the engine's runs
+    std::printf("\n%zu engine runs under the fault plan; ", 3 * o.reps);
+    if (status printed = report_faults(fault_totals, placement); !printed.ok())
+      std::fprintf(stderr, "moert: error: %s\n", printed.err().what().c_str());
+  }
   if (!o.json_file.empty()) {
     std::ofstream out{o.json_file};
     out << json_rows.dump(2) << "\n";

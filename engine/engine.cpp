@@ -915,6 +915,11 @@ EngineReport Engine::report() const {
   out.finished_stop = impl_->finished[std::size_t(FinishReason::stop)];
   out.cancelled = impl_->finished[std::size_t(FinishReason::cancelled)];
   out.actors_spawned = impl_->census.recorded();
+  using mailbox = actors::runtime_stats::mailbox_kind;
+  out.mailbox_peak_ingress = impl_->stats.mailbox_peak(mailbox::ingress);
+  out.mailbox_peak_shard = impl_->stats.mailbox_peak(mailbox::shard);
+  out.mailbox_peak_queue = impl_->stats.mailbox_peak(mailbox::queue);
+  out.mailbox_peak_expert = impl_->stats.mailbox_peak(mailbox::expert);
   {
     std::lock_guard<std::mutex> guard{impl_->mutex};
     out.actors_running_after_shutdown = impl_->actors_running_after_shutdown;

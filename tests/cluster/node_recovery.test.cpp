@@ -9,6 +9,8 @@
 #include "cluster/cluster_harness.hpp"
 #include "engine/fault_plan.hpp"
 
+#include <regex>
+
 namespace {
 
 // Heartbeat and liveness timeout of these tests (nodes and engine alike): a loss is noticed
@@ -249,4 +251,45 @@ TEST_CASE("the plan kills the expert actor of a device on a live node: that devi
                   "",
                   nullptr,
                   R"({"kill": [{"actor": "expert", "device": 1, "after_messages": 20}]})"});
+}
+
+TEST_CASE("bench --faults with --cluster runs to the end on node processes and prints the faults by type",
+          "[multiproc][fault]") {
+  auto dir = test::fixture_dir("qwen3_moe_tiny");
+  if (dir.empty()) {
+    test::skip_whole_binary("../shared/fixtures not found");
+    return;
+  }
+  node_fleet fleet{{"--heartbeat-ms", std::to_string(heartbeat_ms), "--liveness-timeout-ms",
+                    std::to_string(liveness_timeout_ms)}};
+  std::vector<node_spec> nodes{{"a0", "", 1, 0}, {"e0", "", 0, 1}, {"e1", "", 0, 1}};
+  for (auto& n : nodes)
+    n.address = fleet.start(n.name).address();
+  write_cluster("bench_faults_cluster.json", "ucx-tcp", nodes, heartbeat_ms, liveness_timeout_ms);
+  fs::path plan = scratch_dir() / "bench_faults.json";
+  write_file(plan, message_faults, 0644);
+  fs::path scratch = scratch_dir() / "bench_faults";
+  fs::create_directories(scratch);
+  std::string args = "bench --model " + dir.string() + " --cluster " +
+                     (scratch_dir() / "bench_faults_cluster.json").string() + " --secret-file " +
+                     secret_file().string() + " --faults " + plan.string() +
+                     " --reps 1 --pp 16 --tg 8 --tg-batch 2 --tg-prompt 8";
+  auto got = test::run_command(MOERT_BINARY, args, scratch, 240);
+  INFO("moert " << args << "\n" << got.out << got.err << fleet.logs());
+  REQUIRE(got.exit_code == 0);
+  // The bench table, then the faults the nodes injected, by type, summed over its runs.
+  CHECK(got.out.find("engine / reference") != std::string::npos);
+  std::smatch m;
+  std::regex line{R"(faults injected \(.*\): (\d+) of (\d+) A2E/E2A messages: (\d+) dropped, (\d+) duplicated, (\d+) )"
+                  R"(reordered, (\d+) delayed; (\d+) actors killed; (\d+) device tasks slowed; recovery: (\d+) A2E )"
+                  R"(retransmitted, (\d+) E2A entries ignored \(duplicate or late\), (\d+) micro-batches failed)"};
+  REQUIRE(std::regex_search(got.out, m, line));
+  WARN(m[0].str());
+  CHECK(std::stoull(m[2]) > 0);  // the nodes decided on messages
+  CHECK(std::stoull(m[3]) > 0);  // every kind of message fault happened
+  CHECK(std::stoull(m[4]) > 0);
+  CHECK(std::stoull(m[5]) > 0);
+  CHECK(std::stoull(m[6]) > 0);
+  CHECK(std::stoull(m[9]) > 0);  // and the drops were recovered by retransmission
+  CHECK(std::stoull(m[11]) == 0);
 }

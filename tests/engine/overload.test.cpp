@@ -120,6 +120,31 @@ TEST_CASE("10x overload: every request ends once, completed or rejected with ove
   // Bounded: five more bursts grow the resident set by less than 32 MiB.
   CHECK(rss_end < rss_after_first + 32 * 1024);
   engine.shutdown();
+
+  // Bounded mailboxes: what can be queued at each hot actor follows from the admission limit
+  // and the plan, whatever the offered load (measured here at 10x). The ingress: per live
+  // request at most its admission, its cancel, its deadline and its end, plus the shard list
+  // and the drain. A shard: per micro-batch in flight one E2A per expert and its attention,
+  // side and final completions, plus an admission and a cancel per live request and a few
+  // plan/step messages. A μ-queue: one A2E per (shard, micro-batch, chunk), one done per
+  // hosted expert, a few control messages. An expert: the μ-queue hands a device at most 2
+  // batches at a time, and each comes back as one completion.
+  EngineReport report = engine.report();
+  std::size_t ag = config.attention_devices, experts = std::size_t(engine.model_config().num_experts),
+              mbs = config.plan.r1 * config.plan.r2;
+  std::size_t ingress_bound = 4 * limit + ag + 2;
+  std::size_t shard_bound = mbs * (experts + 3) + 2 * limit + 4;
+  std::size_t queue_bound = ag * mbs + experts + 4;
+  std::size_t expert_bound = 2 + 2 + 2;
+  std::printf("overload 10x mailboxes, largest seen (bound from the limits): ingress %zu (%zu), shard %zu (%zu), "
+              "mu_queue %zu (%zu), expert %zu (%zu)\n",
+              report.mailbox_peak_ingress, ingress_bound, report.mailbox_peak_shard, shard_bound,
+              report.mailbox_peak_queue, queue_bound, report.mailbox_peak_expert, expert_bound);
+  CHECK(report.mailbox_peak_ingress <= ingress_bound);
+  CHECK(report.mailbox_peak_shard <= shard_bound);
+  CHECK(report.mailbox_peak_queue <= queue_bound);
+  CHECK(report.mailbox_peak_expert <= expert_bound);
+  CHECK(report.mailbox_peak_queue + report.mailbox_peak_shard > 0);  // it was measured at all
 }
 
 TEST_CASE("max_queued_tokens refuses what would queue past it, naming the limit") {

@@ -806,6 +806,80 @@ TEST_CASE("/health is 503 and generation refused until the model is attached, 20
   shared->shutdown();
 }
 
+// -- faults --------------------------------------------------------------------------
+
+TEST_CASE("serve --faults: a recoverable fault file changes no completion, concurrent or not") {
+  // Message faults at every kind and an expert killed mid-run, on another placement than the
+  // fault-free server's (outputs do not depend on it); short retransmission timeouts.
+  fs::path plan = scratch_dir() / "serve_faults.json";
+  std::ofstream{plan} << R"({"seed": 7, "drop": 0.05, "duplicate": 0.05, "reorder": 0.05,
+    "delay": {"probability": 0.1, "max_ms": 3},
+    "kill": [{"actor": "expert", "device": 1, "after_messages": 40}],
+    "retransmit": {"ms": 5, "max_ms": 40, "max_retries": 30}})";
+  server_process& clean = default_server();
+  server_process faulty{{"--port", "0", "--max-inflight", "40", "--ag", "2", "--eg", "3", "--faults", plan.string()}};
+  std::vector<json> bodies;
+  for (int i = 0; i < 8; ++i) {
+    json b = {{"prompt", {1 + i, 20, 3 * i + 2}}, {"max_tokens", 8}, {"ignore_eos", true}};
+    if (i % 2)
+      b["temperature"] = 0;
+    else
+      b.update({{"temperature", 0.9}, {"seed", 100 + i}});
+    b["stream"] = i % 3 == 0;
+    bodies.push_back(b);
+  }
+  // Each server gets every request at once, from its own threads; checked here after.
+  auto texts_of = [&](server_process& s) {
+    std::vector<std::optional<std::string>> texts(bodies.size());
+    std::vector<std::thread> threads;
+    for (std::size_t i = 0; i < bodies.size(); ++i)
+      threads.emplace_back([&, i] {
+        auto c = s.client();
+        auto r = post(c, "/v1/completions", bodies[i]);
+        if (!r || r->status != 200)
+          return;
+        texts[i] = bodies[i]["stream"].get<bool>() ? sse_text_off_main_thread(r->body)
+                                                   : std::optional<std::string>{
+                                                         json::parse(r->body)["choices"][0]["text"].get<std::string>()};
+      });
+    for (auto& t : threads)
+      t.join();
+    return texts;
+  };
+  auto expected = texts_of(clean);
+  auto start = steady::now();
+  auto got = texts_of(faulty);
+  double took_ms = ms_since(start);
+  for (std::size_t i = 0; i < bodies.size(); ++i) {
+    INFO("request " << i << ": " << bodies[i].dump());
+    REQUIRE(expected[i]);
+    REQUIRE(ids_of(*expected[i]).size() == 8);
+    REQUIRE(got[i]);
+    CHECK(*got[i] == *expected[i]);
+  }
+  // Once more one at a time: the same texts.
+  for (std::size_t i = 0; i < bodies.size(); i += 3) {
+    auto c = faulty.client();
+    json b = bodies[i];
+    b["stream"] = false;
+    auto r = post(c, "/v1/completions", b);
+    REQUIRE(r);
+    REQUIRE(r->status == 200);
+    CHECK(json::parse(r->body)["choices"][0]["text"] == *expected[i]);
+  }
+  // The server says what it injected when it stops.
+  faulty.stop();
+  std::string log = faulty.log();
+  INFO(log);
+  std::size_t at = log.find("faults injected");
+  REQUIRE(at != std::string::npos);
+  std::string line = log.substr(at, log.find('\n', at) - at);
+  WARN("serve --faults: 8 concurrent completions in " << took_ms << " ms, every one the fault-free text; " << line);
+  CHECK(line.find(" 1 actors killed") != std::string::npos);
+  CHECK(line.find(" 0 dropped") == std::string::npos);  // messages were dropped, and recovered
+  CHECK(line.find(" 0 micro-batches failed") != std::string::npos);
+}
+
 // -- overload, keys, shutdown ---------------------------------------------------------
 
 TEST_CASE("overload is answered 429 with Retry-After within 50 ms, and the slots come back") {

@@ -300,6 +300,11 @@ struct EngineReport {
   std::size_t actors_spawned = 0;
   std::size_t actors_running_after_shutdown = 0;
   std::size_t actors_alive_after_shutdown = 0;
+  // Bounded mailboxes: the most messages queued behind a data message in any ingress
+  // (admissions), attention shard (E2A), μ-queue (A2E) and expert actor (batches), over the
+  // run. Admission (max_inflight_requests) and the plan bound them, not the offered load
+  // (tests/engine/overload derives the bounds). This process's actors only.
+  std::size_t mailbox_peak_ingress = 0, mailbox_peak_shard = 0, mailbox_peak_queue = 0, mailbox_peak_expert = 0;
 };
 
 // Requests admitted to a shard (running) and submitted but not yet admitted (waiting), now.

@@ -25,8 +25,13 @@ void register_node_message_types(caf::actor_system_config& config) {
   config.add_message_type<transport::fault_counts>("moert::fault_counts");
 }
 
-node_host::node_host(caf::actor_config& cfg, std::string name, peer_connector connector, gpu::backend_kind backend)
-    : caf::event_based_actor(cfg), name_(std::move(name)), default_backend_(backend), connector_(std::move(connector)) {}
+node_host::node_host(caf::actor_config& cfg, std::string name, peer_connector connector, gpu::backend_kind backend,
+                     gpu::gemm_calibration expert_gemm)
+    : caf::event_based_actor(cfg),
+      name_(std::move(name)),
+      default_backend_(backend),
+      expert_gemm_(std::move(expert_gemm)),
+      connector_(std::move(connector)) {}
 
 result<gpu::backend_kind> node_host::backend_for(const model_source& source) const {
   if (source.backend.empty())
@@ -147,7 +152,7 @@ result<std::unique_ptr<device>> node_host::make_device(const runtime_context* ct
     checkpoint.emplace(std::move(*opened));
   }
   // Numbered through the node's devices: on cuda, GPU (index mod the GPUs visible).
-  auto made = make_device_with_weights(name, ctx->backend, devices_.size(), threads, {}, ctx->config,
+  auto made = make_device_with_weights(name, ctx->backend, devices_.size(), threads, expert_gemm_, ctx->config,
                                        checkpoint ? &*checkpoint : nullptr, source.weight_seed, part, nullptr);
   if (!made)
     return make_error(made.err().code, "node " + name_ + ": " + made.err().message);

@@ -173,8 +173,10 @@ public:
   // backend each device loads its own part of the weights onto its backend (as the engine's
   // devices do in one process); a backend that cannot run here makes every host request fail
   // with the reason, which the engine's bring-up reports naming this node.
+  // `expert_gemm`: the grouped/dense switch its cuda devices start with (`moert node
+  // --gemm-testbed`: the calibration of this machine's GPU).
   node_host(caf::actor_config& cfg, std::string name, peer_connector connector = {},
-            gpu::backend_kind backend = gpu::backend_kind::cpu);
+            gpu::backend_kind backend = gpu::backend_kind::cpu, gpu::gemm_calibration expert_gemm = {});
   ~node_host() override;
 
   caf::behavior make_behavior() override;
@@ -204,6 +206,7 @@ private:
 
   std::string name_;
   gpu::backend_kind default_backend_;
+  gpu::gemm_calibration expert_gemm_;
   std::unique_ptr<runtime_stats> stats_;
   std::unique_ptr<transport::fault_injector> faults_;  // the engine's plan, this node's share
   std::map<caf::actor_addr, caf::actor> expert_queue_;  // each hosted expert's μ-queue

@@ -150,6 +150,16 @@ status check_backend(gpu::backend_kind kind) {
                         "cuBLAS and NCCL are installed)");
 }
 
+gpu::gemm_calibration gemm_calibration_from(const std::optional<policy::expert_gemm_crossover>& crossover) {
+  gpu::gemm_calibration out;
+  if (crossover) {
+    out.calibrated = true;
+    out.dense_min_rows = crossover->dense_min_rows;
+    out.source = crossover->source;
+  }
+  return out;
+}
+
 result<std::unique_ptr<gpu::backend>> make_device_backend(gpu::backend_kind kind, std::size_t device_index,
                                                           std::size_t num_threads,
                                                           const gpu::gemm_calibration& expert_gemm) {

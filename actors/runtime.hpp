@@ -7,6 +7,7 @@
 #include "gpu/registry.hpp"
 #include "model/config.hpp"
 #include "model/weights.hpp"
+#include "policy/perf_model.hpp"
 #include "transport/fault_injector.hpp"
 
 #include <array>
@@ -15,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -184,6 +186,10 @@ struct runtime_context {
 // Whether `kind` can run here: an error naming why not (not compiled into this build, or no
 // device present), checked before an engine loads anything.
 [[nodiscard]] status check_backend(gpu::backend_kind kind);
+
+// The grouped/dense switch a cuda device starts with: `crossover` as `moert calibrate --backend
+// cuda` wrote it into a testbed, or (none) the backend's uncalibrated default.
+gpu::gemm_calibration gemm_calibration_from(const std::optional<policy::expert_gemm_crossover>& crossover);
 
 // The backend of the engine's device `device_index` (attention and expert devices numbered
 // together), through gpu/registry: cpu with `num_threads` kernel threads, or cuda on GPU

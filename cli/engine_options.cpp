@@ -51,6 +51,17 @@ result<gpu::backend_kind> parse_backend(const std::string& name) {
   return make_error(error_code::invalid_argument, "--backend '" + name + "': expected cpu or cuda");
 }
 
+result<policy::expert_gemm_crossover> load_gemm_crossover(const std::string& testbed_file) {
+  auto bed = load_testbed(testbed_file);
+  if (!bed)
+    return bed.err();
+  if (!bed->expert_gemm)
+    return make_error(error_code::invalid_argument, "--gemm-testbed " + testbed_file +
+                                                        ": has no \"expert_gemm\" (write it with `moert calibrate "
+                                                        "--backend cuda`)");
+  return *bed->expert_gemm;
+}
+
 result<gpu::backend_kind> reference_backend(const engine_options& opt) {
   auto backend = parse_backend(opt.backend);
   if (!backend)
@@ -113,14 +124,10 @@ result<EngineConfig> make_engine_config(const engine_options& opt, const std::st
     config.online_testbed = *bed;
   }
   if (!opt.gemm_testbed.empty()) {
-    auto bed = load_testbed(opt.gemm_testbed);
-    if (!bed)
-      return bed.err();
-    if (!bed->expert_gemm)
-      return make_error(error_code::invalid_argument, "--gemm-testbed " + opt.gemm_testbed +
-                                                          ": has no \"expert_gemm\" (write it with `moert calibrate "
-                                                          "--backend cuda`)");
-    config.expert_gemm = bed->expert_gemm;
+    auto crossover = load_gemm_crossover(opt.gemm_testbed);
+    if (!crossover)
+      return crossover.err();
+    config.expert_gemm = std::move(*crossover);
   }
   if (!opt.cluster_file.empty()) {
     auto cluster = load_cluster_config(opt.cluster_file);

@@ -42,6 +42,10 @@ void add_engine_options(CLI::App& app, engine_options& opt);
 // "cpu" or "cuda"; anything else is an error naming the value.
 result<gpu::backend_kind> parse_backend(const std::string& name);
 
+// The "expert_gemm" crossover of a testbed file (`--gemm-testbed`), or an error naming the file
+// when it has none.
+result<policy::expert_gemm_crossover> load_gemm_crossover(const std::string& testbed_file);
+
 // With --reference: the backend the bare forward runs on, or the error naming why it cannot
 // run here.
 result<gpu::backend_kind> reference_backend(const engine_options& opt);

@@ -14,6 +14,7 @@
 #include <csignal>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <pthread.h>
 #include <stdexcept>
 
@@ -25,6 +26,7 @@ struct node_options {
   std::string secret_file;
   std::string name;
   std::string backend = "cpu";
+  std::string gemm_testbed;
   std::size_t scheduler_threads = 2;
   int heartbeat_ms = 200;
   int liveness_timeout_ms = 1500;
@@ -62,6 +64,13 @@ int run_node(const node_options& options) {
   std::string unusable;
   if (auto usable = actors::check_backend(*backend); !usable.ok())
     unusable = usable.err().message;
+  std::optional<policy::expert_gemm_crossover> crossover;
+  if (!options.gemm_testbed.empty()) {
+    auto loaded = load_gemm_crossover(options.gemm_testbed);
+    if (!loaded)
+      throw std::runtime_error(loaded.err().message);
+    crossover = std::move(*loaded);
+  }
 
   // Signals are taken by sigwait below: block them before CAF starts its threads.
   sigset_t stop_signals;
@@ -86,7 +95,7 @@ int run_node(const node_options& options) {
   auto host = system.spawn<actors::node_host, caf::detached>(
       name,
       make_peer_connector(system, secret, options.tls.enabled(), std::chrono::milliseconds{options.liveness_timeout_ms}),
-      *backend);
+      *backend, actors::gemm_calibration_from(crossover));
 
   std::unique_ptr<transport::inbound_gate> gate;
   if (options.tls.enabled()) {
@@ -144,6 +153,9 @@ command_runner add_node_command(CLI::App& app) {
                   "cpu|cuda: what this node's devices run (each holding its own part of the weights off cpu), "
                   "unless the cluster file names a backend for the node")
       ->capture_default_str();
+  sub->add_option("--gemm-testbed", options->gemm_testbed,
+                  "Testbed JSON written by `moert calibrate --backend cuda` on this machine: its expert_gemm "
+                  "crossover sets the grouped/dense switch of this node's cuda devices (default: uncalibrated)");
   sub->add_option("--threads", options->scheduler_threads, "CAF scheduler threads")->capture_default_str();
   sub->add_option("--heartbeat-ms", options->heartbeat_ms, "CAF heartbeat interval")->capture_default_str();
   sub->add_option("--liveness-timeout-ms", options->liveness_timeout_ms,

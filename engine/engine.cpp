@@ -372,14 +372,10 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
   std::size_t next_device_index = 0;
   // The grouped/dense expert GEMM switch a cuda device starts with: the calibrated crossover
   // (moert calibrate --backend cuda writes it into the testbed), else the backend's default.
-  gpu::gemm_calibration gemm_calibration;
-  if (auto crossover = config.expert_gemm ? config.expert_gemm
-                       : config.online_testbed ? config.online_testbed->expert_gemm
-                                               : std::nullopt) {
-    gemm_calibration.calibrated = true;
-    gemm_calibration.dense_min_rows = crossover->dense_min_rows;
-    gemm_calibration.source = crossover->source;
-  }
+  gpu::gemm_calibration gemm_calibration = actors::gemm_calibration_from(
+      config.expert_gemm      ? config.expert_gemm
+      : config.online_testbed ? config.online_testbed->expert_gemm
+                              : std::nullopt);
   if (config.backend == gpu::backend_kind::cuda)
     state->expert_gemm_switch =
         !gemm_calibration.calibrated

@@ -173,6 +173,9 @@ TEST_CASE("bad input: one clear error line, non-zero exit") {
   // -n 2^64-1 used to wrap the KV reservation and run until memory ran out.
   expect_error("generate -n 18446744073709551615", "max_position_embeddings");
   expect_error("generate --reference -n 18446744073709551615", "max_position_embeddings");
+  // A node's grouped/dense switch comes from this machine's calibration, checked before it listens.
+  expect_error("node --gemm-testbed /nonexistent/bed.json", "/nonexistent/bed.json");
+  expect_error("node --gemm-testbed cpu", "has no \"expert_gemm\"");
   if (!fixture.empty()) {
     std::string model = " --model " + fixture.string();
     write(dir / "big_id.json", "[[1, 2, 384]]");

@@ -22,6 +22,13 @@ struct cluster_session {
   std::vector<caf::actor> nodes;   // node_host per cluster node, in file order
   std::vector<caf::actor> queues;  // μ-queue per global expert device
   std::vector<caf::actor> shards;  // per global attention shard
+  // Over TLS (no gates): this process's TLS byte count (tls_wrap.hpp) before bring-up.
+  bool tls = false;
+  std::uint64_t tls_bytes_before = 0;
+  // What this process's CAF connections to the nodes carried since bring-up began, both ways:
+  // the gates' counts, or over TLS every TLS byte of this process (so another TLS user in the
+  // same process would be counted too).
+  std::uint64_t caf_bytes() const;
 };
 
 struct cluster_request {
@@ -56,9 +63,9 @@ result<node_link> connect_node(caf::actor_system& system, const std::string& hos
 actors::peer_connector make_peer_connector(caf::actor_system& system, std::string secret, bool tls,
                                            std::chrono::milliseconds liveness_timeout);
 
-// Every wait is bounded by `ask.timeout`; errors name the node. Without TLS each attention
-// node is also connected directly to each expert node (node_host's peer_atom), so that A2E
-// and E2A do not pass through this process.
+// Every wait is bounded by `ask.timeout`; errors name the node. Each attention node is also
+// connected directly to each expert node (node_host's peer_atom, with the secret or TLS), so
+// that A2E and E2A do not pass through this process.
 result<cluster_session> connect_cluster(caf::actor_system& system, const cluster_config& cluster,
                                         const std::string& secret, const cluster_request& ask,
                                         bool tls = false);

@@ -980,8 +980,7 @@ EngineReport Engine::report() const {
             [](caf::error&) {});
   }
   if (impl_->cluster) {
-    for (const auto& gate : impl_->cluster->gates)
-      out.cluster_caf_bytes += gate->counters().bytes_from_network + gate->counters().bytes_to_network;
+    out.cluster_caf_bytes = impl_->cluster->caf_bytes();
     caf::scoped_actor self{*impl_->system};
     for (std::size_t i = 0; i < impl_->cluster->nodes.size(); ++i) {
       if (impl_->cluster_health->node_lost(i))

@@ -265,9 +265,10 @@ struct EngineReport {
   double last_solve_micros = 0;
   // Requests by how they ended (rejected ones count as errors).
   std::uint64_t finished_length = 0, finished_stop = 0, cancelled = 0, errors = 0;
-  // A cluster only: bytes through this process's gates to the nodes, both ways (CAF: control,
-  // and with transport caf the rows too: CAF 0.17 routes node-to-node messages through the
-  // process that introduced the actors), and what the nodes sent by UCX (asked at report time).
+  // A cluster only: bytes through this process's gates to the nodes, both ways (over TLS: every
+  // TLS byte of this process, before encryption), counted from bring-up; CAF control, and rows
+  // only if node-to-node messages were routed through this process; and what the nodes sent
+  // by UCX (asked at report time).
   std::uint64_t cluster_caf_bytes = 0, cluster_ucx_bytes = 0, cluster_ucx_messages = 0;
   // A cluster only: the nodes lost (by name), each part re-placed on a survivor (e.g. "expert
   // device 1 -> e0", with the lost node's reason and the time from the loss noticed to the

@@ -128,14 +128,14 @@ TEST_CASE("10x overload: every request ends once, completed or rejected with ove
   // side and final completions, plus an admission and a cancel per live request and a few
   // plan/step messages. A μ-queue: one A2E per (shard, micro-batch, chunk), one done per
   // hosted expert, a few control messages. An expert: the μ-queue hands a device at most 2
-  // batches at a time, and each comes back as one completion.
+  // batches per lane (thread) at a time, and each comes back as one completion.
   EngineReport report = engine.report();
   std::size_t ag = config.attention_devices, experts = std::size_t(engine.model_config().num_experts),
               mbs = config.plan.r1 * config.plan.r2;
   std::size_t ingress_bound = 4 * limit + ag + 2;
   std::size_t shard_bound = mbs * (experts + 3) + 2 * limit + 4;
   std::size_t queue_bound = ag * mbs + experts + 4;
-  std::size_t expert_bound = 2 + 2 + 2;
+  std::size_t expert_bound = 2 * (2 * config.threads_per_device) + 2;
   std::printf("overload 10x mailboxes, largest seen (bound from the limits): ingress %zu (%zu), shard %zu (%zu), "
               "mu_queue %zu (%zu), expert %zu (%zu)\n",
               report.mailbox_peak_ingress, ingress_bound, report.mailbox_peak_shard, shard_bound,

@@ -6,7 +6,7 @@
 // the engine is gone does not grow from seed to seed (its least-squares slope is bounded).
 // A failing seed prints itself (with its fault plan as JSON) and the line that reruns it;
 // add it to tests/fault/chaos_regression_seeds.hpp and every run checks it first. Rerun one
-// with MOERT_CHAOS_SEED=<n>, or more with MOERT_CHAOS_SEEDS=<count>.
+// with MOERT_CHAOS_SEED=<n>, or more with MOERT_CHAOS_SEEDS=<count> (from MOERT_CHAOS_FIRST).
 #include <catch2/catch.hpp>
 
 #include "chaos_regression_seeds.hpp"
@@ -237,7 +237,9 @@ TEST_CASE("chaos: recoverable message faults change no token and no logit") {
     REQUIRE(clean.failure.empty());
     expected.push_back(clean.requests);
   }
-  std::uint64_t first = env_number("MOERT_CHAOS_SEED", 0);
+  // MOERT_CHAOS_FIRST=<n> with MOERT_CHAOS_SEEDS=<count> scans another range (to find seeds
+  // for the regression list).
+  std::uint64_t first = env_number("MOERT_CHAOS_SEED", env_number("MOERT_CHAOS_FIRST", 0));
   std::uint64_t count = std::getenv("MOERT_CHAOS_SEED") ? 1 : env_number("MOERT_CHAOS_SEEDS", 510);
   // The regression seeds first (unless one seed is asked for), then the range.
   std::vector<std::uint64_t> seeds;

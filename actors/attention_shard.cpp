@@ -1,5 +1,6 @@
 #include "actors/attention_shard.hpp"
 #include "actors/fault_seam.hpp"
+#include "actors/mailbox_size.hpp"
 #include "actors/tensor_link.hpp"
 
 #include "model/sampler.hpp"
@@ -109,7 +110,7 @@ caf::behavior attention_shard::make_behavior() {
         on_final_done(mb, std::move(tokens), std::move(logits), std::move(logprobs));
     },
     [this](expert_outputs& out) {
-      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::shard, mailbox().size());
+      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::shard, mailbox_size(*this));
       if (!(ctx_->link && ctx_->link->fetch(this, out)))  // rows by UCX come back completed
         on_expert_outputs(out);
     },

@@ -1,5 +1,6 @@
 #include "actors/expert.hpp"
 #include "actors/fault_seam.hpp"
+#include "actors/mailbox_size.hpp"
 #include "actors/tensor_link.hpp"
 
 #include <algorithm>
@@ -33,7 +34,7 @@ expert::expert(caf::actor_config& cfg, const runtime_context* ctx, std::uint32_t
 caf::behavior expert::make_behavior() {
   return {
     [this](expert_batch& batch) {
-      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::expert, mailbox().size());
+      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::expert, mailbox_size(*this));
       run(batch, caf::actor_cast<caf::actor>(current_sender()));
     },
     [this](batch_done_atom, finished_batch& done) {

@@ -1,5 +1,7 @@
 #include "actors/ingress.hpp"
 
+#include "actors/mailbox_size.hpp"
+
 #include <algorithm>
 
 namespace moert::actors {
@@ -27,7 +29,7 @@ caf::behavior ingress::make_behavior() {
     },
     [this](admit_request& request) {
       if (stats_)
-        stats_->note_mailbox(runtime_stats::mailbox_kind::ingress, mailbox().size());
+        stats_->note_mailbox(runtime_stats::mailbox_kind::ingress, mailbox_size(*this));
       if (draining_)
         return reject(request, finish_reason::error, request_error::shutdown, "the engine is shutting down");
       if (!lost_.empty())

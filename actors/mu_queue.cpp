@@ -1,6 +1,7 @@
 #include "actors/mu_queue.hpp"
 #include "actors/device.hpp"
 #include "actors/fault_seam.hpp"
+#include "actors/mailbox_size.hpp"
 #include "actors/tensor_link.hpp"
 
 #include <spdlog/spdlog.h>
@@ -46,7 +47,7 @@ std::size_t mu_queue::slot_of(std::uint32_t expert) const {
 caf::behavior mu_queue::make_behavior() {
   return {
     [this](routed_tokens& msg) {
-      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::queue, mailbox().size());
+      ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::queue, mailbox_size(*this));
       if (!(ctx_->link && ctx_->link->fetch(this, msg)))  // rows by UCX come back completed
         enqueue(msg);
     },

@@ -134,7 +134,7 @@ struct host_experts {
   scheduler_update scheduler;
   caf::actor owner;  // the engine's ingress: the node tears down when it goes
   bool with_faults = false;  // the engine's fault plan, when it has one
-  transport::fault_plan faults;
+  transport::fault_plan faults{};
 };
 
 // Attention shards [first_shard, first_shard + num_shards). Reply: the shards, in order.
@@ -148,7 +148,7 @@ struct host_shards {
   std::vector<caf::actor> queues;  // every expert device's μ-queue, in global order
   caf::actor owner;                // the engine's ingress (hears each request's end)
   bool with_faults = false;
-  transport::fault_plan faults;
+  transport::fault_plan faults{};
 };
 
 template <class Inspector>

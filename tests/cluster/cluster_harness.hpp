@@ -445,10 +445,12 @@ std::vector<Request> fixture_requests(const fs::path& dir, std::size_t max_new_t
 struct run_result {
   std::string failure;  // empty when the engine came up and every request finished
   std::vector<request_log> logs;
+  EngineReport report;  // with take_report only
 };
 
-// Builds an engine, runs `requests` concurrently, shuts it down; all bounded.
-run_result run_engine(const EngineConfig& config, const std::vector<Request>& requests) {
+// Builds an engine, runs `requests` concurrently, shuts it down; all bounded. `take_report`:
+// the report is taken before shutdown (it asks the nodes what they sent).
+run_result run_engine(const EngineConfig& config, const std::vector<Request>& requests, bool take_report = false) {
   run_result out;
   std::unique_ptr<Engine> engine;
   std::string create_error;
@@ -473,6 +475,8 @@ run_result run_engine(const EngineConfig& config, const std::vector<Request>& re
     for (const auto& r : requests)
       engine->cancel(r.id);
   }
+  if (take_report)
+    bounded("Engine::report", 30s, [&] { out.report = engine->report(); });
   bounded("Engine::shutdown", 60s, [&] { engine->shutdown(); });
   bounded("~Engine", 60s, [&] { engine.reset(); });
   for (std::size_t i = 0; out.failure.empty() && i < out.logs.size(); ++i)

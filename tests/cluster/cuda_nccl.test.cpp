@@ -19,47 +19,6 @@
 
 namespace {
 
-struct run_with_report {
-  std::string failure;
-  std::vector<request_log> logs;
-  EngineReport report;
-};
-
-// run_engine, keeping the report (taken before shutdown: it asks the nodes what they sent).
-run_with_report run_reporting(const EngineConfig& config, const std::vector<Request>& requests) {
-  run_with_report out;
-  std::unique_ptr<Engine> engine;
-  std::string create_error;
-  bounded("Engine::create", 120s, [&] {
-    auto created = Engine::create(config);
-    if (created.ok())
-      engine = std::move(*created);
-    else
-      create_error = created.err().message;
-  });
-  if (!engine) {
-    out.failure = "Engine::create failed: " + create_error;
-    return out;
-  }
-  collector events{requests.size()};
-  for (std::size_t i = 0; i < requests.size(); ++i)
-    engine->submit(requests[i], events.sink(i));
-  bool all_ended = events.wait_all(120s);
-  out.logs = events.snapshot();
-  if (!all_ended) {
-    out.failure = "not every request ended within 120 s";
-    for (const auto& r : requests)
-      engine->cancel(r.id);
-  }
-  bounded("Engine::report", 30s, [&] { out.report = engine->report(); });
-  bounded("Engine::shutdown", 60s, [&] { engine->shutdown(); });
-  bounded("~Engine", 60s, [&] { engine.reset(); });
-  for (std::size_t i = 0; out.failure.empty() && i < out.logs.size(); ++i)
-    if (!out.logs[i].error.empty() || out.logs[i].finish != FinishReason::length)
-      out.failure = "request " + std::to_string(requests[i].id) + " ended with '" + out.logs[i].error + "'";
-  return out;
-}
-
 std::vector<Request> greedy_requests(const fs::path& dir, std::size_t max_new_tokens) {
   auto requests = fixture_requests(dir, max_new_tokens);
   for (auto& r : requests)
@@ -147,7 +106,7 @@ TEST_CASE("1 cuda attention + 1 cuda expert node over nccl give the cpu greedy t
   config.cluster = write_cluster("nccl-cuda-nodes.json", "nccl",
                                  {{"a0", fleet["a0"].address(), 1, 0}, {"e0", fleet["e0"].address(), 0, 1}});
   auto t0 = steady::now();
-  auto got = run_reporting(config, requests);
+  auto got = run_engine(config, requests, /*take_report=*/true);
   INFO(got.failure << "\nnode logs:\n" << fleet.logs());
   REQUIRE(got.failure.empty());
   double max_diff = 0;

@@ -26,11 +26,13 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -165,15 +167,34 @@ public:
 
   // Starts the node on a free port and waits (bounded) until it listens; retries on another
   // port if the chosen one was taken meanwhile.
+  //
+  // A node that neither listens nor writes a line within 30 s (seen once in ~10 CI runs, cause
+  // not found: docs/architecture.md, [D] known bugs) is reported on stdout, with its threads'
+  // stacks where gdb is installed, and started again, at most once per node; any other failure
+  // to listen fails the test.
   void start() {
+    bool restarted_silent_exit = false;
     for (int attempt = 0; attempt < 5; ++attempt) {
       port_ = free_ports(1)[0];
       spawn();
       if (wait_listening(30s))
         return;
       std::string text = log();
+      if (text.empty() && !restarted_silent_exit) {
+        // Evidence for the known bug before the node goes: where its threads are, if it hangs.
+        if (running() && ::access("/usr/bin/gdb", X_OK) == 0)
+          std::system(("/usr/bin/gdb -p " + std::to_string(pid_) +
+                       " -batch -ex 'thread apply all bt' >/dev/stdout 2>/dev/null")
+                          .c_str());
+        kill_and_reap();
+        restarted_silent_exit = true;
+        std::printf("WARNING: node %s did not listen within 30 s and wrote nothing (%s); starting it again\n",
+                    name_.c_str(), exit_status_ ? describe_status(*exit_status_).c_str() : "it hung: killed");
+        std::fflush(stdout);
+        continue;
+      }
       kill_and_reap();
-      INFO("node " << name_ << " log:\n" << text);
+      INFO("node " << name_ << " log:\n" << text << "\nexit: " << (exit_status_ ? describe_status(*exit_status_) : "none"));
       REQUIRE((text.find("cannot listen") != std::string::npos || text.find("in use") != std::string::npos));
     }
     FAIL("node " << name_ << ": no free port after 5 attempts");
@@ -190,10 +211,16 @@ public:
       return false;
     int status = 0;
     if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      exit_status_ = status;
       forget();
       return false;
     }
     return true;
+  }
+  static std::string describe_status(int status) {
+    if (WIFSIGNALED(status))
+      return "killed by signal " + std::to_string(WTERMSIG(status));
+    return "exit code " + std::to_string(WEXITSTATUS(status));
   }
   void signal(int sig) {
     if (running())
@@ -218,6 +245,7 @@ public:
 
 private:
   void spawn() {
+    exit_status_.reset();
     static int counter = 0;
     log_ = scratch_dir() / (name_ + "_" + std::to_string(++counter) + ".log");
     std::vector<std::string> args{node_binary, "node",          "--listen", address(), "--secret-file",
@@ -268,6 +296,7 @@ private:
   std::uint16_t port_ = 0;
   fs::path log_;
   pid_t pid_ = -1;
+  std::optional<int> exit_status_;  // waitpid's status, once running() saw the node gone
 };
 
 // Nodes by name; the destructor kills every one of them, also when a REQUIRE throws.

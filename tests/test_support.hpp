@@ -22,6 +22,13 @@ inline constexpr const char* small_moe_model = R"({"model_type": "qwen2_moe", "v
   "num_experts_per_tok": 2, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
   "intermediate_size": 64, "mlp_only_layers": [1], "norm_topk_prob": false})";
 
+// small_moe_model with more keys, e.g. R"("max_position_embeddings": 1024)".
+inline std::string small_moe_model_with(const std::string& extra_keys) {
+  std::string json = small_moe_model;
+  json.insert(json.rfind('}'), ", " + extra_keys);
+  return json;
+}
+
 // ../shared/fixtures/<name>, or empty when the fixtures are not checked out beside us.
 inline std::filesystem::path fixture_dir(const std::string& name) {
   std::filesystem::path dir = std::filesystem::path{MOERT_FIXTURES_DIR} / name;

@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include "engine/engine.hpp"
+#include "test_support.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -20,11 +21,7 @@ using namespace moert;
 
 namespace {
 
-const char* small_model = R"({"model_type": "qwen2_moe", "vocab_size": 211, "hidden_size": 48,
-  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8,
-  "num_experts_per_tok": 2, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
-  "intermediate_size": 64, "mlp_only_layers": [1], "norm_topk_prob": false,
-  "max_position_embeddings": 100000})";
+const std::string small_model = test::small_moe_model_with(R"("max_position_embeddings": 100000)");
 
 using clock_type = std::chrono::steady_clock;
 

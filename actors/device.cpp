@@ -15,7 +15,6 @@ device::device(std::string name, std::size_t num_threads, trace_recorder* trace)
       trace_(trace),
       num_threads_(num_threads),
       backend_(gpu::create_backend(gpu::backend_kind::cpu, gpu::backend_options::with_threads(num_threads)).value()),
-      lanes_(std::max<std::size_t>(1, num_threads)),
       thread_([this] { run(); }) {}
 
 device::device(std::string name, std::unique_ptr<gpu::backend> backend, trace_recorder* trace)
@@ -23,7 +22,6 @@ device::device(std::string name, std::unique_ptr<gpu::backend> backend, trace_re
       trace_(trace),
       num_threads_(1),
       backend_(std::move(backend)),
-      lanes_(1),
       thread_([this] { run(); }) {}
 
 std::vector<const float*> stage_rows(gpu::backend& backend, std::span<const float* const> rows_host, std::size_t dim,
@@ -50,20 +48,20 @@ device::~device() {
   thread_.join();
 }
 
-void device::post(std::string label, task work, error_handler on_error) {
+void device::enqueue(posted p) {
   {
     std::lock_guard<std::mutex> guard{mutex_};
-    queue_.push_back({std::move(label), std::move(work), std::move(on_error), false});
+    queue_.push_back(std::move(p));
   }
   wake_.notify_one();
 }
 
+void device::post(std::string label, task work, error_handler on_error) {
+  enqueue({std::move(label), std::move(work), std::move(on_error), false});
+}
+
 void device::post_concurrent(std::string label, task work, error_handler on_error) {
-  {
-    std::lock_guard<std::mutex> guard{mutex_};
-    queue_.push_back({std::move(label), std::move(work), std::move(on_error), true});
-  }
-  wake_.notify_one();
+  enqueue({std::move(label), std::move(work), std::move(on_error), true});
 }
 
 bool device::drain(std::chrono::milliseconds limit) {
@@ -124,7 +122,7 @@ device::outcome device::execute(posted& next, const task_hook& hook, gpu::backen
 
 void device::run() {
   for (;;) {
-    std::vector<posted> batch;  // one task, or up to lanes_ concurrent ones from the front
+    std::vector<posted> batch;  // one task, or up to lanes() concurrent ones from the front
     task_hook hook;
     double slow = 1.0;
     {
@@ -135,7 +133,7 @@ void device::run() {
       do {
         batch.push_back(std::move(queue_.front()));
         queue_.pop_front();
-      } while (batch.back().concurrent && batch.size() < lanes_ && !queue_.empty() && queue_.front().concurrent);
+      } while (batch.back().concurrent && batch.size() < lanes() && !queue_.empty() && queue_.front().concurrent);
       running_task_ = true;
       hook = hook_;
       slow = slowdown_;
@@ -176,7 +174,8 @@ void device::run() {
       last_end = std::chrono::steady_clock::now();
     }
     std::uint64_t failures = 0;
-    std::vector<std::string> labels;
+    std::size_t ran = batch.size();
+    std::vector<std::string> labels;  // for the trace only
     for (std::size_t i = 0; i < batch.size(); ++i) {
       if (!outcomes[i].failure.empty()) {
         ++failures;
@@ -186,14 +185,15 @@ void device::run() {
         else
           spdlog::error("device task failed and nobody listens: {}", why);
       }
-      labels.push_back(std::move(batch[i].label));
+      if (trace_)
+        labels.push_back(std::move(batch[i].label));
     }
     batch.clear();  // the tasks' captures go before the device reports itself idle
     {
       std::lock_guard<std::mutex> guard{mutex_};
       busy_ += last_end - first_start;
       failed_ += failures;
-      stretched_ += slow > 1.0 ? labels.size() : 0;
+      stretched_ += slow > 1.0 ? ran : 0;
       running_task_ = false;
     }
     idle_.notify_all();

@@ -70,7 +70,7 @@ public:
   // (batch-invariant kernels), only the barriers and hand-offs between them go.
   void post_concurrent(std::string label, task work, error_handler on_error = {});
   // How many concurrent tasks run at once: the pool's threads on a host-memory backend, else 1.
-  std::size_t lanes() const { return lanes_; }
+  std::size_t lanes() const { return std::max<std::size_t>(1, num_threads_); }
 
   // Waits until every task posted so far has run, at most `limit`; false on timeout.
   bool drain(std::chrono::milliseconds limit);
@@ -100,6 +100,7 @@ private:
     error_handler on_error;
     bool concurrent = false;
   };
+  void enqueue(posted p);
   struct outcome {
     std::chrono::steady_clock::time_point start, end;
     std::string failure;
@@ -117,7 +118,6 @@ private:
   bool stopping_ = false;
   std::size_t num_threads_;
   std::unique_ptr<gpu::backend> backend_;
-  std::size_t lanes_;  // after backend_: it is read from it
   std::shared_ptr<const model::model_weights> weights_;
   std::thread thread_;  // last: starts after every member above exists
 };

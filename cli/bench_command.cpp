@@ -318,21 +318,8 @@ llama_figures engine_run(const EngineConfig& config, const std::vector<std::vect
     if (auto out = s->wait(); !out)
       throw std::runtime_error(out.err().what());
   if (faults && config.faults) {
-    EngineReport r = (*engine)->report();
-    transport::fault_counts& t = faults->faults;
-    const transport::fault_counts& c = r.faults;
     faults->faults_enabled = true;
-    t.messages += c.messages;
-    t.dropped += c.dropped;
-    t.duplicated += c.duplicated;
-    t.reordered += c.reordered;
-    t.delayed += c.delayed;
-    t.killed += c.killed;
-    t.slowed_tasks += c.slowed_tasks;
-    t.retransmitted += c.retransmitted;
-    t.ignored_e2a += c.ignored_e2a;
-    t.failed_batches += c.failed_batches;
-    t.node_faults += c.node_faults;
+    faults->faults += (*engine)->report().faults;
   }
   (*engine)->shutdown();
   std::size_t prompt_tokens = 0;

@@ -937,16 +937,9 @@ EngineReport Engine::report() const {
         self->request(impl_->cluster->nodes[i], std::chrono::seconds{2}, caf::get_atom::value, actors::fault_atom::value)
             .receive(
                 [&](const transport::fault_counts& c) {
-                  out.faults.messages += c.messages;
-                  out.faults.dropped += c.dropped;
-                  out.faults.duplicated += c.duplicated;
-                  out.faults.reordered += c.reordered;
-                  out.faults.delayed += c.delayed;
-                  out.faults.killed += c.killed;
-                  out.faults.slowed_tasks += c.slowed_tasks;
-                  out.faults.retransmitted += c.retransmitted;
-                  out.faults.ignored_e2a += c.ignored_e2a;
-                  out.faults.failed_batches += c.failed_batches;
+                  std::uint64_t node_faults = out.faults.node_faults;  // counted here, below
+                  out.faults += c;
+                  out.faults.node_faults = node_faults;
                 },
                 [](caf::error&) {});
       }

@@ -126,6 +126,21 @@ struct fault_counts {
   std::uint64_t failed_batches = 0; // micro-batches whose retransmissions ran out
   std::uint64_t node_faults = 0;    // nodes of the plan's "nodes" that were lost (the engine counts)
   std::uint64_t injected() const { return dropped + duplicated + reordered + delayed + killed + node_faults; }
+  // Sums every count: a report over runs or over nodes.
+  fault_counts& operator+=(const fault_counts& other) {
+    messages += other.messages;
+    dropped += other.dropped;
+    duplicated += other.duplicated;
+    reordered += other.reordered;
+    delayed += other.delayed;
+    killed += other.killed;
+    slowed_tasks += other.slowed_tasks;
+    retransmitted += other.retransmitted;
+    ignored_e2a += other.ignored_e2a;
+    failed_batches += other.failed_batches;
+    node_faults += other.node_faults;
+    return *this;
+  }
 };
 
 class fault_injector {

@@ -36,10 +36,8 @@ node_host::node_host(caf::actor_config& cfg, std::string name, peer_connector co
 result<gpu::backend_kind> node_host::backend_for(const model_source& source) const {
   if (source.backend.empty())
     return ctx_ ? ctx_->backend : default_backend_;  // an adoption runs what the node runs
-  if (source.backend == "cpu")
-    return gpu::backend_kind::cpu;
-  if (source.backend == "cuda")
-    return gpu::backend_kind::cuda;
+  if (auto kind = gpu::parse_backend_kind(source.backend))
+    return *kind;
   return make_error(error_code::invalid_argument,
                     "node " + name_ + ": backend \"" + source.backend + "\" is not one of \"cpu\", \"cuda\"");
 }

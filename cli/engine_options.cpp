@@ -44,10 +44,8 @@ void add_engine_options(CLI::App& app, engine_options& opt) {
 }
 
 result<gpu::backend_kind> parse_backend(const std::string& name) {
-  if (name == "cpu")
-    return gpu::backend_kind::cpu;
-  if (name == "cuda")
-    return gpu::backend_kind::cuda;
+  if (auto kind = gpu::parse_backend_kind(name))
+    return *kind;
   return make_error(error_code::invalid_argument, "--backend '" + name + "': expected cpu or cuda");
 }
 

@@ -1,5 +1,7 @@
 #include "engine/cluster_config.hpp"
 
+#include "gpu/backend.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <fstream>
@@ -178,7 +180,7 @@ result<cluster_config> parse_cluster_config(const std::string& json_text, const 
     parsed.attention_devices = *attention;
     parsed.expert_devices = *experts;
     if (auto backend = node.find("backend"); backend != node.end()) {
-      if (!backend->is_string() || (*backend != "cpu" && *backend != "cuda"))
+      if (!backend->is_string() || !gpu::parse_backend_kind(backend->get<std::string>()))
         return fail(source, path + "backend", "must be \"cpu\" or \"cuda\"");
       parsed.backend = backend->get<std::string>();
     }

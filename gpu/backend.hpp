@@ -35,13 +35,24 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 
 namespace moert::gpu {
 
 enum class backend_kind { cpu, cuda };
 inline const char* to_string(backend_kind kind) { return kind == backend_kind::cuda ? "cuda" : "cpu"; }
+// The kind a name spells ("cpu" or "cuda"); nullopt for anything else, so each caller can
+// name the option or field the name came from.
+inline std::optional<backend_kind> parse_backend_kind(std::string_view name) {
+  if (name == "cpu")
+    return backend_kind::cpu;
+  if (name == "cuda")
+    return backend_kind::cuda;
+  return std::nullopt;
+}
 
 // -- memory ---------------------------------------------------------------------------------
 

@@ -10,6 +10,15 @@
 //
 // Thread safety: post(), drain() and set_task_hook() may be called from any thread. The
 // destructor finishes every task already posted, then joins.
+//
+// Actors on the device thread (off unless set_actors_inline(true); the engine sets it on its
+// in-process devices): a task's completion message sent through completion_unit()
+// (actors/completion.hpp) runs its actor here, right after the task, when that actor is a
+// device_runnable (the shard, μ-queue and expert actors); what it sends in turn to other
+// device_runnable actors runs here too. Every other actor goes to CAF's scheduler as usual.
+// A decode step is a chain of such hops (attention → shard → μ-queue → experts → device →
+// experts → shard → device); through CAF's scheduler each hop woke a sleeping thread,
+// 20-100 µs on this VM's 2 cores, ~1 ms of idle device per decode token.
 
 #include "gpu/backend.hpp"
 #include "model/weights.hpp"
@@ -25,9 +34,22 @@
 #include <thread>
 #include <vector>
 
+namespace caf {
+class actor_system;
+class execution_unit;
+class resumable;
+}  // namespace caf
+
 namespace moert::actors {
 
 class trace_recorder;
+
+// Marks an actor class whose messages may be handled on a device thread (see device): it
+// must not block and not spawn (actors/completion.hpp).
+class device_runnable {
+protected:
+  ~device_runnable() = default;
+};
 
 class device {
 public:
@@ -82,12 +104,29 @@ public:
   void set_slowdown(double factor);
   std::uint64_t stretched_tasks() const;
 
+  // The CAF execution unit of this device's thread, for actors of `system` (the first system
+  // asked); null, i.e. CAF's scheduler as for caf::anon_send, when actors do not run inline,
+  // for another system, or under CAF's test coordinator (a test drives every actor itself).
+  // Any thread; lives as long as the device.
+  caf::execution_unit* completion_unit(caf::actor_system& system);
+  // Whether device_runnable actors run on this device's thread (see above). Any thread.
+  void set_actors_inline(bool on);
+  // Actor activations run on the device thread so far (device_runnable actors resumed here).
+  std::uint64_t inline_resumes() const;
+
   // Time spent running tasks since construction.
   std::chrono::nanoseconds busy_time() const;
   std::chrono::nanoseconds lifetime() const { return std::chrono::steady_clock::now() - started_; }
 
 private:
+  class actor_unit;
   void run();
+  // From actor_unit::exec_later (any thread): runs `job` on the device thread soon, or hands
+  // it to CAF's scheduler when it is not device_runnable or the device is stopping.
+  void schedule_actor(caf::resumable* job);
+  // On the device thread, with `lock` held on entry and exit: resumes ready actors, at most
+  // max_inline_resumes in a row while a task waits.
+  void run_ready_actors(std::unique_lock<std::mutex>& lock);
 
   std::string name_;
   trace_recorder* trace_;
@@ -116,6 +155,11 @@ private:
   std::uint64_t stretched_ = 0;
   std::chrono::nanoseconds busy_{0};
   bool stopping_ = false;
+  bool stopped_ = false;  // the thread has left run(): schedule_actor hands actors to CAF
+  std::deque<caf::resumable*> ready_;  // actors to resume here, each holding a reference
+  std::uint64_t inline_resumes_ = 0;
+  std::unique_ptr<actor_unit> unit_;    // set once, under mutex_
+  bool actors_inline_ = false;
   std::size_t num_threads_;
   std::unique_ptr<gpu::backend> backend_;
   std::shared_ptr<const model::model_weights> weights_;

@@ -217,11 +217,50 @@ device::outcome device::execute(posted& next, const task_hook& hook, gpu::backen
   return out;
 }
 
+void device::run_pulled(std::vector<posted>& batch, std::vector<outcome>& outcomes, std::vector<std::size_t>& lane_of) {
+  struct ran {
+    posted task;
+    outcome out;
+  };
+  std::vector<std::vector<ran>> per_lane(lanes());
+  // One range per lane (work large enough that the backend always spreads it); each lane takes
+  // the next concurrent task from the front until the front is not one. The device thread
+  // (lane 0, the pool's caller) first runs the actors that completions woke: a μ-queue that
+  // hears of room hands its next batch while the other lane is still busy, and no barrier
+  // splits a layer's experts into rounds of lanes().
+  backend_->concurrent(per_lane.size(), std::size_t(-1) / 2,
+                       [&](gpu::backend& lane, std::size_t begin, std::size_t end) {
+                         bool on_device_thread = std::this_thread::get_id() == thread_.get_id();
+                         for (std::size_t l = begin; l < end; ++l)
+                           for (;;) {
+                             posted next;
+                             {
+                               std::unique_lock<std::mutex> lock{mutex_};
+                               if (on_device_thread)
+                                 run_ready_actors(lock);
+                               if (queue_.empty() || !queue_.front().concurrent)
+                                 break;
+                               next = std::move(queue_.front());
+                               queue_.pop_front();
+                             }
+                             outcome out = execute(next, {}, lane);
+                             per_lane[l].push_back({std::move(next), std::move(out)});
+                           }
+                       });
+  for (std::size_t l = 0; l < per_lane.size(); ++l)
+    for (ran& r : per_lane[l]) {
+      batch.push_back(std::move(r.task));
+      outcomes.push_back(std::move(r.out));
+      lane_of.push_back(l);
+    }
+}
+
 void device::run() {
   for (;;) {
     std::vector<posted> batch;  // one task, or up to lanes() concurrent ones from the front
     task_hook hook;
     double slow = 1.0;
+    bool pulled = false;  // concurrent tasks that the lanes take from the queue themselves
     {
       std::unique_lock<std::mutex> lock{mutex_};
       wake_.wait(lock, [this] { return stopping_ || !queue_.empty() || !ready_.empty(); });
@@ -238,16 +277,25 @@ void device::run() {
         stopped_ = true;  // stopping, and every posted task has run
         return;
       }
-      do {
-        batch.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-      } while (batch.back().concurrent && batch.size() < lanes() && !queue_.empty() && queue_.front().concurrent);
-      running_task_ = true;
       hook = hook_;
       slow = slowdown_;
+      // Hooks run on the device thread before their tasks (they need not be thread-safe), so
+      // with one the lanes do not pull: the batch is what is queued now.
+      pulled = !hook && lanes() > 1 && queue_.size() >= 2 && queue_[0].concurrent && queue_[1].concurrent;
+      if (!pulled)
+        do {
+          batch.push_back(std::move(queue_.front()));
+          queue_.pop_front();
+        } while (batch.back().concurrent && batch.size() < lanes() && !queue_.empty() && queue_.front().concurrent);
+      running_task_ = true;
     }
     std::vector<outcome> outcomes(batch.size());
-    if (batch.size() == 1) {
+    std::vector<std::size_t> lane_of(batch.size(), 0);  // for the trace
+    for (std::size_t i = 0; i < lane_of.size(); ++i)
+      lane_of[i] = i;
+    if (pulled) {
+      run_pulled(batch, outcomes, lane_of);
+    } else if (batch.size() == 1) {
       outcomes[0] = execute(batch[0], hook, *backend_);
     } else {
       // Hooks run here, on the device thread, as for a single task (they need not be
@@ -271,6 +319,11 @@ void device::run() {
                              for (std::size_t j = begin; j < end; ++j)
                                outcomes[to_run[j]] = execute(batch[to_run[j]], {}, lane);
                            });
+    }
+    if (outcomes.empty()) {  // a pulled batch that another lane emptied first: nothing ran
+      std::lock_guard<std::mutex> guard{mutex_};
+      running_task_ = false;
+      continue;
     }
     auto first_start = outcomes[0].start, last_end = outcomes[0].end;
     for (const outcome& o : outcomes) {
@@ -307,7 +360,7 @@ void device::run() {
     idle_.notify_all();
     if (trace_)
       for (std::size_t i = 0; i < labels.size(); ++i)
-        trace_->slice(i == 0 ? name_ : name_ + " lane " + std::to_string(i), labels[i],
+        trace_->slice(lane_of[i] == 0 ? name_ : name_ + " lane " + std::to_string(lane_of[i]), labels[i],
                       outcomes[i].start, outcomes[i].end);
   }
 }

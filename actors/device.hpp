@@ -85,11 +85,12 @@ public:
 
   // Queues `work`; `label` names the slice in the trace ("attention L3 mb1").
   void post(std::string label, task work, error_handler on_error = {});
-  // As post(), for a task independent of every other such task (one expert batch): up to
-  // lanes() of them that are next in the queue together run at the same time, each on one
-  // thread of the pool with a single-threaded lane as its backend (gpu::backend::concurrent),
-  // as the reference forward runs a layer's experts. Their results do not depend on the lane
-  // (batch-invariant kernels), only the barriers and hand-offs between them go.
+  // As post(), for a task independent of every other such task (one expert batch): those
+  // next in the queue run side by side, each on one thread of the pool with a single-threaded
+  // lane as its backend (gpu::backend::concurrent), as the reference forward runs a layer's
+  // experts. A lane that finishes one takes the next concurrent task at the front of the queue
+  // (with a task hook: up to lanes() of them, taken together). Their results do not depend on
+  // the lane (batch-invariant kernels), only the barriers and hand-offs between them go.
   void post_concurrent(std::string label, task work, error_handler on_error = {});
   // How many concurrent tasks run at once: the pool's threads on a host-memory backend, else 1.
   std::size_t lanes() const { return std::max<std::size_t>(1, num_threads_); }
@@ -146,6 +147,9 @@ private:
   };
   // Runs one task on `on` (the backend or a lane) with the hook; catches what it throws.
   outcome execute(posted& next, const task_hook& hook, gpu::backend& on);
+  // Concurrent tasks from the front of the queue, taken one at a time by whichever lane is
+  // free, until the front is not a concurrent task; appends what ran, its outcome and lane.
+  void run_pulled(std::vector<posted>& batch, std::vector<outcome>& outcomes, std::vector<std::size_t>& lane_of);
   std::deque<posted> queue_;
   std::condition_variable idle_;
   bool running_task_ = false;

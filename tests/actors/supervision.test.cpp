@@ -144,9 +144,11 @@ TEST_CASE("a task's completion runs a device_runnable actor on the device thread
   caf::actor_system system{cfg};
   std::promise<std::thread::id> second_hop, first_hop, lane_hop, plain_hop;
   // A device_runnable actor that a device_runnable actor messages runs on the device too.
-  caf::actor second = system.spawn<thread_probe>(&second_hop, caf::actor{});
-  caf::actor first = system.spawn<thread_probe>(&first_hop, second);
-  caf::actor from_lane = system.spawn<thread_probe>(&lane_hop, caf::actor{});
+  // lazy_init: else a CAF worker that is still starting the actor when the message lands
+  // handles it there.
+  caf::actor second = system.spawn<thread_probe, caf::lazy_init>(&second_hop, caf::actor{});
+  caf::actor first = system.spawn<thread_probe, caf::lazy_init>(&first_hop, second);
+  caf::actor from_lane = system.spawn<thread_probe, caf::lazy_init>(&lane_hop, caf::actor{});
   // Not device_runnable: CAF's scheduler runs it, as for caf::anon_send.
   caf::actor plain = system.spawn(
       [&plain_hop](caf::event_based_actor*, int) -> caf::behavior {
@@ -253,6 +255,28 @@ TEST_CASE("concurrent device tasks run side by side on single-threaded lanes, in
   REQUIRE(order.size() == 4);
   CHECK(order.front() == "gate");
   CHECK(order.back() == "after, whole pool");  // the ordinary task after them has every thread
+}
+
+TEST_CASE("a lane that finishes a concurrent task takes the next one while the other lane still runs") {
+  // Taken lanes() at a time, a layer's experts ran in rounds, each waiting for its slowest.
+  device dev{"device 0", 2, nullptr};
+  std::atomic<bool> third_started{false};
+  std::atomic<bool> long_saw_third{false};
+  std::promise<void> release;
+  auto gate = release.get_future().share();
+  dev.post("gate", [gate](gpu::backend&) { gate.wait_for(std::chrono::seconds{5}); });
+  dev.post_concurrent("expert L0 E0 x1", [&](gpu::backend&) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds{5};
+    while (!third_started.load() && std::chrono::steady_clock::now() < until)
+      std::this_thread::yield();
+    long_saw_third = third_started.load();
+  });
+  dev.post_concurrent("expert L0 E1 x1", [](gpu::backend&) {});
+  dev.post_concurrent("expert L0 E2 x1", [&](gpu::backend&) { third_started = true; });
+  release.set_value();
+  REQUIRE(dev.drain(wait_limit));
+  CHECK(long_saw_third.load());
+  CHECK(dev.failed_tasks() == 0);
 }
 
 TEST_CASE("a concurrent task whose hook throws fails alone; its partner runs") {

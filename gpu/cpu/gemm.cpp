@@ -195,38 +195,25 @@ void matmul_panels_scalar(const gemm_args& a, std::size_t panel_begin, std::size
   }
 }
 
-void matmul_with(gemm_kernel kernel, const float* x, std::size_t num_rows,
-                 const packed_matrix& w, float* y, thread_pool* pool) {
-  if (num_rows == 0 || w.rows() == 0)
-    return;
-  auto* run = kernel == gemm_kernel::avx512 ? &matmul_panels_avx512
-              : kernel == gemm_kernel::avx2 ? &matmul_panels_avx2
-                                            : &matmul_panels_scalar;
-  const gemm_args args{x, num_rows, w.cols() == 0 ? nullptr : w.panel(0), w.type(), w.cols(), w.rows(), y};
-  const std::size_t panels = w.num_panels();
-  const std::size_t tasks = (panels + task_panels - 1) / task_panels;
-  auto body = [&](std::size_t begin, std::size_t end) {
-    std::size_t panel_end = end * task_panels < panels ? end * task_panels : panels;
-    run(args, begin * task_panels, panel_end);
-  };
-  parallel_for_if_worth(pool, matmul_work(num_rows, w.rows(), w.cols()), tasks, body);
+namespace {
+
+using panels_fn = void (*)(const gemm_args&, std::size_t, std::size_t);
+
+panels_fn panels_of(gemm_kernel kernel) {
+  return kernel == gemm_kernel::avx512 ? &matmul_panels_avx512
+         : kernel == gemm_kernel::avx2 ? &matmul_panels_avx2
+                                       : &matmul_panels_scalar;
 }
 
-std::size_t matmul_work(std::size_t num_rows, std::size_t n, std::size_t k) {
-  // A weight element read from memory costs about as much time as this many multiply-adds
-  // (one core: ~5 G floats/s of DRAM bandwidth against ~40 G multiply-adds/s of AVX2 fma).
-  constexpr std::size_t weight_stream_rows = 8;
-  return (num_rows + weight_stream_rows) * n * k;
-}
-
-void matmul_batch(std::span<const matmul_entry> batch, thread_pool* pool) {
-  gemm_kernel kernel = selected_gemm_kernel();
-  auto* run = kernel == gemm_kernel::avx512 ? &matmul_panels_avx512
-              : kernel == gemm_kernel::avx2 ? &matmul_panels_avx2
-                                            : &matmul_panels_scalar;
+// matmul() of every entry with `kernel`, as one parallel_for over all their panels in tasks of
+// task_panels: entries one after another, so a task never mixes two entries' tiles.
+void run_entries(gemm_kernel kernel, std::span<const matmul_entry> batch, thread_pool* pool) {
+  panels_fn run = panels_of(kernel);
   // Tasks of all entries one after another; first_task[i] is entry i's first.
   std::vector<gemm_args> args;
   std::vector<std::size_t> first_task;
+  args.reserve(batch.size());
+  first_task.reserve(batch.size() + 1);
   std::size_t tasks = 0, work = 0;
   for (const matmul_entry& e : batch) {
     if (e.num_rows == 0 || e.w->rows() == 0)
@@ -238,6 +225,8 @@ void matmul_batch(std::span<const matmul_entry> batch, thread_pool* pool) {
     work += matmul_work(e.num_rows, e.w->rows(), e.w->cols());
   }
   first_task.push_back(tasks);
+  if (tasks == 0)
+    return;
   auto body = [&](std::size_t begin, std::size_t end) {
     // The entry holding task `begin`, then each entry's share of [begin, end).
     std::size_t i = std::size_t(std::upper_bound(first_task.begin(), first_task.end(), begin) - first_task.begin()) - 1;
@@ -250,6 +239,25 @@ void matmul_batch(std::span<const matmul_entry> batch, thread_pool* pool) {
     }
   };
   parallel_for_if_worth(pool, work, tasks, body);
+}
+
+}  // namespace
+
+void matmul_with(gemm_kernel kernel, const float* x, std::size_t num_rows,
+                 const packed_matrix& w, float* y, thread_pool* pool) {
+  const matmul_entry one{&w, x, num_rows, y};
+  run_entries(kernel, {&one, 1}, pool);
+}
+
+std::size_t matmul_work(std::size_t num_rows, std::size_t n, std::size_t k) {
+  // A weight element read from memory costs about as much time as this many multiply-adds
+  // (one core: ~5 G floats/s of DRAM bandwidth against ~40 G multiply-adds/s of AVX2 fma).
+  constexpr std::size_t weight_stream_rows = 8;
+  return (num_rows + weight_stream_rows) * n * k;
+}
+
+void matmul_batch(std::span<const matmul_entry> batch, thread_pool* pool) {
+  run_entries(selected_gemm_kernel(), batch, pool);
 }
 
 void matmul(const float* x, std::size_t num_rows, const packed_matrix& w, float* y,

@@ -129,6 +129,11 @@ struct gemm_tile {
   std::size_t y_stride;      // floats between rows of y
   std::size_t last_cols;     // valid columns of the last panel, 1..16
   bool resume;               // continue the chains from y instead of +0.0f
+  // Weights the next panel group reads (same k offset, panel_stride apart), or null. A tile
+  // may prefetch their rows k = prefetch_phase, prefetch_phase + prefetch_every, … so that
+  // the group's row tiles between them pull the next panels from DRAM while they compute.
+  const void* prefetch;
+  std::size_t prefetch_panels, prefetch_phase, prefetch_every;
 };
 
 // Calls isa::tile<rows, panels, welem>(t) for run-time rows ≤ isa::max_rows,
@@ -177,8 +182,16 @@ void run_panel_tiles(const gemm_args& a, std::size_t panel_begin, std::size_t pa
       t.y_stride = n_total;
       t.last_cols = n_total - last_col0 < pw ? n_total - last_col0 : pw;
       t.resume = k0 != 0;
+      // With several row tiles per group the weights are compute-bound from L2 after the first
+      // tile, which alone would stream them from DRAM; spread that over all of them instead.
+      const std::size_t next = p + panels;
+      t.prefetch = row_tiles > 1 && next < panel_end ? static_cast<const welem*>(a.w) + (next * k_total + k0) * pw
+                                                    : nullptr;
+      t.prefetch_panels = next >= panel_end ? 0 : panel_end - next < group ? panel_end - next : group;
+      t.prefetch_every = row_tiles;
       for (std::size_t tile = 0, m = 0; tile < row_tiles; ++tile) {
         const std::size_t rows = num_rows / row_tiles + (tile < num_rows % row_tiles ? 1 : 0);
+        t.prefetch_phase = tile;
         t.x = a.x + m * k_total + k0;
         t.y = a.y + m * n_total + p * pw;
         dispatch_tile<isa, welem>(rows, panels, t);

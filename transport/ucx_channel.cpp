@@ -119,6 +119,7 @@ struct ucx_channel::impl {
   operation* inline_op = nullptr;  // the receive being started in a caller's call
 
   static constexpr std::chrono::microseconds spin_window{2000};
+  static constexpr int progress_per_turn = 16;
 
   // tcp's peer-failure handler: the peer's process is gone or unreachable.
   static void on_endpoint_error(void* arg, ucp_ep_h, ucs_status_t status) {
@@ -304,8 +305,11 @@ struct ucx_channel::impl {
       {
         std::lock_guard<std::mutex> guard{mutex};
         sleeping = false;
-        bool progressed = false;
-        while (ucp_worker_progress(worker) != 0)
+        // A bounded number of progress calls per turn: a rendezvous stream progresses for as
+        // long as fragments keep coming, and a caller that waits for the lock to post the
+        // next send or receive would let the stream run dry.
+        bool progressed = false, more = false;
+        for (int turn = 0; turn < progress_per_turn && (more = ucp_worker_progress(worker) != 0); ++turn)
           progressed = true;
         auto now = clock::now();
         if (progressed)
@@ -318,7 +322,9 @@ struct ucx_channel::impl {
           // several progress calls on both sides), so while transfers are pending the thread
           // polls for a short while (2 ms) before it sleeps: the core is spent only when
           // bytes are moving, and the next message of a burst does not pay a wake-up.
-          if (!ops.empty() && now - last_progress < spin_window)
+          if (more)
+            spin = true;  // the yield lets a caller waiting for the lock have it
+          else if (!ops.empty() && now - last_progress < spin_window)
             spin = true;
           else if (ucp_worker_arm(worker) == UCS_OK)
             sleep = sleeping = true;
@@ -549,6 +555,20 @@ void ucx_channel::receive(peer_id peer, std::uint64_t tag, std::size_t bytes, re
     return later([deliver, why = now.err()]() mutable { deliver(std::move(why)); });
   if (*now)
     later([deliver]() mutable { deliver(status::success()); });
+}
+
+std::size_t ucx_channel::poll() {
+  auto* state = impl_.get();
+  std::vector<std::function<void()>> callbacks;
+  {
+    std::lock_guard<std::mutex> guard{state->mutex};
+    for (int turn = 0; turn < impl::progress_per_turn && ucp_worker_progress(state->worker) != 0; ++turn)
+      state->last_progress = clock::now();
+    callbacks.swap(state->ready);
+  }
+  for (auto& callback : callbacks)
+    callback();
+  return callbacks.size();
 }
 
 void ucx_channel::cancel_peer(peer_id peer, std::string reason) {

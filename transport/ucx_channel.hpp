@@ -20,7 +20,8 @@
 // buffers, at most eager_limit_bytes each; larger ones wait as a rendezvous header only.
 //
 // Thread safety: every public member may be called from any thread. Callbacks run on the
-// channel's thread, never inside the caller's call; keep them short (post a CAF message).
+// channel's thread (or inside poll(), for a caller that polls), never inside send() or a
+// receive call; keep them short (post a CAF message).
 
 #include "core/error.hpp"
 
@@ -112,6 +113,12 @@ public:
   // (`done` is not called). A short or long message is an error, never a partial buffer.
   result<bool> receive_into(peer_id peer, std::uint64_t tag, void* dest, std::size_t size, std::shared_ptr<void> keep,
                             receive_into_done done, std::chrono::milliseconds timeout = std::chrono::milliseconds{0});
+  // Drives UCX from the calling thread (a few progress calls) and runs, on this thread, the
+  // callbacks that are ready; returns how many ran. For a caller with nothing else to do
+  // while it waits (moert_bench_transport's polled figures, the pattern of ucx_perftest);
+  // actors never call it, the channel thread does the same for them. Deadlines are still
+  // enforced by the channel thread only.
+  std::size_t poll();
   // Fails every pending send and receive with `peer` (its node was found dead).
   void cancel_peer(peer_id peer, std::string reason);
 

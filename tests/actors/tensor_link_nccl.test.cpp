@@ -36,7 +36,6 @@ struct inbox {
   std::mutex mutex;
   std::condition_variable changed;
   struct got {
-    bool by_pipe_descriptor = false;  // the message first came with a descriptor
     std::vector<std::vector<float>> routed_rows;  // rows[routes[i].row] for each route
     std::vector<std::uint32_t> slots;
   };
@@ -89,7 +88,6 @@ caf::behavior receiver(caf::event_based_actor* self, tensor_link* link, inbox* b
       if (link->fetch(self, msg))
         return;  // comes back with its rows
       inbox::got got;
-      got.by_pipe_descriptor = msg.flow.id == 1;  // the sender marks what it shipped
       got.routed_rows = routed(msg);
       for (const auto& route : msg.routes)
         got.slots.push_back(route.slot);
@@ -107,7 +105,6 @@ using forge_atom = caf::atom_constant<caf::atom("forge")>;
 caf::behavior sender(caf::event_based_actor* self, tensor_link* link, caf::actor dest) {
   return {
     [self, link, dest](ship_atom, routed_tokens& msg) {
-      msg.flow.id = 1;
       link->ship(self, dest, std::move(msg));
     },
     [self, dest](forge_atom, routed_tokens& msg) { self->send(dest, std::move(msg)); },
@@ -220,7 +217,6 @@ TEST_CASE("tensor_link over pipes: rows cross by descriptor and sequence, bit fo
     CHECK(box.descriptors_seen == 8);
     for (std::size_t i = 0; i < 8; ++i) {
       INFO("message " << i);
-      CHECK(box.messages[i].by_pipe_descriptor);
       CHECK(box.messages[i].routed_rows == want[i]);
       CHECK(box.messages[i].slots == std::vector<std::uint32_t>{100, 101, 102, 103});
     }

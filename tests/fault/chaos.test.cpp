@@ -244,7 +244,7 @@ TEST_CASE("chaos: recoverable message faults change no token and no logit") {
   // The regression seeds first (unless one seed is asked for), then the range.
   std::vector<std::uint64_t> seeds;
   if (!std::getenv("MOERT_CHAOS_SEED"))
-    seeds.assign(std::begin(chaos_regression_seeds), std::end(chaos_regression_seeds));
+    seeds = chaos_regression_seeds;
   for (std::uint64_t seed = first; seed < first + count; ++seed)
     seeds.push_back(seed);
   transport::fault_counts total;
@@ -311,7 +311,7 @@ TEST_CASE("chaos: recoverable message faults change no token and no logit") {
   std::size_t rss_end = resident_kib();
   std::printf("chaos: %zu regression seeds first; %zu actors spawned over all seeds, %zu running and %zu held after "
               "their seed's shutdown; heap in use after seed %zu..%zu: %.1f..%.1f KiB, slope %.3f KiB/seed (bound 1)\n",
-              std::size(chaos_regression_seeds), spawned, leaked_running, leaked_alive, warmup, seeds.size() - 1, double(heap_min) / 1024.0,
+              chaos_regression_seeds.size(), spawned, leaked_running, leaked_alive, warmup, seeds.size() - 1, double(heap_min) / 1024.0,
               double(heap_max) / 1024.0, heap_slope);
   std::printf("chaos: %llu seeds in %.1f s on %zu fixture models; %llu A2E/E2A messages decided: %llu dropped, %llu "
               "duplicated, %llu reordered, %llu delayed; %llu device tasks slowed (%llu seeds with a slow device); "

@@ -6,7 +6,7 @@
 // placement, plan and faults (chaos_config), so a number is the whole test.
 
 #include <cstdint>
+#include <vector>
 
-inline constexpr std::uint64_t chaos_regression_seeds[] = {
-    0,  // placeholder until a seed fails: seed 0 of the range, run once more first
-};
+// None has failed yet (seeds 0..2009 were scanned).
+inline const std::vector<std::uint64_t> chaos_regression_seeds = {};

@@ -3,7 +3,9 @@
 // Tensor bytes between processes over UCX 1.13 tag messaging (tcp, or posix shared memory on
 // one machine). The control plane (CAF) carries a descriptor {tag, bytes}; the bytes travel
 // here. One channel per process: it owns a UCP context, one worker and a thread that drives
-// the worker while transfers are pending (short polls, then event-fd sleeps).
+// the worker while transfers are pending (short polls, then event-fd sleeps). While nothing is
+// pending it sleeps unarmed: an arriving message wakes nobody and waits in UCX until its
+// receive is posted, and that call progresses the worker itself.
 //
 // The caller's thread starts its own transfer: send() and receive_into() call UCX directly
 // (under the channel's lock) instead of handing the request to the channel thread, so a
@@ -124,6 +126,9 @@ public:
 
   std::size_t pool_bytes_in_use() const;
   std::uint64_t send_failures() const;
+  // Times the channel thread came back from sleeping (a wake-up, or its periodic look while
+  // idle, at most every 100 ms): what arrivals and callers cost it. For tests and benches.
+  std::uint64_t thread_wakeups() const;
   const ucx_channel_config& config() const { return config_; }
 
   struct impl;

@@ -90,15 +90,14 @@ tensor_link::pipe_pair tensor_link::pipes_of(const caf::node_id& node) const {
 
 namespace {
 
-// Both message kinds alike: `link` is the caller.
+// Both message kinds alike.
 template <class Message>
 struct pipe_ops {
-  static void send(tensor_link& link, transport::pipe_transport& pipes, transport::pipe_id pipe,
+  static void send(transport::pipe_transport& pipes, transport::pipe_id pipe,
                    caf::event_based_actor* self, const caf::actor& dest, Message msg,
                    std::shared_ptr<const std::vector<std::uint8_t>> bytes, std::atomic<std::uint64_t>& fallbacks,
                    std::atomic<std::uint64_t>& shipped_bytes, std::atomic<std::uint64_t>& shipped_messages,
                    const std::function<void(const std::string&)>& warn) {
-    (void)link;
     auto row_floats = std::uint32_t(msg.rows->row_floats);
     std::size_t size = bytes->size();
     auto sequence = pipe == 0 ? result<std::uint64_t>(make_error(error_code::io_error, "no pipe to that node"))
@@ -128,14 +127,14 @@ struct pipe_ops {
 
 void tensor_link::pipe_send(caf::event_based_actor* self, const caf::actor& dest, routed_tokens msg,
                             std::shared_ptr<const std::vector<std::uint8_t>> bytes) {
-  pipe_ops<routed_tokens>::send(*this, *pipes_, pipes_of(dest.node()).send, self, dest, std::move(msg),
+  pipe_ops<routed_tokens>::send(*pipes_, pipes_of(dest.node()).send, self, dest, std::move(msg),
                                 std::move(bytes), pipe_fallbacks_, bytes_shipped_, messages_shipped_,
                                 [this](const std::string& what) { warn_once(what); });
 }
 
 void tensor_link::pipe_send(caf::event_based_actor* self, const caf::actor& dest, expert_outputs msg,
                             std::shared_ptr<const std::vector<std::uint8_t>> bytes) {
-  pipe_ops<expert_outputs>::send(*this, *pipes_, pipes_of(dest.node()).send, self, dest, std::move(msg),
+  pipe_ops<expert_outputs>::send(*pipes_, pipes_of(dest.node()).send, self, dest, std::move(msg),
                                  std::move(bytes), pipe_fallbacks_, bytes_shipped_, messages_shipped_,
                                  [this](const std::string& what) { warn_once(what); });
 }
@@ -147,15 +146,16 @@ bool fetch_by_pipe(caf::event_based_actor* self, Message& msg, transport::pipe_t
                    transport::pipe_id pipe, const std::function<std::shared_ptr<row_block>(std::size_t, std::size_t)>& acquire,
                    const std::function<void(const std::string&)>& warn) {
   wire_descriptor wire = msg.wire;
-  std::string which = "rows of pipe message " + std::to_string(wire.tag - 1);
+  // Named only when something went wrong: a fetch that works builds no string.
+  auto which = [sequence = wire.tag - 1] { return "rows of pipe message " + std::to_string(sequence); };
   if (pipe == 0) {
-    warn(which + " refused: no pipe from the node that sent them");
+    warn(which() + " refused: no pipe from the node that sent them");
     return true;  // dropped
   }
   std::size_t row_bytes = std::size_t(wire.row_floats) * sizeof(float);
   if (wire.bytes > max_pipe_message_bytes || (row_bytes == 0 && wire.bytes != 0) ||
       (row_bytes != 0 && wire.bytes % row_bytes != 0)) {
-    warn(which + " do not match their descriptor (" + std::to_string(wire.bytes) + " bytes of " +
+    warn(which() + " do not match their descriptor (" + std::to_string(wire.bytes) + " bytes of " +
          std::to_string(wire.row_floats) + "-float rows)");
     return true;
   }
@@ -168,7 +168,7 @@ bool fetch_by_pipe(caf::event_based_actor* self, Message& msg, transport::pipe_t
   // back to the actor with its rows.
   pipes.receive(pipe, wire.tag - 1, dest, wire.bytes, [target, block, parked, num_rows, which, warn](status got) {
     if (!got.ok() || !fits(*parked, num_rows)) {
-      warn(which + " lost: " + (got.ok() ? std::string("they do not match their descriptor") : got.err().message));
+      warn(which() + " lost: " + (got.ok() ? std::string("they do not match their descriptor") : got.err().message));
       return;
     }
     parked->rows = block;

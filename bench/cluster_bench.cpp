@@ -5,7 +5,7 @@
 // that saw the same load (a shared 2-core VM's load moves every figure by 2x or more).
 //
 //   build/bench/moert_bench_cluster [--reps N] [--layers L] [--decode-batch B]
-//                                   [--transports ucx-posix,ucx-tcp,caf]
+//                                   [--transports ucx-posix,ucx-tcp,caf] [--node-threads N]
 //
 // The nodes build the same synthetic model (the bench model of `moert bench`) from its
 // config and seed. For the tensor path alone against ucx_perftest: moert_bench_transport.
@@ -152,7 +152,7 @@ std::vector<double> ratios(const std::vector<double>& cluster, const std::vector
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::size_t reps = 5, layers = 8, batch = 16;
+  std::size_t reps = 5, layers = 8, batch = 16, node_threads = 2;
   std::vector<std::string> transports{"ucx-posix", "ucx-tcp", "caf"};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string arg = argv[i];
@@ -162,6 +162,8 @@ int main(int argc, char** argv) {
       layers = std::stoul(argv[i + 1]);
     else if (arg == "--decode-batch")
       batch = std::stoul(argv[i + 1]);
+    else if (arg == "--node-threads")
+      node_threads = std::max<std::size_t>(1, std::stoul(argv[i + 1]));
     else if (arg == "--transports") {
       transports.clear();
       std::string list = argv[i + 1];
@@ -191,8 +193,9 @@ int main(int argc, char** argv) {
       std::string listen = "127.0.0.1:" + std::to_string(port);
       int quiet = ::open("/dev/null", O_WRONLY);
       ::dup2(quiet, 1);
+      std::string threads = std::to_string(node_threads);
       ::execl(MOERT_BINARY, MOERT_BINARY, "node", "--listen", listen.c_str(), "--secret-file", secret_file.c_str(),
-              nullptr);
+              "--threads", threads.c_str(), nullptr);
       ::_exit(127);
     }
     running.pids.push_back(pid);
@@ -206,15 +209,14 @@ int main(int argc, char** argv) {
   base.expert_devices = 2;
   std::printf("moert cluster bench: %zu-layer bench model (hidden 1024, 32 experts top-4), 1 attention + 2 expert "
               "devices; decode %zu sequences x 16 tokens, prefill 8 x 64 tokens; %zu rounds, each a single-process "
-              "run and then a 3-node run\n",
-              layers, batch, reps);
+              "run and then a 3-node run (after one unmeasured round of each); %zu CAF threads per node\n",
+              layers, batch, reps, node_threads);
   std::printf("load average before: %s\n", load_average().c_str());
   auto single = Engine::create(base);
   if (!single.ok()) {
     std::printf("single process: %s\n", single.err().what().c_str());
     return 1;
   }
-  run_once(**single, 2, 8, 2, 99);  // warm-up
   std::vector<pid_t> self{::getpid()}, cluster_pids{::getpid()};
   cluster_pids.insert(cluster_pids.end(), running.pids.begin(), running.pids.end());
 
@@ -260,8 +262,16 @@ int main(int argc, char** argv) {
       ++failures;
       continue;
     }
-    run_once(**cluster, 2, 8, 2, 99);  // warm-up
     series one, three;
+    {
+      // Warm-up, unmeasured: a whole round of each (first-touch pages of the KV caches and
+      // row pools, UCX's first rendezvous, CAF's first connections), so round 1 is like the rest.
+      series discard;
+      decode_run(**single, batch, 99, self, discard);
+      decode_run(**cluster, batch, 99, cluster_pids, discard);
+      prefill_run(**single, 199, self, discard);
+      prefill_run(**cluster, 199, cluster_pids, discard);
+    }
     // Bytes are counted over the decode runs only: per generated token, what a step costs.
     auto before = (*cluster)->report();
     for (std::size_t r = 0; r < reps; ++r) {
@@ -286,8 +296,8 @@ int main(int argc, char** argv) {
   std::string listed;
   for (const auto& transport : transports)
     listed += (listed.empty() ? "" : ",") + transport;
-  std::printf("\nrepeat: %s --reps %zu --layers %zu --decode-batch %zu --transports %s\n", argv[0], reps, layers, batch,
-              listed.c_str());
+  std::printf("\nrepeat: %s --reps %zu --layers %zu --decode-batch %zu --transports %s --node-threads %zu\n", argv[0],
+              reps, layers, batch, listed.c_str(), node_threads);
   std::filesystem::remove_all(dir);
   return failures ? 1 : 0;
 }

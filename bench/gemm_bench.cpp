@@ -1,6 +1,10 @@
 // moert's batch-invariant matmul against OpenBLAS sgemm on nn.Linear shapes.
 //
-// Usage: gemm_bench [--quick] [--weights f32|bf16|f16]
+// Usage: gemm_bench [--quick] [--weights f32|bf16|f16] [--decode]
+// --decode measures instead the weight bandwidth of decode-shaped products (M = 1..16 rows
+// on the bench checkpoint's shapes), f32 and bf16 weights, each shape's weights copied
+// enough times that a pass streams them from DRAM, not from the 32 MiB L3 (a decode step
+// reads ~300 MB of weights, so nothing it streams is cached either).
 // --weights packs moert's weights in that type (widened in registers; the values are the
 // f32 weights rounded to it, so max_rel then shows the rounding, not a kernel error).
 // GFLOP/s = 2·M·N·K / time; each cell is the median and min–max over repetitions that
@@ -56,6 +60,78 @@ stats measure(const std::function<void()>& fn, double flops, int reps, double mi
   return {rates[rates.size() / 2], rates.front(), rates.back()};
 }
 
+// GB/s of weight bytes: matmul of `m` rows against each of `copies` (≥ 256 MiB in all),
+// cycling, so every call streams its weights from DRAM. `batch` > 1 runs that many copies per
+// matmul_batch call, as a layer's experts run in decode.
+stats decode_bandwidth(moert::dtype type, std::size_t n, std::size_t k, std::size_t m, std::size_t batch,
+                       moert::cpu::thread_pool& pool, int reps, double min_seconds) {
+  moert::rng gen{7};
+  std::vector<std::uint16_t> half(n * k);
+  std::vector<float> w(n * k);
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    w[i] = gen.uniform(-1.0f, 1.0f);
+    std::uint32_t u;
+    std::memcpy(&u, &w[i], sizeof u);
+    half[i] = std::uint16_t(u >> 16);
+  }
+  auto one = type == moert::dtype::f32 ? moert::cpu::packed_matrix::pack(w.data(), n, k)
+                                       : moert::cpu::packed_matrix::pack(type, half.data(), n, k);
+  const std::size_t bytes = one.num_bytes();
+  std::size_t copies = std::max<std::size_t>(batch, (std::size_t{256} << 20) / bytes);
+  copies = (copies + batch - 1) / batch * batch;
+  std::vector<moert::cpu::packed_matrix> ws;
+  for (std::size_t c = 0; c < copies; ++c)
+    ws.push_back(type == moert::dtype::f32 ? moert::cpu::packed_matrix::pack(w.data(), n, k)
+                                           : moert::cpu::packed_matrix::pack(type, half.data(), n, k));
+  std::vector<float> x(batch * m * k), y(batch * m * n);
+  for (float& v : x)
+    v = gen.uniform(-1.0f, 1.0f);
+  std::size_t next = 0;
+  std::vector<moert::cpu::matmul_entry> entries(batch);
+  auto fn = [&] {
+    if (batch == 1) {
+      moert::cpu::matmul(x.data(), m, ws[next], y.data(), &pool);
+    } else {
+      for (std::size_t i = 0; i < batch; ++i)
+        entries[i] = {&ws[next + i], x.data() + i * m * k, m, y.data() + i * m * n};
+      moert::cpu::matmul_batch(entries, &pool);
+    }
+    next = (next + batch) % copies;
+  };
+  // measure() reports G-units per second of its second argument: here GB of weights.
+  return measure(fn, double(bytes * batch), reps, min_seconds);
+}
+
+int run_decode(int reps, double min_seconds) {
+  std::printf("# GB/s of weight bytes streamed (weights cycled over >= 256 MiB, from DRAM), median [min-max]\n");
+  std::printf("# DRAM read limit (../shared/reference/platform.md 5.4): ~33 GB/s on 1 thread, ~60 GB/s on 2\n");
+  std::printf("%-18s %5s %5s %5s     %-17s %-17s %-17s %-17s\n", "shape", "N", "K", "M", "f32 1 thread",
+              "f32 2 threads", "bf16 1 thread", "bf16 2 threads");
+  struct shape {
+    const char* name;
+    std::size_t n, k, batch;
+  };
+  const shape shapes[] = {{"q, o, gate+up", 1024, 1024, 1},
+                          {"expert down", 1024, 512, 1},
+                          {"4 experts gate+up", 1024, 1024, 4},
+                          {"4 experts down", 1024, 512, 4},
+                          {"logits", 4096, 1024, 1}};
+  moert::cpu::thread_pool pools[] = {moert::cpu::thread_pool{1}, moert::cpu::thread_pool{2}};
+  for (const shape& s : shapes) {
+    for (std::size_t m : {1, 2, 4, 16}) {
+      std::printf("%-18s %5zu %5zu %5zu    ", s.name, s.n, s.k, m);
+      for (moert::dtype type : {moert::dtype::f32, moert::dtype::bf16})
+        for (auto& pool : pools) {
+          stats st = decode_bandwidth(type, s.n, s.k, m, s.batch, pool, reps, min_seconds);
+          std::printf(" %5.1f [%4.1f-%4.1f]", st.median, st.min, st.max);
+          std::fflush(stdout);
+        }
+      std::printf("\n");
+    }
+  }
+  return 0;
+}
+
 std::string cell(const stats& s) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%6.1f [%5.1f-%5.1f]", s.median, s.min, s.max);
@@ -65,18 +141,20 @@ std::string cell(const stats& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, decode = false;
   moert::dtype weight_type = moert::dtype::f32;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--decode") == 0) {
+      decode = true;
     } else if (std::strcmp(argv[i], "--weights") == 0 && i + 1 < argc &&
                (std::strcmp(argv[i + 1], "f32") == 0 || std::strcmp(argv[i + 1], "bf16") == 0 ||
                 std::strcmp(argv[i + 1], "f16") == 0)) {
       std::string t = argv[++i];
       weight_type = t == "f32" ? moert::dtype::f32 : t == "bf16" ? moert::dtype::bf16 : moert::dtype::f16;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--weights f32|bf16|f16]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--weights f32|bf16|f16] [--decode]\n", argv[0]);
       return 2;
     }
   }
@@ -94,6 +172,8 @@ int main(int argc, char** argv) {
   std::printf("\n# moert kernel: %s, %s weights   openblas core: %s   reps: %d x >= %.2f s\n",
               moert::cpu::matmul_kernel_name(), std::string{moert::safetensors_name(weight_type)}.c_str(),
               openblas_get_corename(), reps, min_seconds);
+  if (decode)
+    return run_decode(reps, min_seconds);
   std::printf("# GFLOP/s = 2*M*N*K/time, median [min-max]; max_rel = max|moert-blas|/max|blas|\n");
   std::printf("%5s %5s %5s %3s  %-22s %-22s %6s %8s\n", "M", "K", "N", "thr", "moert", "openblas",
               "ratio", "max_rel");

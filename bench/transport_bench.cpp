@@ -1,14 +1,23 @@
 // The tensor path between two processes: moert's UCX channel (transport/ucx_channel) against
 // ucx_perftest on the same machine, same transport and sizes, in one run.
 //
-//   build/bench/moert_bench_transport [--transport tcp|posix|both] [--reps N]
+//   build/bench/moert_bench_transport [--transport tcp|posix|both] [--reps N] [--pattern polled|callback|both]
 //
 // Latency is one-way (half the ping-pong round trip, p50 over the iterations); bandwidth
-// streams `window` messages in flight. The channel's figures include what every real
-// transfer pays: the completion callback on the channel thread. Each repetition runs moert's
-// pair of processes and then ucx_perftest's, size by size, so both see the same moment's load;
-// the table gives the median and the best of the repetitions, and the ratio of the medians
-// (the load average is printed before and after: on a shared 2-core VM it moves everything).
+// streams `window` messages in flight. Two patterns of moert's channel are measured:
+//   polled:   each process's own thread drives UCX (ucx_channel::poll) and receives into its
+//             own buffer, as ucx_perftest's tag_lat / tag_bw do (one thread, busy polling). A
+//             message that is already here when its receive is posted completes inside
+//             receive_into: that is tensor_link's usual case (the bytes beat their CAF
+//             descriptor), so this is the channel's own cost, like for like with perftest.
+//   callback: completions run on the channel thread and are handed to a thread that sleeps on
+//             a future (receive into a pool buffer): what a receive that had to wait costs,
+//             two thread wake-ups per message on top of UCX.
+// Neither includes the CAF descriptor hop (88-300 us between processes, platform.md §2.5):
+// moert_bench_cluster measures the whole path. Each repetition runs moert's pair of processes
+// and then ucx_perftest's, size by size, so both see the same moment's load; the table gives the
+// median and the best of the repetitions, and the ratio of the medians (the load average is
+// printed before and after: on a shared 2-core VM it moves everything).
 
 #include "bench/bench_support.hpp"
 #include "transport/ucx_channel.hpp"
@@ -19,6 +28,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -99,8 +109,128 @@ struct plan {
 constexpr std::array<plan, 3> plans{{{4096, 2000, 4000}, {65536, 1000, 2000}, {1 << 20, 300, 600}}};
 constexpr std::size_t window = 16;
 
-// The echo side: mirrors every latency message, swallows the bandwidth stream.
-int run_echo(ucx_transport transport, int to_parent, int from_parent) {
+// Which of the two patterns (see the top of this file) a run measures.
+struct patterns {
+  bool callback = true;
+  bool polled = true;
+};
+
+using byte_buffer = std::shared_ptr<std::vector<std::uint8_t>>;
+
+// Receives `dest->size()` bytes for `tag` into `dest`, driving the channel from this thread
+// until they are here (the channel's deadline ends every receive, so this ends too).
+bool polled_receive(ucx_channel& channel, peer_id peer, std::uint64_t tag, const byte_buffer& dest,
+                    std::chrono::milliseconds timeout = std::chrono::milliseconds{0}) {
+  auto flag = std::make_shared<std::atomic<int>>(0);  // 0 pending, 1 received, 2 failed
+  auto now = channel.receive_into(
+      peer, tag, dest->data(), dest->size(), dest, [flag](status s) { flag->store(s.ok() ? 1 : 2); }, timeout);
+  if (!now.ok())
+    return false;
+  if (*now)
+    return true;
+  while (flag->load(std::memory_order_acquire) == 0)
+    channel.poll();
+  return flag->load() == 1;
+}
+
+// The echo side of the polled pattern: receives each latency message into one of two buffers
+// of its own and sends it back from there; receives the stream with 2 x window receives posted.
+int echo_polled(ucx_channel& channel, peer_id parent, const plan& p, std::uint64_t& tag) {
+  std::array<byte_buffer, 2> buffers{std::make_shared<std::vector<std::uint8_t>>(p.bytes),
+                                     std::make_shared<std::vector<std::uint8_t>>(p.bytes)};
+  for (std::size_t i = 0; i < p.latency_iterations; ++i, ++tag) {
+    const auto& buffer = buffers[i % 2];
+    if (!polled_receive(channel, parent, tag, buffer))
+      return 1;
+    channel.send(parent, tag, buffer->data(), buffer->size(), buffer, {});
+  }
+  std::size_t slots = window * 2;
+  std::vector<byte_buffer> ring;
+  std::vector<std::shared_ptr<std::atomic<int>>> flags(slots);
+  for (std::size_t i = 0; i < slots; ++i)
+    ring.push_back(std::make_shared<std::vector<std::uint8_t>>(p.bytes));
+  std::uint64_t first = tag;
+  auto post = [&](std::size_t k) {
+    auto flag = std::make_shared<std::atomic<int>>(0);
+    flags[k % slots] = flag;
+    const auto& buffer = ring[k % slots];
+    auto now = channel.receive_into(parent, first + k, buffer->data(), p.bytes, buffer,
+                                    [flag](status s) { flag->store(s.ok() ? 1 : 2); });
+    if (!now.ok() || *now)
+      flag->store(now.ok() ? 1 : 2);
+  };
+  std::size_t posted = 0, failed = 0;
+  for (; posted < std::min(slots, p.bandwidth_messages); ++posted)
+    post(posted);
+  for (std::size_t done = 0; done < p.bandwidth_messages;) {
+    int state = flags[done % slots]->load(std::memory_order_acquire);
+    if (state == 0) {
+      channel.poll();
+      continue;
+    }
+    failed += state == 2 ? 1 : 0;
+    ++done;
+    if (posted < p.bandwidth_messages)
+      post(posted++);
+  }
+  tag += p.bandwidth_messages;
+  if (failed)
+    return 1;
+  auto ack = std::make_shared<const std::vector<std::uint8_t>>(1, 1);
+  channel.send(parent, done_tag, ack->data(), ack->size(), ack, {});
+  return 0;
+}
+
+// The echo side of the callback pattern: mirrors every latency message, swallows the stream.
+int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint64_t& tag) {
+  for (std::size_t i = 0; i < p.latency_iterations; ++i, ++tag) {
+    auto got = receive_and_wait(channel, parent, tag, p.bytes);
+    if (!got.ok())
+      return 1;
+    // Echo from the received pool buffer itself: no copy.
+    std::promise<status> sent;
+    auto echoed = sent.get_future();
+    channel.send(parent, tag, got->data(), got->size(), got->storage(), [&](status s) { sent.set_value(std::move(s)); });
+    if (!echoed.get().ok())
+      return 1;
+  }
+  // Keep 2 x `window` receives posted ahead of the stream.
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::size_t received = 0, failed = 0;
+  std::size_t posted = 0;
+  std::uint64_t first = tag;
+  auto post = [&](std::uint64_t t) {
+    channel.receive(parent, t, p.bytes, [&](result<received_buffer> r) {
+      std::lock_guard<std::mutex> guard{mutex};
+      ++received;
+      failed += r.ok() ? 0 : 1;
+      changed.notify_all();
+    });
+  };
+  for (; posted < std::min(window * 2, p.bandwidth_messages); ++posted)
+    post(first + posted);
+  {
+    std::unique_lock<std::mutex> lock{mutex};
+    while (received < p.bandwidth_messages) {
+      std::size_t seen = received;
+      if (!changed.wait_for(lock, std::chrono::seconds{30}, [&] { return received != seen; }))
+        return 1;  // the stream stalled
+      while (posted < p.bandwidth_messages && posted < received + window * 2) {
+        lock.unlock();
+        post(first + posted++);
+        lock.lock();
+      }
+    }
+  }
+  tag += p.bandwidth_messages;
+  if (failed)
+    return 1;
+  auto ack = std::make_shared<const std::vector<std::uint8_t>>(1, 1);
+  return send_and_wait(channel, parent, done_tag, ack).ok() ? 0 : 1;
+}
+
+int run_echo(ucx_transport transport, patterns which, int to_parent, int from_parent) {
   auto made = ucx_channel::create({.transport = transport, .pool_bytes = std::size_t{64} << 20});
   if (!made.ok()) {
     std::fprintf(stderr, "echo: %s\n", made.err().what().c_str());
@@ -113,51 +243,9 @@ int run_echo(ucx_transport transport, int to_parent, int from_parent) {
     return 1;
   std::uint64_t tag = 0;
   for (const auto& p : plans) {
-    for (std::size_t i = 0; i < p.latency_iterations; ++i, ++tag) {
-      auto got = receive_and_wait(channel, *parent, tag, p.bytes);
-      if (!got.ok())
-        return 1;
-      // Echo from the received pool buffer itself: no copy.
-      std::promise<status> sent;
-      auto echoed = sent.get_future();
-      channel.send(*parent, tag, got->data(), got->size(), got->storage(), [&](status s) { sent.set_value(std::move(s)); });
-      if (!echoed.get().ok())
-        return 1;
-    }
-    // Keep `window` receives posted ahead of the stream.
-    std::mutex mutex;
-    std::condition_variable changed;
-    std::size_t received = 0, failed = 0;
-    std::size_t posted = 0;
-    std::uint64_t first = tag;
-    auto post = [&](std::uint64_t t) {
-      channel.receive(*parent, t, p.bytes, [&](result<received_buffer> r) {
-        std::lock_guard<std::mutex> guard{mutex};
-        ++received;
-        failed += r.ok() ? 0 : 1;
-        changed.notify_all();
-      });
-    };
-    for (; posted < std::min(window * 2, p.bandwidth_messages); ++posted)
-      post(first + posted);
-    {
-      std::unique_lock<std::mutex> lock{mutex};
-      while (received < p.bandwidth_messages) {
-        std::size_t seen = received;
-        if (!changed.wait_for(lock, std::chrono::seconds{30}, [&] { return received != seen; }))
-          return 1;  // the stream stalled
-        while (posted < p.bandwidth_messages && posted < received + window * 2) {
-          lock.unlock();
-          post(first + posted++);
-          lock.lock();
-        }
-      }
-    }
-    tag += p.bandwidth_messages;
-    if (failed)
+    if (which.callback && echo_callback(channel, *parent, p, tag) != 0)
       return 1;
-    auto ack = std::make_shared<const std::vector<std::uint8_t>>(1, 1);
-    if (!send_and_wait(channel, *parent, done_tag, ack).ok())
+    if (which.polled && echo_polled(channel, *parent, p, tag) != 0)
       return 1;
   }
   return 0;
@@ -167,8 +255,130 @@ struct figures {
   double latency_us = 0;     // one-way, p50
   double bandwidth_mib = 0;  // MiB/s
 };
+struct size_figures {
+  figures callback, polled;
+};
 
-std::vector<figures> run_driver(ucx_transport transport) {
+bool report_mismatch(const received_buffer& got, const std::vector<std::uint8_t>& payload, std::size_t i) {
+  if (std::equal(got.bytes().begin(), got.bytes().end(), payload.begin(), payload.end()))
+    return false;
+  std::fprintf(stderr, "latency: echo differs at %zu bytes, iteration %zu\n", payload.size(), i);
+  return true;
+}
+
+// The driver's half of the callback pattern; false when the echo failed (the sides are out of
+// step then).
+bool drive_callback(ucx_channel& channel, peer_id echo, const plan& p, const byte_buffer& payload, std::uint64_t& tag,
+                    figures& f) {
+  std::vector<double> one_way;
+  for (std::size_t i = 0; i < p.latency_iterations; ++i, ++tag) {
+    auto start = clock_type::now();
+    std::promise<result<received_buffer>> back;
+    auto future = back.get_future();
+    channel.receive(echo, tag, p.bytes, [&](result<received_buffer> r) { back.set_value(std::move(r)); });
+    (void)send_and_wait(channel, echo, tag, payload);
+    auto got = future.get();
+    auto rtt = std::chrono::duration<double, std::micro>(clock_type::now() - start).count();
+    if (!got.ok()) {
+      std::fprintf(stderr, "latency (callback): %s at %zu bytes, iteration %zu\n", got.err().message.c_str(), p.bytes, i);
+      return false;
+    }
+    if (report_mismatch(*got, *payload, i))
+      return false;
+    one_way.push_back(rtt / 2);
+  }
+  std::sort(one_way.begin(), one_way.end());
+  f.latency_us = one_way.empty() ? 0 : one_way[one_way.size() / 2];
+
+  std::promise<result<received_buffer>> acked;
+  auto ack = acked.get_future();
+  channel.receive(echo, done_tag, 1, [&](result<received_buffer> r) { acked.set_value(std::move(r)); },
+                  std::chrono::milliseconds{60000});
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::size_t in_flight = 0;
+  auto start = clock_type::now();
+  for (std::size_t i = 0; i < p.bandwidth_messages; ++i) {
+    {
+      std::unique_lock<std::mutex> lock{mutex};
+      changed.wait(lock, [&] { return in_flight < window; });
+      ++in_flight;
+    }
+    channel.send(echo, tag + i, payload, [&](status) {
+      std::lock_guard<std::mutex> guard{mutex};
+      --in_flight;
+      changed.notify_all();
+    });
+  }
+  auto done = ack.get();
+  auto seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+  {
+    // The send callbacks use `mutex` and `in_flight`: all of them before they go.
+    std::unique_lock<std::mutex> lock{mutex};
+    changed.wait_for(lock, std::chrono::seconds{10}, [&] { return in_flight == 0; });
+  }
+  tag += p.bandwidth_messages;
+  if (done.ok())
+    f.bandwidth_mib = static_cast<double>(p.bytes) * p.bandwidth_messages / seconds / (1 << 20);
+  return true;
+}
+
+// The driver's half of the polled pattern.
+bool drive_polled(ucx_channel& channel, peer_id echo, const plan& p, const byte_buffer& payload, std::uint64_t& tag,
+                  figures& f) {
+  auto back = std::make_shared<std::vector<std::uint8_t>>(p.bytes);
+  std::vector<double> one_way;
+  for (std::size_t i = 0; i < p.latency_iterations; ++i, ++tag) {
+    auto start = clock_type::now();
+    auto flag = std::make_shared<std::atomic<int>>(0);
+    auto now = channel.receive_into(echo, tag, back->data(), p.bytes, back,
+                                    [flag](status s) { flag->store(s.ok() ? 1 : 2); });
+    channel.send(echo, tag, payload->data(), payload->size(), payload, {});
+    bool ok = now.ok();
+    if (ok && !*now) {
+      while (flag->load(std::memory_order_acquire) == 0)
+        channel.poll();
+      ok = flag->load() == 1;
+    }
+    auto rtt = std::chrono::duration<double, std::micro>(clock_type::now() - start).count();
+    if (!ok || *back != *payload) {
+      std::fprintf(stderr, "latency (polled): echo %s at %zu bytes, iteration %zu\n", ok ? "differs" : "failed",
+                   p.bytes, i);
+      return false;
+    }
+    one_way.push_back(rtt / 2);
+  }
+  std::sort(one_way.begin(), one_way.end());
+  f.latency_us = one_way.empty() ? 0 : one_way[one_way.size() / 2];
+
+  auto ack = std::make_shared<std::vector<std::uint8_t>>(1);
+  auto acked = std::make_shared<std::atomic<int>>(0);
+  auto posted = channel.receive_into(echo, done_tag, ack->data(), 1, ack,
+                                     [acked](status s) { acked->store(s.ok() ? 1 : 2); }, std::chrono::milliseconds{60000});
+  if (!posted.ok())
+    return false;
+  if (*posted)
+    acked->store(1);
+  auto in_flight = std::make_shared<std::atomic<std::size_t>>(0);
+  auto start = clock_type::now();
+  for (std::size_t i = 0; i < p.bandwidth_messages; ++i) {
+    while (in_flight->load(std::memory_order_acquire) >= window)
+      channel.poll();
+    in_flight->fetch_add(1);
+    channel.send(echo, tag + i, payload->data(), payload->size(), payload, [in_flight](status) { in_flight->fetch_sub(1); });
+  }
+  while (acked->load(std::memory_order_acquire) == 0)
+    channel.poll();
+  auto seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+  while (in_flight->load(std::memory_order_acquire) != 0)  // every send has a deadline
+    channel.poll();
+  tag += p.bandwidth_messages;
+  if (acked->load() == 1)
+    f.bandwidth_mib = static_cast<double>(p.bytes) * p.bandwidth_messages / seconds / (1 << 20);
+  return true;
+}
+
+std::vector<size_figures> run_driver(ucx_transport transport, patterns which) {
   int up[2], down[2];
   if (::pipe(up) != 0 || ::pipe(down) != 0)
     return {};
@@ -176,11 +386,11 @@ std::vector<figures> run_driver(ucx_transport transport) {
   if (child == 0) {
     ::close(up[0]);
     ::close(down[1]);
-    ::_exit(run_echo(transport, up[1], down[0]));
+    ::_exit(run_echo(transport, which, up[1], down[0]));
   }
   ::close(up[1]);
   ::close(down[0]);
-  std::vector<figures> out;
+  std::vector<size_figures> out;
   auto made = ucx_channel::create({.transport = transport, .pool_bytes = std::size_t{64} << 20});
   if (made.ok()) {
     auto& channel = **made;
@@ -191,58 +401,14 @@ std::vector<figures> run_driver(ucx_transport transport) {
       auto payload = std::make_shared<std::vector<std::uint8_t>>(p.bytes);
       for (std::size_t i = 0; i < p.bytes; ++i)
         (*payload)[i] = static_cast<std::uint8_t>(i * 7);
-      std::vector<double> one_way;
-      for (std::size_t i = 0; i < p.latency_iterations; ++i, ++tag) {
-        auto start = clock_type::now();
-        std::promise<result<received_buffer>> back;
-        auto future = back.get_future();
-        channel.receive(*echo, tag, p.bytes, [&](result<received_buffer> r) { back.set_value(std::move(r)); });
-        (void)send_and_wait(channel, *echo, tag, payload);
-        auto got = future.get();
-        auto rtt = std::chrono::duration<double, std::micro>(clock_type::now() - start).count();
-        if (!got.ok() || !std::equal(got->bytes().begin(), got->bytes().end(), payload->begin(), payload->end())) {
-          std::fprintf(stderr, "latency: echo %s at %zu bytes, iteration %zu\n",
-                       got.ok() ? "differs" : got.err().message.c_str(), p.bytes, i);
-          ::kill(child, SIGKILL);  // the two sides are out of step now
-          ::waitpid(child, nullptr, 0);
-          return out;
-        }
-        one_way.push_back(rtt / 2);
+      size_figures f;
+      bool ok = echo.ok() && (!which.callback || drive_callback(channel, *echo, p, payload, tag, f.callback)) &&
+                (!which.polled || drive_polled(channel, *echo, p, payload, tag, f.polled));
+      if (!ok) {
+        ::kill(child, SIGKILL);  // the two sides are out of step now
+        ::waitpid(child, nullptr, 0);
+        return out;
       }
-      std::sort(one_way.begin(), one_way.end());
-      figures f;
-      f.latency_us = one_way.empty() ? 0 : one_way[one_way.size() / 2];
-
-      std::promise<result<received_buffer>> acked;
-      auto ack = acked.get_future();
-      channel.receive(*echo, done_tag, 1, [&](result<received_buffer> r) { acked.set_value(std::move(r)); },
-                      std::chrono::milliseconds{60000});
-      std::mutex mutex;
-      std::condition_variable changed;
-      std::size_t in_flight = 0;
-      auto start = clock_type::now();
-      for (std::size_t i = 0; i < p.bandwidth_messages; ++i) {
-        {
-          std::unique_lock<std::mutex> lock{mutex};
-          changed.wait(lock, [&] { return in_flight < window; });
-          ++in_flight;
-        }
-        channel.send(*echo, tag + i, payload, [&](status) {
-          std::lock_guard<std::mutex> guard{mutex};
-          --in_flight;
-          changed.notify_all();
-        });
-      }
-      auto done = ack.get();
-      auto seconds = std::chrono::duration<double>(clock_type::now() - start).count();
-      {
-        // The send callbacks use `mutex` and `in_flight`: all of them before they go.
-        std::unique_lock<std::mutex> lock{mutex};
-        changed.wait_for(lock, std::chrono::seconds{10}, [&] { return in_flight == 0; });
-      }
-      tag += p.bandwidth_messages;
-      if (done.ok())
-        f.bandwidth_mib = static_cast<double>(p.bytes) * p.bandwidth_messages / seconds / (1 << 20);
       out.push_back(f);
     }
   }
@@ -289,70 +455,100 @@ std::vector<double> perftest_final(const std::string& test, ucx_transport transp
 int main(int argc, char** argv) {
   std::vector<ucx_transport> transports{ucx_transport::posix, ucx_transport::tcp};
   std::size_t reps = 5;
+  patterns which;
+  std::string pattern_arg = "both";
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--transport" && i + 1 < argc) {
-      std::string which = argv[++i];
-      if (which == "tcp")
+      std::string value = argv[++i];
+      if (value == "tcp")
         transports = {ucx_transport::tcp};
-      else if (which == "posix")
+      else if (value == "posix")
         transports = {ucx_transport::posix};
-      else if (which != "both") {
-        std::fprintf(stderr, "--transport '%s': expected tcp, posix or both\n", which.c_str());
+      else if (value != "both") {
+        std::fprintf(stderr, "--transport '%s': expected tcp, posix or both\n", value.c_str());
+        return 2;
+      }
+    } else if (arg == "--pattern" && i + 1 < argc) {
+      pattern_arg = argv[++i];
+      if (pattern_arg == "polled")
+        which.callback = false;
+      else if (pattern_arg == "callback")
+        which.polled = false;
+      else if (pattern_arg != "both") {
+        std::fprintf(stderr, "--pattern '%s': expected polled, callback or both\n", pattern_arg.c_str());
         return 2;
       }
     } else if (arg == "--reps" && i + 1 < argc) {
       reps = std::max<std::size_t>(1, std::strtoul(argv[++i], nullptr, 10));
     } else if (arg == "--help" || arg == "-h") {
-      std::printf("usage: %s [--transport tcp|posix|both] [--reps N]\n", argv[0]);
+      std::printf("usage: %s [--transport tcp|posix|both] [--reps N] [--pattern polled|callback|both]\n", argv[0]);
       return 0;
     } else {
       std::fprintf(stderr, "unknown option %s (see --help)\n", arg.c_str());
       return 2;
     }
   }
+  ucx_channel_config defaults;
   std::printf("moert transport bench: moert's UCX channel between two processes vs ucx_perftest, %zu repetitions "
               "(median / best), bandwidth window %zu\n",
               reps, window);
+  std::printf("moert's channel: UCX_TLS=<transport>, RNDV_THRESH=%zu (eager below), PROTO_ENABLE=y; ucx_perftest: "
+              "UCX_TLS=<transport>, UCX's defaults, tag_lat / tag_bw, one busy-polling thread per process\n",
+              defaults.eager_limit_bytes);
+  std::printf("polled: moert's caller drives UCX itself (perftest's pattern; tensor_link's when the bytes beat the "
+              "descriptor); callback: completion on the channel thread, handed to a sleeping thread. Neither "
+              "includes the CAF descriptor hop.\n");
   std::printf("load average before: %s\n", load_average().c_str());
-  std::printf("%-10s %8s | %17s %17s | %19s %19s | %5s %5s\n", "transport", "bytes", "lat moert", "lat perftest",
-              "bw moert", "bw perftest", "ratio", "ratio");
-  std::printf("%-10s %8s | %17s %17s | %19s %19s | %5s %5s\n", "", "", "us one-way med/bst", "us one-way med/bst",
-              "MiB/s med/best", "MiB/s med/best", "med", "best");
+  std::printf("%-10s %8s %-8s | %17s %17s | %19s %19s | %5s %5s\n", "transport", "bytes", "pattern", "lat moert",
+              "lat perftest", "bw moert", "bw perftest", "ratio", "ratio");
+  std::printf("%-10s %8s %-8s | %17s %17s | %19s %19s | %5s %5s\n", "", "", "", "us one-way med/bst",
+              "us one-way med/bst", "MiB/s med/best", "MiB/s med/best", "med", "best");
   int port = 13400 + static_cast<int>(::getpid() % 500) * 8;
   for (auto transport : transports) {
-    std::vector<std::vector<double>> our_lat(plans.size()), our_bw(plans.size()), their_lat(plans.size()),
-        their_bw(plans.size());
+    struct samples {
+      std::vector<double> latency, bandwidth;
+    };
+    std::vector<samples> callback(plans.size()), polled(plans.size()), theirs(plans.size());
     for (std::size_t r = 0; r < reps; ++r) {
-      auto ours = run_driver(transport);
+      auto ours = run_driver(transport, which);
       for (std::size_t i = 0; i < plans.size(); ++i) {
         const auto& p = plans[i];
         if (i < ours.size()) {
-          our_lat[i].push_back(ours[i].latency_us);
-          our_bw[i].push_back(ours[i].bandwidth_mib);
+          callback[i].latency.push_back(ours[i].callback.latency_us);
+          callback[i].bandwidth.push_back(ours[i].callback.bandwidth_mib);
+          polled[i].latency.push_back(ours[i].polled.latency_us);
+          polled[i].bandwidth.push_back(ours[i].polled.bandwidth_mib);
         }
         auto lat = perftest_final("tag_lat", transport, p.bytes, p.latency_iterations, port++);
         auto bw = perftest_final("tag_bw", transport, p.bytes, p.bandwidth_messages, port++);
         if (lat.size() >= 2)
-          their_lat[i].push_back(lat[1]);
+          theirs[i].latency.push_back(lat[1]);
         if (bw.size() >= 6)
-          their_bw[i].push_back(bw[5]);
+          theirs[i].bandwidth.push_back(bw[5]);
         if (port > 60000)
           port = 13400;
       }
     }
+    auto print = [&](std::size_t i, const char* name, const samples& ours) {
+      double our_bw = median(ours.bandwidth), their_bw = median(theirs[i].bandwidth);
+      double our_best = best(ours.bandwidth, false), their_best = best(theirs[i].bandwidth, false);
+      std::printf("%-10s %8zu %-8s | %8.2f %8.2f %8.2f %8.2f | %9.0f %9.0f %9.0f %9.0f | %5.2f %5.2f\n",
+                  to_string(transport), plans[i].bytes, name, median(ours.latency), best(ours.latency, true),
+                  median(theirs[i].latency), best(theirs[i].latency, true), our_bw, our_best, their_bw, their_best,
+                  their_bw > 0 ? our_bw / their_bw : 0.0, their_best > 0 ? our_best / their_best : 0.0);
+    };
     for (std::size_t i = 0; i < plans.size(); ++i) {
-      double ours = median(our_bw[i]), theirs = median(their_bw[i]);
-      double our_best = best(our_bw[i], false), their_best = best(their_bw[i], false);
-      std::printf("%-10s %8zu | %8.2f %8.2f %8.2f %8.2f | %9.0f %9.0f %9.0f %9.0f | %5.2f %5.2f\n", to_string(transport),
-                  plans[i].bytes, median(our_lat[i]), best(our_lat[i], true), median(their_lat[i]),
-                  best(their_lat[i], true), ours, our_best, theirs, their_best, theirs > 0 ? ours / theirs : 0.0,
-                  their_best > 0 ? our_best / their_best : 0.0);
+      if (which.polled)
+        print(i, "polled", polled[i]);
+      if (which.callback)
+        print(i, "callback", callback[i]);
     }
   }
   std::printf("load average after: %s\n", load_average().c_str());
-  std::printf("\nrepeat: %s --reps %zu%s\n", argv[0], reps,
+  std::printf("\nrepeat: %s --reps %zu%s --pattern %s\n", argv[0], reps,
               transports.size() == 1 ? (transports[0] == ucx_transport::tcp ? " --transport tcp" : " --transport posix")
-                                     : "");
+                                     : "",
+              pattern_arg.c_str());
   return 0;
 }

@@ -4,9 +4,13 @@
 
 #include <poll.h>
 #include <pthread.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <list>
 #include <map>
 #include <mutex>
@@ -101,14 +105,16 @@ struct ucx_channel::impl {
   ucx_channel_config config;
   ucp_context_h context = nullptr;
   ucp_worker_h worker = nullptr;
-  int event_fd = -1;
+  int event_fd = -1;  // UCX's: readable on network events once the worker is armed
+  int wake_fd = -1;   // ours: callers and the destructor wake the channel thread through it
   std::shared_ptr<pool_state> pool = std::make_shared<pool_state>();
   std::atomic<std::uint64_t> send_failures{0};
+  std::atomic<std::uint64_t> wakeups{0};
   std::thread thread;
 
   std::mutex mutex;
   bool stopping = false;
-  bool sleeping = false;  // the channel thread armed the worker and waits on event_fd
+  bool sleeping = false;  // the channel thread waits on wake_fd (and on event_fd if it armed)
   std::unordered_map<peer_id, ucp_ep_h> endpoints;
   peer_id next_peer = 1;
   std::list<operation> ops;
@@ -119,6 +125,7 @@ struct ucx_channel::impl {
   operation* inline_op = nullptr;  // the receive being started in a caller's call
 
   static constexpr std::chrono::microseconds spin_window{2000};
+  static constexpr int progress_per_turn = 16;
 
   // tcp's peer-failure handler: the peer's process is gone or unreachable.
   static void on_endpoint_error(void* arg, ucp_ep_h, ucs_status_t status) {
@@ -144,8 +151,13 @@ struct ucx_channel::impl {
   void wake_if_needed() {
     if (sleeping && (!ready.empty() || !ops.empty())) {
       sleeping = false;
-      ucp_worker_signal(worker);
+      signal_thread();
     }
+  }
+
+  void signal_thread() {
+    std::uint64_t one = 1;
+    (void)!::write(wake_fd, &one, sizeof one);  // a full counter is a pending wake-up already
   }
 
   void report(operation& op, status outcome) {
@@ -215,8 +227,11 @@ struct ucx_channel::impl {
                              receive_into_done done, clock::time_point deadline) {
     if (auto failed = failed_peers.find(peer); failed != failed_peers.end())
       return make_error(error_code::io_error, failed->second);
-    // Bytes that arrived since the channel thread last looked are matched now, in this call.
-    ucp_worker_progress(worker);
+    // Bytes that arrived since the channel thread last looked are matched now, in this call
+    // (the thread does not wake for arrivals while nothing is pending). A few calls: one
+    // takes a bounded number of shared-memory fragments.
+    for (int turn = 0; turn < progress_per_turn && ucp_worker_progress(worker) != 0; ++turn) {
+    }
     auto& op = ops.emplace_back();
     op.owner = this;
     op.peer = peer;
@@ -299,13 +314,16 @@ struct ucx_channel::impl {
   void run() {
     for (;;) {
       std::vector<std::function<void()>> callbacks;
-      bool stop = false, spin = false, sleep = false;
+      bool stop = false, spin = false, sleep = false, armed = false;
       auto wait = std::chrono::milliseconds{0};
       {
         std::lock_guard<std::mutex> guard{mutex};
         sleeping = false;
-        bool progressed = false;
-        while (ucp_worker_progress(worker) != 0)
+        // A bounded number of progress calls per turn: a rendezvous stream progresses for as
+        // long as fragments keep coming, and a caller that waits for the lock to post the
+        // next send or receive would let the stream run dry.
+        bool progressed = false, more = false;
+        for (int turn = 0; turn < progress_per_turn && (more = ucp_worker_progress(worker) != 0); ++turn)
           progressed = true;
         auto now = clock::now();
         if (progressed)
@@ -318,10 +336,18 @@ struct ucx_channel::impl {
           // several progress calls on both sides), so while transfers are pending the thread
           // polls for a short while (2 ms) before it sleeps: the core is spent only when
           // bytes are moving, and the next message of a burst does not pay a wake-up.
-          if (!ops.empty() && now - last_progress < spin_window)
+          if (more)
+            spin = true;  // the yield lets a caller waiting for the lock have it
+          else if (!ops.empty() && now - last_progress < spin_window)
             spin = true;
-          else if (ucp_worker_arm(worker) == UCS_OK)
+          else if (ops.empty()) {
+            // Nothing pending: a message that arrives now waits in UCX until its receive is
+            // posted, and that call progresses the worker itself. Unarmed, an arrival costs
+            // no wake-up here and no signal at the sender (posix signals armed peers only).
             sleep = sleeping = true;
+            armed = false;
+          } else if (ucp_worker_arm(worker) == UCS_OK)
+            sleep = sleeping = armed = true;
         }
       }
       for (auto& callback : callbacks)
@@ -331,8 +357,12 @@ struct ucx_channel::impl {
       if (spin)
         std::this_thread::yield();
       else if (sleep) {
-        pollfd fd{event_fd, POLLIN, 0};
-        ::poll(&fd, 1, static_cast<int>(wait.count()));
+        pollfd fds[2] = {{wake_fd, POLLIN, 0}, {event_fd, POLLIN, 0}};
+        ::poll(fds, armed ? 2 : 1, static_cast<int>(wait.count()));
+        ++wakeups;
+        std::uint64_t count = 0;
+        if (fds[0].revents & POLLIN)
+          (void)!::read(wake_fd, &count, sizeof count);
       }
     }
     // Shutting down: fail what is pending, let UCX finish or cancel, then free.
@@ -363,9 +393,11 @@ struct ucx_channel::impl {
         std::lock_guard<std::mutex> guard{mutex};
         stopping = true;
       }
-      ucp_worker_signal(worker);
+      signal_thread();
       thread.join();
     }
+    if (wake_fd >= 0)
+      ::close(wake_fd);
     for (auto& [peer, endpoint] : endpoints) {
       ucp_request_param_t param{};
       param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -427,6 +459,9 @@ result<std::unique_ptr<ucx_channel>> ucx_channel::create(ucx_channel_config conf
     return ucx_error("worker", status);
   if (status = ucp_worker_get_efd(state->worker, &state->event_fd); status != UCS_OK)
     return ucx_error("worker event fd", status);
+  state->wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (state->wake_fd < 0)
+    return make_error(error_code::io_error, std::string("UCX channel: eventfd: ") + std::strerror(errno));
 
   ucp_address_t* address = nullptr;
   std::size_t address_length = 0;
@@ -551,6 +586,20 @@ void ucx_channel::receive(peer_id peer, std::uint64_t tag, std::size_t bytes, re
     later([deliver]() mutable { deliver(status::success()); });
 }
 
+std::size_t ucx_channel::poll() {
+  auto* state = impl_.get();
+  std::vector<std::function<void()>> callbacks;
+  {
+    std::lock_guard<std::mutex> guard{state->mutex};
+    for (int turn = 0; turn < impl::progress_per_turn && ucp_worker_progress(state->worker) != 0; ++turn)
+      state->last_progress = clock::now();
+    callbacks.swap(state->ready);
+  }
+  for (auto& callback : callbacks)
+    callback();
+  return callbacks.size();
+}
+
 void ucx_channel::cancel_peer(peer_id peer, std::string reason) {
   auto* state = impl_.get();
   std::lock_guard<std::mutex> guard{state->mutex};
@@ -565,5 +614,7 @@ std::size_t ucx_channel::pool_bytes_in_use() const {
 }
 
 std::uint64_t ucx_channel::send_failures() const { return impl_->send_failures; }
+
+std::uint64_t ucx_channel::thread_wakeups() const { return impl_->wakeups; }
 
 }  // namespace moert::transport

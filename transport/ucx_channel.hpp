@@ -3,7 +3,9 @@
 // Tensor bytes between processes over UCX 1.13 tag messaging (tcp, or posix shared memory on
 // one machine). The control plane (CAF) carries a descriptor {tag, bytes}; the bytes travel
 // here. One channel per process: it owns a UCP context, one worker and a thread that drives
-// the worker while transfers are pending (short polls, then event-fd sleeps).
+// the worker while transfers are pending (short polls, then event-fd sleeps). While nothing is
+// pending it sleeps unarmed: an arriving message wakes nobody and waits in UCX until its
+// receive is posted, and that call progresses the worker itself.
 //
 // The caller's thread starts its own transfer: send() and receive_into() call UCX directly
 // (under the channel's lock) instead of handing the request to the channel thread, so a
@@ -20,7 +22,8 @@
 // buffers, at most eager_limit_bytes each; larger ones wait as a rendezvous header only.
 //
 // Thread safety: every public member may be called from any thread. Callbacks run on the
-// channel's thread, never inside the caller's call; keep them short (post a CAF message).
+// channel's thread (or inside poll(), for a caller that polls), never inside send() or a
+// receive call; keep them short (post a CAF message).
 
 #include "core/error.hpp"
 
@@ -112,11 +115,20 @@ public:
   // (`done` is not called). A short or long message is an error, never a partial buffer.
   result<bool> receive_into(peer_id peer, std::uint64_t tag, void* dest, std::size_t size, std::shared_ptr<void> keep,
                             receive_into_done done, std::chrono::milliseconds timeout = std::chrono::milliseconds{0});
+  // Drives UCX from the calling thread (a few progress calls) and runs, on this thread, the
+  // callbacks that are ready; returns how many ran. For a caller with nothing else to do
+  // while it waits (moert_bench_transport's polled figures, the pattern of ucx_perftest);
+  // actors never call it, the channel thread does the same for them. Deadlines are still
+  // enforced by the channel thread only.
+  std::size_t poll();
   // Fails every pending send and receive with `peer` (its node was found dead).
   void cancel_peer(peer_id peer, std::string reason);
 
   std::size_t pool_bytes_in_use() const;
   std::uint64_t send_failures() const;
+  // Times the channel thread came back from sleeping (a wake-up, or its periodic look while
+  // idle, at most every 100 ms): what arrivals and callers cost it. For tests and benches.
+  std::uint64_t thread_wakeups() const;
   const ucx_channel_config& config() const { return config_; }
 
   struct impl;

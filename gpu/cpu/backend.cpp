@@ -24,6 +24,26 @@ const packed_matrix& packed_of(const gpu::matrix& m) {
   return static_cast<const cpu_matrix*>(s)->packed();
 }
 
+namespace {
+
+// Attention tasks are (row, query head) pairs, task = row · num_heads + head. Calls
+// fn(row, head_begin, head_end, scores) for each row's run of heads in [begin, end), with
+// `scores` room for that row's positions.
+template <class attend_fn>
+void for_row_heads(std::span<const gpu::kv_rows> rows, std::size_t num_heads, std::size_t begin, std::size_t end,
+                   attend_fn fn) {
+  std::vector<float> scores;
+  for (std::size_t task = begin; task < end;) {
+    std::size_t t = task / num_heads, h = task % num_heads;
+    std::size_t h_end = std::min(num_heads, h + (end - task));
+    scores.resize(rows[t].num_positions);
+    fn(t, h, h_end, scores.data());
+    task += h_end - h;
+  }
+}
+
+}  // namespace
+
 cpu_backend::cpu_backend(std::size_t num_threads) {
   if (num_threads > 1) {
     owned_pool_ = std::make_unique<thread_pool>(num_threads);
@@ -127,16 +147,11 @@ void cpu_backend::attention(const float* q, std::span<const gpu::kv_rows> rows_h
   // thread too. A head's result never depends on the split (attend_heads), so the bits are
   // those of the serial loop.
   auto attend_pairs = [&](std::size_t begin, std::size_t end) {
-    std::vector<float> scores;
-    for (std::size_t task = begin; task < end;) {
-      std::size_t t = task / s.num_heads, h = task % s.num_heads;
-      std::size_t h_end = std::min(s.num_heads, h + (end - task));
+    for_row_heads(rows_host, s.num_heads, begin, end, [&](std::size_t t, std::size_t h, std::size_t h_end, float* scores) {
       const gpu::kv_rows& kv = rows_host[t];
-      scores.resize(kv.num_positions);
       attend_heads(q + t * q_dim, kv.keys, kv.values, s.kv_stride, kv.num_positions, s.num_heads, s.num_kv_heads,
-                   s.head_dim, s.scale, h, h_end, scores.data(), out + t * q_dim);
-      task += h_end - h;
-    }
+                   s.head_dim, s.scale, h, h_end, scores, out + t * q_dim);
+    });
   };
   std::size_t work = 0;  // scalar loops: a multiply-add here costs ~32 of the matmul's
   for (const gpu::kv_rows& kv : rows_host)
@@ -147,16 +162,11 @@ void cpu_backend::attention(const float* q, std::span<const gpu::kv_rows> rows_h
 void cpu_backend::mla_attention(const float* q, std::span<const gpu::kv_rows> rows_host, const gpu::mla_shape& s,
                                 float* out) {
   auto attend_pairs = [&](std::size_t begin, std::size_t end) {  // as attention(): (row, head) tasks
-    std::vector<float> scores;
-    for (std::size_t task = begin; task < end;) {
-      std::size_t t = task / s.num_heads, h = task % s.num_heads;
-      std::size_t h_end = std::min(s.num_heads, h + (end - task));
+    for_row_heads(rows_host, s.num_heads, begin, end, [&](std::size_t t, std::size_t h, std::size_t h_end, float* scores) {
       const gpu::kv_rows& kv = rows_host[t];
-      scores.resize(kv.num_positions);
       attend_shared_row_heads(q + t * s.num_heads * s.key_dim, kv.keys, s.row_stride, kv.num_positions, s.key_dim,
-                              s.value_dim, s.scale, h, h_end, scores.data(), out + t * s.num_heads * s.value_dim);
-      task += h_end - h;
-    }
+                              s.value_dim, s.scale, h, h_end, scores, out + t * s.num_heads * s.value_dim);
+    });
   };
   std::size_t work = 0;  // as attention()
   for (const gpu::kv_rows& kv : rows_host)

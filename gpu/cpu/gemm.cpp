@@ -19,9 +19,9 @@ namespace moert::cpu {
 namespace {
 
 constexpr std::size_t pw = packed_matrix::panel_width;
-// Panels per parallel_for task. Kernels group 1-4 panels per register tile, so a thread's
-// range ends in at most one narrower tile; finer tasks would balance little better.
-constexpr std::size_t task_panels = 4;
+// A weight element read from memory costs about as much time as this many multiply-adds
+// (one core: ~5 G floats/s of DRAM bandwidth against ~40 G multiply-adds/s of AVX2 fma).
+constexpr std::size_t weight_stream_rows = 8;
 
 gemm_kernel best_supported() {
   if (gemm_kernel_supported(gemm_kernel::avx512))
@@ -195,61 +195,55 @@ void matmul_panels_scalar(const gemm_args& a, std::size_t panel_begin, std::size
   }
 }
 
+matmul_plan::matmul_plan(std::span<const matmul_entry> batch) {
+  entries_.reserve(batch.size());
+  for (const matmul_entry& e : batch) {
+    if (e.num_rows == 0 || e.w->rows() == 0)
+      continue;
+    const gemm_args args{e.x, e.num_rows, e.w->cols() == 0 ? nullptr : e.w->panel(0), e.w->type(), e.w->cols(),
+                         e.w->rows(), e.y};
+    const std::size_t cost = e.num_rows + weight_stream_rows;
+    entries_.push_back({args, units_, e.w->num_panels(), cost});
+    units_ += e.w->num_panels() * cost;
+    work_ += matmul_work(e.num_rows, e.w->rows(), e.w->cols());
+  }
+}
+
+namespace {
+
+using panels_fn = void (*)(const gemm_args&, std::size_t, std::size_t);
+
+panels_fn panels_of(gemm_kernel kernel) {
+  return kernel == gemm_kernel::avx512 ? &matmul_panels_avx512
+         : kernel == gemm_kernel::avx2 ? &matmul_panels_avx2
+                                       : &matmul_panels_scalar;
+}
+
+// matmul() of every entry with `kernel`, as one parallel_for over the plan's cost units.
+void run_entries(gemm_kernel kernel, std::span<const matmul_entry> batch, thread_pool* pool) {
+  panels_fn run = panels_of(kernel);
+  const matmul_plan plan{batch};
+  if (plan.units() == 0)
+    return;
+  parallel_for_if_worth(pool, plan.work(), plan.units(), [&](std::size_t begin, std::size_t end) {
+    plan.for_each_in(begin, end, [&](const gemm_args& a, std::size_t p0, std::size_t p1) { run(a, p0, p1); });
+  });
+}
+
+}  // namespace
+
 void matmul_with(gemm_kernel kernel, const float* x, std::size_t num_rows,
                  const packed_matrix& w, float* y, thread_pool* pool) {
-  if (num_rows == 0 || w.rows() == 0)
-    return;
-  auto* run = kernel == gemm_kernel::avx512 ? &matmul_panels_avx512
-              : kernel == gemm_kernel::avx2 ? &matmul_panels_avx2
-                                            : &matmul_panels_scalar;
-  const gemm_args args{x, num_rows, w.cols() == 0 ? nullptr : w.panel(0), w.type(), w.cols(), w.rows(), y};
-  const std::size_t panels = w.num_panels();
-  const std::size_t tasks = (panels + task_panels - 1) / task_panels;
-  auto body = [&](std::size_t begin, std::size_t end) {
-    std::size_t panel_end = end * task_panels < panels ? end * task_panels : panels;
-    run(args, begin * task_panels, panel_end);
-  };
-  parallel_for_if_worth(pool, matmul_work(num_rows, w.rows(), w.cols()), tasks, body);
+  const matmul_entry one{&w, x, num_rows, y};
+  run_entries(kernel, {&one, 1}, pool);
 }
 
 std::size_t matmul_work(std::size_t num_rows, std::size_t n, std::size_t k) {
-  // A weight element read from memory costs about as much time as this many multiply-adds
-  // (one core: ~5 G floats/s of DRAM bandwidth against ~40 G multiply-adds/s of AVX2 fma).
-  constexpr std::size_t weight_stream_rows = 8;
   return (num_rows + weight_stream_rows) * n * k;
 }
 
 void matmul_batch(std::span<const matmul_entry> batch, thread_pool* pool) {
-  gemm_kernel kernel = selected_gemm_kernel();
-  auto* run = kernel == gemm_kernel::avx512 ? &matmul_panels_avx512
-              : kernel == gemm_kernel::avx2 ? &matmul_panels_avx2
-                                            : &matmul_panels_scalar;
-  // Tasks of all entries one after another; first_task[i] is entry i's first.
-  std::vector<gemm_args> args;
-  std::vector<std::size_t> first_task;
-  std::size_t tasks = 0, work = 0;
-  for (const matmul_entry& e : batch) {
-    if (e.num_rows == 0 || e.w->rows() == 0)
-      continue;
-    args.push_back({e.x, e.num_rows, e.w->cols() == 0 ? nullptr : e.w->panel(0), e.w->type(), e.w->cols(),
-                    e.w->rows(), e.y});
-    first_task.push_back(tasks);
-    tasks += (e.w->num_panels() + task_panels - 1) / task_panels;
-    work += matmul_work(e.num_rows, e.w->rows(), e.w->cols());
-  }
-  first_task.push_back(tasks);
-  auto body = [&](std::size_t begin, std::size_t end) {
-    // The entry holding task `begin`, then each entry's share of [begin, end).
-    std::size_t i = std::size_t(std::upper_bound(first_task.begin(), first_task.end(), begin) - first_task.begin()) - 1;
-    for (; i < args.size() && first_task[i] < end; ++i) {
-      const gemm_args& a = args[i];
-      std::size_t panels = (a.n + pw - 1) / pw;
-      std::size_t t0 = std::max(begin, first_task[i]) - first_task[i];
-      std::size_t t1 = std::min(end, first_task[i + 1]) - first_task[i];
-      run(a, t0 * task_panels, std::min(t1 * task_panels, panels));
-    }
-  };
-  parallel_for_if_worth(pool, work, tasks, body);
+  run_entries(selected_gemm_kernel(), batch, pool);
 }
 
 void matmul(const float* x, std::size_t num_rows, const packed_matrix& w, float* y,

@@ -74,7 +74,14 @@ struct avx2 {
     }
     const float* x = t.x;
     const welem* w = static_cast<const welem*>(t.w);
+    const welem* pf = static_cast<const welem*>(t.prefetch);
+    std::size_t next_pf = pf != nullptr ? t.prefetch_phase : ~std::size_t{0};
     for (std::size_t k = 0; k < t.k_count; ++k, ++x, w += pw) {
+      if (k == next_pf) {
+        for (std::size_t j = 0; j < t.prefetch_panels; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(pf + j * t.panel_stride + k * pw), _MM_HINT_T1);
+        next_pf += t.prefetch_every;
+      }
       __m256 b[halves];
       if constexpr (swizzled) {
         const __m256i zero = _mm256_setzero_si256();

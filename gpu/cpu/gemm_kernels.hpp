@@ -16,7 +16,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace moert::cpu {
 
@@ -51,6 +54,66 @@ struct gemm_args {
   float* y;
 };
 
+// How matmul() and matmul_batch() split entries over a pool: one parallel_for over cost units.
+// Entry i's panels lie end to end, each `cost` units long (its rows plus the weight-streaming
+// term of matmul_work), so the pool's equal-count ranges give each thread about equal work even
+// when a batch's experts hold very different numbers of rows. A range owns the panels that
+// start in it: each panel runs in exactly one range, and a y element's bits never depend on
+// which. Entries with no rows or no outputs are dropped. Used by gemm.cpp and tests only, never
+// by the ISA units (its inline members are compiled without their -m flags).
+class matmul_plan {
+public:
+  explicit matmul_plan(std::span<const matmul_entry> batch);
+
+  std::size_t units() const { return units_; }
+  // matmul_work of the whole batch, for parallel_for_if_worth.
+  std::size_t work() const { return work_; }
+  std::size_t num_entries() const { return entries_.size(); }
+  // The cost of one panel of entry i, in units.
+  std::size_t panel_cost(std::size_t i) const { return entries_[i].cost; }
+
+  // fn(args, panel_begin, panel_end, entry) for each entry's panels starting in units [begin, end).
+  template <class panels_fn>
+  void for_each_in(std::size_t begin, std::size_t end, panels_fn fn) const {
+    // The first entry ending after `begin`, then each entry starting before `end`.
+    std::size_t lo = 0, hi = entries_.size();
+    while (lo < hi) {
+      std::size_t mid = (lo + hi) / 2;
+      const entry& e = entries_[mid];
+      if (e.first_unit + e.panels * e.cost <= begin)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    for (std::size_t i = lo; i < entries_.size() && entries_[i].first_unit < end; ++i) {
+      const entry& e = entries_[i];
+      auto first_panel_at = [&](std::size_t u) {  // first panel starting at or after unit u
+        std::size_t rel = u > e.first_unit ? u - e.first_unit : 0;
+        std::size_t p = (rel + e.cost - 1) / e.cost;
+        return p < e.panels ? p : e.panels;
+      };
+      std::size_t p0 = first_panel_at(begin), p1 = first_panel_at(end);
+      if (p0 < p1)
+        call(fn, e.args, p0, p1, i);
+    }
+  }
+
+private:
+  struct entry {
+    gemm_args args;
+    std::size_t first_unit, panels, cost;
+  };
+  template <class panels_fn>
+  static void call(panels_fn& fn, const gemm_args& a, std::size_t p0, std::size_t p1, std::size_t i) {
+    if constexpr (std::is_invocable_v<panels_fn&, const gemm_args&, std::size_t, std::size_t, std::size_t>)
+      fn(a, p0, p1, i);
+    else
+      fn(a, p0, p1);
+  }
+  std::vector<entry> entries_;
+  std::size_t units_ = 0, work_ = 0;
+};
+
 void matmul_panels_scalar(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end);
 void matmul_panels_avx2(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end);
 void matmul_panels_avx512(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end);
@@ -66,6 +129,11 @@ struct gemm_tile {
   std::size_t y_stride;      // floats between rows of y
   std::size_t last_cols;     // valid columns of the last panel, 1..16
   bool resume;               // continue the chains from y instead of +0.0f
+  // Weights the next panel group reads (same k offset, panel_stride apart), or null. A tile
+  // may prefetch their rows k = prefetch_phase, prefetch_phase + prefetch_every, … so that
+  // the group's row tiles between them pull the next panels from DRAM while they compute.
+  const void* prefetch;
+  std::size_t prefetch_panels, prefetch_phase, prefetch_every;
 };
 
 // Calls isa::tile<rows, panels, welem>(t) for run-time rows ≤ isa::max_rows,
@@ -93,7 +161,12 @@ template <class isa, class welem>
 void run_panel_tiles(const gemm_args& a, std::size_t panel_begin, std::size_t panel_end) {
   constexpr std::size_t pw = packed_matrix::panel_width;
   const std::size_t num_rows = a.num_rows, k_total = a.k, n_total = a.n;
-  const std::size_t first_rows = num_rows < isa::max_rows ? num_rows : isa::max_rows;
+  if (num_rows == 0)
+    return;
+  // Rows split into the fewest tiles of ≤ max_rows, as even as possible: a tile of 1-3 rows has
+  // too few chains to hide the fma latency, so 32 rows run as 6,6,5,5,5,5, not 6,6,6,6,6,2.
+  const std::size_t row_tiles = (num_rows + isa::max_rows - 1) / isa::max_rows;
+  const std::size_t first_rows = (num_rows + row_tiles - 1) / row_tiles;  // the largest tile
   const std::size_t group = isa::panels_for(first_rows);
   const std::size_t k_block = isa::k_block(num_rows);
   for (std::size_t k0 = 0; k0 == 0 || k0 < k_total; k0 += k_block) {
@@ -109,11 +182,23 @@ void run_panel_tiles(const gemm_args& a, std::size_t panel_begin, std::size_t pa
       t.y_stride = n_total;
       t.last_cols = n_total - last_col0 < pw ? n_total - last_col0 : pw;
       t.resume = k0 != 0;
-      for (std::size_t m = 0; m < num_rows; m += isa::max_rows) {
-        const std::size_t rows = num_rows - m < isa::max_rows ? num_rows - m : isa::max_rows;
+      // With several row tiles per group the weights are compute-bound from L2 after the first
+      // tile, which alone would stream them from DRAM; spread that over all of them instead.
+      // One tile of 4-6 rows gains from fetching the next group while it computes too (avx2, 1
+      // thread, weights from DRAM: 6 rows 245-293 -> 205-238 us per 1024 x 1024); 1-3 rows are
+      // bound by the stream itself, and there it cost up to 15 %.
+      const std::size_t next = p + panels;
+      t.prefetch = num_rows >= 4 && next < panel_end ? static_cast<const welem*>(a.w) + (next * k_total + k0) * pw
+                                                    : nullptr;
+      t.prefetch_panels = next >= panel_end ? 0 : panel_end - next < group ? panel_end - next : group;
+      t.prefetch_every = row_tiles;
+      for (std::size_t tile = 0, m = 0; tile < row_tiles; ++tile) {
+        const std::size_t rows = num_rows / row_tiles + (tile < num_rows % row_tiles ? 1 : 0);
+        t.prefetch_phase = tile;
         t.x = a.x + m * k_total + k0;
         t.y = a.y + m * n_total + p * pw;
         dispatch_tile<isa, welem>(rows, panels, t);
+        m += rows;
       }
     }
   }

@@ -94,3 +94,48 @@ TEST_CASE("MLA attention on 1-4 threads gives the serial loop's bits") {
     }
   }
 }
+
+namespace {
+
+// attend()'s definition, one position at a time: each score a chain of product-then-add over
+// d from +0.0f, softmax, then each output lane a chain over positions. The kernel interleaves
+// positions and vectorizes lanes; this is what its bits must stay (this file is compiled with
+// -ffp-contract=off, like the backend, so no product is fused into its add here either).
+void attend_by_definition(const float* q, const float* keys, const float* values, std::size_t stride,
+                          std::size_t positions, std::size_t heads, std::size_t kv_heads, std::size_t dim,
+                          float scale, float* out) {
+  std::vector<float> scores(positions);
+  for (std::size_t h = 0; h < heads; ++h) {
+    const std::size_t kv = (h / (heads / kv_heads)) * dim;
+    for (std::size_t p = 0; p < positions; ++p) {
+      float dot = 0.0f;
+      for (std::size_t d = 0; d < dim; ++d)
+        dot += q[h * dim + d] * keys[p * stride + kv + d];
+      scores[p] = dot * scale;
+    }
+    cpu::softmax(scores.data(), positions);
+    for (std::size_t d = 0; d < dim; ++d) {
+      float acc = 0.0f;
+      for (std::size_t p = 0; p < positions; ++p)
+        acc += scores[p] * values[p * stride + kv + d];
+      out[h * dim + d] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("attend gives the bits of its position-by-position definition, any length") {
+  const std::size_t heads = 4, kv_heads = 2, head_dim = 64, q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
+  const float scale = 0.125f;
+  for (std::size_t positions : {1, 7, 8, 9, 16, 23, 130}) {
+    INFO(positions << " positions");
+    case_data c = make_case({positions}, q_dim, kv_dim, 77 + positions);
+    std::vector<float> expected(q_dim), out(q_dim, -1.0f), scores(positions);
+    attend_by_definition(c.q.data(), c.keys.data(), c.values.data(), kv_dim, positions, heads, kv_heads, head_dim,
+                         scale, expected.data());
+    cpu::attend(c.q.data(), c.keys.data(), c.values.data(), kv_dim, positions, heads, kv_heads, head_dim, scale,
+                scores.data(), out.data());
+    CHECK(out == expected);
+  }
+}

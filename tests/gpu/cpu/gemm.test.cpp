@@ -5,6 +5,7 @@
 #include "gpu/cpu/gemm_kernels.hpp"
 #include "gpu/cpu/thread_pool.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <span>
@@ -211,6 +212,40 @@ TEST_CASE("matmul_batch gives each entry the bits of its own matmul, with one po
       INFO("entry " << i << " threads " << (pool ? pool->num_threads() : 1));
       REQUIRE(same_bits(got[i].data(), want[i].data(), want[i].size()));
     }
+  }
+}
+
+TEST_CASE("matmul_batch splits a batch by work, not by panel count, and runs every panel once", "[gemm]") {
+  // One busy expert and seven with a row each, as a prefill's routing often gives: by panel
+  // count the first thread would get the busy expert and more (~9x the other's work).
+  const std::size_t k = 8;
+  std::vector<packed_matrix> weights;
+  std::vector<matmul_entry> batch;
+  std::vector<float> x(64 * k), y(64 * 1024);
+  for (std::size_t i = 0; i < 8; ++i) {
+    weights.push_back(packed_matrix::pack(random_floats(1024 * k, 50 + i).data(), 1024, k));
+    batch.push_back({&weights[i], x.data(), i == 0 ? 64u : 1u, y.data()});
+  }
+  batch.push_back({&weights[0], x.data(), 0, y.data()});  // no rows: dropped
+  const matmul_plan plan{batch};
+  REQUIRE(plan.num_entries() == 8);
+  for (std::size_t threads : {1, 2, 3, 5}) {
+    INFO(threads << " threads");
+    // thread_pool's split: contiguous ranges, sizes differing by at most one.
+    std::vector<std::size_t> runs(8 * 64, 0), work(threads, 0);
+    std::size_t base = plan.units() / threads, extra = plan.units() % threads, begin = 0;
+    for (std::size_t t = 0; t < threads; ++t) {
+      std::size_t end = begin + base + (t < extra ? 1 : 0);
+      plan.for_each_in(begin, end, [&](const gemm_args&, std::size_t p0, std::size_t p1, std::size_t entry) {
+        for (std::size_t p = p0; p < p1; ++p)
+          ++runs[entry * 64 + p];
+        work[t] += (p1 - p0) * plan.panel_cost(entry);
+      });
+      begin = end;
+    }
+    CHECK(std::all_of(runs.begin(), runs.end(), [](std::size_t n) { return n == 1; }));
+    auto [lo, hi] = std::minmax_element(work.begin(), work.end());
+    CHECK(*hi - *lo <= plan.panel_cost(0));  // within one panel of the busiest entry
   }
 }
 

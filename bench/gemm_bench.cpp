@@ -102,9 +102,52 @@ stats decode_bandwidth(moert::dtype type, std::size_t n, std::size_t k, std::siz
   return measure(fn, double(bytes * batch), reps, min_seconds);
 }
 
+// Sum of p[0, count) in 32-byte lanes with four independent sums, so several loads are in
+// flight; cloned for AVX2 (the kernels' ISA), picked at load time where the CPU has it.
+typedef std::uint64_t read_lane __attribute__((vector_size(32)));
+__attribute__((target_clones("avx2", "default"))) std::uint64_t sum_lanes(const read_lane* p, std::size_t count) {
+  read_lane s0{}, s1{}, s2{}, s3{};
+  for (std::size_t i = 0; i < count; i += 4) {
+    s0 += p[i];
+    s1 += p[i + 1];
+    s2 += p[i + 2];
+    s3 += p[i + 3];
+  }
+  read_lane s = s0 + s1 + s2 + s3;
+  return s[0] + s[1] + s[2] + s[3];
+}
+
+// GB/s of a plain read of 512 MiB (summed, so nothing is optimised away), split over the
+// pool's threads: what DRAM gives this machine, the ceiling of every cell below.
+stats dram_read_bandwidth(moert::cpu::thread_pool& pool, int reps) {
+  const std::size_t lanes = (std::size_t{512} << 20) / sizeof(read_lane);
+  std::vector<read_lane> data(lanes, read_lane{1, 1, 1, 1});  // written once: pages resident
+  const std::size_t tasks = pool.num_threads(), per_task = lanes / tasks / 4 * 4;
+  std::vector<std::uint64_t> sums(tasks);
+  auto fn = [&] {
+    pool.parallel_for(tasks, [&](std::size_t begin, std::size_t end) {
+      for (std::size_t t = begin; t < end; ++t) {
+        const read_lane* p = data.data() + per_task * t;
+        sums[t] = sum_lanes(p, per_task);
+      }
+    });
+  };
+  stats st = measure(fn, double(tasks * per_task * sizeof(read_lane)), reps, 0.0);
+  for (std::uint64_t s : sums)
+    if (s != 4 * per_task)
+      std::fprintf(stderr, "dram_read_bandwidth: wrong sum %llu\n", (unsigned long long)s);
+  return st;
+}
+
 int run_decode(int reps, double min_seconds) {
   std::printf("# GB/s of weight bytes streamed (weights cycled over >= 256 MiB, from DRAM), median [min-max]\n");
-  std::printf("# DRAM read limit (../shared/reference/platform.md 5.4): ~33 GB/s on 1 thread, ~60 GB/s on 2\n");
+  {
+    moert::cpu::thread_pool one{1}, two{2};
+    stats r1 = dram_read_bandwidth(one, reps), r2 = dram_read_bandwidth(two, reps);
+    std::printf("# DRAM read on this machine (512 MiB, summed): %.1f [%.1f-%.1f] GB/s on 1 thread, "
+                "%.1f [%.1f-%.1f] on 2\n",
+                r1.median, r1.min, r1.max, r2.median, r2.min, r2.max);
+  }
   std::printf("%-18s %5s %5s %5s     %-17s %-17s %-17s %-17s\n", "shape", "N", "K", "M", "f32 1 thread",
               "f32 2 threads", "bf16 1 thread", "bf16 2 threads");
   struct shape {

@@ -1,4 +1,5 @@
 #include "actors/attention_shard.hpp"
+#include "actors/completion.hpp"
 #include "actors/fault_seam.hpp"
 #include "actors/mailbox_size.hpp"
 #include "actors/tensor_link.hpp"
@@ -291,8 +292,8 @@ void attention_shard::run_attention(std::size_t mb_idx) {
                                     backend);
                   if (normed_dev)
                     backend.download(normed->data.data(), normed_out, normed->data.size() * sizeof(float));
-                  backend.when_done([self, step, mb_idx] {
-                    caf::anon_send(self, attention_done_atom::value, step, std::uint32_t(mb_idx));
+                  backend.when_done([self, step, mb_idx, dev = device_] {
+                    send_completion(*dev, self, attention_done_atom::value, step, std::uint32_t(mb_idx));
                   });
                 },
                 exit_on_error());
@@ -334,8 +335,8 @@ void attention_shard::run_side(std::size_t mb_idx) {
                     gpu::backend& backend) {
                   model::side_ffn_step(ctx_->config, weights(), layer, normed, mb.tokens.size(), mb.side.floats(),
                                        backend);
-                  backend.when_done([self, step, mb_idx] {
-                    caf::anon_send(self, side_done_atom::value, step, std::uint32_t(mb_idx));
+                  backend.when_done([self, step, mb_idx, dev = device_] {
+                    send_completion(*dev, self, side_done_atom::value, step, std::uint32_t(mb_idx));
                   });
                 },
                 exit_on_error());
@@ -536,7 +537,7 @@ void attention_shard::run_final(std::size_t mb_idx) {
         per_sequence[s].assign(next, next + count);
       next += count;
     }
-    caf::anon_send(self, final_done_atom::value, step, std::uint32_t(mb_idx), std::move(tokens),
+    send_completion(*device_, self, final_done_atom::value, step, std::uint32_t(mb_idx), std::move(tokens),
                    std::move(per_sequence), std::move(logprobs));
   }, exit_on_error());
 }

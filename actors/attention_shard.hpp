@@ -20,7 +20,8 @@
 
 namespace moert::actors {
 
-class attention_shard : public caf::event_based_actor {
+// device_runnable (actors/device.hpp): its handlers may run on a device thread.
+class attention_shard : public caf::event_based_actor, public device_runnable {
 public:
   // `queues[d]` is the mu_queue of expert device d; `ingress` hears when a request ends.
   attention_shard(caf::actor_config& cfg, const runtime_context* ctx, std::uint32_t shard_idx,

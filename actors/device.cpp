@@ -4,11 +4,40 @@
 
 #include "gpu/registry.hpp"
 
+#include <caf/actor_system.hpp>
+#include <caf/execution_unit.hpp>
+#include <caf/logger.hpp>
+#include <caf/resumable.hpp>
+#include <caf/scheduler/abstract_coordinator.hpp>
+#include <caf/scheduler/test_coordinator.hpp>
+
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 
 namespace moert::actors {
+
+namespace {
+
+// Messages one inline activation may take (CAF's workers take every queued one by default):
+// a mailbox that stays full goes back into the ready list behind the others.
+constexpr std::size_t inline_throughput = 64;
+// Activations in a row while a task waits: the device's own work is not starved by actors
+// that keep messaging each other.
+constexpr std::size_t max_inline_resumes = 256;
+
+}  // namespace
+
+class device::actor_unit final : public caf::execution_unit {
+public:
+  actor_unit(caf::actor_system& system, device& owner) : caf::execution_unit(&system), owner_(owner) {}
+  // Any thread: the device thread, a pool thread that ran a concurrent task, or an actor that
+  // runs here sending on. Thread-safe, unlike what the base class asks of a CAF worker.
+  void exec_later(caf::resumable* job) override { owner_.schedule_actor(job); }
+
+private:
+  device& owner_;
+};
 
 device::device(std::string name, std::size_t num_threads, trace_recorder* trace)
     : name_(std::move(name)),
@@ -48,6 +77,74 @@ device::~device() {
   thread_.join();
 }
 
+caf::execution_unit* device::completion_unit(caf::actor_system& system) {
+  std::lock_guard<std::mutex> guard{mutex_};
+  if (!actors_inline_)
+    return nullptr;
+  if (!unit_) {
+    if (dynamic_cast<caf::scheduler::test_coordinator*>(&system.scheduler()) != nullptr)
+      return nullptr;
+    unit_ = std::make_unique<actor_unit>(system, *this);
+  }
+  return &unit_->system() == &system ? unit_.get() : nullptr;
+}
+
+void device::set_actors_inline(bool on) {
+  std::lock_guard<std::mutex> guard{mutex_};
+  actors_inline_ = on;
+}
+
+std::uint64_t device::inline_resumes() const {
+  std::lock_guard<std::mutex> guard{mutex_};
+  return inline_resumes_;
+}
+
+void device::schedule_actor(caf::resumable* job) {
+  bool here = dynamic_cast<device_runnable*>(job) != nullptr && job->subtype() == caf::resumable::scheduled_actor;
+  if (here) {
+    std::lock_guard<std::mutex> guard{mutex_};
+    here = !stopped_;
+    if (here)
+      ready_.push_back(job);
+  }
+  if (here)
+    wake_.notify_one();
+  else
+    unit_->system().scheduler().enqueue(job);  // what CAF does for a send without a unit
+}
+
+void device::run_ready_actors(std::unique_lock<std::mutex>& lock) {
+  std::size_t resumed = 0;
+  while (!ready_.empty() && (resumed < max_inline_resumes || queue_.empty())) {
+    caf::resumable* job = ready_.front();
+    ready_.pop_front();
+    ++inline_resumes_;
+    ++resumed;
+    running_task_ = true;  // drain() waits for actors that may still post
+    lock.unlock();
+    auto start = std::chrono::steady_clock::now();
+    switch (job->resume(unit_.get(), inline_throughput)) {
+      case caf::resumable::resume_later:
+        lock.lock();
+        ready_.push_back(job);  // keeps its reference
+        lock.unlock();
+        break;
+      case caf::resumable::done:
+      case caf::resumable::awaiting_message:
+      case caf::resumable::shutdown_execution_unit:
+        caf::intrusive_ptr_release(job);
+        break;
+    }
+    // A spawn or scoped_actor made here would pin CAF's logger to this thread, and the device
+    // outlives the actor system (engine.cpp, caller_thread_release): drop that reference.
+    if (caf::logger::current_logger() != nullptr)
+      caf::logger::set_current_actor_system(nullptr);
+    if (trace_)
+      trace_->slice(name_ + " actors", "actor", start, std::chrono::steady_clock::now());
+    lock.lock();
+  }
+}
+
 void device::enqueue(posted p) {
   {
     std::lock_guard<std::mutex> guard{mutex_};
@@ -66,7 +163,7 @@ void device::post_concurrent(std::string label, task work, error_handler on_erro
 
 bool device::drain(std::chrono::milliseconds limit) {
   std::unique_lock<std::mutex> lock{mutex_};
-  return idle_.wait_for(lock, limit, [this] { return queue_.empty() && !running_task_; });
+  return idle_.wait_for(lock, limit, [this] { return queue_.empty() && ready_.empty() && !running_task_; });
 }
 
 void device::set_task_hook(task_hook hook) {
@@ -120,26 +217,85 @@ device::outcome device::execute(posted& next, const task_hook& hook, gpu::backen
   return out;
 }
 
+void device::run_pulled(std::vector<posted>& batch, std::vector<outcome>& outcomes, std::vector<std::size_t>& lane_of) {
+  struct ran {
+    posted task;
+    outcome out;
+  };
+  std::vector<std::vector<ran>> per_lane(lanes());
+  // One range per lane (work large enough that the backend always spreads it); each lane takes
+  // the next concurrent task from the front until the front is not one. The device thread
+  // (lane 0, the pool's caller) first runs the actors that completions woke: a μ-queue that
+  // hears of room hands its next batch while the other lane is still busy, and no barrier
+  // splits a layer's experts into rounds of lanes().
+  backend_->concurrent(per_lane.size(), std::size_t(-1) / 2,
+                       [&](gpu::backend& lane, std::size_t begin, std::size_t end) {
+                         bool on_device_thread = std::this_thread::get_id() == thread_.get_id();
+                         for (std::size_t l = begin; l < end; ++l)
+                           for (;;) {
+                             posted next;
+                             {
+                               std::unique_lock<std::mutex> lock{mutex_};
+                               if (on_device_thread)
+                                 run_ready_actors(lock);
+                               if (queue_.empty() || !queue_.front().concurrent)
+                                 break;
+                               next = std::move(queue_.front());
+                               queue_.pop_front();
+                             }
+                             outcome out = execute(next, {}, lane);
+                             per_lane[l].push_back({std::move(next), std::move(out)});
+                           }
+                       });
+  for (std::size_t l = 0; l < per_lane.size(); ++l)
+    for (ran& r : per_lane[l]) {
+      batch.push_back(std::move(r.task));
+      outcomes.push_back(std::move(r.out));
+      lane_of.push_back(l);
+    }
+}
+
 void device::run() {
   for (;;) {
     std::vector<posted> batch;  // one task, or up to lanes() concurrent ones from the front
     task_hook hook;
     double slow = 1.0;
+    bool pulled = false;  // concurrent tasks that the lanes take from the queue themselves
     {
       std::unique_lock<std::mutex> lock{mutex_};
-      wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty())
-        return;  // stopping, and every posted task has run
-      do {
-        batch.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-      } while (batch.back().concurrent && batch.size() < lanes() && !queue_.empty() && queue_.front().concurrent);
-      running_task_ = true;
+      wake_.wait(lock, [this] { return stopping_ || !queue_.empty() || !ready_.empty(); });
+      run_ready_actors(lock);
+      if (queue_.empty()) {
+        if (!ready_.empty())
+          continue;
+        running_task_ = false;
+        if (!stopping_) {
+          lock.unlock();
+          idle_.notify_all();
+          continue;
+        }
+        stopped_ = true;  // stopping, and every posted task has run
+        return;
+      }
       hook = hook_;
       slow = slowdown_;
+      // Hooks run on the device thread before their tasks (they need not be thread-safe), so
+      // with one the lanes do not pull: the batch is what is queued now.
+      pulled = !hook && lanes() > 1 && queue_.size() >= 2 && queue_[0].concurrent && queue_[1].concurrent;
+      if (!pulled)
+        do {
+          batch.push_back(std::move(queue_.front()));
+          queue_.pop_front();
+        } while (batch.back().concurrent && batch.size() < lanes() && !queue_.empty() && queue_.front().concurrent);
+      running_task_ = true;
     }
     std::vector<outcome> outcomes(batch.size());
-    if (batch.size() == 1) {
+    std::vector<std::size_t> lane_of(batch.size(), 0);  // for the trace
+    for (std::size_t i = 0; i < lane_of.size(); ++i)
+      lane_of[i] = i;
+    if (pulled) {
+      run_pulled(batch, outcomes, lane_of);
+    } else if (batch.size() == 1) {
       outcomes[0] = execute(batch[0], hook, *backend_);
     } else {
       // Hooks run here, on the device thread, as for a single task (they need not be
@@ -163,6 +319,11 @@ void device::run() {
                              for (std::size_t j = begin; j < end; ++j)
                                outcomes[to_run[j]] = execute(batch[to_run[j]], {}, lane);
                            });
+    }
+    if (outcomes.empty()) {  // a pulled batch that another lane emptied first: nothing ran
+      std::lock_guard<std::mutex> guard{mutex_};
+      running_task_ = false;
+      continue;
     }
     auto first_start = outcomes[0].start, last_end = outcomes[0].end;
     for (const outcome& o : outcomes) {
@@ -199,7 +360,7 @@ void device::run() {
     idle_.notify_all();
     if (trace_)
       for (std::size_t i = 0; i < labels.size(); ++i)
-        trace_->slice(i == 0 ? name_ : name_ + " lane " + std::to_string(i), labels[i],
+        trace_->slice(lane_of[i] == 0 ? name_ : name_ + " lane " + std::to_string(lane_of[i]), labels[i],
                       outcomes[i].start, outcomes[i].end);
   }
 }

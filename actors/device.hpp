@@ -10,6 +10,15 @@
 //
 // Thread safety: post(), drain() and set_task_hook() may be called from any thread. The
 // destructor finishes every task already posted, then joins.
+//
+// Actors on the device thread (off unless set_actors_inline(true); the engine sets it on its
+// in-process devices): a task's completion message sent through completion_unit()
+// (actors/completion.hpp) runs its actor here, right after the task, when that actor is a
+// device_runnable (the shard, μ-queue and expert actors); what it sends in turn to other
+// device_runnable actors runs here too. Every other actor goes to CAF's scheduler as usual.
+// A decode step is a chain of such hops (attention → shard → μ-queue → experts → device →
+// experts → shard → device); through CAF's scheduler each hop woke a sleeping thread,
+// 20-100 µs on this VM's 2 cores, ~1 ms of idle device per decode token.
 
 #include "gpu/backend.hpp"
 #include "model/weights.hpp"
@@ -25,9 +34,22 @@
 #include <thread>
 #include <vector>
 
+namespace caf {
+class actor_system;
+class execution_unit;
+class resumable;
+}  // namespace caf
+
 namespace moert::actors {
 
 class trace_recorder;
+
+// Marks an actor class whose messages may be handled on a device thread (see device): it
+// must not block and not spawn (actors/completion.hpp).
+class device_runnable {
+protected:
+  ~device_runnable() = default;
+};
 
 class device {
 public:
@@ -63,11 +85,12 @@ public:
 
   // Queues `work`; `label` names the slice in the trace ("attention L3 mb1").
   void post(std::string label, task work, error_handler on_error = {});
-  // As post(), for a task independent of every other such task (one expert batch): up to
-  // lanes() of them that are next in the queue together run at the same time, each on one
-  // thread of the pool with a single-threaded lane as its backend (gpu::backend::concurrent),
-  // as the reference forward runs a layer's experts. Their results do not depend on the lane
-  // (batch-invariant kernels), only the barriers and hand-offs between them go.
+  // As post(), for a task independent of every other such task (one expert batch): those
+  // next in the queue run side by side, each on one thread of the pool with a single-threaded
+  // lane as its backend (gpu::backend::concurrent), as the reference forward runs a layer's
+  // experts. A lane that finishes one takes the next concurrent task at the front of the queue
+  // (with a task hook: up to lanes() of them, taken together). Their results do not depend on
+  // the lane (batch-invariant kernels), only the barriers and hand-offs between them go.
   void post_concurrent(std::string label, task work, error_handler on_error = {});
   // How many concurrent tasks run at once: the pool's threads on a host-memory backend, else 1.
   std::size_t lanes() const { return std::max<std::size_t>(1, num_threads_); }
@@ -82,12 +105,29 @@ public:
   void set_slowdown(double factor);
   std::uint64_t stretched_tasks() const;
 
+  // The CAF execution unit of this device's thread, for actors of `system` (the first system
+  // asked); null, i.e. CAF's scheduler as for caf::anon_send, when actors do not run inline,
+  // for another system, or under CAF's test coordinator (a test drives every actor itself).
+  // Any thread; lives as long as the device.
+  caf::execution_unit* completion_unit(caf::actor_system& system);
+  // Whether device_runnable actors run on this device's thread (see above). Any thread.
+  void set_actors_inline(bool on);
+  // Actor activations run on the device thread so far (device_runnable actors resumed here).
+  std::uint64_t inline_resumes() const;
+
   // Time spent running tasks since construction.
   std::chrono::nanoseconds busy_time() const;
   std::chrono::nanoseconds lifetime() const { return std::chrono::steady_clock::now() - started_; }
 
 private:
+  class actor_unit;
   void run();
+  // From actor_unit::exec_later (any thread): runs `job` on the device thread soon, or hands
+  // it to CAF's scheduler when it is not device_runnable or the device is stopping.
+  void schedule_actor(caf::resumable* job);
+  // On the device thread, with `lock` held on entry and exit: resumes ready actors, at most
+  // max_inline_resumes in a row while a task waits.
+  void run_ready_actors(std::unique_lock<std::mutex>& lock);
 
   std::string name_;
   trace_recorder* trace_;
@@ -107,6 +147,9 @@ private:
   };
   // Runs one task on `on` (the backend or a lane) with the hook; catches what it throws.
   outcome execute(posted& next, const task_hook& hook, gpu::backend& on);
+  // Concurrent tasks from the front of the queue, taken one at a time by whichever lane is
+  // free, until the front is not a concurrent task; appends what ran, its outcome and lane.
+  void run_pulled(std::vector<posted>& batch, std::vector<outcome>& outcomes, std::vector<std::size_t>& lane_of);
   std::deque<posted> queue_;
   std::condition_variable idle_;
   bool running_task_ = false;
@@ -116,6 +159,11 @@ private:
   std::uint64_t stretched_ = 0;
   std::chrono::nanoseconds busy_{0};
   bool stopping_ = false;
+  bool stopped_ = false;  // the thread has left run(): schedule_actor hands actors to CAF
+  std::deque<caf::resumable*> ready_;  // actors to resume here, each holding a reference
+  std::uint64_t inline_resumes_ = 0;
+  std::unique_ptr<actor_unit> unit_;    // set once, under mutex_
+  bool actors_inline_ = false;
   std::size_t num_threads_;
   std::unique_ptr<gpu::backend> backend_;
   std::shared_ptr<const model::model_weights> weights_;

@@ -1,4 +1,5 @@
 #include "actors/expert.hpp"
+#include "actors/completion.hpp"
 #include "actors/fault_seam.hpp"
 #include "actors/mailbox_size.hpp"
 #include "actors/tensor_link.hpp"
@@ -118,7 +119,7 @@ void expert::run(expert_batch& batch, caf::actor queue) {
                     msg.slots.push_back(item.slot);
                   }
                   auto finished = std::make_shared<finished_batch>(std::move(done));
-                  backend.when_done([self, finished] { caf::anon_send(self, batch_done_atom::value, std::move(*finished)); });
+                  backend.when_done([self, finished, dev] { send_completion(*dev, self, batch_done_atom::value, std::move(*finished)); });
                 },
                 // A failed batch: exit naming it; the supervisor re-creates this expert and
                 // the shards replay the batch's rows (or, past the restart limit, end them).

@@ -20,7 +20,8 @@
 
 namespace moert::actors {
 
-class expert : public caf::event_based_actor {
+// device_runnable (actors/device.hpp): its handlers may run on a device thread.
+class expert : public caf::event_based_actor, public device_runnable {
 public:
   expert(caf::actor_config& cfg, const runtime_context* ctx, std::uint32_t expert_id);
 

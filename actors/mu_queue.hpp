@@ -20,6 +20,7 @@
 // of an expert this device no longer hosts, queued or arriving late (a shard that read the
 // placement before the move), are forwarded to the device that hosts it now: nothing is lost.
 
+#include "actors/device.hpp"
 #include "actors/protocol.hpp"
 #include "actors/runtime.hpp"
 
@@ -30,7 +31,8 @@
 
 namespace moert::actors {
 
-class mu_queue : public caf::event_based_actor {
+// device_runnable (actors/device.hpp): its handlers may run on a device thread.
+class mu_queue : public caf::event_based_actor, public device_runnable {
 public:
   // `track` names the expert device in traces; `experts` the actors of the experts it hosts
   // (ctx->hosted_by(device_idx)), by expert id.

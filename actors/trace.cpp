@@ -1,5 +1,6 @@
 #include "actors/trace.hpp"
 
+#include <iomanip>
 #include <map>
 #include <sstream>
 
@@ -35,7 +36,9 @@ std::string trace_recorder::to_json() const {
     return std::chrono::duration<double, std::micro>(t - origin_).count();
   };
   std::ostringstream out;
-  out << "{\"traceEvents\":[";
+  // Fixed µs with ns digits: the default 6 significant digits round a trace longer than 1 s
+  // to 10 µs, coarser than the hops it is read for.
+  out << std::fixed << std::setprecision(3) << "{\"traceEvents\":[";
   bool first = true;
   auto sep = [&] {
     if (!first)

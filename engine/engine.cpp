@@ -430,6 +430,10 @@ result<std::unique_ptr<Engine>> Engine::create(EngineConfig config) {
       return dev.err();
     made_attention_devs.push_back(*dev);
   }
+  // The shards, μ-queues and experts handle their device's completions on its thread: each hop
+  // of a decode step through CAF's scheduler woke a sleeping worker (actors/device.hpp).
+  for (auto& dev : state->devices)
+    dev->set_actors_inline(true);
   actors::scheduler_update scheduler{config.scheduler, config.defrag};
   std::vector<caf::actor> queues;
   std::vector<caf::actor> shards;

@@ -120,7 +120,20 @@ void reference_model::moe_block(std::size_t layer, float* x, std::size_t num_tok
     if (!expert_slots[e].empty())
       active.push_back(e);
   std::size_t work = routes.size() * 3 * hidden * std::size_t(c.moe_intermediate_size);
-  b.concurrent(active.size(), work, [&](gpu::backend& lane, std::size_t begin, std::size_t end) {
+  // Lanes take whole experts, split by work, not by count: the tasks are cost units, each
+  // expert as many as its rows plus the cost of streaming its weights (8 rows' worth, as
+  // cpu::matmul_work weighs it), and a lane runs the experts whose first unit falls in its
+  // range. A prefill's experts hold very different numbers of rows; by count one lane could
+  // get most of them. Which lane runs an expert never changes its bits.
+  constexpr std::size_t weight_stream_rows = 8;
+  std::vector<std::size_t> first_unit(active.size() + 1, 0);
+  for (std::size_t a = 0; a < active.size(); ++a)
+    first_unit[a + 1] = first_unit[a] + expert_slots[active[a]].size() + weight_stream_rows;
+  auto expert_at = [&](std::size_t unit) {  // the first expert whose first unit is ≥ unit
+    return std::size_t(std::lower_bound(first_unit.begin(), first_unit.end() - 1, unit) - first_unit.begin());
+  };
+  b.concurrent(first_unit.back(), work, [&](gpu::backend& lane, std::size_t unit_begin, std::size_t unit_end) {
+    const std::size_t begin = expert_at(unit_begin), end = expert_at(unit_end);
     std::size_t max_rows = 0;
     for (std::size_t a = begin; a < end; ++a)
       max_rows = std::max(max_rows, expert_slots[active[a]].size());

@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 
 #include "actors/attention_shard.hpp"
+#include "actors/completion.hpp"
 #include "actors/device.hpp"
 #include "actors/protocol.hpp"
 #include "actors/runtime.hpp"
@@ -110,7 +111,85 @@ struct shard_fixture {
   }
 };
 
+// Records the thread that handles its message, then passes the message on to `next` (if set).
+// A device_runnable actor: a task's completion may run it on the device thread.
+class thread_probe : public caf::event_based_actor, public device_runnable {
+public:
+  thread_probe(caf::actor_config& cfg, std::promise<std::thread::id>* where, caf::actor next)
+      : caf::event_based_actor(cfg), where_(where), next_(std::move(next)) {}
+
+  caf::behavior make_behavior() override {
+    return {[this](int hop) {
+      where_->set_value(std::this_thread::get_id());
+      if (next_)
+        send(next_, hop + 1);
+    }};
+  }
+
+private:
+  std::promise<std::thread::id>* where_;
+  caf::actor next_;
+};
+
 }  // namespace
+
+TEST_CASE("a task's completion runs a device_runnable actor on the device thread, others on CAF's workers") {
+  // Each hop of a decode step used to wake one of CAF's sleeping workers (20-100 µs on 2
+  // cores); the shard, μ-queue and expert actors now run where their completion lands.
+  device dev{"device 0", 2, nullptr};
+  dev.set_actors_inline(true);
+  caf::actor_system_config cfg;
+  cfg.set("logger.verbosity", caf::atom("quiet"));
+  cfg.set("scheduler.max-threads", 2);
+  caf::actor_system system{cfg};
+  std::promise<std::thread::id> second_hop, first_hop, lane_hop, plain_hop;
+  // A device_runnable actor that a device_runnable actor messages runs on the device too.
+  // lazy_init: else a CAF worker that is still starting the actor when the message lands
+  // handles it there.
+  caf::actor second = system.spawn<thread_probe, caf::lazy_init>(&second_hop, caf::actor{});
+  caf::actor first = system.spawn<thread_probe, caf::lazy_init>(&first_hop, second);
+  caf::actor from_lane = system.spawn<thread_probe, caf::lazy_init>(&lane_hop, caf::actor{});
+  // Not device_runnable: CAF's scheduler runs it, as for caf::anon_send.
+  caf::actor plain = system.spawn(
+      [&plain_hop](caf::event_based_actor*, int) -> caf::behavior {
+        return {[&plain_hop](int) { plain_hop.set_value(std::this_thread::get_id()); }};
+      },
+      0);
+  std::promise<std::thread::id> device_thread;
+  dev.post("attention L0 mb0", [&](gpu::backend&) {
+    device_thread.set_value(std::this_thread::get_id());
+    send_completion(dev, first, 0);
+    send_completion(dev, plain, 0);
+  });
+  // A concurrent task completes on a pool thread: its actor still runs on the device thread.
+  std::promise<void> release;
+  auto gate = release.get_future().share();
+  dev.post("gate", [gate](gpu::backend&) { gate.wait_for(std::chrono::seconds{5}); });
+  for (int e = 0; e < 2; ++e)
+    dev.post_concurrent("expert L0 E" + std::to_string(e) + " x1", [&, e](gpu::backend&) {
+      if (e == 1)
+        send_completion(dev, from_lane, 0);
+    });
+  release.set_value();
+  auto device_id = device_thread.get_future();
+  std::future<std::thread::id> hops[] = {first_hop.get_future(), second_hop.get_future(), lane_hop.get_future(),
+                                         plain_hop.get_future()};
+  for (auto& hop : hops)
+    REQUIRE(hop.wait_for(wait_limit) == std::future_status::ready);
+  REQUIRE(device_id.wait_for(wait_limit) == std::future_status::ready);
+  std::thread::id on_device = device_id.get();
+  CHECK(hops[0].get() == on_device);
+  CHECK(hops[1].get() == on_device);
+  CHECK(hops[2].get() == on_device);
+  CHECK(hops[3].get() != on_device);
+  REQUIRE(dev.drain(wait_limit));
+  CHECK(dev.inline_resumes() >= 3);
+  for (caf::actor* a : {&first, &second, &from_lane, &plain}) {
+    caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);
+    *a = nullptr;
+  }
+  system.await_all_actors_done();
+}
 
 TEST_CASE("a device task that throws comes back as an error and the device runs on") {
   device dev{"expert 3", 1, nullptr};
@@ -176,6 +255,28 @@ TEST_CASE("concurrent device tasks run side by side on single-threaded lanes, in
   REQUIRE(order.size() == 4);
   CHECK(order.front() == "gate");
   CHECK(order.back() == "after, whole pool");  // the ordinary task after them has every thread
+}
+
+TEST_CASE("a lane that finishes a concurrent task takes the next one while the other lane still runs") {
+  // Taken lanes() at a time, a layer's experts ran in rounds, each waiting for its slowest.
+  device dev{"device 0", 2, nullptr};
+  std::atomic<bool> third_started{false};
+  std::atomic<bool> long_saw_third{false};
+  std::promise<void> release;
+  auto gate = release.get_future().share();
+  dev.post("gate", [gate](gpu::backend&) { gate.wait_for(std::chrono::seconds{5}); });
+  dev.post_concurrent("expert L0 E0 x1", [&](gpu::backend&) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds{5};
+    while (!third_started.load() && std::chrono::steady_clock::now() < until)
+      std::this_thread::yield();
+    long_saw_third = third_started.load();
+  });
+  dev.post_concurrent("expert L0 E1 x1", [](gpu::backend&) {});
+  dev.post_concurrent("expert L0 E2 x1", [&](gpu::backend&) { third_started = true; });
+  release.set_value();
+  REQUIRE(dev.drain(wait_limit));
+  CHECK(long_saw_third.load());
+  CHECK(dev.failed_tasks() == 0);
 }
 
 TEST_CASE("a concurrent task whose hook throws fails alone; its partner runs") {

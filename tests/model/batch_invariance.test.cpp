@@ -162,3 +162,24 @@ TEST_CASE("group-limited routing picks only from the best groups and scales the 
   }
   CHECK(differs_from_greedy > 0);  // the groups did constrain some rows
 }
+
+TEST_CASE("logits are bit-identical across thread counts when experts spread over lanes by work") {
+  // Large enough that the MoE block passes the spread threshold (the small configs above run
+  // inline), with prompts long enough that experts get very different row counts.
+  auto config = parse_config(R"({"model_type": "qwen3_moe", "vocab_size": 97, "hidden_size": 256,
+    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+    "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "norm_topk_prob": true})",
+                             "test");
+  REQUIRE(config.ok());
+  reference_model one_thread{*config, synthetic_weights(*config, 5), 1};
+  reference_model two_threads{*config, synthetic_weights(*config, 5), 2};
+  reference_model three_threads{*config, synthetic_weights(*config, 5), 3};
+  rng gen{11};
+  std::vector<std::vector<std::int32_t>> prompts(3, std::vector<std::int32_t>(40));
+  for (auto& p : prompts)
+    for (auto& id : p)
+      id = std::int32_t(gen.next_u64() % 97);
+  auto want = run(one_thread, prompts);
+  CHECK(run(two_threads, prompts) == want);
+  CHECK(run(three_threads, prompts) == want);
+}

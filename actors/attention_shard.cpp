@@ -45,7 +45,7 @@ token_logprobs log_softmax_of(std::span<const float> logits, std::int32_t token,
 using attention_done_atom = caf::atom_constant<caf::atom("attn_done")>;
 using side_done_atom = caf::atom_constant<caf::atom("side_done")>;
 using final_done_atom = caf::atom_constant<caf::atom("final_done")>;
-// At-least-once A2E/E2A: a micro-batch's timer (step, micro-batch, layer, attempt).
+// At-least-once A2E/E2A: a micro-batch index's timer (index, when it was due, ns since epoch).
 using retransmit_atom = caf::atom_constant<caf::atom("retransmit")>;
 
 }  // namespace
@@ -119,9 +119,7 @@ caf::behavior attention_shard::make_behavior() {
     [this](fault_release_atom, const caf::actor& dest, routed_tokens& msg) {
       transmit(this, ctx_, dest, std::move(msg));
     },
-    [this](retransmit_atom, std::uint64_t step, std::uint32_t mb, std::uint32_t layer, std::uint32_t attempt) {
-      on_retransmit_timer(step, mb, layer, attempt);
-    },
+    [this](retransmit_atom, std::uint32_t mb, std::int64_t due_ns) { on_retransmit_timer(mb, due_ns); },
   };
 }
 
@@ -609,18 +607,44 @@ void attention_shard::arm_retransmit(std::size_t mb_idx) {
     ms *= 2;
   ms = std::min(ms, plan.retransmit_max_ms);
   mb.pending_at_arm = mb.outputs_pending;
-  delayed_send(this, std::chrono::microseconds(std::int64_t(ms * 1000.0)), retransmit_atom::value, step_,
-               std::uint32_t(mb_idx), std::uint32_t(mb.layer), mb.retransmits + 1);
+  mb.retransmit_armed = true;
+  mb.armed_layer = mb.layer;
+  mb.retransmit_due = std::chrono::steady_clock::now() + std::chrono::microseconds(std::int64_t(ms * 1000.0));
+  ensure_timer(mb_idx, mb.retransmit_due);
 }
 
-void attention_shard::on_retransmit_timer(std::uint64_t step, std::uint32_t mb_idx, std::uint32_t layer,
-                                          std::uint32_t attempt) {
-  if (step != step_ || mb_idx >= batches_.size())
+void attention_shard::ensure_timer(std::size_t mb_idx, std::chrono::steady_clock::time_point due) {
+  using clock = std::chrono::steady_clock;
+  if (timer_due_.size() <= mb_idx)
+    timer_due_.resize(mb_idx + 1, clock::time_point::max());
+  if (timer_due_[mb_idx] <= due)
+    return;  // the one in flight fires first and re-arms for `due`
+  timer_due_[mb_idx] = due;
+  ctx_->stats->count_retransmit_timer();
+  auto now = clock::now();
+  delayed_send(this, std::chrono::duration_cast<std::chrono::microseconds>(std::max(due - now, clock::duration{0})),
+               retransmit_atom::value, std::uint32_t(mb_idx),
+               std::int64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(due.time_since_epoch()).count()));
+}
+
+void attention_shard::on_retransmit_timer(std::uint32_t mb_idx, std::int64_t due_ns) {
+  using clock = std::chrono::steady_clock;
+  if (mb_idx < timer_due_.size() &&
+      std::chrono::duration_cast<std::chrono::nanoseconds>(timer_due_[mb_idx].time_since_epoch()).count() == due_ns)
+    timer_due_[mb_idx] = clock::time_point::max();  // the earliest in flight fired
+  if (!step_running_ || mb_idx >= batches_.size())
     return;
   micro_batch& mb = batches_[mb_idx];
-  // Stale: the layer joined, the micro-batch failed, or a newer timer runs.
-  if (mb.layer != layer || mb.failed || !mb.attention_done || mb.outputs_pending == 0 ||
-      attempt != mb.retransmits + 1)
+  if (!mb.retransmit_armed)
+    return;
+  if (clock::now() < mb.retransmit_due) {  // armed again since (a later layer, step or attempt)
+    ensure_timer(mb_idx, mb.retransmit_due);
+    return;
+  }
+  mb.retransmit_armed = false;
+  std::size_t layer = mb.armed_layer;
+  // Stale: the layer joined, or the micro-batch failed.
+  if (mb.layer != layer || mb.failed || !mb.attention_done || mb.outputs_pending == 0)
     return;
   if (mb.outputs_pending < mb.pending_at_arm) {
     // Outputs are still coming in: a slow device, not a lost message. Wait as long again.

@@ -69,6 +69,10 @@ private:
     // retransmissions ran out (its requests ended with an error; nothing more happens here).
     std::uint32_t retransmits = 0;
     std::size_t pending_at_arm = 0;
+    // The armed retransmission: due at `retransmit_due` for layer `armed_layer`, if armed.
+    bool retransmit_armed = false;
+    std::size_t armed_layer = 0;
+    std::chrono::steady_clock::time_point retransmit_due{};
     bool failed = false;
     bool ready_attention = true;
     bool attention_done = false;
@@ -100,7 +104,12 @@ private:
   // the plan's max_retransmits the micro-batch's requests end with an error naming the
   // expert devices that did not answer.
   void arm_retransmit(std::size_t mb_idx);
-  void on_retransmit_timer(std::uint64_t step, std::uint32_t mb_idx, std::uint32_t layer, std::uint32_t attempt);
+  // One timer per micro-batch index is enough (timer_due_): arming a later deadline while one
+  // runs sends nothing, the timer re-arms itself for what is due when it fires. A timer per
+  // layer and step was 8 CAF clock wake-ups per decode token, each firing a second later on
+  // one of CAF's workers while the device computed.
+  void ensure_timer(std::size_t mb_idx, std::chrono::steady_clock::time_point due);
+  void on_retransmit_timer(std::uint32_t mb_idx, std::int64_t due_ns);
   void resend_missing(std::size_t mb_idx, std::uint32_t attempt);
   void fail_micro_batch(std::size_t mb_idx, const std::string& why);
   // The request leaves the shard; `last` reaches its sink through the ingress.
@@ -126,6 +135,8 @@ private:
   static constexpr std::size_t max_in_flight = 2;  // device tasks posted and not yet done
   std::size_t in_flight_ = 0;
   std::vector<micro_batch> batches_;
+  // Per micro-batch index, across steps: when its earliest timer in flight fires (max: none).
+  std::vector<std::chrono::steady_clock::time_point> timer_due_;
   std::size_t batches_finished_ = 0;
   std::uint64_t e2a_arrivals_ = 0;  // E2A messages that reached this shard (fault plan kills)
 };

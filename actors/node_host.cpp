@@ -139,11 +139,11 @@ std::string node_host::check_adopter(const caf::actor& owner) const {
 
 result<std::unique_ptr<device>> node_host::make_device(const runtime_context* ctx, const model_source& source,
                                                        const std::string& name, const model::load_options& part,
-                                                       std::uint32_t threads) {
+                                                       std::uint32_t threads,
+                                                       std::optional<model::checkpoint>& checkpoint) {
   if (ctx->backend == gpu::backend_kind::cpu)
     return std::make_unique<device>(name, threads, nullptr);
-  std::optional<model::checkpoint> checkpoint;
-  if (!source.model_dir.empty()) {
+  if (!source.model_dir.empty() && !checkpoint) {
     auto opened = model::checkpoint::open(source.model_dir);
     if (!opened)
       return make_error(opened.err().code, "node " + name_ + ": " + opened.err().message);
@@ -161,12 +161,14 @@ result<std::unique_ptr<device>> node_host::make_device(const runtime_context* ct
 
 result<std::vector<caf::actor>> node_host::spawn_experts(runtime_context* ctx, const host_experts& ask) {
   std::vector<std::unique_ptr<device>> made;
+  std::optional<model::checkpoint> checkpoint;  // opened once for all the devices
   for (std::uint32_t d = ask.first_device; d < ask.first_device + ask.num_devices; ++d) {
     model::load_options part;
     part.attention_side = false;
     std::uint32_t total = ask.total_expert_devices;
     part.keep_expert = [d, total](std::size_t expert) { return expert % total == d; };  // runtime_context::device_of
-    auto dev = make_device(ctx, ask.model, name_ + ": expert " + std::to_string(d), part, ask.threads_per_device);
+    auto dev = make_device(ctx, ask.model, name_ + ": expert " + std::to_string(d), part, ask.threads_per_device,
+                           checkpoint);
     if (!dev)
       return dev.err();
     made.push_back(std::move(*dev));
@@ -203,10 +205,12 @@ result<std::vector<caf::actor>> node_host::spawn_experts(runtime_context* ctx, c
 
 result<std::vector<caf::actor>> node_host::spawn_shards(const runtime_context* ctx, const host_shards& ask) {
   std::vector<std::unique_ptr<device>> made;
+  std::optional<model::checkpoint> checkpoint;  // opened once for all the devices
   for (std::uint32_t a = ask.first_shard; a < ask.first_shard + ask.num_shards; ++a) {
     model::load_options part;
     part.keep_expert = [](std::size_t) { return false; };  // the attention side: no routed expert
-    auto dev = make_device(ctx, ask.model, name_ + ": attention " + std::to_string(a), part, ask.threads_per_device);
+    auto dev = make_device(ctx, ask.model, name_ + ": attention " + std::to_string(a), part, ask.threads_per_device,
+                           checkpoint);
     if (!dev)
       return dev.err();
     made.push_back(std::move(*dev));

@@ -44,6 +44,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -192,10 +193,11 @@ private:
   // The backend `source` asks for (its own or the node's), or an error text.
   result<gpu::backend_kind> backend_for(const model_source& source) const;
   // A device for `part` of the model: cpu devices read the context's shared host weights,
-  // others hold their own part on their backend (actors::make_device_with_weights).
+  // others hold their own part on their backend (actors::make_device_with_weights), read from
+  // `checkpoint`, which the first such device opens and the caller's next devices reuse.
   result<std::unique_ptr<device>> make_device(const runtime_context* ctx, const model_source& source,
                                               const std::string& name, const model::load_options& part,
-                                              std::uint32_t threads);
+                                              std::uint32_t threads, std::optional<model::checkpoint>& checkpoint);
   // Every device is made before any actor is spawned: a device that cannot be made fails the
   // request with nothing left running.
   result<std::vector<caf::actor>> spawn_experts(runtime_context* ctx, const host_experts& ask);  // sets ctx's expert_devices

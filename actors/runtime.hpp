@@ -81,6 +81,7 @@ public:
   // The expert path's control messages (a batch handed over or finished, not its data): the
   // per-token cost of giving each expert its own actor, asserted in tests/engine/expert_actors.
   void count_control(std::uint64_t n) { control_ += n; }
+  void count_retransmit_timer() { ++retransmit_timers_; }  // at-least-once timers sent
   // Rows a μ-queue sent on to another device because their expert moved (mu_queue.hpp).
   void count_forwarded(std::uint64_t rows) { forwarded_ += rows; }
   void count_tokens(std::uint64_t n) { tokens_ += n; }
@@ -108,6 +109,7 @@ public:
 
   std::uint64_t messages() const { return messages_; }
   std::uint64_t control_messages() const { return control_; }
+  std::uint64_t retransmit_timers() const { return retransmit_timers_; }
   std::uint64_t forwarded_rows() const { return forwarded_; }
   std::uint64_t replans() const { return replans_; }
   double last_solve_micros() const;
@@ -125,6 +127,7 @@ public:
 private:
   std::atomic<std::uint64_t> messages_{0};
   std::atomic<std::uint64_t> control_{0};
+  std::atomic<std::uint64_t> retransmit_timers_{0};
   std::atomic<std::uint64_t> forwarded_{0};
   std::atomic<std::uint64_t> tokens_{0};
   std::atomic<std::uint64_t> replans_{0};

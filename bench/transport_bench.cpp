@@ -133,6 +133,11 @@ bool polled_receive(ucx_channel& channel, peer_id peer, std::uint64_t tag, const
   return flag->load() == 1;
 }
 
+int echo_failed(const char* what, const plan& p, std::size_t at) {
+  std::fprintf(stderr, "echo: %s failed at %zu bytes (%zu)\n", what, p.bytes, at);
+  return 1;
+}
+
 // The echo side of the polled pattern: receives each latency message into one of two buffers
 // of its own and sends it back from there; receives the stream with 2 x window receives posted.
 int echo_polled(ucx_channel& channel, peer_id parent, const plan& p, std::uint64_t& tag) {
@@ -141,7 +146,7 @@ int echo_polled(ucx_channel& channel, peer_id parent, const plan& p, std::uint64
   for (std::size_t i = 0; i < p.latency_iterations; ++i, ++tag) {
     const auto& buffer = buffers[i % 2];
     if (!polled_receive(channel, parent, tag, buffer))
-      return 1;
+      return echo_failed("polled latency receive", p, i);
     channel.send(parent, tag, buffer->data(), buffer->size(), buffer, {});
   }
   std::size_t slots = window * 2;
@@ -175,7 +180,7 @@ int echo_polled(ucx_channel& channel, peer_id parent, const plan& p, std::uint64
   }
   tag += p.bandwidth_messages;
   if (failed)
-    return 1;
+    return echo_failed("polled stream receives", p, failed);
   auto ack = std::make_shared<const std::vector<std::uint8_t>>(1, 1);
   channel.send(parent, done_tag, ack->data(), ack->size(), ack, {});
   return 0;
@@ -186,25 +191,27 @@ int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint
   for (std::size_t i = 0; i < p.latency_iterations; ++i, ++tag) {
     auto got = receive_and_wait(channel, parent, tag, p.bytes);
     if (!got.ok())
-      return 1;
+      return echo_failed(("callback latency receive: " + got.err().message).c_str(), p, i);
     // Echo from the received pool buffer itself: no copy.
     std::promise<status> sent;
     auto echoed = sent.get_future();
     channel.send(parent, tag, got->data(), got->size(), got->storage(), [&](status s) { sent.set_value(std::move(s)); });
     if (!echoed.get().ok())
-      return 1;
+      return echo_failed("callback latency echo", p, i);
   }
   // Keep 2 x `window` receives posted ahead of the stream.
   std::mutex mutex;
   std::condition_variable changed;
   std::size_t received = 0, failed = 0;
+  std::string first_failure;
   std::size_t posted = 0;
   std::uint64_t first = tag;
   auto post = [&](std::uint64_t t) {
     channel.receive(parent, t, p.bytes, [&](result<received_buffer> r) {
       std::lock_guard<std::mutex> guard{mutex};
       ++received;
-      failed += r.ok() ? 0 : 1;
+      if (!r.ok() && failed++ == 0)
+        first_failure = r.err().message;
       changed.notify_all();
     });
   };
@@ -215,7 +222,7 @@ int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint
     while (received < p.bandwidth_messages) {
       std::size_t seen = received;
       if (!changed.wait_for(lock, std::chrono::seconds{30}, [&] { return received != seen; }))
-        return 1;  // the stream stalled
+        return echo_failed("callback stream stalled", p, received);
       while (posted < p.bandwidth_messages && posted < received + window * 2) {
         lock.unlock();
         post(first + posted++);
@@ -225,7 +232,7 @@ int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint
   }
   tag += p.bandwidth_messages;
   if (failed)
-    return 1;
+    return echo_failed(("callback stream receives: " + first_failure).c_str(), p, failed);
   auto ack = std::make_shared<const std::vector<std::uint8_t>>(1, 1);
   return send_and_wait(channel, parent, done_tag, ack).ok() ? 0 : 1;
 }

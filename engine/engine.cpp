@@ -909,6 +909,7 @@ EngineReport Engine::report() const {
   out.messages_per_token = out.tokens ? double(impl_->stats.messages()) / double(out.tokens) : 0.0;
   out.messages = impl_->stats.messages();
   out.control_messages = impl_->stats.control_messages();
+  out.retransmit_timers = impl_->stats.retransmit_timers();
   out.expert_batches = batches.count;
   out.forwarded_rows = impl_->stats.forwarded_rows();
   out.finished_length = impl_->finished[std::size_t(FinishReason::length)];

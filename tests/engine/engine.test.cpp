@@ -205,6 +205,35 @@ TEST_CASE("continuous batching: 64 requests from 4 threads each get exactly thei
   CHECK(report.tokens == total);
 }
 
+TEST_CASE("a decode arms one at-least-once timer per micro-batch and timeout, not one per layer and step") {
+  // One per (step, layer) was 8 CAF clock wake-ups per token on the bench model, each firing a
+  // second later on a CAF worker while the device computed.
+  EngineConfig config;
+  config.synthetic_config = small_model;
+  auto ref = reference_for(config);
+  std::vector<std::int32_t> prompt{5, 17, 99, 3};
+  constexpr std::size_t steps = 48;
+  std::vector<model::generation_request> ref_requests{{1, prompt, steps, {}}};
+  auto expected = model::generate(*ref, ref_requests, model::decode_mode::kv_cache);
+  REQUIRE(expected.ok());
+  auto engine = Engine::create(config);
+  REQUIRE(engine.ok());
+  auto started = std::chrono::steady_clock::now();
+  Request request{1, prompt, steps, {}, false};
+  request.ignore_eos = true;
+  auto tokens = (*engine)->submit(request)->wait();
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  REQUIRE(tokens.ok());
+  CHECK(*tokens == (*expected)[0]);
+  (*engine)->shutdown();
+  auto report = (*engine)->report();
+  INFO("timers " << report.retransmit_timers << " in " << seconds << " s, " << steps << " steps of "
+                 << (*engine)->model_config().num_layers << " layers");
+  CHECK(report.retransmit_timers >= 1);
+  // The first timeout without a fault plan is 1 s: a timer fires and re-arms about once a second.
+  CHECK(double(report.retransmit_timers) <= 2.0 * (1.0 + seconds));
+}
+
 TEST_CASE("bad requests end their stream with an error; cancel stops a request") {
   EngineConfig config;
   config.synthetic_config = small_model;

@@ -258,6 +258,9 @@ struct EngineReport {
   // Counts behind messages_per_token: data messages (A2E, batches handed to experts, E2A), the
   // expert path's control messages (a batch finished), and expert batches run.
   std::uint64_t messages = 0, control_messages = 0, expert_batches = 0;
+  // At-least-once timers the shards sent (CAF clock messages): about one per micro-batch and
+  // retransmission timeout, not one per layer and step.
+  std::uint64_t retransmit_timers = 0;
   // Rows sent on from one expert device to another because their expert moved.
   std::uint64_t forwarded_rows = 0;
   std::uint64_t tokens = 0;

@@ -27,7 +27,7 @@ thread_pool::thread_pool(std::size_t num_threads) {
 thread_pool::~thread_pool() {
   {
     std::lock_guard<std::mutex> guard{mutex_};
-    stopping_ = true;
+    stopping_.store(true, std::memory_order_release);
     generation_.fetch_add(1, std::memory_order_release);  // a spinning worker looks, then sees stopping_
   }
   wake_.notify_all();
@@ -106,11 +106,8 @@ void thread_pool::worker_loop(std::size_t worker_idx) {
       wake_.wait(lock, [&] { return stopping_ || fresh(); });
       --sleepers_;
     }
-    {
-      std::lock_guard<std::mutex> guard{mutex_};
-      if (stopping_)
-        return;
-    }
+    if (stopping_.load(std::memory_order_acquire))
+      return;
     seen = generation_.load(std::memory_order_acquire);
     auto [begin, end] = range_of(worker_idx, job_tasks_, num_threads());
     if (begin < end)

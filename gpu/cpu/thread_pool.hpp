@@ -53,7 +53,9 @@ private:
   std::atomic<std::size_t> generation_{0};
   std::atomic<std::size_t> pending_{0};
   std::size_t sleepers_ = 0;  // workers waiting on wake_ (guarded by mutex_)
-  bool stopping_ = false;
+  // Written under mutex_ (so a sleeping worker's wait sees it), read by workers after each
+  // wake-up without it: a job no longer takes the mutex just to learn that the pool runs on.
+  std::atomic<bool> stopping_{false};
   std::atomic<std::uint64_t> spread_jobs_{0};
 };
 

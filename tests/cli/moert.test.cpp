@@ -96,7 +96,9 @@ TEST_CASE("generate --trace writes a Chrome trace with a track per device") {
     if (e["ph"] == "M")
       tracks.insert(e["args"]["name"].get<std::string>());
   }
-  CHECK(tracks == std::set<std::string>{"attention 0", "expert 0", "expert 1"});
+  // A track per device for its kernels, and one beside it for the actors its thread runs.
+  CHECK(tracks == std::set<std::string>{"attention 0", "attention 0 actors", "expert 0", "expert 0 actors",
+                                        "expert 1", "expert 1 actors"});
   CHECK(phases.count("X"));  // kernel slices
   CHECK(phases.count("s"));  // A2E / E2A flow arrows
   CHECK(phases.count("f"));

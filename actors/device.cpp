@@ -244,6 +244,9 @@ void device::run_pulled(std::vector<posted>& batch, std::vector<outcome>& outcom
                                queue_.pop_front();
                              }
                              outcome out = execute(next, {}, lane);
+                             // Its captures (an expert batch's rows, with their transport pool
+                             // credit) go now, not when the whole pulled run ends.
+                             next.work = {};
                              per_lane[l].push_back({std::move(next), std::move(out)});
                            }
                        });
@@ -265,9 +268,7 @@ void device::run() {
       std::unique_lock<std::mutex> lock{mutex_};
       wake_.wait(lock, [this] { return stopping_ || !queue_.empty() || !ready_.empty(); });
       run_ready_actors(lock);
-      if (queue_.empty()) {
-        if (!ready_.empty())
-          continue;
+      if (queue_.empty()) {  // and so ready_ is empty too (run_ready_actors stops only then)
         running_task_ = false;
         if (!stopping_) {
           lock.unlock();
@@ -320,7 +321,9 @@ void device::run() {
                                outcomes[to_run[j]] = execute(batch[to_run[j]], {}, lane);
                            });
     }
-    if (outcomes.empty()) {  // a pulled batch that another lane emptied first: nothing ran
+    // Cannot happen (a pulled run starts with two concurrent tasks queued, and only the lanes
+    // pop them), but outcomes[0] below needs one.
+    if (outcomes.empty()) {
       std::lock_guard<std::mutex> guard{mutex_};
       running_task_ = false;
       continue;

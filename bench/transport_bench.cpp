@@ -5,14 +5,16 @@
 //
 // Latency is one-way (half the ping-pong round trip, p50 over the iterations); bandwidth
 // streams `window` messages in flight. Two patterns of moert's channel are measured:
-//   polled:   each process's own thread drives UCX (ucx_channel::poll) and receives into its
-//             own buffer, as ucx_perftest's tag_lat / tag_bw do (one thread, busy polling). A
-//             message that is already here when its receive is posted completes inside
-//             receive_into: that is tensor_link's usual case (the bytes beat their CAF
-//             descriptor), so this is the channel's own cost, like for like with perftest.
+//   polled:   each process's own thread busy-polls UCX (ucx_channel::poll) with its receives
+//             posted ahead of the bytes, as ucx_perftest's tag_lat / tag_bw do: the channel's
+//             own cost, like for like with perftest. The engine never busy-polls: this is not
+//             its path.
 //   callback: completions run on the channel thread and are handed to a thread that sleeps on
-//             a future (receive into a pool buffer): what a receive that had to wait costs,
-//             two thread wake-ups per message on top of UCX.
+//             a future (receive into a pool buffer): two thread wake-ups per message on top of
+//             UCX. The closest to the engine's path (tensor_link::fetch_bytes: a receive that
+//             must wait completes on the channel thread, which wakes a CAF worker), which is
+//             not measured here apart from the CAF hop; a small message whose bytes are already
+//             there when receive_into is called completes inside that call instead.
 // Neither includes the CAF descriptor hop (88-300 us between processes, platform.md §2.5):
 // moert_bench_cluster measures the whole path. Each repetition runs moert's pair of processes
 // and then ucx_perftest's, size by size, so both see the same moment's load; the table gives the
@@ -503,9 +505,9 @@ int main(int argc, char** argv) {
   std::printf("moert's channel: UCX_TLS=<transport>, RNDV_THRESH=%zu (eager below), PROTO_ENABLE=y; ucx_perftest: "
               "UCX_TLS=<transport>, UCX's defaults, tag_lat / tag_bw, one busy-polling thread per process\n",
               defaults.eager_limit_bytes);
-  std::printf("polled: moert's caller drives UCX itself (perftest's pattern; tensor_link's when the bytes beat the "
-              "descriptor); callback: completion on the channel thread, handed to a sleeping thread. Neither "
-              "includes the CAF descriptor hop.\n");
+  std::printf("polled: one thread per process busy-polls UCX, receives posted ahead (perftest's pattern, not the "
+              "engine's); callback: completion on the channel thread, handed to a sleeping thread (the closest to "
+              "the engine's tensor path). Neither includes the CAF descriptor hop.\n");
   std::printf("load average before: %s\n", load_average().c_str());
   std::printf("%-10s %8s %-8s | %17s %17s | %19s %19s | %5s %5s\n", "transport", "bytes", "pattern", "lat moert",
               "lat perftest", "bw moert", "bw perftest", "ratio", "ratio");

@@ -121,7 +121,8 @@ ErrorCode TokenStream::error_code() const {
 struct Engine::impl {
   EngineConfig config;
   actors::runtime_stats stats;
-  // The fault plan at work (null without one); the actors and devices below point at it.
+  // The fault injector, made with or without a fault plan (at-least-once retransmission
+  // always runs); the actors and devices below point at it.
   std::unique_ptr<transport::fault_injector> faults;
   actors::trace_recorder trace;
   actors::runtime_context ctx;

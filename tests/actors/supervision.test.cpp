@@ -23,6 +23,7 @@
 #include <atomic>
 #include <chrono>
 #include <future>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -276,6 +277,29 @@ TEST_CASE("a lane that finishes a concurrent task takes the next one while the o
   release.set_value();
   REQUIRE(dev.drain(wait_limit));
   CHECK(long_saw_third.load());
+  CHECK(dev.failed_tasks() == 0);
+}
+
+TEST_CASE("a pulled concurrent task's captures are freed when it ends and not when the other lane's task ends") {
+  // An expert batch's closure holds its rows (and over a cluster their transport pool credit):
+  // kept until the whole pulled run ended, a long run could exhaust the pool.
+  device dev{"device 0", 2, nullptr};
+  auto rows = std::make_shared<int>(7);
+  std::weak_ptr<int> watch = rows;
+  std::atomic<bool> long_saw_freed{false};
+  std::promise<void> release;
+  auto gate = release.get_future().share();
+  dev.post("gate", [gate](gpu::backend&) { gate.wait_for(std::chrono::seconds{5}); });
+  dev.post_concurrent("expert L0 E0 x1", [&](gpu::backend&) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds{5};
+    while (!watch.expired() && std::chrono::steady_clock::now() < until)
+      std::this_thread::yield();
+    long_saw_freed = watch.expired();
+  });
+  dev.post_concurrent("expert L0 E1 x1", [held = std::move(rows)](gpu::backend&) { (void)*held; });
+  release.set_value();
+  REQUIRE(dev.drain(wait_limit));
+  CHECK(long_saw_freed.load());
   CHECK(dev.failed_tasks() == 0);
 }
 

@@ -125,11 +125,13 @@ void attend_by_definition(const float* q, const float* keys, const float* values
 
 }  // namespace
 
-TEST_CASE("attend gives the bits of its position-by-position definition, any length") {
-  const std::size_t heads = 4, kv_heads = 2, head_dim = 64, q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
-  const float scale = 0.125f;
+TEST_CASE("attend gives the bits of its position-by-position definition, any length and head size") {
+  // 36 and 50 are not multiples of the kernel's lanes: its scalar tails run too.
+  for (std::size_t head_dim : {64, 36, 50})
   for (std::size_t positions : {1, 7, 8, 9, 16, 23, 130}) {
-    INFO(positions << " positions");
+    const std::size_t heads = 4, kv_heads = 2, q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
+    const float scale = 0.125f;
+    INFO(positions << " positions, head_dim " << head_dim);
     case_data c = make_case({positions}, q_dim, kv_dim, 77 + positions);
     std::vector<float> expected(q_dim), out(q_dim, -1.0f), scores(positions);
     attend_by_definition(c.q.data(), c.keys.data(), c.values.data(), kv_dim, positions, heads, kv_heads, head_dim,

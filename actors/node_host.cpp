@@ -141,8 +141,14 @@ result<std::unique_ptr<device>> node_host::make_device(const runtime_context* ct
                                                        const std::string& name, const model::load_options& part,
                                                        std::uint32_t threads,
                                                        std::optional<model::checkpoint>& checkpoint) {
-  if (ctx->backend == gpu::backend_kind::cpu)
-    return std::make_unique<device>(name, threads, nullptr);
+  if (ctx->backend == gpu::backend_kind::cpu) {
+    auto dev = std::make_unique<device>(name, threads, nullptr);
+    // As in the engine: the shards, μ-queues and experts handle their device's completions on
+    // its thread, instead of waking a CAF worker for every hop (actors/device.hpp). The devices
+    // are destroyed by teardown() on this actor's thread, never on their own.
+    dev->set_actors_inline(true);
+    return dev;
+  }
   if (!source.model_dir.empty() && !checkpoint) {
     auto opened = model::checkpoint::open(source.model_dir);
     if (!opened)
@@ -156,6 +162,7 @@ result<std::unique_ptr<device>> node_host::make_device(const runtime_context* ct
     return make_error(made.err().code, "node " + name_ + ": " + made.err().message);
   spdlog::info("node {}: {} on {}, holding its own {} bytes of weights", name_, name, (*made)->backend().name(),
                (*made)->weights() ? model::resident_bytes(*(*made)->weights()).total() : 0);
+  (*made)->set_actors_inline(true);
   return std::move(*made);
 }
 

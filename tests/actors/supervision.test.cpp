@@ -42,6 +42,14 @@ const char* tiny_model = R"({"model_type": "qwen2_moe", "vocab_size": 64, "hidde
 
 constexpr auto wait_limit = std::chrono::seconds{5};
 
+// Holds `dev` with an ordinary task until the returned promise is set, so that the concurrent
+// tasks posted meanwhile are queued together when it ends (and the lanes pull them).
+std::promise<void> hold(device& dev) {
+  std::promise<void> release;
+  dev.post("gate", [gate = release.get_future().share()](gpu::backend&) { gate.wait_for(wait_limit); });
+  return release;
+}
+
 template <class Pred>
 bool wait_until(Pred pred) {
   auto deadline = std::chrono::steady_clock::now() + wait_limit;
@@ -163,9 +171,7 @@ TEST_CASE("a task's completion runs a device_runnable actor on the device thread
     send_completion(dev, plain, 0);
   });
   // A concurrent task completes on a pool thread: its actor still runs on the device thread.
-  std::promise<void> release;
-  auto gate = release.get_future().share();
-  dev.post("gate", [gate](gpu::backend&) { gate.wait_for(std::chrono::seconds{5}); });
+  std::promise<void> release = hold(dev);
   for (int e = 0; e < 2; ++e)
     dev.post_concurrent("expert L0 E" + std::to_string(e) + " x1", [&, e](gpu::backend&) {
       if (e == 1)
@@ -263,15 +269,9 @@ TEST_CASE("a lane that finishes a concurrent task takes the next one while the o
   device dev{"device 0", 2, nullptr};
   std::atomic<bool> third_started{false};
   std::atomic<bool> long_saw_third{false};
-  std::promise<void> release;
-  auto gate = release.get_future().share();
-  dev.post("gate", [gate](gpu::backend&) { gate.wait_for(std::chrono::seconds{5}); });
-  dev.post_concurrent("expert L0 E0 x1", [&](gpu::backend&) {
-    auto until = std::chrono::steady_clock::now() + std::chrono::seconds{5};
-    while (!third_started.load() && std::chrono::steady_clock::now() < until)
-      std::this_thread::yield();
-    long_saw_third = third_started.load();
-  });
+  std::promise<void> release = hold(dev);
+  dev.post_concurrent("expert L0 E0 x1",
+                      [&](gpu::backend&) { long_saw_third = wait_until([&] { return third_started.load(); }); });
   dev.post_concurrent("expert L0 E1 x1", [](gpu::backend&) {});
   dev.post_concurrent("expert L0 E2 x1", [&](gpu::backend&) { third_started = true; });
   release.set_value();
@@ -287,15 +287,9 @@ TEST_CASE("a pulled concurrent task's captures are freed when it ends and not wh
   auto rows = std::make_shared<int>(7);
   std::weak_ptr<int> watch = rows;
   std::atomic<bool> long_saw_freed{false};
-  std::promise<void> release;
-  auto gate = release.get_future().share();
-  dev.post("gate", [gate](gpu::backend&) { gate.wait_for(std::chrono::seconds{5}); });
-  dev.post_concurrent("expert L0 E0 x1", [&](gpu::backend&) {
-    auto until = std::chrono::steady_clock::now() + std::chrono::seconds{5};
-    while (!watch.expired() && std::chrono::steady_clock::now() < until)
-      std::this_thread::yield();
-    long_saw_freed = watch.expired();
-  });
+  std::promise<void> release = hold(dev);
+  dev.post_concurrent("expert L0 E0 x1",
+                      [&](gpu::backend&) { long_saw_freed = wait_until([&] { return watch.expired(); }); });
   dev.post_concurrent("expert L0 E1 x1", [held = std::move(rows)](gpu::backend&) { (void)*held; });
   release.set_value();
   REQUIRE(dev.drain(wait_limit));
@@ -307,9 +301,7 @@ TEST_CASE("a concurrent task whose hook throws fails alone; its partner runs") {
   device dev{"device 0", 2, nullptr};
   std::atomic<int> ran{0};
   std::atomic<int> errors{0};
-  std::promise<void> release;
-  auto gate = release.get_future().share();
-  dev.post("gate", [gate](gpu::backend&) { gate.wait_for(std::chrono::seconds{5}); });
+  std::promise<void> release = hold(dev);
   dev.set_task_hook([](const std::string& label) {
     if (label == "expert L0 E1 x1")
       throw std::runtime_error("injected");

@@ -14,8 +14,9 @@
 // Actors on the device thread (off unless set_actors_inline(true); the engine sets it on its
 // in-process devices, node_host on a node's): a task's completion message sent through
 // completion_unit() (actors/completion.hpp) runs its actor here, right after the task, when
-// that actor is a device_runnable (the shard, μ-queue and expert actors); what it sends in turn to other
-// device_runnable actors runs here too. Every other actor goes to CAF's scheduler as usual.
+// that actor is a device_runnable (the shard, μ-queue and expert actors); what it sends in
+// turn to other device_runnable actors runs here too. Every other actor goes to CAF's
+// scheduler as usual.
 // A decode step is a chain of such hops (attention → shard → μ-queue → experts → device →
 // experts → shard → device); through CAF's scheduler each hop woke a sleeping thread,
 // 20-100 µs on this VM's 2 cores, ~1 ms of idle device per decode token.

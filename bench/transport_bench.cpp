@@ -2,13 +2,19 @@
 // ucx_perftest on the same machine, same transport and sizes, in one run.
 //
 //   build/bench/moert_bench_transport [--transport tcp|posix|both] [--reps N] [--pattern polled|callback|both]
+//                                     [--sizes 4096,65536,1048576] [--receive-buffers N] [--eager-limit BYTES]
 //
-// Latency is one-way (half the ping-pong round trip, p50 over the iterations); bandwidth
-// streams `window` messages in flight. Two patterns of moert's channel are measured:
+// Latency is one-way (half the ping-pong round trip, p50 over the iterations, one buffer each
+// way: perftest's tag_lat). Bandwidth streams messages with `window` (32, perftest's tag_bw
+// default) sends in flight from one send buffer and `window` receives posted, and is counted
+// from the first send to the receiver's acknowledgement of the last message (perftest: from
+// the first send to its final flush). Two patterns of moert's channel are measured:
 //   polled:   each process's own thread busy-polls UCX (ucx_channel::poll) with its receives
 //             posted ahead of the bytes, as ucx_perftest's tag_lat / tag_bw do: the channel's
-//             own cost, like for like with perftest. The engine never busy-polls: this is not
-//             its path.
+//             own cost, like for like with perftest (the channel thread steps aside while a
+//             caller polls). By default every receive of the stream lands in one buffer, as in
+//             tag_bw; --receive-buffers 32 gives each receive in flight its own, as the
+//             engine's pooled row blocks would. The engine never busy-polls: this is not its path.
 //   callback: completions run on the channel thread and are handed to a thread that sleeps on
 //             a future (receive into a pool buffer): two thread wake-ups per message on top of
 //             UCX. The closest to the engine's path (tensor_link::fetch_bytes: a receive that
@@ -108,8 +114,22 @@ struct plan {
   std::size_t latency_iterations;
   std::size_t bandwidth_messages;
 };
-constexpr std::array<plan, 3> plans{{{4096, 2000, 4000}, {65536, 1000, 2000}, {1 << 20, 300, 600}}};
-constexpr std::size_t window = 16;
+constexpr std::array<plan, 3> all_plans{{{4096, 2000, 4000}, {65536, 1000, 2000}, {1 << 20, 300, 600}}};
+// ucx_perftest's tag_bw window (its default -O for that test): sends in flight at the sender,
+// receives posted at the receiver.
+constexpr std::size_t window = 32;
+
+// What a run measures (set from the command line before the fork: the echo sees the same).
+struct run_options {
+  std::vector<plan> plans{all_plans.begin(), all_plans.end()};
+  // Distinct buffers the polled stream's receives land in, in turn. 1 is perftest's tag_bw
+  // (every receive of the stream into one buffer, which stays in the cache); `window` gives
+  // every receive in flight its own, like the engine's pooled row blocks.
+  std::size_t receive_buffers = 1;
+  // ucx_channel_config::eager_limit_bytes of both channels (UCX's RNDV_THRESH).
+  std::size_t eager_limit = ucx_channel_config{}.eager_limit_bytes;
+};
+run_options options;
 
 // Which of the two patterns (see the top of this file) a run measures.
 struct patterns {
@@ -141,7 +161,8 @@ int echo_failed(const char* what, const plan& p, std::size_t at) {
 }
 
 // The echo side of the polled pattern: receives each latency message into one of two buffers
-// of its own and sends it back from there; receives the stream with 2 x window receives posted.
+// of its own and sends it back from there; receives the stream with `window` receives posted
+// (into options.receive_buffers buffers in turn).
 int echo_polled(ucx_channel& channel, peer_id parent, const plan& p, std::uint64_t& tag) {
   std::array<byte_buffer, 2> buffers{std::make_shared<std::vector<std::uint8_t>>(p.bytes),
                                      std::make_shared<std::vector<std::uint8_t>>(p.bytes)};
@@ -151,16 +172,16 @@ int echo_polled(ucx_channel& channel, peer_id parent, const plan& p, std::uint64
       return echo_failed("polled latency receive", p, i);
     channel.send(parent, tag, buffer->data(), buffer->size(), buffer, {});
   }
-  std::size_t slots = window * 2;
+  std::size_t slots = window;
   std::vector<byte_buffer> ring;
   std::vector<std::shared_ptr<std::atomic<int>>> flags(slots);
-  for (std::size_t i = 0; i < slots; ++i)
+  for (std::size_t i = 0; i < std::max<std::size_t>(1, options.receive_buffers); ++i)
     ring.push_back(std::make_shared<std::vector<std::uint8_t>>(p.bytes));
   std::uint64_t first = tag;
   auto post = [&](std::size_t k) {
     auto flag = std::make_shared<std::atomic<int>>(0);
     flags[k % slots] = flag;
-    const auto& buffer = ring[k % slots];
+    const auto& buffer = ring[k % ring.size()];
     auto now = channel.receive_into(parent, first + k, buffer->data(), p.bytes, buffer,
                                     [flag](status s) { flag->store(s.ok() ? 1 : 2); });
     if (!now.ok() || *now)
@@ -201,7 +222,7 @@ int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint
     if (!echoed.get().ok())
       return echo_failed("callback latency echo", p, i);
   }
-  // Keep 2 x `window` receives posted ahead of the stream.
+  // Keep `window` receives posted ahead of the stream.
   std::mutex mutex;
   std::condition_variable changed;
   std::size_t received = 0, failed = 0;
@@ -217,7 +238,7 @@ int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint
       changed.notify_all();
     });
   };
-  for (; posted < std::min(window * 2, p.bandwidth_messages); ++posted)
+  for (; posted < std::min(window, p.bandwidth_messages); ++posted)
     post(first + posted);
   {
     std::unique_lock<std::mutex> lock{mutex};
@@ -225,7 +246,7 @@ int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint
       std::size_t seen = received;
       if (!changed.wait_for(lock, std::chrono::seconds{30}, [&] { return received != seen; }))
         return echo_failed("callback stream stalled", p, received);
-      while (posted < p.bandwidth_messages && posted < received + window * 2) {
+      while (posted < p.bandwidth_messages && posted < received + window) {
         lock.unlock();
         post(first + posted++);
         lock.lock();
@@ -240,7 +261,8 @@ int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint
 }
 
 int run_echo(ucx_transport transport, patterns which, int to_parent, int from_parent) {
-  auto made = ucx_channel::create({.transport = transport, .pool_bytes = std::size_t{64} << 20});
+  auto made = ucx_channel::create(
+      {.transport = transport, .pool_bytes = std::size_t{64} << 20, .eager_limit_bytes = options.eager_limit});
   if (!made.ok()) {
     std::fprintf(stderr, "echo: %s\n", made.err().what().c_str());
     return 1;
@@ -251,7 +273,7 @@ int run_echo(ucx_transport transport, patterns which, int to_parent, int from_pa
   if (!parent.ok())
     return 1;
   std::uint64_t tag = 0;
-  for (const auto& p : plans) {
+  for (const auto& p : options.plans) {
     if (which.callback && echo_callback(channel, *parent, p, tag) != 0)
       return 1;
     if (which.polled && echo_polled(channel, *parent, p, tag) != 0)
@@ -400,13 +422,14 @@ std::vector<size_figures> run_driver(ucx_transport transport, patterns which) {
   ::close(up[1]);
   ::close(down[0]);
   std::vector<size_figures> out;
-  auto made = ucx_channel::create({.transport = transport, .pool_bytes = std::size_t{64} << 20});
+  auto made = ucx_channel::create(
+      {.transport = transport, .pool_bytes = std::size_t{64} << 20, .eager_limit_bytes = options.eager_limit});
   if (made.ok()) {
     auto& channel = **made;
     auto echo = channel.connect(receive_string(up[0]));
     send_string(down[1], channel.address());
     std::uint64_t tag = 0;
-    for (const auto& p : plans) {
+    for (const auto& p : options.plans) {
       auto payload = std::make_shared<std::vector<std::uint8_t>>(p.bytes);
       for (std::size_t i = 0; i < p.bytes; ++i)
         (*payload)[i] = static_cast<std::uint8_t>(i * 7);
@@ -488,26 +511,55 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "--pattern '%s': expected polled, callback or both\n", pattern_arg.c_str());
         return 2;
       }
+    } else if (arg == "--sizes" && i + 1 < argc) {
+      std::string list = argv[++i];
+      options.plans.clear();
+      for (std::size_t at = 0; at <= list.size();) {
+        auto comma = std::min(list.find(',', at), list.size());
+        std::size_t bytes = std::strtoul(list.substr(at, comma - at).c_str(), nullptr, 10);
+        auto found = std::find_if(all_plans.begin(), all_plans.end(), [&](const plan& p) { return p.bytes == bytes; });
+        if (found == all_plans.end()) {
+          std::fprintf(stderr, "--sizes: '%s' is not one of 4096, 65536, 1048576\n", list.substr(at, comma - at).c_str());
+          return 2;
+        }
+        options.plans.push_back(*found);
+        at = comma + 1;
+      }
+    } else if (arg == "--receive-buffers" && i + 1 < argc) {
+      options.receive_buffers = std::strtoul(argv[++i], nullptr, 10);
+      if (options.receive_buffers < 1 || options.receive_buffers > window) {
+        std::fprintf(stderr, "--receive-buffers: expected 1 to %zu\n", window);
+        return 2;
+      }
+    } else if (arg == "--eager-limit" && i + 1 < argc) {
+      options.eager_limit = std::strtoul(argv[++i], nullptr, 10);
+      if (options.eager_limit == 0) {
+        std::fprintf(stderr, "--eager-limit: expected a byte count above 0\n");
+        return 2;
+      }
     } else if (arg == "--reps" && i + 1 < argc) {
       reps = std::max<std::size_t>(1, std::strtoul(argv[++i], nullptr, 10));
     } else if (arg == "--help" || arg == "-h") {
-      std::printf("usage: %s [--transport tcp|posix|both] [--reps N] [--pattern polled|callback|both]\n", argv[0]);
+      std::printf("usage: %s [--transport tcp|posix|both] [--reps N] [--pattern polled|callback|both] "
+                  "[--sizes 4096,65536,1048576] [--receive-buffers 1..%zu]\n",
+                  argv[0], window);
       return 0;
     } else {
       std::fprintf(stderr, "unknown option %s (see --help)\n", arg.c_str());
       return 2;
     }
   }
-  ucx_channel_config defaults;
   std::printf("moert transport bench: moert's UCX channel between two processes vs ucx_perftest, %zu repetitions "
               "(median / best), bandwidth window %zu\n",
               reps, window);
   std::printf("moert's channel: UCX_TLS=<transport>, RNDV_THRESH=%zu (eager below), PROTO_ENABLE=y; ucx_perftest: "
               "UCX_TLS=<transport>, UCX's defaults, tag_lat / tag_bw, one busy-polling thread per process\n",
-              defaults.eager_limit_bytes);
-  std::printf("polled: one thread per process busy-polls UCX, receives posted ahead (perftest's pattern, not the "
-              "engine's); callback: completion on the channel thread, handed to a sleeping thread (the closest to "
-              "the engine's tensor path). Neither includes the CAF descriptor hop.\n");
+              options.eager_limit);
+  std::printf("polled: one thread per process busy-polls UCX, receives posted ahead, the stream's receives into %zu "
+              "buffer(s) (perftest's pattern with 1, not the engine's); callback: completion on the channel thread, "
+              "handed to a sleeping thread (the closest to the engine's tensor path). Neither includes the CAF "
+              "descriptor hop.\n",
+              options.receive_buffers);
   std::printf("load average before: %s\n", load_average().c_str());
   std::printf("%-10s %8s %-8s | %17s %17s | %19s %19s | %5s %5s\n", "transport", "bytes", "pattern", "lat moert",
               "lat perftest", "bw moert", "bw perftest", "ratio", "ratio");
@@ -518,11 +570,11 @@ int main(int argc, char** argv) {
     struct samples {
       std::vector<double> latency, bandwidth;
     };
-    std::vector<samples> callback(plans.size()), polled(plans.size()), theirs(plans.size());
+    std::vector<samples> callback(options.plans.size()), polled(options.plans.size()), theirs(options.plans.size());
     for (std::size_t r = 0; r < reps; ++r) {
       auto ours = run_driver(transport, which);
-      for (std::size_t i = 0; i < plans.size(); ++i) {
-        const auto& p = plans[i];
+      for (std::size_t i = 0; i < options.plans.size(); ++i) {
+        const auto& p = options.plans[i];
         if (i < ours.size()) {
           callback[i].latency.push_back(ours[i].callback.latency_us);
           callback[i].bandwidth.push_back(ours[i].callback.bandwidth_mib);
@@ -543,11 +595,11 @@ int main(int argc, char** argv) {
       double our_bw = median(ours.bandwidth), their_bw = median(theirs[i].bandwidth);
       double our_best = best(ours.bandwidth, false), their_best = best(theirs[i].bandwidth, false);
       std::printf("%-10s %8zu %-8s | %8.2f %8.2f %8.2f %8.2f | %9.0f %9.0f %9.0f %9.0f | %5.2f %5.2f\n",
-                  to_string(transport), plans[i].bytes, name, median(ours.latency), best(ours.latency, true),
+                  to_string(transport), options.plans[i].bytes, name, median(ours.latency), best(ours.latency, true),
                   median(theirs[i].latency), best(theirs[i].latency, true), our_bw, our_best, their_bw, their_best,
                   their_bw > 0 ? our_bw / their_bw : 0.0, their_best > 0 ? our_best / their_best : 0.0);
     };
-    for (std::size_t i = 0; i < plans.size(); ++i) {
+    for (std::size_t i = 0; i < options.plans.size(); ++i) {
       if (which.polled)
         print(i, "polled", polled[i]);
       if (which.callback)
@@ -555,9 +607,13 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("load average after: %s\n", load_average().c_str());
-  std::printf("\nrepeat: %s --reps %zu%s --pattern %s\n", argv[0], reps,
+  std::string sizes;
+  for (const auto& p : options.plans)
+    sizes += (sizes.empty() ? "" : ",") + std::to_string(p.bytes);
+  std::printf("\nrepeat: %s --reps %zu%s --pattern %s --sizes %s --receive-buffers %zu --eager-limit %zu\n", argv[0],
+              reps,
               transports.size() == 1 ? (transports[0] == ucx_transport::tcp ? " --transport tcp" : " --transport posix")
                                      : "",
-              pattern_arg.c_str());
+              pattern_arg.c_str(), sizes.c_str(), options.receive_buffers, options.eager_limit);
   return 0;
 }

@@ -1,6 +1,7 @@
 #include "model/forward.hpp"
 
 #include "gpu/registry.hpp"
+#include "gpu/work_units.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -121,14 +122,13 @@ void reference_model::moe_block(std::size_t layer, float* x, std::size_t num_tok
       active.push_back(e);
   std::size_t work = routes.size() * 3 * hidden * std::size_t(c.moe_intermediate_size);
   // Lanes take whole experts, split by work, not by count: the tasks are cost units, each
-  // expert as many as its rows plus the cost of streaming its weights (8 rows' worth, as
-  // cpu::matmul_work weighs it), and a lane runs the experts whose first unit falls in its
-  // range. A prefill's experts hold very different numbers of rows; by count one lane could
-  // get most of them. Which lane runs an expert never changes its bits.
-  constexpr std::size_t weight_stream_rows = 8;
+  // expert as many as its rows plus the cost of streaming its weights (gpu/work_units.hpp),
+  // and a lane runs the experts whose first unit falls in its range. A prefill's experts hold
+  // very different numbers of rows; by count one lane could get most of them. Which lane runs
+  // an expert never changes its bits.
   std::vector<std::size_t> first_unit(active.size() + 1, 0);
   for (std::size_t a = 0; a < active.size(); ++a)
-    first_unit[a + 1] = first_unit[a] + expert_slots[active[a]].size() + weight_stream_rows;
+    first_unit[a + 1] = first_unit[a] + expert_slots[active[a]].size() + gpu::weight_stream_rows;
   auto expert_at = [&](std::size_t unit) {  // the first expert whose first unit is ≥ unit
     return std::size_t(std::lower_bound(first_unit.begin(), first_unit.end() - 1, unit) - first_unit.begin());
   };

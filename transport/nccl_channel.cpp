@@ -1,5 +1,7 @@
 #include "transport/nccl_channel.hpp"
 
+#include "gpu/cuda/device.hpp"
+
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
@@ -75,18 +77,6 @@ result<nccl_id> make_nccl_id() {
   nccl_id id;
   std::memcpy(id.data(), &uid, sizeof uid);
   return id;
-}
-
-result<int> cuda_device_count() {
-  int count = 0;
-  cudaError_t rc = cudaGetDeviceCount(&count);
-  if (rc != cudaSuccess) {
-    cudaGetLastError();  // reset the runtime's last error, so later calls start clean
-    return cuda_failure("no CUDA device (cudaGetDeviceCount)", rc);
-  }
-  if (count == 0)
-    return make_error(error_code::device_error, "no CUDA device (cudaGetDeviceCount found 0)");
-  return count;
 }
 
 struct nccl_channel::impl {
@@ -380,7 +370,7 @@ void nccl_channel::impl::run() {
 }
 
 result<std::unique_ptr<nccl_channel>> nccl_channel::create(nccl_channel_config config) {
-  auto count = cuda_device_count();
+  auto count = cuda::device_count();
   if (!count)
     return make_error(error_code::device_error,
                       "nccl_channel on CUDA device " + std::to_string(config.device) + ": " + count.err().message);

@@ -46,10 +46,6 @@ using nccl_id = pipe_key;
 // A fresh id for one pipe (ncclGetUniqueId: also works on a machine without a GPU).
 [[nodiscard]] result<nccl_id> make_nccl_id();
 
-// The number of CUDA devices, or the error that says why there are none ("CUDA driver
-// version is insufficient" is what a machine without a driver reports).
-[[nodiscard]] result<int> cuda_device_count();
-
 struct nccl_channel_config {
   int device = 0;  // the CUDA device whose memory the transfers read and write
   std::chrono::milliseconds default_timeout{5000};

@@ -125,6 +125,9 @@ struct ucx_channel::impl {
   operation* inline_op = nullptr;  // the receive being started in a caller's call
 
   static constexpr std::chrono::microseconds spin_window{2000};
+  // How long after a caller's last poll() the channel thread leaves the worker to it.
+  static constexpr std::chrono::milliseconds caller_poll_window{10};
+  std::atomic<clock::rep> last_poll{0};  // clock::time_point of the last poll(), as a count
   static constexpr int progress_per_turn = 16;
 
   // tcp's peer-failure handler: the peer's process is gone or unreachable.
@@ -316,6 +319,30 @@ struct ucx_channel::impl {
       std::vector<std::function<void()>> callbacks;
       bool stop = false, spin = false, sleep = false, armed = false;
       auto wait = std::chrono::milliseconds{0};
+      {
+        std::lock_guard<std::mutex> guard{mutex};
+        sleeping = false;
+        auto polled_at = clock::time_point{clock::duration{last_poll.load(std::memory_order_relaxed)}};
+        if (!stopping && clock::now() - polled_at < caller_poll_window) {
+          // A caller drives the worker (poll()): a second thread spinning on the same worker
+          // and lock would take half of its core on a small machine, and run the callbacks off
+          // the caller's thread. Only the deadlines are this thread's then (their callbacks go
+          // to the caller's next poll()); it looks again every millisecond without being
+          // signalled (`sleeping` stays false), and takes over once the caller stops polling.
+          sweep();
+          sleep = true;
+          wait = std::chrono::milliseconds{1};
+        }
+      }
+      if (sleep) {
+        pollfd fds[1] = {{wake_fd, POLLIN, 0}};
+        ::poll(fds, 1, static_cast<int>(wait.count()));
+        ++wakeups;
+        std::uint64_t count = 0;
+        if (fds[0].revents & POLLIN)
+          (void)!::read(wake_fd, &count, sizeof count);
+        continue;
+      }
       {
         std::lock_guard<std::mutex> guard{mutex};
         sleeping = false;
@@ -589,6 +616,7 @@ void ucx_channel::receive(peer_id peer, std::uint64_t tag, std::size_t bytes, re
 std::size_t ucx_channel::poll() {
   auto* state = impl_.get();
   std::vector<std::function<void()>> callbacks;
+  state->last_poll.store(clock::now().time_since_epoch().count(), std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> guard{state->mutex};
     for (int turn = 0; turn < impl::progress_per_turn && ucp_worker_progress(state->worker) != 0; ++turn)

@@ -2,6 +2,7 @@
 
 #include "gpu/cpu/gemm_kernels.hpp"
 #include "gpu/cpu/thread_pool.hpp"
+#include "gpu/work_units.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -19,9 +20,7 @@ namespace moert::cpu {
 namespace {
 
 constexpr std::size_t pw = packed_matrix::panel_width;
-// A weight element read from memory costs about as much time as this many multiply-adds
-// (one core: ~5 G floats/s of DRAM bandwidth against ~40 G multiply-adds/s of AVX2 fma).
-constexpr std::size_t weight_stream_rows = 8;
+using gpu::weight_stream_rows;
 
 gemm_kernel best_supported() {
   if (gemm_kernel_supported(gemm_kernel::avx512))

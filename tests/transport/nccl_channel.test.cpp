@@ -5,6 +5,7 @@
 
 #include "transport/nccl_channel.hpp"
 
+#include "gpu/cuda/device.hpp"
 #include "test_support.hpp"
 
 #include <catch2/catch.hpp>
@@ -23,7 +24,7 @@ namespace {
 
 // The number of CUDA devices, 0 when there is none (the reason in `why`).
 int devices(std::string& why) {
-  auto count = cuda_device_count();
+  auto count = cuda::device_count();
   if (!count) {
     why = count.err().message;
     return 0;

@@ -38,6 +38,10 @@ struct bench_options {
   std::string findep_order = "ASAS";
   std::size_t pppipe_r1 = 2;
   std::string json_file;
+  // Embedded bench: one more run of each engine configuration with the trace on, not timed,
+  // written to this folder as <workload>-<configuration>.json (the timed runs stay untraced).
+  std::string trace_dir;
+  std::string only_workload;  // embedded bench: "decode" or "prefill" only; empty: both
   // Reproduction 4 of issue [C]: FinDEP ÷ PPPipe measured vs predicted on a shared-expert model.
   std::string findep_check_testbed;
   std::size_t check_sequences = 8, check_seq_len = 64;
@@ -153,8 +157,10 @@ sample run_reference(model::reference_model& m, const workload& w) {
   return {double(w.tokens) / s, {}};
 }
 
-sample run_engine(const EngineConfig& config, const workload& w) {
-  auto engine = Engine::create(config);
+sample run_engine(const EngineConfig& config, const workload& w, std::string trace_file = {}) {
+  EngineConfig traced = config;
+  traced.trace = !trace_file.empty();
+  auto engine = Engine::create(traced);
   if (!engine)
     throw std::runtime_error(engine.err().what());
   auto start = std::chrono::steady_clock::now();
@@ -166,6 +172,12 @@ sample run_engine(const EngineConfig& config, const workload& w) {
       throw std::runtime_error(out.err().what());
   double s = seconds_since(start);
   EngineReport report = (*engine)->report();
+  if (!trace_file.empty()) {
+    std::ofstream out{trace_file};
+    out << (*engine)->trace_json();
+    if (!out.flush())
+      throw std::runtime_error("cannot write trace '" + trace_file + "'");
+  }
   (*engine)->shutdown();
   return {double(w.tokens) / s, report};
 }
@@ -546,8 +558,9 @@ int run_bench(bench_options o) {
               o.decode_batch, o.decode_steps, o.prefill_sequences, o.prefill_tokens / o.prefill_sequences, o.reps,
               cpu::matmul_kernel_name());
   std::printf("# reproduce: moert bench --model-type %s --reps %zu --decode-batch %zu --prefill %zu --layers %zu "
-              "--hidden %zu --experts %zu --top-k %zu\n",
-              o.model_type.c_str(), o.reps, o.decode_batch, o.prefill_tokens, o.layers, o.hidden, o.experts, o.top_k);
+              "--hidden %zu --experts %zu --top-k %zu%s%s\n",
+              o.model_type.c_str(), o.reps, o.decode_batch, o.prefill_tokens, o.layers, o.hidden, o.experts, o.top_k,
+              o.only_workload.empty() ? "" : " --only ", o.only_workload.c_str());
   auto weights = std::make_shared<const model::model_weights>(model::synthetic_weights(*config, 1));
 
   EngineConfig base;
@@ -562,11 +575,21 @@ int run_bench(bench_options o) {
 
   nlohmann::json json_rows = nlohmann::json::array();
   for (const workload& w : workloads(o)) {
+    if (!o.only_workload.empty() && o.only_workload != w.name)
+      continue;
     auto measure = [&](auto&& one_run) {
       std::vector<sample> runs;
       for (std::size_t r = 0; r < o.reps; ++r)
         runs.push_back(one_run());
       return summarize(std::move(runs));
+    };
+    // After a configuration's timed runs: one traced run of it, when asked.
+    auto trace_run = [&](const std::string& tag, const EngineConfig& c) {
+      if (o.trace_dir.empty())
+        return;
+      std::string file = (std::filesystem::path{o.trace_dir} / (std::string{w.name} + "-" + tag + ".json")).string();
+      run_engine(c, w, file);
+      std::printf("# trace of %s, %s: %s\n", w.name, tag.c_str(), file.c_str());
     };
     std::printf("\n## %s (%zu tokens counted per run)\n", w.name, w.tokens);
     std::printf("| %-44s | %-24s | %-9s | %s\n", "configuration", "tokens/s", "ratio", "notes");
@@ -585,12 +608,14 @@ int run_bench(bench_options o) {
     EngineConfig one = base;
     one.single_device = true;
     figure single = measure([&] { return run_engine(one, w); });
+    trace_run("single", one);
     row("runtime, 1 device (attention + experts)", single, single.median / reference.median,
         "ratio to the bare forward (goal >= 0.95)");
 
     EngineConfig split = base;
     split.plan = plan_of(1, 1, "ASAS");
     figure serial = measure([&] { return run_engine(split, w); });
+    trace_run("serial", split);
     double t_attn = busy(serial.report, "attention"), t_expert = busy(serial.report, "expert");
     double limit = (t_attn + t_expert) / std::max({t_attn, t_expert, 1e-9});
     char notes[256];
@@ -608,10 +633,11 @@ int run_bench(bench_options o) {
         return 0.0;
       return (t_attn + t_expert) / (t_expert + t_attn / 2) / limit;
     };
-    auto overlap_row = [&](const std::string& name, policy::execution_plan plan) {
+    auto overlap_row = [&](const std::string& name, const std::string& tag, policy::execution_plan plan) {
       EngineConfig c = base;
       c.plan = plan;
       figure f = measure([&] { return run_engine(c, w); });
+      trace_run(tag, c);
       double speedup = f.median / serial.median;
       double best = weight_bound_best(plan.r1);
       std::snprintf(notes, sizeof notes, "speedup %.2fx over no overlap = %.2f of the limit (goal >= 0.9)", speedup,
@@ -623,16 +649,17 @@ int run_bench(bench_options o) {
       }
       row(name, f, f.median / reference.median, text);
     };
-    overlap_row("1 + 1, PPPipe r1 = " + std::to_string(o.pppipe_r1), plan_of(o.pppipe_r1, 1, "PPPipe"));
+    overlap_row("1 + 1, PPPipe r1 = " + std::to_string(o.pppipe_r1), "pppipe", plan_of(o.pppipe_r1, 1, "PPPipe"));
     overlap_row("1 + 1, FinDEP r1 = " + std::to_string(o.findep_r1) + ", r2 = " + std::to_string(o.findep_r2) + ", " +
                     o.findep_order,
-                plan_of(o.findep_r1, o.findep_r2, o.findep_order));
+                "findep", plan_of(o.findep_r1, o.findep_r2, o.findep_order));
 
     for (auto sched : {policy::queue_policy::defrag, policy::queue_policy::mtfs, policy::queue_policy::flfs}) {
       EngineConfig c = base;
       c.plan = plan_of(o.findep_r1, o.findep_r2, o.findep_order);
       c.scheduler = sched;
       figure f = measure([&] { return run_engine(c, w); });
+      trace_run("findep-" + std::string{to_string(sched)}, c);
       std::snprintf(notes, sizeof notes, "expert batch mean %.1f, %.2f executions per (layer, wave)",
                     f.report.expert_batch_mean, f.report.executions_per_layer_wave);
       row("1 + 1, FinDEP plan, scheduler " + std::string{to_string(sched)}, f, f.median / reference.median, notes);
@@ -668,6 +695,12 @@ command_runner add_bench_command(CLI::App& app) {
   sub->add_option("--findep-order", o->findep_order, "AASS or ASAS");
   sub->add_option("--pppipe-r1", o->pppipe_r1)->check(CLI::Range(1, 64));
   sub->add_option("--json", o->json_file, "Also write the table as JSON");
+  sub->add_option("--trace", o->trace_dir,
+                  "Without --model: after each configuration's timed runs, one more run traced (not timed), "
+                  "written to DIR/<workload>-<configuration>.json")
+      ->check(CLI::ExistingDirectory);
+  sub->add_option("--only", o->only_workload, "Without --model: time only this workload")
+      ->check(CLI::IsMember({"decode", "prefill"}));
   sub->add_option("--findep-check", o->findep_check_testbed,
                   "Instead: FinDEP / PPPipe measured vs predicted from this testbed (e.g. cpu)");
   sub->add_option("--check-sequences", o->check_sequences)->check(CLI::Range(1, 4096));

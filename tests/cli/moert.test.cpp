@@ -121,7 +121,8 @@ TEST_CASE("bench --model prints llama-bench's figures for the engine and the ref
   CHECK(r.out.find("# reproduce: moert bench --model " + fixture.string() + " --reps 2 --pp 16 --tg 4") !=
         std::string::npos);
   for (const char* needle : {"| reference forward, 2 threads", "| engine, default placement", "prompt 16",
-                             "decode, 1 sequence", "decode, 3 sequences", "held "})
+                             "decode, 1 sequence", "decode, 3 sequences", "held ",
+                             "| median of per-pair ratios", "runs in pairs, back to back"})
     CHECK(r.out.find(needle) != std::string::npos);
 
   auto inspect = run("inspect --model " + fixture.string());

@@ -143,6 +143,7 @@ TEST_CASE("the embedded bench times one workload and writes a trace of each engi
   // Where an overlap plan's time goes, from its report and the no-overlap run's.
   CHECK(r.out.find("expert work ") != std::string::npos);
   CHECK(r.out.find("expert device busy ") != std::string::npos);
+  CHECK(r.out.find("per back-to-back pair ") != std::string::npos);
   CHECK(r.out.find("# an expert (median of 16, one thread") != std::string::npos);  // 2 layers x 8 experts
   for (const char* tag : {"single", "serial", "pppipe", "findep", "findep-defrag", "findep-mtfs", "findep-flfs"}) {
     std::string trace = slurp(traces / ("decode-" + std::string{tag} + ".json"));

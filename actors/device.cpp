@@ -14,6 +14,8 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <typeinfo>
+#include <vector>
 
 namespace moert::actors {
 
@@ -99,13 +101,38 @@ std::uint64_t device::inline_resumes() const {
   return inline_resumes_;
 }
 
+namespace {
+
+// Whether `job` is a device_runnable actor. A cross-cast (dynamic_cast to a sibling base)
+// walks the class hierarchy and compares type names: several per hop of every decode layer.
+// The answer depends only on the dynamic type, so each thread keeps it per type (the few
+// actor classes a process has); typeid of a polymorphic object is one vtable load.
+bool is_device_runnable(caf::resumable* job) {
+  struct known {
+    const std::type_info* type;
+    bool runnable;
+  };
+  thread_local std::vector<known> cache;
+  const std::type_info* type = &typeid(*job);
+  for (const known& k : cache)
+    if (k.type == type)
+      return k.runnable;
+  bool runnable = dynamic_cast<device_runnable*>(job) != nullptr && job->subtype() == caf::resumable::scheduled_actor;
+  cache.push_back({type, runnable});
+  return runnable;
+}
+
+}  // namespace
+
 void device::schedule_actor(caf::resumable* job) {
-  bool here = dynamic_cast<device_runnable*>(job) != nullptr && job->subtype() == caf::resumable::scheduled_actor;
+  bool here = is_device_runnable(job);
   if (here) {
     std::lock_guard<std::mutex> guard{mutex_};
     here = !stopped_;
-    if (here)
+    if (here) {
       ready_.push_back(job);
+      note_work();
+    }
   }
   if (here)
     wake_.notify_one();
@@ -113,42 +140,67 @@ void device::schedule_actor(caf::resumable* job) {
     unit_->system().scheduler().enqueue(job);  // what CAF does for a send without a unit
 }
 
+void device::note_work() {
+  work_seq_.fetch_add(1, std::memory_order_release);
+  if (lanes_waiting_ > 0)
+    lanes_wake_.notify_all();
+}
+
+void device::resume_one(std::unique_lock<std::mutex>& lock, std::size_t lane) {
+  caf::resumable* job = ready_.front();
+  ready_.pop_front();
+  ++inline_resumes_;
+  running_task_ = true;  // drain() waits for actors that may still post
+  lock.unlock();
+  auto start = std::chrono::steady_clock::now();
+  bool again = false;
+  switch (job->resume(unit_.get(), inline_throughput)) {
+    case caf::resumable::resume_later:
+      again = true;  // keeps its reference
+      break;
+    case caf::resumable::done:
+    case caf::resumable::awaiting_message:
+    case caf::resumable::shutdown_execution_unit:
+      caf::intrusive_ptr_release(job);
+      break;
+  }
+  // A spawn or scoped_actor made here would pin CAF's logger to this thread, and the device
+  // outlives the actor system (engine.cpp, caller_thread_release): drop that reference.
+  if (caf::logger::current_logger() != nullptr)
+    caf::logger::set_current_actor_system(nullptr);
+  if (trace_)
+    trace_->slice(lane == 0 ? name_ + " actors" : name_ + " lane " + std::to_string(lane) + " actors", "actor", start,
+                  std::chrono::steady_clock::now());
+  lock.lock();
+  if (again) {
+    ready_.push_back(job);
+    note_work();
+  }
+}
+
 void device::run_ready_actors(std::unique_lock<std::mutex>& lock) {
   std::size_t resumed = 0;
   while (!ready_.empty() && (resumed < max_inline_resumes || queue_.empty())) {
-    caf::resumable* job = ready_.front();
-    ready_.pop_front();
-    ++inline_resumes_;
+    // A concurrent task is next and the lanes can run the remaining actors beside it: start
+    // it now (the first expert of a layer need not wait until the μ-queue's last batch is
+    // handed and posted).
+    if (pull_ready())
+      return;
     ++resumed;
-    running_task_ = true;  // drain() waits for actors that may still post
-    lock.unlock();
-    auto start = std::chrono::steady_clock::now();
-    switch (job->resume(unit_.get(), inline_throughput)) {
-      case caf::resumable::resume_later:
-        lock.lock();
-        ready_.push_back(job);  // keeps its reference
-        lock.unlock();
-        break;
-      case caf::resumable::done:
-      case caf::resumable::awaiting_message:
-      case caf::resumable::shutdown_execution_unit:
-        caf::intrusive_ptr_release(job);
-        break;
-    }
-    // A spawn or scoped_actor made here would pin CAF's logger to this thread, and the device
-    // outlives the actor system (engine.cpp, caller_thread_release): drop that reference.
-    if (caf::logger::current_logger() != nullptr)
-      caf::logger::set_current_actor_system(nullptr);
-    if (trace_)
-      trace_->slice(name_ + " actors", "actor", start, std::chrono::steady_clock::now());
-    lock.lock();
+    resume_one(lock, 0);
   }
+}
+
+bool device::pull_ready() const {
+  return !hook_ && lanes() > 1 && !queue_.empty() && queue_.front().concurrent &&
+         ((queue_.size() >= 2 && queue_[1].concurrent) || !ready_.empty());
 }
 
 void device::enqueue(posted p) {
   {
     std::lock_guard<std::mutex> guard{mutex_};
     queue_.push_back(std::move(p));
+    note_work();
   }
   wake_.notify_one();
 }
@@ -218,44 +270,81 @@ device::outcome device::execute(posted& next, const task_hook& hook, gpu::backen
 }
 
 void device::run_pulled(std::vector<posted>& batch, std::vector<outcome>& outcomes, std::vector<std::size_t>& lane_of) {
-  struct ran {
-    posted task;
-    outcome out;
-  };
-  std::vector<std::vector<ran>> per_lane(lanes());
-  // One range per lane (work large enough that the backend always spreads it); each lane takes
-  // the next concurrent task from the front until the front is not one. The device thread
-  // (lane 0, the pool's caller) first runs the actors that completions woke: a μ-queue that
-  // hears of room hands its next batch while the other lane is still busy, and no barrier
-  // splits a layer's experts into rounds of lanes().
+  std::vector<std::vector<std::pair<posted, outcome>>> per_lane(lanes());
+  {
+    std::lock_guard<std::mutex> guard{mutex_};
+    lanes_working_ = per_lane.size();
+  }
+  // One range per lane (work large enough that the backend always spreads it). Each lane
+  // takes the concurrent task at the front of the queue; with none there, it runs an actor
+  // that a completion woke (whichever lane is free: a μ-queue that hears of room hands its
+  // next batch, a shard joins a layer, beside the other lane's task, not after it); with
+  // neither, it waits while another lane still works (what that lane runs may post more). The
+  // run ends when an ordinary task is next (it needs every thread) or every lane is out of work.
   backend_->concurrent(per_lane.size(), std::size_t(-1) / 2,
                        [&](gpu::backend& lane, std::size_t begin, std::size_t end) {
-                         bool on_device_thread = std::this_thread::get_id() == thread_.get_id();
                          for (std::size_t l = begin; l < end; ++l)
-                           for (;;) {
-                             posted next;
-                             {
-                               std::unique_lock<std::mutex> lock{mutex_};
-                               if (on_device_thread)
-                                 run_ready_actors(lock);
-                               if (queue_.empty() || !queue_.front().concurrent)
-                                 break;
-                               next = std::move(queue_.front());
-                               queue_.pop_front();
-                             }
-                             outcome out = execute(next, {}, lane);
-                             // Its captures (an expert batch's rows, with their transport pool
-                             // credit) go now, not when the whole pulled run ends.
-                             next.work = {};
-                             per_lane[l].push_back({std::move(next), std::move(out)});
-                           }
+                           pull_on_lane(lane, l, per_lane[l]);
                        });
   for (std::size_t l = 0; l < per_lane.size(); ++l)
-    for (ran& r : per_lane[l]) {
-      batch.push_back(std::move(r.task));
-      outcomes.push_back(std::move(r.out));
+    for (auto& [task, out] : per_lane[l]) {
+      batch.push_back(std::move(task));
+      outcomes.push_back(std::move(out));
       lane_of.push_back(l);
     }
+}
+
+void device::pull_on_lane(gpu::backend& lane, std::size_t l, std::vector<std::pair<posted, outcome>>& ran) {
+  // How long a lane out of work spins before it sleeps: a completion usually wakes an actor
+  // within a task's length, and a futex wake-up costs 10-80 µs on this VM (thread_pool.cpp).
+  constexpr auto spin_limit = std::chrono::microseconds{50};
+  std::size_t resumed_while_waiting = 0;
+  std::unique_lock<std::mutex> lock{mutex_};
+  for (;;) {
+    if (!queue_.empty() && queue_.front().concurrent) {
+      posted next = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      outcome out = execute(next, {}, lane);
+      // Its captures (an expert batch's rows, with their transport pool credit) go now, not
+      // when the whole pulled run ends.
+      next.work = {};
+      ran.emplace_back(std::move(next), std::move(out));
+      lock.lock();
+      continue;
+    }
+    // Actors that keep messaging each other do not hold off an ordinary task for long.
+    bool task_waits = !queue_.empty();
+    if (!ready_.empty() && (!task_waits || ++resumed_while_waiting <= max_inline_resumes)) {
+      resume_one(lock, l);
+      continue;
+    }
+    if (!queue_.empty() || lanes_working_ == 0)
+      break;  // an ordinary task is next, or every other lane has left
+    if (--lanes_working_ == 0) {
+      note_work();  // the last one: the lanes waiting leave too
+      break;
+    }
+    std::uint64_t seen = work_seq_.load(std::memory_order_acquire);
+    lock.unlock();
+    auto spin_start = std::chrono::steady_clock::now();
+    while (work_seq_.load(std::memory_order_acquire) == seen &&
+           std::chrono::steady_clock::now() - spin_start < spin_limit)
+      for (int i = 0; i < 64; ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      }
+    lock.lock();
+    ++lanes_waiting_;
+    // Bounded waits, rechecked: work (a post, a woken actor) or the last working lane leaving.
+    while (queue_.empty() && ready_.empty() && lanes_working_ > 0)
+      lanes_wake_.wait_for(lock, std::chrono::milliseconds{10});
+    --lanes_waiting_;
+    if (lanes_working_ == 0)
+      break;
+    ++lanes_working_;
+  }
 }
 
 void device::run() {
@@ -282,7 +371,7 @@ void device::run() {
       slow = slowdown_;
       // Hooks run on the device thread before their tasks (they need not be thread-safe), so
       // with one the lanes do not pull: the batch is what is queued now.
-      pulled = !hook && lanes() > 1 && queue_.size() >= 2 && queue_[0].concurrent && queue_[1].concurrent;
+      pulled = pull_ready();
       if (!pulled)
         do {
           batch.push_back(std::move(queue_.front()));

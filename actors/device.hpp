@@ -24,6 +24,7 @@
 #include "gpu/backend.hpp"
 #include "model/weights.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -127,8 +128,16 @@ private:
   // it to CAF's scheduler when it is not device_runnable or the device is stopping.
   void schedule_actor(caf::resumable* job);
   // On the device thread, with `lock` held on entry and exit: resumes ready actors, at most
-  // max_inline_resumes in a row while a task waits.
+  // max_inline_resumes in a row while a task waits; returns early when pull_ready().
   void run_ready_actors(std::unique_lock<std::mutex>& lock);
+  // With `lock` held on entry and exit: resumes the first ready actor on this thread, lane
+  // `lane` of a pulled run (0: the device thread).
+  void resume_one(std::unique_lock<std::mutex>& lock, std::size_t lane);
+  // Under mutex_: whether the lanes should pull now (a concurrent task is next, and a second
+  // one is queued or actors that may post more are ready).
+  bool pull_ready() const;
+  // Under mutex_: a task or an actor became ready, or a lane left a pulled run.
+  void note_work();
 
   std::string name_;
   trace_recorder* trace_;
@@ -151,6 +160,9 @@ private:
   // Concurrent tasks from the front of the queue, taken one at a time by whichever lane is
   // free, until the front is not a concurrent task; appends what ran, its outcome and lane.
   void run_pulled(std::vector<posted>& batch, std::vector<outcome>& outcomes, std::vector<std::size_t>& lane_of);
+  // Lane `l` of a pulled run (on whichever thread runs that lane): concurrent tasks first,
+  // then ready actors, until the run ends; appends the tasks it ran to `ran`.
+  void pull_on_lane(gpu::backend& lane, std::size_t l, std::vector<std::pair<posted, outcome>>& ran);
   std::deque<posted> queue_;
   std::condition_variable idle_;
   bool running_task_ = false;
@@ -162,6 +174,12 @@ private:
   bool stopping_ = false;
   bool stopped_ = false;  // the thread has left run(): schedule_actor hands actors to CAF
   std::deque<caf::resumable*> ready_;  // actors to resume here, each holding a reference
+  // A pulled run's lanes that are not waiting for work (under mutex_); 0 ends the run.
+  std::size_t lanes_working_ = 0;
+  std::size_t lanes_waiting_ = 0;  // lanes asleep on lanes_wake_ (under mutex_)
+  std::condition_variable lanes_wake_;
+  // Bumped under mutex_ by note_work(): what a lane out of work spins on before it sleeps.
+  std::atomic<std::uint64_t> work_seq_{0};
   std::uint64_t inline_resumes_ = 0;
   std::unique_ptr<actor_unit> unit_;    // set once, under mutex_
   bool actors_inline_ = false;

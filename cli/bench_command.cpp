@@ -4,12 +4,14 @@
 #include "actors/runtime.hpp"
 #include "engine/engine.hpp"
 #include "engine_options.hpp"
+#include "gpu/cpu/backend.hpp"
 #include "gpu/cpu/gemm.hpp"
 #include "policy/findep.hpp"
 #include "policy/replan.hpp"
 #include "model_source.hpp"
 #include "policy_commands.hpp"
 #include "model/forward.hpp"
+#include "model/layers.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -38,6 +40,10 @@ struct bench_options {
   std::string findep_order = "ASAS";
   std::size_t pppipe_r1 = 2;
   std::string json_file;
+  // Embedded bench: one more run of each engine configuration with the trace on, not timed,
+  // written to this folder as <workload>-<configuration>.json (the timed runs stay untraced).
+  std::string trace_dir;
+  std::string only_workload;  // embedded bench: "decode" or "prefill" only; empty: both
   // Reproduction 4 of issue [C]: FinDEP ÷ PPPipe measured vs predicted on a shared-expert model.
   std::string findep_check_testbed;
   std::size_t check_sequences = 8, check_seq_len = 64;
@@ -60,17 +66,19 @@ struct workload {
 struct sample {
   double tokens_per_s;
   EngineReport report;
+  double lifetime_s = 0;  // Engine::create → report(): what the report's busy fractions divide
 };
 
 struct figure {
   double median = 0, low = 0, high = 0;
   EngineReport report;  // of the median run
+  double lifetime_s = 0;
 };
 
 figure summarize(std::vector<sample> runs) {
   std::sort(runs.begin(), runs.end(), [](const sample& a, const sample& b) { return a.tokens_per_s < b.tokens_per_s; });
-  return {runs[runs.size() / 2].tokens_per_s, runs.front().tokens_per_s, runs.back().tokens_per_s,
-          runs[runs.size() / 2].report};
+  const sample& mid = runs[runs.size() / 2];
+  return {mid.tokens_per_s, runs.front().tokens_per_s, runs.back().tokens_per_s, mid.report, mid.lifetime_s};
 }
 
 std::string config_json(const bench_options& o) {
@@ -150,11 +158,14 @@ sample run_reference(model::reference_model& m, const workload& w) {
   double s = seconds_since(start);
   if (!out)
     throw std::runtime_error(out.err().what());
-  return {double(w.tokens) / s, {}};
+  return {double(w.tokens) / s, {}, 0.0};
 }
 
-sample run_engine(const EngineConfig& config, const workload& w) {
-  auto engine = Engine::create(config);
+sample run_engine(const EngineConfig& config, const workload& w, std::string trace_file = {}) {
+  EngineConfig traced = config;
+  traced.trace = !trace_file.empty();
+  auto created = std::chrono::steady_clock::now();
+  auto engine = Engine::create(traced);
   if (!engine)
     throw std::runtime_error(engine.err().what());
   auto start = std::chrono::steady_clock::now();
@@ -166,8 +177,45 @@ sample run_engine(const EngineConfig& config, const workload& w) {
       throw std::runtime_error(out.err().what());
   double s = seconds_since(start);
   EngineReport report = (*engine)->report();
+  double lifetime = seconds_since(created);
+  if (!trace_file.empty()) {
+    std::ofstream out{trace_file};
+    out << (*engine)->trace_json();
+    if (!out.flush())
+      throw std::runtime_error("cannot write trace '" + trace_file + "'");
+  }
   (*engine)->shutdown();
-  return {double(w.tokens) / s, report};
+  return {double(w.tokens) / s, report, lifetime};
+}
+
+// The median time of one expert_step on `rows` rows over every (layer, expert), one thread,
+// each expert after the others (weights from memory, as a decode step streams them).
+struct expert_cost {
+  double median_us = 0;
+  std::size_t count = 0;
+};
+
+expert_cost time_experts(const model::model_weights& weights, const model::model_config& config, std::size_t rows) {
+  cpu::cpu_backend one{1};
+  std::size_t hidden = std::size_t(config.hidden_size);
+  std::vector<float> in(rows * hidden), out(rows * hidden);
+  rng gen{3};
+  for (float& x : in)
+    x = float(gen.next_u64() % 2001) / 1000.0f - 1.0f;
+  std::vector<double> times;
+  for (std::int64_t layer = 0; layer < config.num_layers; ++layer) {
+    if (std::size_t(layer) < config.sparse_layers.size() && !config.sparse_layers[std::size_t(layer)])
+      continue;
+    for (std::int64_t e = 0; e < config.num_experts; ++e) {
+      auto start = std::chrono::steady_clock::now();
+      model::expert_step(weights, std::size_t(layer), std::size_t(e), in.data(), rows, out.data(), one);
+      times.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count());
+    }
+  }
+  if (times.empty())
+    return {};
+  std::nth_element(times.begin(), times.begin() + std::ptrdiff_t(times.size() / 2), times.end());
+  return {times[times.size() / 2], times.size()};
 }
 
 double busy(const EngineReport& r, const std::string& prefix) {
@@ -395,7 +443,7 @@ int run_model_bench(const bench_options& o) {
               mib(double(held.f16)), load_s, cpu::matmul_kernel_name());
   std::printf("# figures (llama-bench's): prompt %zu = one %zu-token prompt, prompt tokens/s; decode at 1 and at %zu "
               "sequences = %zu new tokens after a %zu-token prompt each, tokens/s once every sequence has its first "
-              "token; median (min-max) of %zu runs, modes interleaved\n",
+              "token; median (min-max) of %zu runs; each figure's engine and reference runs in pairs, back to back\n",
               o.pp_tokens, o.pp_tokens, o.tg_batch, o.tg_tokens, o.tg_prompt, o.reps);
   // What Engine::create will choose, to print it (create resolves it again, the same way).
   EngineConfig resolved = engine_config;
@@ -435,15 +483,27 @@ int run_model_bench(const bench_options& o) {
   auto tgn_prompts = random_prompts(o.tg_batch, o.tg_prompt, config.vocab_size, 3);
   // [mode][figure]: mode 0 reference, 1 engine; figure 0 prompt, 1 decode at 1, 2 decode at tg_batch.
   std::vector<double> runs[2][3];
+  // Each figure's engine and reference runs are timed back to back, so a loaded moment on a
+  // shared machine hits both runs of a pair: the median of the pairs' ratios is steadier than
+  // the ratio of the medians. Odd repetitions run the engine first, so neither mode always
+  // runs in the other's wake.
+  std::vector<double> pair_ratios[3];
   EngineReport fault_totals;  // with --faults: summed over the engine's runs
   for (std::size_t r = 0; r < o.reps; ++r)
-    for (int mode = 0; mode < 2; ++mode) {
-      auto run = [&](const std::vector<std::vector<std::int32_t>>& prompts, std::size_t n) {
-        return mode == 0 ? reference_run(reference, prompts, n) : engine_run(engine_config, prompts, n, &fault_totals);
-      };
-      runs[mode][0].push_back(run(pp_prompt, 1).prompt);
-      runs[mode][1].push_back(run(tg1_prompts, o.tg_tokens + 1).decode);
-      runs[mode][2].push_back(run(tgn_prompts, o.tg_tokens + 1).decode);
+    for (int k = 0; k < 3; ++k) {
+      double pair[2] = {0, 0};
+      for (int i = 0; i < 2; ++i) {
+        int mode = r % 2 == 0 ? i : 1 - i;
+        auto run = [&](const std::vector<std::vector<std::int32_t>>& prompts, std::size_t n) {
+          return mode == 0 ? reference_run(reference, prompts, n)
+                           : engine_run(engine_config, prompts, n, &fault_totals);
+        };
+        pair[mode] = k == 0   ? run(pp_prompt, 1).prompt
+                     : k == 1 ? run(tg1_prompts, o.tg_tokens + 1).decode
+                              : run(tgn_prompts, o.tg_tokens + 1).decode;
+        runs[mode][k].push_back(pair[mode]);
+      }
+      pair_ratios[k].push_back(pair[1] / std::max(pair[0], 1e-9));
     }
 
   const char* names[2] = {"reference forward", "engine, default placement"};
@@ -473,6 +533,13 @@ int run_model_bench(const bench_options& o) {
   std::printf("| %-36s |", "engine / reference (goal >= 0.95)");
   for (int k = 0; k < 3; ++k)
     std::printf(" %26.3f |", f[1][k].median / std::max(f[0][k].median, 1e-9));
+  std::printf("\n| %-36s |", "median of per-pair ratios");
+  for (int k = 0; k < 3; ++k) {
+    figure ratio = summarize_values(pair_ratios[k]);
+    std::printf(" %8.3f (%7.3f-%7.3f) |", ratio.median, ratio.low, ratio.high);
+    json_rows.push_back({{"configuration", "engine / reference, per pair"}, {"figure", heads[k]},
+                         {"ratio", ratio.median}, {"min", ratio.low}, {"max", ratio.high}});
+  }
   std::printf("\n");
   if (!o.faults_file.empty()) {  // by type, over all of the engine's runs
     std::printf("\n%zu engine runs under the fault plan; ", 3 * o.reps);
@@ -527,8 +594,9 @@ int run_bench(bench_options o) {
               o.decode_batch, o.decode_steps, o.prefill_sequences, o.prefill_tokens / o.prefill_sequences, o.reps,
               cpu::matmul_kernel_name());
   std::printf("# reproduce: moert bench --model-type %s --reps %zu --decode-batch %zu --prefill %zu --layers %zu "
-              "--hidden %zu --experts %zu --top-k %zu\n",
-              o.model_type.c_str(), o.reps, o.decode_batch, o.prefill_tokens, o.layers, o.hidden, o.experts, o.top_k);
+              "--hidden %zu --experts %zu --top-k %zu%s%s\n",
+              o.model_type.c_str(), o.reps, o.decode_batch, o.prefill_tokens, o.layers, o.hidden, o.experts, o.top_k,
+              o.only_workload.empty() ? "" : " --only ", o.only_workload.c_str());
   auto weights = std::make_shared<const model::model_weights>(model::synthetic_weights(*config, 1));
 
   EngineConfig base;
@@ -543,11 +611,21 @@ int run_bench(bench_options o) {
 
   nlohmann::json json_rows = nlohmann::json::array();
   for (const workload& w : workloads(o)) {
+    if (!o.only_workload.empty() && o.only_workload != w.name)
+      continue;
     auto measure = [&](auto&& one_run) {
       std::vector<sample> runs;
       for (std::size_t r = 0; r < o.reps; ++r)
         runs.push_back(one_run());
       return summarize(std::move(runs));
+    };
+    // After a configuration's timed runs: one traced run of it, when asked.
+    auto trace_run = [&](const std::string& tag, const EngineConfig& c) {
+      if (o.trace_dir.empty())
+        return;
+      std::string file = (std::filesystem::path{o.trace_dir} / (std::string{w.name} + "-" + tag + ".json")).string();
+      run_engine(c, w, file);
+      std::printf("# trace of %s, %s: %s\n", w.name, tag.c_str(), file.c_str());
     };
     std::printf("\n## %s (%zu tokens counted per run)\n", w.name, w.tokens);
     std::printf("| %-44s | %-24s | %-9s | %s\n", "configuration", "tokens/s", "ratio", "notes");
@@ -566,12 +644,14 @@ int run_bench(bench_options o) {
     EngineConfig one = base;
     one.single_device = true;
     figure single = measure([&] { return run_engine(one, w); });
+    trace_run("single", one);
     row("runtime, 1 device (attention + experts)", single, single.median / reference.median,
         "ratio to the bare forward (goal >= 0.95)");
 
     EngineConfig split = base;
     split.plan = plan_of(1, 1, "ASAS");
     figure serial = measure([&] { return run_engine(split, w); });
+    trace_run("serial", split);
     double t_attn = busy(serial.report, "attention"), t_expert = busy(serial.report, "expert");
     double limit = (t_attn + t_expert) / std::max({t_attn, t_expert, 1e-9});
     char notes[256];
@@ -579,41 +659,82 @@ int run_bench(bench_options o) {
                   100 * t_attn, 100 * t_expert, limit);
     row("1 attn + 1 expert core, r1 = r2 = 1", serial, serial.median / reference.median, notes);
 
-    // With r1 = 2 and weight-bound experts (an execution costs the same at 4 rows as at 8),
-    // the limit above cannot be reached: micro-batch 0's experts run alone while micro-batch
-    // 1's attention runs (A/2), and every expert run then is run again for micro-batch 1, or
-    // the attention device waits for it. Either way a layer takes at least E + A/2 of the
-    // no-overlap busy times A and E, so the best speedup is (A + E) / (E + A/2) when E >= A/2.
-    auto weight_bound_best = [&](std::size_t r1) {
-      if (r1 != 2 || t_expert < t_attn / 2)
-        return 0.0;
-      return (t_attn + t_expert) / (t_expert + t_attn / 2) / limit;
+    // With r1 = 2 the limit above cannot be reached when experts are partly weight-bound.
+    // While micro-batch 1's attention runs (A/2 of the no-overlap busy times A and E), the
+    // expert device can only run micro-batch 0's rows alone; every expert it runs then is run
+    // again for micro-batch 1 and streams its weights twice, or the device idles. Balancing the
+    // two (as many split experts as fill A/2), a layer takes at least E + (A/2)·w/u, where an
+    // expert costs u at the micro-batch's rows and v at the whole batch's, and w = 2u − v is
+    // the part of u that does not shrink with rows (its weight stream, timed below): at best
+    // E / (E + (A/2)·w/u) of the limit when E ≥ A. Fully weight-bound (u = v) gives
+    // E / (E + A/2); compute-bound (v = 2u) gives the limit itself.
+    std::size_t step_tokens = w.requests.size() * (std::string{w.name} == "decode" ? 1 : w.tokens / w.requests.size());
+    auto rows_of = [&](std::size_t r1) {
+      return std::max<std::size_t>(1, step_tokens * o.top_k / (o.experts * r1));
     };
-    auto overlap_row = [&](const std::string& name, policy::execution_plan plan) {
+    expert_cost u = time_experts(*weights, *config, rows_of(2)), v = time_experts(*weights, *config, rows_of(1));
+    double weight_share = std::clamp((2 * u.median_us - v.median_us) / u.median_us, 0.0, 1.0);
+    std::printf("# an expert (median of %zu, one thread, weights from memory) at %zu rows: %.0f us, at %zu rows: "
+                "%.0f us; weight-stream share of the smaller w/u = %.2f\n",
+                u.count, rows_of(2), u.median_us, rows_of(1), v.median_us, weight_share);
+    auto weight_bound_best = [&](std::size_t r1) {
+      if (r1 != 2 || t_expert < t_attn)
+        return 0.0;
+      return t_expert / (t_expert + t_attn / 2 * weight_share);
+    };
+    auto overlap_row = [&](const std::string& name, const std::string& tag, policy::execution_plan plan) {
       EngineConfig c = base;
       c.plan = plan;
-      figure f = measure([&] { return run_engine(c, w); });
+      // Each run paired with a no-overlap run back to back (odd repetitions overlap first), so
+      // a loaded moment of a shared machine hits both: the median of the pairs' speedups is
+      // steadier than the ratio of the two medians.
+      std::vector<sample> runs;
+      std::vector<double> pair_speedups;
+      for (std::size_t r = 0; r < o.reps; ++r) {
+        sample alone = r % 2 == 0 ? run_engine(split, w) : sample{};
+        sample here = run_engine(c, w);
+        if (r % 2 == 1)
+          alone = run_engine(split, w);
+        pair_speedups.push_back(here.tokens_per_s / std::max(alone.tokens_per_s, 1e-9));
+        runs.push_back(std::move(here));
+      }
+      figure f = summarize(std::move(runs)), pairs = summarize_values(pair_speedups);
+      trace_run(tag, c);
       double speedup = f.median / serial.median;
       double best = weight_bound_best(plan.r1);
-      std::snprintf(notes, sizeof notes, "speedup %.2fx over no overlap = %.2f of the limit (goal >= 0.9)", speedup,
-                    speedup / limit);
+      std::snprintf(notes, sizeof notes,
+                    "speedup %.2fx over no overlap = %.2f of the limit (goal >= 0.9); per back-to-back pair %.2fx = "
+                    "%.2f (%.2f-%.2f)",
+                    speedup, speedup / limit, pairs.median, pairs.median / limit, pairs.low / limit,
+                    pairs.high / limit);
       std::string text = notes;
       if (best > 0) {
-        std::snprintf(notes, sizeof notes, "; weight-bound experts allow at most %.2f of it at r1 = 2", best);
+        std::snprintf(notes, sizeof notes, "; re-streamed expert weights allow at most %.2f of it at r1 = 2", best);
+        text += notes;
+      }
+      // Where the rest goes, in device seconds of the median runs: more expert work than
+      // without overlap (split batches, and the other core's memory traffic), or an expert
+      // device that is not busy (idle, or running actors between tasks).
+      double e_serial = t_expert * serial.lifetime_s, e_here = busy(f.report, "expert") * f.lifetime_s;
+      double wall_here = double(w.tokens) / f.median;
+      if (e_serial > 0 && wall_here > 0) {
+        std::snprintf(notes, sizeof notes, "; expert work %.2fx of no overlap, expert device busy %.0f %% of the run",
+                      e_here / e_serial, 100 * e_here / wall_here);
         text += notes;
       }
       row(name, f, f.median / reference.median, text);
     };
-    overlap_row("1 + 1, PPPipe r1 = " + std::to_string(o.pppipe_r1), plan_of(o.pppipe_r1, 1, "PPPipe"));
+    overlap_row("1 + 1, PPPipe r1 = " + std::to_string(o.pppipe_r1), "pppipe", plan_of(o.pppipe_r1, 1, "PPPipe"));
     overlap_row("1 + 1, FinDEP r1 = " + std::to_string(o.findep_r1) + ", r2 = " + std::to_string(o.findep_r2) + ", " +
                     o.findep_order,
-                plan_of(o.findep_r1, o.findep_r2, o.findep_order));
+                "findep", plan_of(o.findep_r1, o.findep_r2, o.findep_order));
 
     for (auto sched : {policy::queue_policy::defrag, policy::queue_policy::mtfs, policy::queue_policy::flfs}) {
       EngineConfig c = base;
       c.plan = plan_of(o.findep_r1, o.findep_r2, o.findep_order);
       c.scheduler = sched;
       figure f = measure([&] { return run_engine(c, w); });
+      trace_run("findep-" + std::string{to_string(sched)}, c);
       std::snprintf(notes, sizeof notes, "expert batch mean %.1f, %.2f executions per (layer, wave)",
                     f.report.expert_batch_mean, f.report.executions_per_layer_wave);
       row("1 + 1, FinDEP plan, scheduler " + std::string{to_string(sched)}, f, f.median / reference.median, notes);
@@ -649,6 +770,12 @@ command_runner add_bench_command(CLI::App& app) {
   sub->add_option("--findep-order", o->findep_order, "AASS or ASAS");
   sub->add_option("--pppipe-r1", o->pppipe_r1)->check(CLI::Range(1, 64));
   sub->add_option("--json", o->json_file, "Also write the table as JSON");
+  sub->add_option("--trace", o->trace_dir,
+                  "Without --model: after each configuration's timed runs, one more run traced (not timed), "
+                  "written to DIR/<workload>-<configuration>.json")
+      ->check(CLI::ExistingDirectory);
+  sub->add_option("--only", o->only_workload, "Without --model: time only this workload")
+      ->check(CLI::IsMember({"decode", "prefill"}));
   sub->add_option("--findep-check", o->findep_check_testbed,
                   "Instead: FinDEP / PPPipe measured vs predicted from this testbed (e.g. cpu)");
   sub->add_option("--check-sequences", o->check_sequences)->check(CLI::Range(1, 4096));

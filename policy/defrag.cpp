@@ -61,19 +61,31 @@ std::optional<queue_choice> pick_queue(const queue_matrix& queues, queue_policy 
       return best;
   }
 
+  auto own = [&](std::size_t b, std::size_t e) {
+    return policy == queue_policy::flfs ? 0.0 : double(queues.tokens(b, e));
+  };
   for (std::size_t b = 0; b < queues.num_layers(); ++b) {
     double layer_bonus = 0.0;
     if (policy == queue_policy::defrag)
       layer_bonus = lookahead_score(queues, b, params);
     else if (policy == queue_policy::flfs)
       layer_bonus = -double(b);
-    for (std::size_t e = 0; e < queues.num_experts(); ++e) {
-      std::size_t tokens = queues.tokens(b, e);
-      if (tokens == 0)
-        continue;
-      double own = policy == queue_policy::flfs ? 0.0 : double(tokens);
-      offer(b, e, layer_bonus + own, false);
-    }
+    for (std::size_t e = 0; e < queues.num_experts(); ++e)
+      if (queues.tokens(b, e) > 0)
+        offer(b, e, layer_bonus + own(b, e), false);
+  }
+  if (!best || !params.oldest_first_within_layer)
+    return best;
+  // Same layer, so the same layer bonus: the oldest first, then the policy's own score, then
+  // the lowest index.
+  std::size_t b = best->layer;
+  for (std::size_t e = 0; e < queues.num_experts(); ++e) {
+    if (queues.tokens(b, e) == 0 || e == best->expert)
+      continue;
+    auto age = queues.oldest(b, e), best_age = queues.oldest(b, best->expert);
+    if (age < best_age || (age == best_age && own(b, e) > own(b, best->expert)) ||
+        (age == best_age && own(b, e) == own(b, best->expert) && e < best->expert))
+      best->expert = e;
   }
   return best;
 }

@@ -130,9 +130,9 @@ struct queue_fixture {
 
   // One A2E of layer `layer` to device `d`: row i goes to experts[i] with join slot slots[i].
   void a2e(std::size_t d, std::uint32_t layer, const std::vector<std::uint32_t>& to,
-           const std::vector<std::uint32_t>& slots) {
+           const std::vector<std::uint32_t>& slots, std::uint32_t micro_batch = 0) {
     routed_tokens msg;
-    msg.key = {0, 1, 0, layer};
+    msg.key = {0, 1, micro_batch, layer};
     auto rows = std::make_shared<row_block>();
     rows->row_floats = std::size_t(ctx.config.hidden_size);
     rows->data.assign(to.size() * rows->row_floats, 0.5f);
@@ -172,6 +172,35 @@ TEST_CASE("a μ-queue hands each batch to its expert's actor, two in flight per 
   }
   CHECK(slots == std::set<std::uint32_t>{0, 1, 2, 3, 4, 5});
   CHECK(f.stats.control_messages() == 0);  // the stand-ins do not count; the real expert does
+}
+
+// Decode overlap at r1 = 2: micro-batch 0's rows of a layer reach the device before micro-batch
+// 1's. Its queue goes first although micro-batch 1's holds more rows, so micro-batch 0 can start
+// its next attention while the device serves micro-batch 1.
+TEST_CASE("a μ-queue serves the micro-batch that reached a layer first before a later, larger one") {
+  queue_fixture f;
+  // Device 0 hosts experts 0 and 2; two layer-1 batches fill it.
+  f.a2e(0, 1, {0}, {0});
+  f.a2e(0, 1, {2}, {1});
+  REQUIRE(wait_until([&] { return f.log->count() >= 2; }));
+  f.a2e(0, 0, {0}, {10}, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds{5});
+  f.a2e(0, 0, {2, 2, 2}, {11, 12, 13}, 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds{20});
+  REQUIRE(f.log->count() == 2);
+  caf::anon_send(f.experts[2], release_atom::value);  // room for one batch
+  REQUIRE(wait_until([&] { return f.log->count() >= 3; }));
+  {
+    std::lock_guard<std::mutex> guard{f.log->mutex};
+    CHECK(f.log->batches[2].expert == 0);
+    CHECK(f.log->batches[2].layer == 0);
+    CHECK(f.log->batches[2].slots == std::vector<std::uint32_t>{10});
+  }
+  f.release_all();
+  REQUIRE(wait_until([&] { return f.log->count() >= 4; }));
+  std::lock_guard<std::mutex> guard{f.log->mutex};
+  CHECK(f.log->batches[3].expert == 2);
+  CHECK(f.log->batches[3].slots == std::vector<std::uint32_t>{11, 12, 13});
 }
 
 TEST_CASE("moving an expert forwards its queued and late rows to its new device, each handed once") {

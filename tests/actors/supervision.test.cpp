@@ -142,7 +142,7 @@ private:
 
 }  // namespace
 
-TEST_CASE("a task's completion runs a device_runnable actor on the device thread, others on CAF's workers") {
+TEST_CASE("a task's completion runs a device_runnable actor on the device's threads, others on CAF's workers") {
   // Each hop of a decode step used to wake one of CAF's sleeping workers (20-100 µs on 2
   // cores); the shard, μ-queue and expert actors now run where their completion lands.
   device dev{"device 0", 2, nullptr};
@@ -164,32 +164,44 @@ TEST_CASE("a task's completion runs a device_runnable actor on the device thread
         return {[&plain_hop](int) { plain_hop.set_value(std::this_thread::get_id()); }};
       },
       0);
-  std::promise<std::thread::id> device_thread;
+  std::thread::id device_thread;  // written by the first task, read by the later ones (FIFO)
   dev.post("attention L0 mb0", [&](gpu::backend&) {
-    device_thread.set_value(std::this_thread::get_id());
+    device_thread = std::this_thread::get_id();
     send_completion(dev, first, 0);
     send_completion(dev, plain, 0);
   });
-  // A concurrent task completes on a pool thread: its actor still runs on the device thread.
+  // Two concurrent tasks, one on each lane: the one on the pool thread completes; the one on
+  // the device thread waits until that completion's actor has run. Only lane 0 (the device
+  // thread) ran woken actors: then it ran after that task, which waited in vain.
   std::promise<void> release = hold(dev);
+  std::atomic<int> started{0};
+  std::atomic<bool> hop_seen_during_task{false};
+  std::thread::id pool_lane;
+  auto hop = lane_hop.get_future().share();
   for (int e = 0; e < 2; ++e)
-    dev.post_concurrent("expert L0 E" + std::to_string(e) + " x1", [&, e](gpu::backend&) {
-      if (e == 1)
+    dev.post_concurrent("expert L0 E" + std::to_string(e) + " x1", [&](gpu::backend&) {
+      ++started;
+      wait_until([&] { return started.load() == 2; });
+      if (std::this_thread::get_id() == device_thread) {
+        hop_seen_during_task = hop.wait_for(wait_limit) == std::future_status::ready;
+      } else {
+        pool_lane = std::this_thread::get_id();
         send_completion(dev, from_lane, 0);
+      }
     });
   release.set_value();
-  auto device_id = device_thread.get_future();
-  std::future<std::thread::id> hops[] = {first_hop.get_future(), second_hop.get_future(), lane_hop.get_future(),
-                                         plain_hop.get_future()};
-  for (auto& hop : hops)
-    REQUIRE(hop.wait_for(wait_limit) == std::future_status::ready);
-  REQUIRE(device_id.wait_for(wait_limit) == std::future_status::ready);
-  std::thread::id on_device = device_id.get();
-  CHECK(hops[0].get() == on_device);
-  CHECK(hops[1].get() == on_device);
-  CHECK(hops[2].get() == on_device);
-  CHECK(hops[3].get() != on_device);
+  std::future<std::thread::id> hops[] = {first_hop.get_future(), second_hop.get_future(), plain_hop.get_future()};
+  for (auto& h : hops)
+    REQUIRE(h.wait_for(wait_limit) == std::future_status::ready);
+  REQUIRE(hop.wait_for(wait_limit) == std::future_status::ready);
   REQUIRE(dev.drain(wait_limit));
+  CHECK(started.load() == 2);
+  CHECK(hops[0].get() == device_thread);
+  CHECK(hops[1].get() == device_thread);
+  CHECK(hops[2].get() != device_thread);
+  // Run by the free lane, the pool thread, while the device thread's task still ran.
+  CHECK(hop_seen_during_task.load());
+  CHECK(hop.get() == pool_lane);
   CHECK(dev.inline_resumes() >= 3);
   for (caf::actor* a : {&first, &second, &from_lane, &plain}) {
     caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);

@@ -66,9 +66,32 @@ TEST_CASE("the max_wait guard serves the oldest overdue queue first") {
   q.set(4, 1, 4, 90ms);
   defrag_params p;
   p.max_wait = 100ms;
+  p.oldest_first_within_layer = false;  // the scores alone (the next test has the other case)
   CHECK(pick_queue(q, queue_policy::defrag, p, 100ms) == queue_choice{3, 0, false});  // none overdue
   CHECK(pick_queue(q, queue_policy::defrag, p, 111ms) == queue_choice{4, 0, true});   // (4,0) arrived at 5 ms
   CHECK(pick_queue(q, queue_policy::flfs, p, 200ms) == queue_choice{4, 0, true});
+}
+
+// Layer 0 holds micro-batch 0's rows (arrived at 10 ms) for experts 0 and 1, then micro-batch
+// 1's (at 20 ms): expert 1's queue has both, expert 2's only micro-batch 1's, and the most.
+// Micro-batch 0 needs experts 0 and 1 before its next attention; expert 2 can wait for it.
+TEST_CASE("within the chosen layer, the queue holding the oldest rows goes first") {
+  queue_matrix q{2, 3};
+  q.set(0, 0, 2, 10ms);
+  q.set(0, 1, 3, 10ms);
+  q.set(0, 2, 5, 20ms);
+  q.set(1, 0, 1, 30ms);
+  defrag_params p = no_guard();
+  REQUIRE(p.oldest_first_within_layer);  // the default
+  for (auto policy : {queue_policy::defrag, queue_policy::mtfs})
+    CHECK(pick_queue(q, policy, p, 40ms) == queue_choice{0, 1, false});  // oldest, then most tokens
+  CHECK(pick_queue(q, queue_policy::flfs, p, 40ms) == queue_choice{0, 0, false});  // oldest, then lowest index
+  q.set(0, 1, 0);  // drained: expert 0 still holds micro-batch 0's rows
+  CHECK(pick_queue(q, queue_policy::mtfs, p, 40ms) == queue_choice{0, 0, false});
+  // By the scores alone the later micro-batch's larger queue would go before micro-batch 0's.
+  p.oldest_first_within_layer = false;
+  CHECK(pick_queue(q, queue_policy::mtfs, p, 40ms) == queue_choice{0, 2, false});
+  CHECK(pick_queue(q, queue_policy::defrag, p, 40ms) == queue_choice{0, 2, false});
 }
 
 TEST_CASE("policy names parse") {

@@ -243,14 +243,18 @@ int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint
   {
     std::unique_lock<std::mutex> lock{mutex};
     while (received < p.bandwidth_messages) {
-      std::size_t seen = received;
-      if (!changed.wait_for(lock, std::chrono::seconds{30}, [&] { return received != seen; }))
-        return echo_failed("callback stream stalled", p, received);
+      // Post first, then wait: the receives posted so far may all have completed already
+      // (waiting for a change then was the stall seen at 64 KiB: 32 posted, 32 received).
       while (posted < p.bandwidth_messages && posted < received + window) {
         lock.unlock();
         post(first + posted++);
         lock.lock();
       }
+      if (received >= p.bandwidth_messages)
+        break;
+      std::size_t seen = received;
+      if (!changed.wait_for(lock, std::chrono::seconds{30}, [&] { return received != seen; }))
+        return echo_failed("callback stream stalled", p, received);
     }
   }
   tag += p.bandwidth_messages;

@@ -47,6 +47,10 @@ struct pool_state {
       auto it = free_buffers.lower_bound(bytes);
       // A buffer up to twice the size will do; a far larger one stays for a large message.
       if (it != free_buffers.end() && it->first <= 2 * std::max<std::size_t>(bytes, 4096)) {
+        // Of the buffers of that capacity, the one given back last (equal keys keep their
+        // insertion order): its bytes are the likeliest to be in the cache still, where the
+        // first one given back is the coldest of a stream's window.
+        it = std::prev(free_buffers.upper_bound(it->first));
         buffer_capacity = it->first;
         auto buffer = std::move(it->second);
         free_bytes -= it->first;

@@ -130,6 +130,33 @@ TEST_CASE("bench --model prints llama-bench's figures for the engine and the ref
   CHECK(inspect.out.find("resident weights") != std::string::npos);
 }
 
+TEST_CASE("the embedded bench times one workload and writes a trace of each engine configuration") {
+  fs::path traces = scratch_dir() / "bench_traces";
+  fs::create_directories(traces);
+  auto r = run("bench --reps 1 --only decode --layers 2 --hidden 64 --experts 8 --top-k 2 --expert-intermediate 64 "
+               "--decode-batch 8 --decode-steps 2 --trace " + traces.string());
+  INFO(r.out << r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(r.out.find("## decode") != std::string::npos);
+  CHECK(r.out.find("## prefill") == std::string::npos);
+  CHECK(r.out.find("--only decode") != std::string::npos);  // in the reproduce line
+  // Where an overlap plan's time goes, from its report and the no-overlap run's.
+  CHECK(r.out.find("expert work ") != std::string::npos);
+  CHECK(r.out.find("expert device busy ") != std::string::npos);
+  CHECK(r.out.find("per back-to-back pair ") != std::string::npos);
+  CHECK(r.out.find("# an expert (median of 16, one thread") != std::string::npos);  // 2 layers x 8 experts
+  for (const char* tag : {"single", "serial", "pppipe", "findep", "findep-defrag", "findep-mtfs", "findep-flfs"}) {
+    std::string trace = slurp(traces / ("decode-" + std::string{tag} + ".json"));
+    INFO(tag);
+    CHECK(trace.find("\"traceEvents\"") != std::string::npos);
+    CHECK(trace.find("expert L1 E") != std::string::npos);  // the experts' tasks are in it
+  }
+  auto bad = run("bench --only decoding");  // CLI11's own check: not a bench run
+  CHECK(bad.exit_code != 0);
+  CHECK(bad.err.find("--only") != std::string::npos);
+  CHECK(bad.out.find("## decode") == std::string::npos);
+}
+
 TEST_CASE("eval writes the fixture layout and matches its greedy tokens") {
   auto fixture = moert::test::fixture_dir("qwen3_moe_tiny");
   if (fixture.empty()) {

@@ -252,6 +252,34 @@ TEST_CASE("receive buffers come back to the pool and are reused") {
   CHECK(channels.b->pool_bytes_in_use() == 0);
 }
 
+TEST_CASE("of equal free receive buffers, the one given back last is reused first (the warmest)") {
+  pair_of_channels channels{{.transport = ucx_transport::posix}};
+  auto receive_one = [&](std::uint64_t tag) {
+    auto sent = pattern(100000, static_cast<std::uint8_t>(tag));
+    std::promise<result<received_buffer>> received;
+    auto got = received.get_future();
+    channels.b->receive(channels.b_to_a, tag, sent->size(),
+                        [&](result<received_buffer> r) { received.set_value(std::move(r)); });
+    channels.a->send(channels.a_to_b, tag, sent, {});
+    auto outcome = wait_for(got);
+    REQUIRE(outcome.ok());
+    CHECK(same_bytes(outcome->bytes(), *sent));
+    return std::move(*outcome);
+  };
+  // Three buffers held at once, given back in the order 0, 1, 2.
+  std::vector<received_buffer> held;
+  for (std::uint64_t tag = 600; tag < 603; ++tag)
+    held.push_back(receive_one(tag));
+  std::vector<const std::uint8_t*> given_back;
+  for (auto& buffer : held) {
+    given_back.push_back(buffer.data());
+    buffer = {};
+  }
+  CHECK(receive_one(603).data() == given_back[2]);
+  CHECK(receive_one(604).data() == given_back[2]);  // back again before the next receive
+  CHECK(channels.b->pool_bytes_in_use() == 0);
+}
+
 TEST_CASE("poll: a caller that drives the channel itself sees its transfers through, callbacks inside poll()") {
   for (auto transport : {ucx_transport::tcp, ucx_transport::posix}) {
     DYNAMIC_SECTION(to_string(transport)) {

@@ -22,4 +22,13 @@ void send_completion(device& dev, const caf::actor& dest, Ts&&... xs) {
     dest->eq_impl(caf::make_message_id(), nullptr, dev.completion_unit(dest->home_system()), std::forward<Ts>(xs)...);
 }
 
+// As send_completion, with `sender` as the message's sender (what current_sender() says in
+// dest's handler), as though `sender` had sent it from its own handler.
+template <class... Ts>
+void send_completion_from(device& dev, const caf::actor& sender, const caf::actor& dest, Ts&&... xs) {
+  if (dest)
+    dest->eq_impl(caf::make_message_id(), caf::actor_cast<caf::strong_actor_ptr>(sender),
+                  dev.completion_unit(dest->home_system()), std::forward<Ts>(xs)...);
+}
+
 }  // namespace moert::actors

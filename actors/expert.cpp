@@ -21,6 +21,27 @@ struct finished_batch {
   std::uint32_t device = 0;
 };
 
+transport::message_identity e2a_identity(const expert_outputs& out, std::uint32_t device) {
+  return {transport::message_kind::e2a, out.key.shard, out.key.step, out.key.micro_batch, out.key.layer, 0, device,
+          out.attempt, out.slots.empty() ? 0 : out.slots.front()};
+}
+
+// The E2A messages of a finished batch through `out`, then the μ-queue's done through `done`
+// (after the outputs: the queue's next batch may not overtake them on the device). Any thread
+// (an expert's handler, or a task's completion): it only counts and traces.
+template <class send_output, class send_done>
+void send_outputs(const runtime_context* ctx, finished_batch& batch, send_output&& out, send_done&& done) {
+  for (auto& [dest, msg] : batch.outputs) {
+    if (ctx->trace)
+      msg.flow = {ctx->trace->next_flow_id(), std::chrono::steady_clock::now(),
+                  ctx->expert_devices[batch.device]->name()};
+    ctx->stats->count_messages(1);
+    out(dest, std::move(msg));
+  }
+  ctx->stats->count_control(1);
+  done(batch.queue);
+}
+
 }  // namespace
 
 }  // namespace moert::actors
@@ -39,19 +60,9 @@ caf::behavior expert::make_behavior() {
       run(batch, caf::actor_cast<caf::actor>(current_sender()));
     },
     [this](batch_done_atom, finished_batch& done) {
-      for (auto& [dest, out] : done.outputs) {
-        if (ctx_->trace)
-          out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(),
-                      ctx_->expert_devices[done.device]->name()};
-        ctx_->stats->count_messages(1);
-        transport::message_identity id{transport::message_kind::e2a, out.key.shard, out.key.step,
-                                       out.key.micro_batch, out.key.layer, 0, done.device,
-                                       out.attempt, out.slots.empty() ? 0 : out.slots.front()};
-        transmit_data(this, ctx_, dest, std::move(out), id);
-      }
-      // After the outputs: the queue's next batch may not overtake them on the device.
-      ctx_->stats->count_control(1);
-      send(done.queue, expert_done_atom::value, expert_id_);
+      send_outputs(ctx_, done, [&](const caf::actor& dest, expert_outputs&& out) {
+        transmit_data(this, ctx_, dest, std::move(out), e2a_identity(out, done.device));
+      }, [&](const caf::actor& queue) { send(queue, expert_done_atom::value, expert_id_); });
     },
     // An E2A the fault injector held back (reorder, delay).
     [this](fault_release_atom, const caf::actor& dest, expert_outputs& out) {
@@ -119,7 +130,29 @@ void expert::run(expert_batch& batch, caf::actor queue) {
                     msg.slots.push_back(item.slot);
                   }
                   auto finished = std::make_shared<finished_batch>(std::move(done));
-                  backend.when_done([self, finished, dev] { send_completion(*dev, self, batch_done_atom::value, std::move(*finished)); });
+                  // With an empty fault plan and no tensor link an E2A is a plain send (or,
+                  // by the injector's test hook, a drop): where the device's threads run the
+                  // actors (device::completion_unit), the outputs and the μ-queue's done go
+                  // from here, in the order the handler sends them, with this actor as their
+                  // sender, and this actor is not woken in between (one hop less per batch on
+                  // the device's threads, a few µs each). Under CAF's scheduler (its test
+                  // coordinator: tests/actors/data_path scripts that hop) the hop stays.
+                  bool direct = !ctx_->link && (!ctx_->faults || ctx_->faults->plan().empty()) &&
+                                dev->completion_unit(self->home_system()) != nullptr;
+                  backend.when_done([ctx = ctx_, id = expert_id_, self, finished, dev, direct] {
+                    if (!direct)
+                      return send_completion(*dev, self, batch_done_atom::value, std::move(*finished));
+                    send_outputs(ctx, *finished, [&](const caf::actor& dest, expert_outputs&& msg) {
+                      auto action = ctx->faults ? ctx->faults->decide_and_count(e2a_identity(msg, finished->device)).action
+                                                : transport::fault_action::deliver;
+                      if (action == transport::fault_action::deliver)
+                        send_completion_from(*dev, self, dest, std::move(msg));
+                      else if (action != transport::fault_action::drop)  // not from an empty plan: as a reorder
+                        send_completion_from(*dev, self, self, fault_release_atom::value, dest, std::move(msg));
+                    }, [&](const caf::actor& queue) {
+                      send_completion_from(*dev, self, queue, expert_done_atom::value, id);
+                    });
+                  });
                 },
                 // A failed batch: exit naming it; the supervisor re-creates this expert and
                 // the shards replay the batch's rows (or, past the restart limit, end them).

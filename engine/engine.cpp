@@ -911,6 +911,8 @@ EngineReport Engine::report() const {
   out.messages = impl_->stats.messages();
   out.control_messages = impl_->stats.control_messages();
   out.retransmit_timers = impl_->stats.retransmit_timers();
+  for (const auto& dev : impl_->devices)
+    out.device_actor_activations += dev->inline_resumes();
   out.expert_batches = batches.count;
   out.forwarded_rows = impl_->stats.forwarded_rows();
   out.finished_length = impl_->finished[std::size_t(FinishReason::length)];

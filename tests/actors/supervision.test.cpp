@@ -210,6 +210,22 @@ TEST_CASE("a task's completion runs a device_runnable actor on the device's thre
   system.await_all_actors_done();
 }
 
+TEST_CASE("under CAF's test coordinator a device has no completion unit, even with actors inline") {
+  // A test that scripts every message (tests/actors/data_path) drives each actor itself.
+  device scripted{"device 0", 1, nullptr}, live{"device 1", 1, nullptr};
+  scripted.set_actors_inline(true);
+  live.set_actors_inline(true);
+  caf::actor_system_config testing_cfg, sharing_cfg;
+  testing_cfg.set("scheduler.policy", caf::atom("testing"));
+  testing_cfg.set("logger.verbosity", caf::atom("quiet"));
+  sharing_cfg.set("scheduler.policy", caf::atom("sharing"));
+  sharing_cfg.set("logger.verbosity", caf::atom("quiet"));
+  caf::actor_system testing{testing_cfg}, sharing{sharing_cfg};
+  CHECK(scripted.completion_unit(testing) == nullptr);
+  CHECK(live.completion_unit(sharing) != nullptr);
+  CHECK(live.completion_unit(testing) == nullptr);  // another system than its first
+}
+
 TEST_CASE("a device task that throws comes back as an error and the device runs on") {
   device dev{"expert 3", 1, nullptr};
   std::mutex mutex;

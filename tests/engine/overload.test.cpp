@@ -141,7 +141,12 @@ TEST_CASE("10x overload: every request ends once, completed or rejected with ove
   CHECK(report.mailbox_peak_shard <= shard_bound);
   CHECK(report.mailbox_peak_queue <= queue_bound);
   CHECK(report.mailbox_peak_expert <= expert_bound);
-  CHECK(report.mailbox_peak_queue + report.mailbox_peak_shard > 0);  // it was measured at all
+  // It was measured at all. Not by the shard and μ-queue alone: their messages are handled on
+  // the device threads as the completions come (a finished expert batch sends its E2A and done
+  // from its task), so they rarely find a second one waiting, and 0 is then their true peak.
+  CHECK(report.mailbox_peak_ingress + report.mailbox_peak_queue + report.mailbox_peak_shard +
+            report.mailbox_peak_expert >
+        0);
 }
 
 TEST_CASE("max_queued_tokens refuses what would queue past it, naming the limit") {

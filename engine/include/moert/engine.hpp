@@ -261,6 +261,9 @@ struct EngineReport {
   // At-least-once timers the shards sent (CAF clock messages): about one per micro-batch and
   // retransmission timeout, not one per layer and step.
   std::uint64_t retransmit_timers = 0;
+  // Actor activations that the in-process devices' own threads ran (a completion's actor and
+  // what it messaged in turn): the hops of the expert path, each a few µs on the critical path.
+  std::uint64_t device_actor_activations = 0;
   // Rows sent on from one expert device to another because their expert moved.
   std::uint64_t forwarded_rows = 0;
   std::uint64_t tokens = 0;

@@ -129,8 +129,6 @@ struct ucx_channel::impl {
   operation* inline_op = nullptr;  // the receive being started in a caller's call
 
   static constexpr std::chrono::microseconds spin_window{2000};
-  // How long after a caller's last poll() the channel thread leaves the worker to it.
-  static constexpr std::chrono::milliseconds caller_poll_window{10};
   std::atomic<clock::rep> last_poll{0};  // clock::time_point of the last poll(), as a count
   static constexpr int progress_per_turn = 16;
 
@@ -327,7 +325,7 @@ struct ucx_channel::impl {
         std::lock_guard<std::mutex> guard{mutex};
         sleeping = false;
         auto polled_at = clock::time_point{clock::duration{last_poll.load(std::memory_order_relaxed)}};
-        if (!stopping && clock::now() - polled_at < caller_poll_window) {
+        if (!stopping && clock::now() - polled_at < config.caller_poll_window) {
           // A caller drives the worker (poll()): a second thread spinning on the same worker
           // and lock would take half of its core on a small machine, and run the callbacks off
           // the caller's thread. Only the deadlines are this thread's then (their callbacks go

@@ -49,6 +49,9 @@ struct ucx_channel_config {
   // is 8 KiB on both transports, below a decode step's rows.
   std::size_t eager_limit_bytes = std::size_t{256} << 10;
   std::chrono::milliseconds default_timeout{5000};
+  // How long after a caller's last poll() the channel thread leaves the worker and the
+  // callbacks to that caller (see poll()).
+  std::chrono::milliseconds caller_poll_window{10};
 };
 
 using peer_id = std::uint64_t;
@@ -118,10 +121,11 @@ public:
   // Drives UCX from the calling thread (a few progress calls) and runs, on this thread, the
   // callbacks that are ready; returns how many ran. For a caller with nothing else to do
   // while it waits (moert_bench_transport's polled figures, the pattern of ucx_perftest);
-  // actors never call it, the channel thread does the same for them. For 10 ms after a
-  // poll() the channel thread leaves the worker and the callbacks to the polling caller
-  // (two threads spinning on one worker halve a small machine's core) and only enforces the
-  // deadlines, whose callbacks the next poll() runs; after that it drives again.
+  // actors never call it, the channel thread does the same for them. For
+  // config.caller_poll_window (10 ms) after a poll() the channel thread leaves the worker and
+  // the callbacks to the polling caller (two threads spinning on one worker halve a small
+  // machine's core) and only enforces the deadlines, whose callbacks the next poll() runs;
+  // after that it drives again.
   std::size_t poll();
   // Fails every pending send and receive with `peer` (its node was found dead).
   void cancel_peer(peer_id peer, std::string reason);

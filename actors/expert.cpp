@@ -61,7 +61,8 @@ caf::behavior expert::make_behavior() {
     },
     [this](batch_done_atom, finished_batch& done) {
       send_outputs(ctx_, done, [&](const caf::actor& dest, expert_outputs&& out) {
-        transmit_data(this, ctx_, dest, std::move(out), e2a_identity(out, done.device));
+        auto id = e2a_identity(out, done.device);  // before the move: argument order is unspecified
+        transmit_data(this, ctx_, dest, std::move(out), id);
       }, [&](const caf::actor& queue) { send(queue, expert_done_atom::value, expert_id_); });
     },
     // An E2A the fault injector held back (reorder, delay).

@@ -166,6 +166,19 @@ void check_identical(run& r, const std::vector<outcome>& reference) {
   }
 }
 
+// 3 requests of 12 tokens, each submitted after the last one ended (so the counts hardly
+// depend on timing); the engine's report after shutdown.
+EngineReport report_one_at_a_time(const EngineConfig& config) {
+  run r{config, 3, 12};
+  for (std::size_t i = 0; i < r.num_requests; ++i) {
+    r.submit(i, 99);
+    REQUIRE(r.all_ended());
+  }
+  EngineReport report = r.engine->report();
+  r.engine->shutdown();
+  return report;
+}
+
 }  // namespace
 
 // One shard, one micro-batch, one request at a time: every layer's rows reach a device in one
@@ -180,13 +193,7 @@ TEST_CASE("messages per token are those of one expert actor per device") {
   config.attention_devices = 1;
   config.expert_devices = 2;
   config.plan = {1, 0, 1, policy::segment_order::asas};
-  run r{config, 3, 12};
-  for (std::size_t i = 0; i < r.num_requests; ++i) {
-    r.submit(i, 99);
-    REQUIRE(r.all_ended());
-  }
-  EngineReport report = r.engine->report();
-  r.engine->shutdown();
+  EngineReport report = report_one_at_a_time(config);
   std::printf("expert_actors: %llu tokens, %llu data messages (%.3f per token), %llu control messages, "
               "%llu expert batches\n",
               (unsigned long long)report.tokens, (unsigned long long)report.messages, report.messages_per_token,
@@ -214,13 +221,7 @@ TEST_CASE("a finished expert batch sends its outputs from its task, without waki
   config.expert_devices = 1;
   config.threads_per_device = 1;
   config.plan = {1, 0, 1, policy::segment_order::asas};
-  run r{config, 3, 12};
-  for (std::size_t i = 0; i < r.num_requests; ++i) {
-    r.submit(i, 99);
-    REQUIRE(r.all_ended());
-  }
-  EngineReport report = r.engine->report();
-  r.engine->shutdown();
+  EngineReport report = report_one_at_a_time(config);
   double per_batch = double(report.device_actor_activations) / double(std::max<std::uint64_t>(1, report.expert_batches));
   std::printf("expert_actors, one device: %llu actor activations on its thread for %llu expert batches (%.2f per "
               "batch), %llu tokens\n",

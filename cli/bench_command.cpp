@@ -178,12 +178,9 @@ sample run_engine(const EngineConfig& config, const workload& w, std::string tra
   double s = seconds_since(start);
   EngineReport report = (*engine)->report();
   double lifetime = seconds_since(created);
-  if (!trace_file.empty()) {
-    std::ofstream out{trace_file};
-    out << (*engine)->trace_json();
-    if (!out.flush())
-      throw std::runtime_error("cannot write trace '" + trace_file + "'");
-  }
+  if (!trace_file.empty())
+    if (status written = write_trace_file(**engine, trace_file); !written.ok())
+      throw std::runtime_error(written.err().what());
   (*engine)->shutdown();
   return {double(w.tokens) / s, report, lifetime};
 }

@@ -227,13 +227,18 @@ status report_faults(const EngineReport& report, const engine_options& opt) {
   return {};
 }
 
+status write_trace_file(const Engine& engine, const std::string& path) {
+  std::ofstream out{path};
+  out << engine.trace_json();
+  if (!out.flush())
+    return make_error(error_code::io_error, "cannot write trace '" + path + "'");
+  return {};
+}
+
 status write_trace(const Engine& engine, const engine_options& opt) {
   if (opt.trace_file.empty())
     return {};
-  std::ofstream out{opt.trace_file};
-  out << engine.trace_json();
-  if (!out.flush())
-    return make_error(error_code::io_error, "cannot write trace '" + opt.trace_file + "'");
+  MOERT_TRY(write_trace_file(engine, opt.trace_file));
   std::printf("trace: %s (open in ui.perfetto.dev or chrome://tracing)\n", opt.trace_file.c_str());
   return {};
 }

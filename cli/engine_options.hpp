@@ -63,7 +63,9 @@ std::string placement_text(const engine_options& opt);
 // "attention 0 busy 41.2 %, …" and the batch/fragmentation/message figures, to stdout.
 void print_report(const EngineReport& report);
 
-// Writes the engine's trace to opt.trace_file when set.
+// The engine's trace (Chrome trace JSON) to `path`; an io_error naming it when it cannot be written.
+status write_trace_file(const Engine& engine, const std::string& path);
+// Writes the engine's trace to opt.trace_file when set, and says where.
 status write_trace(const Engine& engine, const engine_options& opt);
 
 // With --faults: "faults injected: …" to stdout, and the JSON to opt.faults_report_file.

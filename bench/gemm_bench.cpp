@@ -119,9 +119,9 @@ __attribute__((target_clones("avx2", "default"))) std::uint64_t sum_lanes(const 
 
 // GB/s of a plain read of 512 MiB (summed, so nothing is optimised away), split over the
 // pool's threads: what DRAM gives this machine, the ceiling of every cell below.
-stats dram_read_bandwidth(moert::cpu::thread_pool& pool, int reps) {
-  const std::size_t lanes = (std::size_t{512} << 20) / sizeof(read_lane);
-  std::vector<read_lane> data(lanes, read_lane{1, 1, 1, 1});  // written once: pages resident
+// `data`: 512 MiB of read_lane{1, 1, 1, 1}, written once so its pages are resident.
+stats dram_read_bandwidth(moert::cpu::thread_pool& pool, const std::vector<read_lane>& data, int reps) {
+  const std::size_t lanes = data.size();
   const std::size_t tasks = pool.num_threads(), per_task = lanes / tasks / 4 * 4;
   std::vector<std::uint64_t> sums(tasks);
   auto fn = [&] {
@@ -143,7 +143,8 @@ int run_decode(int reps, double min_seconds) {
   std::printf("# GB/s of weight bytes streamed (weights cycled over >= 256 MiB, from DRAM), median [min-max]\n");
   {
     moert::cpu::thread_pool one{1}, two{2};
-    stats r1 = dram_read_bandwidth(one, reps), r2 = dram_read_bandwidth(two, reps);
+    const std::vector<read_lane> data((std::size_t{512} << 20) / sizeof(read_lane), read_lane{1, 1, 1, 1});
+    stats r1 = dram_read_bandwidth(one, data, reps), r2 = dram_read_bandwidth(two, data, reps);
     std::printf("# DRAM read on this machine (512 MiB, summed): %.1f [%.1f-%.1f] GB/s on 1 thread, "
                 "%.1f [%.1f-%.1f] on 2\n",
                 r1.median, r1.min, r1.max, r2.median, r2.min, r2.max);

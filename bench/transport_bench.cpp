@@ -175,7 +175,7 @@ int echo_polled(ucx_channel& channel, peer_id parent, const plan& p, std::uint64
   std::size_t slots = window;
   std::vector<byte_buffer> ring;
   std::vector<std::shared_ptr<std::atomic<int>>> flags(slots);
-  for (std::size_t i = 0; i < std::max<std::size_t>(1, options.receive_buffers); ++i)
+  for (std::size_t i = 0; i < options.receive_buffers; ++i)  // main() checks it is ≥ 1
     ring.push_back(std::make_shared<std::vector<std::uint8_t>>(p.bytes));
   std::uint64_t first = tag;
   auto post = [&](std::size_t k) {
@@ -545,7 +545,7 @@ int main(int argc, char** argv) {
       reps = std::max<std::size_t>(1, std::strtoul(argv[++i], nullptr, 10));
     } else if (arg == "--help" || arg == "-h") {
       std::printf("usage: %s [--transport tcp|posix|both] [--reps N] [--pattern polled|callback|both] "
-                  "[--sizes 4096,65536,1048576] [--receive-buffers 1..%zu]\n",
+                  "[--sizes 4096,65536,1048576] [--receive-buffers 1..%zu] [--eager-limit BYTES]\n",
                   argv[0], window);
       return 0;
     } else {

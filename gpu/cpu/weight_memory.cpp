@@ -11,7 +11,7 @@ namespace moert::cpu {
 namespace {
 
 // A chunk holds many matrices; a bigger one gets a mapping of its own.
-constexpr std::size_t chunk_bytes = std::size_t{64} << 20;
+constexpr std::size_t chunk_bytes = std::size_t{256} << 20;  // untouched tails cost no memory
 constexpr std::size_t own_mapping_above = chunk_bytes / 4;
 constexpr std::size_t alignment = 64;
 

@@ -182,17 +182,30 @@ void attention_step(const model_config& c, const model_weights& weights, const r
 
   gpu::buffer normed = scratch(b, num_rows * hidden);
   b.rms_norm(x, num_rows, hidden, hidden, layer.input_norm.floats(), c.rms_norm_eps, normed.floats());
-  gpu::buffer q = scratch(b, num_rows * q_dim), k = scratch(b, num_rows * kv_dim), v = scratch(b, num_rows * kv_dim);
-  linear(b, normed.floats(), num_rows, a.q, q.floats());
-  linear(b, normed.floats(), num_rows, a.k, k.floats());
-  linear(b, normed.floats(), num_rows, a.v, v.floats());
+  // One matmul for q, k and v (attention_weights::qkv): a row of its output is [q | k | v].
+  // The per-head norms and attention want q and k rows packed, so with several rows those two
+  // are copied out (exact); a single row's parts are packed already.
+  std::size_t qkv_dim = q_dim + 2 * kv_dim;
+  gpu::buffer qkv = scratch(b, num_rows * qkv_dim);
+  linear(b, normed.floats(), num_rows, a.qkv, qkv.floats());
+  gpu::buffer q_packed, k_packed;
+  float* q = qkv.floats();
+  float* k = qkv.floats() + q_dim;
+  const float* v = qkv.floats() + q_dim + kv_dim;
+  if (num_rows > 1) {
+    q_packed = scratch(b, num_rows * q_dim);
+    k_packed = scratch(b, num_rows * kv_dim);
+    b.copy_rows(q, qkv_dim, q_packed.floats(), q_dim, num_rows, q_dim);
+    b.copy_rows(k, qkv_dim, k_packed.floats(), kv_dim, num_rows, kv_dim);
+    q = q_packed.floats();
+    k = k_packed.floats();
+  }
 
   // Per-head norm (qwen3) and RoPE, then K and V into the cache: every token of the batch is
   // written before any attends, so a prefill chunk sees its own earlier tokens.
   if (c.qk_norm) {
-    b.rms_norm(q.floats(), num_rows * num_heads, head_dim, head_dim, a.q_norm.floats(), c.rms_norm_eps, q.floats());
-    b.rms_norm(k.floats(), num_rows * num_kv_heads, head_dim, head_dim, a.k_norm.floats(), c.rms_norm_eps,
-               k.floats());
+    b.rms_norm(q, num_rows * num_heads, head_dim, head_dim, a.q_norm.floats(), c.rms_norm_eps, q);
+    b.rms_norm(k, num_rows * num_kv_heads, head_dim, head_dim, a.k_norm.floats(), c.rms_norm_eps, k);
   }
   std::vector<std::size_t> positions(num_rows);
   std::vector<float*> key_rows(num_rows), value_rows(num_rows);
@@ -204,15 +217,15 @@ void attention_step(const model_config& c, const model_weights& weights, const r
     value_rows[t] = cache.values(layer_idx) + tokens[t].position * kv_dim;
     attended[t] = {cache.keys(layer_idx), cache.values(layer_idx), tokens[t].position + 1};
   }
-  b.rope(q.floats(), num_rows, q_dim, num_heads, head_dim, head_dim, gpu::rope_style::rotate_half, rope.table(),
+  b.rope(q, num_rows, q_dim, num_heads, head_dim, head_dim, gpu::rope_style::rotate_half, rope.table(),
          positions.data());
-  b.rope(k.floats(), num_rows, kv_dim, num_kv_heads, head_dim, head_dim, gpu::rope_style::rotate_half, rope.table(),
+  b.rope(k, num_rows, kv_dim, num_kv_heads, head_dim, head_dim, gpu::rope_style::rotate_half, rope.table(),
          positions.data());
-  b.scatter_rows(k.floats(), kv_dim, num_rows, kv_dim, key_rows.data());
-  b.scatter_rows(v.floats(), kv_dim, num_rows, kv_dim, value_rows.data());
+  b.scatter_rows(k, kv_dim, num_rows, kv_dim, key_rows.data());
+  b.scatter_rows(v, qkv_dim, num_rows, kv_dim, value_rows.data());
 
   gpu::buffer attn = scratch(b, num_rows * q_dim);
-  b.attention(q.floats(), attended, {num_heads, num_kv_heads, head_dim, kv_dim, rope.attention_scale()},
+  b.attention(q, attended, {num_heads, num_kv_heads, head_dim, kv_dim, rope.attention_scale()},
               attn.floats());
 
   gpu::buffer out = scratch(b, num_rows * hidden);

@@ -177,6 +177,39 @@ private:
     return {};
   }
 
+  // q_proj, k_proj and v_proj under `prefix` packed straight from their stored bytes into one
+  // matrix (attention_weights::qkv), their biases into one buffer.
+  status fetch_qkv(const std::string& prefix, linear_weights& out) {
+    const model_config& c = config_;
+    const std::size_t cols = std::size_t(c.hidden_size);
+    const std::string keys[] = {prefix + ".q_proj", prefix + ".k_proj", prefix + ".v_proj"};
+    const std::size_t rows[] = {std::size_t(c.q_dim()), std::size_t(c.kv_dim()), std::size_t(c.kv_dim())};
+    gpu::matrix_part parts[3]{};
+    for (std::size_t i = 0; i < 3; ++i) {
+      auto t = get(keys[i] + ".weight", {std::int64_t(rows[i]), std::int64_t(cols)});
+      if (!t)
+        return t.err();
+      parts[i] = {t->data, t->type, rows[i], cols};
+    }
+    MOERT_TRY(upload(keys[0] + ".weight", storage_type(parts, true), cols, parts, out.weight));
+    for (const auto& key : keys)
+      source_.release(key + ".weight");
+    if (!c.qkv_bias)
+      return {};
+    std::vector<float> bias(rows[0] + rows[1] + rows[2]);
+    std::size_t at = 0;
+    for (std::size_t i = 0; i < 3; ++i) {
+      auto t = get(keys[i] + ".bias", {std::int64_t(rows[i])});
+      if (!t)
+        return t.err();
+      convert_to_f32(t->type, t->data, t->count, bias.data() + at);
+      at += rows[i];
+      source_.release(keys[i] + ".bias");
+    }
+    out.bias = backend_.upload_floats(bias);
+    return {};
+  }
+
   // gate/up/down under `prefix` with the given projection names; gate and up are packed
   // straight from their stored bytes into one matrix.
   status fetch_mlp(const std::string& prefix, std::int64_t intermediate, const char* gate_name,
@@ -211,9 +244,7 @@ private:
     if (c.mla()) {
       MOERT_TRY(build_mla(ap, a));
     } else {
-      MOERT_TRY(fetch_linear(ap + ".q_proj", c.q_dim(), h, c.qkv_bias, a.q));
-      MOERT_TRY(fetch_linear(ap + ".k_proj", c.kv_dim(), h, c.qkv_bias, a.k));
-      MOERT_TRY(fetch_linear(ap + ".v_proj", c.kv_dim(), h, c.qkv_bias, a.v));
+      MOERT_TRY(fetch_qkv(ap, a.qkv));
       MOERT_TRY(fetch_linear(ap + ".o_proj", h, c.q_dim(), c.o_bias, a.o));
     }
     if (c.qk_norm) {
@@ -378,7 +409,7 @@ weight_bytes resident_bytes(const model_weights& w) {
     count(layer.input_norm, out);
     count(layer.post_attention_norm, out);
     const auto& a = layer.attention;
-    for (const auto* l : {&a.q, &a.k, &a.v, &a.o, &a.q_a, &a.q_b, &a.kv_a})
+    for (const auto* l : {&a.qkv, &a.q, &a.o, &a.q_a, &a.q_b, &a.kv_a})
       count(*l, out);
     for (const auto* v : {&a.q_norm, &a.k_norm, &a.q_a_norm, &a.kv_a_norm})
       count(*v, out);

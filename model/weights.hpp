@@ -39,10 +39,15 @@ struct mlp_weights {
 };
 
 struct attention_weights {
-  linear_weights q, k, v, o;
+  // Standard attention: q_proj, k_proj and v_proj fused into one matrix (rows [0, q_dim) q,
+  // then kv_dim of k, then kv_dim of v; the bias likewise), so one matmul, one pass over the
+  // weights and one thread-pool dispatch produce all three. Every output column is computed
+  // on its own, so the bits are those of three separate matmuls.
+  linear_weights qkv, o;
   gpu::buffer q_norm, k_norm;  // per-head RMSNorm weights (qwen3), else empty
 
-  // MLA (deepseek_v2); q is q_proj when q_lora_rank is 0, k and v are unused.
+  // MLA (deepseek_v2); qkv is unused.
+  linear_weights q;            // q_proj when q_lora_rank is 0
   linear_weights q_a, q_b;     // q_b(q_a_layernorm(q_a(x))) when q_lora_rank > 0
   gpu::buffer q_a_norm;
   linear_weights kv_a;         // kv_a_proj_with_mqa: [kv_lora_rank + qk_rope_head_dim, hidden]

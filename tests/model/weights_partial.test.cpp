@@ -24,7 +24,7 @@ TEST_CASE("a node's part: the expert side holds only its experts, the attention 
   CHECK(expert_part->weights.unexpected_tensors.empty());  // a part does not report the rest
   for (std::size_t l = 0; l < expert_part->weights.layers.size(); ++l) {
     const auto& layer = expert_part->weights.layers[l];
-    CHECK(layer.attention.q.weight.num_bytes() == 0);
+    CHECK(layer.attention.qkv.weight.num_bytes() == 0);
     CHECK(layer.router.num_bytes() == 0);
     for (std::size_t e = 0; e < layer.experts.size(); ++e) {
       INFO("layer " << l << " expert " << e);

@@ -48,3 +48,28 @@ TEST_CASE("a node's part: the expert side holds only its experts, the attention 
     for (const auto& expert : layer.experts)
       CHECK(expert.down.num_bytes() == 0);
 }
+
+TEST_CASE("standard attention holds q, k and v as one fused matrix of exactly their bytes") {
+  auto dir = test::fixture_dir("qwen3_moe_tiny");
+  if (dir.empty())
+    test::skip_whole_binary("fixtures not found");
+  auto loaded = model::load_checkpoint(dir);
+  REQUIRE(loaded.ok());
+  auto source = model::checkpoint::open(dir);
+  REQUIRE(source.ok());
+  const model::model_config& c = loaded->config;
+  for (std::size_t l = 0; l < loaded->weights.layers.size(); ++l) {
+    INFO("layer " << l);
+    const auto& a = loaded->weights.layers[l].attention;
+    CHECK(a.qkv.weight.rows() == std::size_t(c.q_dim() + 2 * c.kv_dim()));
+    CHECK(a.qkv.weight.cols() == std::size_t(c.hidden_size));
+    CHECK(a.q.weight.num_bytes() == 0);  // no separate copy of a part
+    std::size_t stored = 0;
+    for (const char* part : {"q_proj", "k_proj", "v_proj"}) {
+      const auto* view = source->find("model.layers." + std::to_string(l) + ".self_attn." + part + ".weight");
+      REQUIRE(view != nullptr);
+      stored += view->num_elements * size_of(view->type);
+    }
+    CHECK(a.qkv.weight.num_bytes() == stored);
+  }
+}

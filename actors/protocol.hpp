@@ -411,7 +411,7 @@ typename Inspector::result_type inspect(Inspector& f, shape_report& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, scheduler_update& x) {
   return f(caf::meta::type_name("scheduler_update"), x.policy, x.params.delta, x.params.lookahead,
-           x.params.max_wait);
+           x.params.max_wait, x.params.oldest_first_within_layer, x.params.oldest_first);
 }
 
 // Names every message type that can cross a process, for both ends' actor_system_config.

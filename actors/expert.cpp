@@ -14,17 +14,14 @@ namespace {
 
 using batch_done_atom = caf::atom_constant<caf::atom("batch_done")>;
 
-// E2A messages of one finished batch, ready to send, and the μ-queue to tell.
+// E2A messages of one finished batch, ready to send, the outputs of its bundled rows (they go
+// back to the μ-queue with the done), and the μ-queue to tell.
 struct finished_batch {
   std::vector<std::pair<caf::actor, expert_outputs>> outputs;
+  bundled_rows bundled;
   caf::actor queue;
   std::uint32_t device = 0;
 };
-
-transport::message_identity e2a_identity(const expert_outputs& out, std::uint32_t device) {
-  return {transport::message_kind::e2a, out.key.shard, out.key.step, out.key.micro_batch, out.key.layer, 0, device,
-          out.attempt, out.slots.empty() ? 0 : out.slots.front()};
-}
 
 // The E2A messages of a finished batch through `out`, then the μ-queue's done through `done`
 // (after the outputs: the queue's next batch may not overtake them on the device). Any thread
@@ -63,7 +60,12 @@ caf::behavior expert::make_behavior() {
       send_outputs(ctx_, done, [&](const caf::actor& dest, expert_outputs&& out) {
         auto id = e2a_identity(out, done.device);  // before the move: argument order is unspecified
         transmit_data(this, ctx_, dest, std::move(out), id);
-      }, [&](const caf::actor& queue) { send(queue, expert_done_atom::value, expert_id_); });
+      }, [&](const caf::actor& queue) {
+        if (done.bundled.slots.empty())
+          send(queue, expert_done_atom::value, expert_id_);
+        else
+          send(queue, expert_done_atom::value, expert_id_, std::move(done.bundled));
+      });
     },
     // An E2A the fault injector held back (reorder, delay).
     [this](fault_release_atom, const caf::actor& dest, expert_outputs& out) {
@@ -117,6 +119,13 @@ void expert::run(expert_batch& batch, caf::actor queue) {
                   done.device = dev_idx;
                   for (std::size_t r = 0; r < n; ++r) {
                     const queued_row& item = batch.items[r];
+                    if (item.bundle != 0) {  // its shard is in another process: the μ-queue sends it
+                      done.bundled.rows = weighted;
+                      done.bundled.bundles.push_back(item.bundle);
+                      done.bundled.rows_idx.push_back(std::uint32_t(r));
+                      done.bundled.slots.push_back(item.slot);
+                      continue;
+                    }
                     auto key = std::make_tuple(item.key.shard, item.key.step, item.key.micro_batch);
                     auto [it, fresh] = index.emplace(key, done.outputs.size());
                     if (fresh) {
@@ -151,7 +160,11 @@ void expert::run(expert_batch& batch, caf::actor queue) {
                       else if (action != transport::fault_action::drop)  // not from an empty plan: as a reorder
                         send_completion_from(*dev, self, self, fault_release_atom::value, dest, std::move(msg));
                     }, [&](const caf::actor& queue) {
-                      send_completion_from(*dev, self, queue, expert_done_atom::value, id);
+                      if (finished->bundled.slots.empty())
+                        send_completion_from(*dev, self, queue, expert_done_atom::value, id);
+                      else
+                        send_completion_from(*dev, self, queue, expert_done_atom::value, id,
+                                             std::move(finished->bundled));
                     });
                   });
                 },

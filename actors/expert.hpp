@@ -4,7 +4,8 @@
 // device of whichever μ-queue hands it a batch. It runs each batch on that device, sends the
 // weighted outputs straight back to each source shard (E2A), one message per destination
 // micro-batch, and tells the μ-queue that handed the batch that it is done (the device has
-// room again). Supervised on its own (actors/supervisor.hpp); moving it to another device
+// room again). Outputs for a shard in another process go back with that done instead: the
+// μ-queue sends one E2A per A2E it received (mu_queue.hpp). Supervised on its own (actors/supervisor.hpp); moving it to another device
 // (Engine::move_expert) needs nothing from it: the μ-queues change, the actor stays.
 //
 // The experts of one device share its executor; the μ-queue keeps at most two batches in

@@ -36,6 +36,13 @@ void transmit(caf::event_based_actor* self, const runtime_context* ctx, const ca
     self->send(dest, std::move(msg));
 }
 
+// An E2A's identity for the fault plan: its destination micro-batch, the expert device that
+// sends it, the attempt, and its first join slot (which of that micro-batch's E2A it is).
+inline transport::message_identity e2a_identity(const expert_outputs& out, std::uint32_t device) {
+  return {transport::message_kind::e2a, out.key.shard, out.key.step, out.key.micro_batch, out.key.layer, 0, device,
+          out.attempt, out.slots.empty() ? 0 : out.slots.front()};
+}
+
 // A node fault of the plan (fault_injector::node_fault_due) carried out on this process:
 // SIGKILL, or SIGSTOP with a helper that resumes it after for_ms (node_host.cpp).
 void carry_out_node_fault(const transport::fault_node& fault);

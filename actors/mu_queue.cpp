@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <numeric>
 
 namespace moert::actors {
 
@@ -37,6 +38,7 @@ void mu_queue::on_exit() {  // break handle cycles (see attention_shard::on_exit
   peers_.clear();
   queues_.clear();
   held_.clear();
+  bundles_.clear();
 }
 
 std::size_t mu_queue::slot_of(std::uint32_t expert) const {
@@ -45,21 +47,32 @@ std::size_t mu_queue::slot_of(std::uint32_t expert) const {
 }
 
 caf::behavior mu_queue::make_behavior() {
+  auto done = [this](std::uint32_t expert, bundled_rows* rows) {
+    auto it = handed_.find(expert);
+    // A done of an actor that was replaced since: its batches were counted off then (and its
+    // bundled rows taken off their bundles).
+    if (it == handed_.end() || it->second.to != caf::actor_cast<caf::actor_addr>(current_sender()))
+      return;
+    if (rows)
+      on_bundled(it->second, *rows);
+    --in_flight_;
+    if (--it->second.count == 0) {
+      lose_bundled(it->second);  // none left with no batch in flight; never strand a bundle
+      handed_.erase(it);
+    }
+    dispatch();
+  };
   return {
     [this](routed_tokens& msg) {
       ctx_->stats->note_mailbox(runtime_stats::mailbox_kind::queue, mailbox_size(*this));
       if (!(ctx_->link && ctx_->link->fetch(this, msg)))  // rows by UCX come back completed
         enqueue(msg);
     },
-    [this](expert_done_atom, std::uint32_t expert) {
-      auto it = handed_.find(expert);
-      // A done of an actor that was replaced since: its batches were counted off then.
-      if (it == handed_.end() || it->second.to != caf::actor_cast<caf::actor_addr>(current_sender()))
-        return;
-      --in_flight_;
-      if (--it->second.count == 0)
-        handed_.erase(it);
-      dispatch();
+    [done](expert_done_atom, std::uint32_t expert) { done(expert, nullptr); },
+    [done](expert_done_atom, std::uint32_t expert, bundled_rows& rows) { done(expert, &rows); },
+    // A bundle's E2A the fault injector held back (reorder, delay).
+    [this](fault_release_atom, const caf::actor& dest, expert_outputs& out) {
+      transmit(this, ctx_, dest, std::move(out));
     },
     [this](scheduler_update& update) { scheduler_ = update; },
     // The expert's actor died and this one replaces it: what the old one had is lost (the
@@ -67,6 +80,7 @@ caf::behavior mu_queue::make_behavior() {
     [this](expert_atom, std::uint32_t expert, caf::actor& actor) {
       if (auto it = handed_.find(expert); it != handed_.end()) {
         in_flight_ -= it->second.count;
+        lose_bundled(it->second);
         handed_.erase(it);
       }
       if (slot_of(expert) != npos)
@@ -96,11 +110,17 @@ caf::behavior mu_queue::make_behavior() {
         rows.insert(rows.end(), std::make_move_iterator(queue.begin()), std::make_move_iterator(queue.end()));
         queue.clear();
       }
+      std::vector<std::uint64_t> left;  // bundles they leave: the device they go to bundles them anew
+      for (queued_row& row : rows)
+        if (row.bundle != 0)
+          left.push_back(std::exchange(row.bundle, 0));
       std::vector<std::uint32_t> hosted = hosted_;
       hosted.erase(hosted.begin() + std::ptrdiff_t(slot));
       rehost(std::move(hosted));
       experts_.erase(expert);  // its batches in flight here still count (handed_)
       forward(std::move(rows), expert);
+      for (std::uint64_t id : left)
+        settle(id, 1);
       dispatch();
     },
     [this](peers_atom, std::vector<caf::actor>& queues) { peers_ = std::move(queues); },
@@ -134,6 +154,9 @@ void mu_queue::enqueue(routed_tokens& msg) {
     msg.flow.id = 0;  // a held or forwarded part is not a second arrival
   }
   std::size_t n = hosted_.size();
+  // A shard in another process gets this A2E's outputs as one E2A (mu_queue.hpp).
+  std::uint64_t bundle_id = msg.reply_to && msg.reply_to.node() != node() ? ++next_bundle_ : 0;
+  std::size_t bundled = 0;
   std::map<std::size_t, routed_tokens> away;  // by device: rows of experts hosted elsewhere
   for (const route_entry& route : msg.routes) {
     if (route.expert >= std::uint32_t(ctx_->config.num_experts)) {
@@ -149,8 +172,20 @@ void mu_queue::enqueue(routed_tokens& msg) {
     std::size_t q = msg.key.layer * n + slot;
     if (queues_[q].empty())
       matrix_.set(msg.key.layer, slot, 0, arrived);
-    queues_[q].push_back({msg.rows, route.row, route.slot, route.weight, msg.key, msg.reply_to, msg.attempt});
+    queues_[q].push_back(
+        {msg.rows, route.row, route.slot, route.weight, msg.key, msg.reply_to, msg.attempt, bundle_id});
+    bundled += bundle_id != 0;
     matrix_.set(msg.key.layer, slot, queues_[q].size(), matrix_.oldest(msg.key.layer, slot));
+  }
+  if (bundled > 0) {
+    bundle& b = bundles_[bundle_id];
+    b.key = msg.key;
+    b.reply_to = msg.reply_to;
+    b.attempt = msg.attempt;
+    b.pending = bundled;
+    b.rows = std::make_shared<row_block>();
+    b.rows->row_floats = std::size_t(ctx_->config.hidden_size);
+    b.rows->data.reserve(bundled * b.rows->row_floats);
   }
   for (auto& [dev, part] : away) {
     part.key = msg.key;
@@ -225,13 +260,70 @@ void mu_queue::dispatch() {
     queues_[q].clear();
     matrix_.set(choice->layer, choice->expert, 0);
     handed& h = handed_[expert];
-    if (h.to != actor->second.address())
-      h = {actor->second.address(), 0};
+    if (h.to != actor->second.address()) {
+      lose_bundled(h);  // the old actor's done is ignored
+      h = {actor->second.address(), 0, {}};
+    }
     ++h.count;
+    for (const queued_row& item : batch.items)
+      if (item.bundle != 0)
+        ++h.bundled[item.bundle];
     ++in_flight_;
     ctx_->stats->count_messages(1);
     send(actor->second, std::move(batch));
   }
+}
+
+void mu_queue::on_bundled(handed& h, bundled_rows& rows) {
+  if (rows.bundles.size() != rows.slots.size() || rows.rows_idx.size() != rows.slots.size() || !rows.rows)
+    return;  // a programming error; lose_bundled settles them with the batch
+  for (std::size_t i = 0; i < rows.slots.size(); ++i) {
+    std::uint64_t id = rows.bundles[i];
+    auto in_flight = h.bundled.find(id);
+    if (in_flight == h.bundled.end())
+      continue;  // taken off already
+    if (--in_flight->second == 0)
+      h.bundled.erase(in_flight);
+    if (auto it = bundles_.find(id); it != bundles_.end()) {
+      const float* row = rows.rows->row(rows.rows_idx[i]);
+      it->second.rows->data.insert(it->second.rows->data.end(), row, row + rows.rows->row_floats);
+      it->second.slots.push_back(rows.slots[i]);
+    }
+    settle(id, 1);
+  }
+}
+
+void mu_queue::lose_bundled(handed& h) {
+  auto lost = std::move(h.bundled);
+  h.bundled.clear();
+  for (const auto& [id, count] : lost)
+    settle(id, count);
+}
+
+void mu_queue::settle(std::uint64_t id, std::size_t count) {
+  auto it = bundles_.find(id);
+  if (it == bundles_.end())
+    return;
+  bundle& b = it->second;
+  b.pending -= std::min(b.pending, count);
+  if (b.pending > 0)
+    return;
+  bundle full = std::move(b);
+  bundles_.erase(it);
+  if (full.slots.empty())
+    return;  // every row left or was lost: the shard asks again
+  expert_outputs out;
+  out.key = full.key;
+  out.attempt = full.attempt;
+  out.rows_idx.resize(full.slots.size());
+  std::iota(out.rows_idx.begin(), out.rows_idx.end(), std::uint32_t{0});
+  out.slots = std::move(full.slots);
+  out.rows = std::move(full.rows);
+  if (ctx_->trace)
+    out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), track_};
+  ctx_->stats->count_messages(1);
+  auto identity = e2a_identity(out, std::uint32_t(device_idx_));
+  transmit_data(this, ctx_, full.reply_to, std::move(out), identity);
 }
 
 // The fault plan's kills of this device's experts or μ-queue, counted in A2E messages that

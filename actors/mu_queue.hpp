@@ -19,6 +19,15 @@
 // move, the order of the round-robin local indices, so its choices are those of before). Rows
 // of an expert this device no longer hosts, queued or arriving late (a shard that read the
 // placement before the move), are forwarded to the device that hosts it now: nothing is lost.
+//
+// E2A bundles: the rows of an A2E from a shard in another process go back as ONE E2A (one
+// CAF descriptor, one UCX transfer), not one per expert batch that ran some of them: each
+// such A2E opens a bundle of the rows it queued here; the experts return those rows' outputs
+// with their done, and the bundle leaves when its last row is computed. A bundle waits only
+// for its own A2E's rows. Rows that leave the device (handed off to another, or lost with an
+// expert actor that died) are taken off their bundle, so it still leaves with what was
+// computed; the shard's retransmission or replay brings the rest, and the shard ignores an
+// entry it already has. Shards in this process get their outputs from the experts directly.
 
 #include "actors/device.hpp"
 #include "actors/protocol.hpp"
@@ -49,6 +58,17 @@ private:
   struct handed {
     caf::actor_addr to;     // the actor that has them
     std::size_t count = 0;  // batches not yet done
+    std::map<std::uint64_t, std::size_t> bundled;  // rows of each bundle in those batches
+  };
+
+  // The E2A of one A2E from another process, filled as its rows are computed.
+  struct bundle {
+    batch_key key;
+    caf::actor reply_to;
+    std::uint32_t attempt = 0;
+    std::size_t pending = 0;            // rows queued or running here
+    std::shared_ptr<row_block> rows;    // the outputs so far, in arrival order
+    std::vector<std::uint32_t> slots;   // their join slots
   };
 
   void enqueue(routed_tokens& msg);
@@ -61,6 +81,11 @@ private:
   void send_on(std::size_t dev, routed_tokens part);
   std::size_t slot_of(std::uint32_t expert) const;  // npos: not hosted
   std::chrono::nanoseconds now() const;
+  // `count` rows of bundle `id` are done or gone; the bundle leaves once none is pending.
+  void settle(std::uint64_t id, std::size_t count);
+  // The rows of `h`'s batches are lost with its actor.
+  void lose_bundled(handed& h);
+  void on_bundled(handed& h, bundled_rows& rows);
 
   const runtime_context* ctx_;
   std::size_t device_idx_;
@@ -76,6 +101,8 @@ private:
   std::vector<routed_tokens> held_;               // rows for an expert placed here, not yet adopted
   std::string track_;
   std::uint64_t arrivals_ = 0;  // A2E messages that reached this device (fault plan kills)
+  std::map<std::uint64_t, bundle> bundles_;  // open E2A bundles by id (never 0)
+  std::uint64_t next_bundle_ = 0;
 };
 
 }  // namespace moert::actors

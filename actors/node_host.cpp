@@ -378,7 +378,9 @@ caf::behavior node_host::make_behavior() {
     },
     // What this node sent by UCX for its current engine: "<bytes> <messages>".
     [this](caf::get_atom) -> std::string {
-      return link_ ? std::to_string(link_->bytes_shipped()) + " " + std::to_string(link_->messages_shipped()) : "0 0";
+      return link_ ? std::to_string(link_->bytes_shipped()) + " " + std::to_string(link_->messages_shipped()) + " " +
+                         std::to_string(link_->e2a_shipped())
+                   : "0 0 0";
     },
     [this](link_atom, const std::string& transport, std::uint32_t process_idx) -> caf::result<std::string> {
       if (ctx_)

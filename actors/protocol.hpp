@@ -181,6 +181,9 @@ struct queued_row {
   batch_key key;
   caf::actor reply_to;
   std::uint32_t attempt = 0;  // of the A2E that brought it
+  // The μ-queue's E2A bundle of the A2E that brought it (mu_queue.hpp), 0 when its output
+  // goes to the shard on its own (the shard is in this process).
+  std::uint64_t bundle = 0;
 };
 
 struct expert_batch {
@@ -191,6 +194,9 @@ struct expert_batch {
 };
 
 // -- E2A: expert → shard, weighted outputs of one batch for one micro-batch ----------
+//
+// Where the shard is in another process, the μ-queue sends instead one E2A per A2E it
+// received, with the outputs of every expert batch that ran that A2E's rows (mu_queue.hpp).
 
 struct expert_outputs {
   wire_descriptor wire;
@@ -200,6 +206,18 @@ struct expert_outputs {
   std::vector<std::uint32_t> slots;     // join slot (token × top_k + k) for each entry
   trace_flow flow;
   std::uint32_t attempt = 0;  // the highest A2E attempt among its rows
+};
+
+// -- expert → mu_queue: outputs of bundled rows, returned with the batch's done ------------
+
+// The weighted outputs of one expert batch's rows whose A2E crossed a process: the μ-queue
+// that handed the batch gathers them into one E2A per A2E (mu_queue.hpp). Entry i is row
+// rows_idx[i] of `rows`, for join slot slots[i] of bundle bundles[i]. Local only.
+struct bundled_rows {
+  row_lease rows;
+  std::vector<std::uint64_t> bundles;
+  std::vector<std::uint32_t> rows_idx;
+  std::vector<std::uint32_t> slots;
 };
 
 // -- device → shard: what the sampler saw, computed only for sequences that asked ------------
@@ -421,3 +439,5 @@ void register_message_types(caf::actor_system_config& config);
 
 // Local only: an expert_batch is handed from a device's μ-queue to its expert in one process.
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::expert_batch)
+// Local only: an expert returns them to the μ-queue of its own device.
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moert::actors::bundled_rows)

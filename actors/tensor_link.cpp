@@ -157,6 +157,7 @@ void tensor_link::ship(caf::event_based_actor* self, const caf::actor& dest, exp
   std::vector<std::uint32_t> renumbered;
   auto bytes = pack(*msg.rows, msg.rows_idx, renumbered);
   msg.rows_idx = std::move(renumbered);
+  ++e2a_shipped_;
   if (pipes_)
     return pipe_send(self, dest, std::move(msg), std::move(bytes));
   send_bytes(self, dest, std::move(msg), std::move(bytes));

@@ -83,6 +83,8 @@ public:
   // Rows this process sent by UCX since it started.
   std::uint64_t bytes_shipped() const { return bytes_shipped_; }
   std::uint64_t messages_shipped() const { return messages_shipped_; }
+  // Of those, E2A messages (the rest are A2E).
+  std::uint64_t e2a_shipped() const { return e2a_shipped_; }
 
 private:
   tensor_link(std::unique_ptr<transport::ucx_channel> channel, std::uint32_t process_idx);
@@ -122,6 +124,7 @@ private:
   std::atomic<std::uint64_t> send_failures_seen_{0};
   std::atomic<std::uint64_t> bytes_shipped_{0};
   std::atomic<std::uint64_t> messages_shipped_{0};
+  std::atomic<std::uint64_t> e2a_shipped_{0};
   std::atomic<std::uint64_t> pipe_fallbacks_{0};
   std::string no_address_;
   std::map<caf::node_id, pipe_pair> pipe_peers_;  // guarded by mutex_

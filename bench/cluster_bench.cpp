@@ -220,12 +220,12 @@ int main(int argc, char** argv) {
   std::vector<pid_t> self{::getpid()}, cluster_pids{::getpid()};
   cluster_pids.insert(cluster_pids.end(), running.pids.begin(), running.pids.end());
 
-  std::printf("%-18s | %15s %11s %5s | %15s %11s %5s | %11s %11s %11s\n", "placement", "decode tok/s", "ratio",
-              "CPU", "prefill tok/s", "ratio", "CPU", "CAF B/tok", "UCX B/tok", "UCX msg");
-  std::printf("%-18s | %15s %11s %5s | %15s %11s %5s | %11s %11s %11s\n", "", "median / best", "med / best",
-              "ms/t", "median / best", "med / best", "ms/t", "decode", "decode", "per tok");
+  std::printf("%-18s | %15s %11s %5s | %15s %11s %5s | %11s %11s %11s %11s\n", "placement", "decode tok/s",
+              "ratio", "CPU", "prefill tok/s", "ratio", "CPU", "CAF B/tok", "UCX B/tok", "UCX msg", "of them E2A");
+  std::printf("%-18s | %15s %11s %5s | %15s %11s %5s | %11s %11s %11s %11s\n", "", "median / best", "med / best",
+              "ms/t", "median / best", "med / best", "ms/t", "decode", "decode", "per tok", "per tok");
   auto row = [&](const std::string& name, const series& f, const series* paired, double caf, double ucx,
-                 double messages) {
+                 double messages, double e2a) {
     auto r_decode = paired ? ratios(f.decode, paired->decode) : std::vector<double>(f.decode.size(), 1.0);
     auto r_prefill = paired ? ratios(f.prefill, paired->prefill) : std::vector<double>(f.prefill.size(), 1.0);
     std::printf("%-18s | %7.1f %7.1f %5.2f %5.2f %5.1f | %7.1f %7.1f %5.2f %5.2f %5.1f | ", name.c_str(),
@@ -234,9 +234,9 @@ int main(int argc, char** argv) {
                 best(f.prefill), median(r_prefill), best(r_prefill),
                 1e3 * f.prefill_cpu / double(std::max<std::uint64_t>(1, f.prefill_tokens)));
     if (paired)
-      std::printf("%11.0f %11.0f %11.2f\n", caf, ucx, messages);
+      std::printf("%11.0f %11.0f %11.2f %11.2f\n", caf, ucx, messages, e2a);
     else
-      std::printf("%11s %11s %11s\n", "-", "-", "-");
+      std::printf("%11s %11s %11s %11s\n", "-", "-", "-", "-");
   };
 
   int failures = 0;
@@ -284,10 +284,11 @@ int main(int argc, char** argv) {
       prefill_run(**cluster, 100 + r, cluster_pids, three);
     }
     double generated = double(std::max<std::uint64_t>(1, three.decode_tokens));
-    row("one process", one, nullptr, 0, 0, 0);
+    row("one process", one, nullptr, 0, 0, 0, 0);
     row("3 nodes, " + transport, three, &one, double(after.cluster_caf_bytes - before.cluster_caf_bytes) / generated,
         double(after.cluster_ucx_bytes - before.cluster_ucx_bytes) / generated,
-        double(after.cluster_ucx_messages - before.cluster_ucx_messages) / generated);
+        double(after.cluster_ucx_messages - before.cluster_ucx_messages) / generated,
+        double(after.cluster_ucx_e2a_messages - before.cluster_ucx_e2a_messages) / generated);
     std::fflush(stdout);
   }
   std::printf("load average after: %s\n", load_average().c_str());

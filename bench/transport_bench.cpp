@@ -22,10 +22,13 @@
 //             not measured here apart from the CAF hop; a small message whose bytes are already
 //             there when receive_into is called completes inside that call instead.
 // Neither includes the CAF descriptor hop (88-300 us between processes, platform.md §2.5):
-// moert_bench_cluster measures the whole path. Each repetition runs moert's pair of processes
-// and then ucx_perftest's, size by size, so both see the same moment's load; the table gives the
-// median and the best of the repetitions, and the ratio of the medians (the load average is
-// printed before and after: on a shared 2-core VM it moves everything).
+// moert_bench_cluster measures the whole path. Each repetition runs, size by size, moert's pair
+// of processes and ucx_perftest's back to back (ours first in even repetitions, perftest first
+// in odd ones: ABBA, so a drifting load favours neither), so both see the same moment's load.
+// The table gives the median and the best of the repetitions, the ratio of the medians and of
+// the bests, and the median of the per-pair ratios (each repetition's ours / perftest at that
+// size): perftest alone swings 2.5-3.5x between runs on a shared 2-core VM, and the per-pair
+// median cancels most of that swing (the load average is printed before and after).
 
 #include "bench/bench_support.hpp"
 #include "transport/ucx_channel.hpp"
@@ -264,7 +267,8 @@ int echo_callback(ucx_channel& channel, peer_id parent, const plan& p, std::uint
   return send_and_wait(channel, parent, done_tag, ack).ok() ? 0 : 1;
 }
 
-int run_echo(ucx_transport transport, patterns which, int to_parent, int from_parent) {
+int run_echo(ucx_transport transport, patterns which, const std::vector<plan>& plans, int to_parent,
+             int from_parent) {
   auto made = ucx_channel::create(
       {.transport = transport, .pool_bytes = std::size_t{64} << 20, .eager_limit_bytes = options.eager_limit});
   if (!made.ok()) {
@@ -277,7 +281,7 @@ int run_echo(ucx_transport transport, patterns which, int to_parent, int from_pa
   if (!parent.ok())
     return 1;
   std::uint64_t tag = 0;
-  for (const auto& p : options.plans) {
+  for (const auto& p : plans) {
     if (which.callback && echo_callback(channel, *parent, p, tag) != 0)
       return 1;
     if (which.polled && echo_polled(channel, *parent, p, tag) != 0)
@@ -413,7 +417,7 @@ bool drive_polled(ucx_channel& channel, peer_id echo, const plan& p, const byte_
   return true;
 }
 
-std::vector<size_figures> run_driver(ucx_transport transport, patterns which) {
+std::vector<size_figures> run_driver(ucx_transport transport, patterns which, const std::vector<plan>& plans) {
   int up[2], down[2];
   if (::pipe(up) != 0 || ::pipe(down) != 0)
     return {};
@@ -421,7 +425,7 @@ std::vector<size_figures> run_driver(ucx_transport transport, patterns which) {
   if (child == 0) {
     ::close(up[0]);
     ::close(down[1]);
-    ::_exit(run_echo(transport, which, up[1], down[0]));
+    ::_exit(run_echo(transport, which, plans, up[1], down[0]));
   }
   ::close(up[1]);
   ::close(down[0]);
@@ -433,7 +437,7 @@ std::vector<size_figures> run_driver(ucx_transport transport, patterns which) {
     auto echo = channel.connect(receive_string(up[0]));
     send_string(down[1], channel.address());
     std::uint64_t tag = 0;
-    for (const auto& p : options.plans) {
+    for (const auto& p : plans) {
       auto payload = std::make_shared<std::vector<std::uint8_t>>(p.bytes);
       for (std::size_t i = 0; i < p.bytes; ++i)
         (*payload)[i] = static_cast<std::uint8_t>(i * 7);
@@ -565,51 +569,74 @@ int main(int argc, char** argv) {
               "descriptor hop.\n",
               options.receive_buffers);
   std::printf("load average before: %s\n", load_average().c_str());
-  std::printf("%-10s %8s %-8s | %17s %17s | %19s %19s | %5s %5s\n", "transport", "bytes", "pattern", "lat moert",
-              "lat perftest", "bw moert", "bw perftest", "ratio", "ratio");
-  std::printf("%-10s %8s %-8s | %17s %17s | %19s %19s | %5s %5s\n", "", "", "", "us one-way med/bst",
-              "us one-way med/bst", "MiB/s med/best", "MiB/s med/best", "med", "best");
+  std::printf("%-10s %8s %-8s | %17s %17s | %19s %19s | %5s %5s %11s\n", "transport", "bytes", "pattern",
+              "lat moert", "lat perftest", "bw moert", "bw perftest", "ratio", "ratio", "pair ratio");
+  std::printf("%-10s %8s %-8s | %17s %17s | %19s %19s | %5s %5s %11s\n", "", "", "", "us one-way med/bst",
+              "us one-way med/bst", "MiB/s med/best", "MiB/s med/best", "med", "best", "med (n)");
   int port = 13400 + static_cast<int>(::getpid() % 500) * 8;
   for (auto transport : transports) {
     struct samples {
       std::vector<double> latency, bandwidth;
     };
-    std::vector<samples> callback(options.plans.size()), polled(options.plans.size()), theirs(options.plans.size());
+    std::size_t sizes = options.plans.size();
+    std::vector<samples> callback(sizes), polled(sizes), theirs(sizes);
+    // Bandwidth ratios of the pairs run back to back: ours / perftest, per size and pattern.
+    std::vector<std::vector<double>> callback_pairs(sizes), polled_pairs(sizes);
     for (std::size_t r = 0; r < reps; ++r) {
-      auto ours = run_driver(transport, which);
-      for (std::size_t i = 0; i < options.plans.size(); ++i) {
+      for (std::size_t i = 0; i < sizes; ++i) {
         const auto& p = options.plans[i];
-        if (i < ours.size()) {
-          callback[i].latency.push_back(ours[i].callback.latency_us);
-          callback[i].bandwidth.push_back(ours[i].callback.bandwidth_mib);
-          polled[i].latency.push_back(ours[i].polled.latency_us);
-          polled[i].bandwidth.push_back(ours[i].polled.bandwidth_mib);
+        std::vector<size_figures> ours;
+        std::vector<double> lat, bw;
+        auto run_ours = [&] { ours = run_driver(transport, which, {p}); };
+        auto run_theirs = [&] {
+          lat = perftest_final("tag_lat", transport, p.bytes, p.latency_iterations, port++);
+          bw = perftest_final("tag_bw", transport, p.bytes, p.bandwidth_messages, port++);
+          if (port > 60000)
+            port = 13400;
+        };
+        if (r % 2 == 0) {
+          run_ours();
+          run_theirs();
+        } else {
+          run_theirs();
+          run_ours();
         }
-        auto lat = perftest_final("tag_lat", transport, p.bytes, p.latency_iterations, port++);
-        auto bw = perftest_final("tag_bw", transport, p.bytes, p.bandwidth_messages, port++);
+        if (!ours.empty()) {
+          callback[i].latency.push_back(ours[0].callback.latency_us);
+          callback[i].bandwidth.push_back(ours[0].callback.bandwidth_mib);
+          polled[i].latency.push_back(ours[0].polled.latency_us);
+          polled[i].bandwidth.push_back(ours[0].polled.bandwidth_mib);
+        }
         if (lat.size() >= 2)
           theirs[i].latency.push_back(lat[1]);
         if (bw.size() >= 6)
           theirs[i].bandwidth.push_back(bw[5]);
-        if (port > 60000)
-          port = 13400;
+        if (!ours.empty() && bw.size() >= 6 && bw[5] > 0) {
+          if (ours[0].callback.bandwidth_mib > 0)
+            callback_pairs[i].push_back(ours[0].callback.bandwidth_mib / bw[5]);
+          if (ours[0].polled.bandwidth_mib > 0)
+            polled_pairs[i].push_back(ours[0].polled.bandwidth_mib / bw[5]);
+        }
       }
     }
-    auto print = [&](std::size_t i, const char* name, const samples& ours) {
+    auto print = [&](std::size_t i, const char* name, const samples& ours, const std::vector<double>& pairs) {
       double our_bw = median(ours.bandwidth), their_bw = median(theirs[i].bandwidth);
       double our_best = best(ours.bandwidth, false), their_best = best(theirs[i].bandwidth, false);
-      std::printf("%-10s %8zu %-8s | %8.2f %8.2f %8.2f %8.2f | %9.0f %9.0f %9.0f %9.0f | %5.2f %5.2f\n",
+      std::printf("%-10s %8zu %-8s | %8.2f %8.2f %8.2f %8.2f | %9.0f %9.0f %9.0f %9.0f | %5.2f %5.2f %6.2f (%2zu)\n",
                   to_string(transport), options.plans[i].bytes, name, median(ours.latency), best(ours.latency, true),
                   median(theirs[i].latency), best(theirs[i].latency, true), our_bw, our_best, their_bw, their_best,
-                  their_bw > 0 ? our_bw / their_bw : 0.0, their_best > 0 ? our_best / their_best : 0.0);
+                  their_bw > 0 ? our_bw / their_bw : 0.0, their_best > 0 ? our_best / their_best : 0.0,
+                  pairs.empty() ? 0.0 : median(pairs), pairs.size());
     };
     for (std::size_t i = 0; i < options.plans.size(); ++i) {
       if (which.polled)
-        print(i, "polled", polled[i]);
+        print(i, "polled", polled[i], polled_pairs[i]);
       if (which.callback)
-        print(i, "callback", callback[i]);
+        print(i, "callback", callback[i], callback_pairs[i]);
     }
   }
+  std::printf("ratio: bandwidth moert / perftest, of the medians and of the bests; pair ratio: the median over the "
+              "repetitions of each one's moert / perftest bandwidth, run back to back at that size (ABBA order), n pairs\n");
   std::printf("load average after: %s\n", load_average().c_str());
   std::string sizes;
   for (const auto& p : options.plans)

@@ -985,10 +985,11 @@ EngineReport Engine::report() const {
       self->request(impl_->cluster->nodes[i], std::chrono::seconds{2}, caf::get_atom::value)
           .receive(
               [&](const std::string& shipped) {
-                std::uint64_t bytes = 0, messages = 0;
-                if (std::sscanf(shipped.c_str(), "%lu %lu", &bytes, &messages) == 2) {
+                std::uint64_t bytes = 0, messages = 0, e2a = 0;
+                if (std::sscanf(shipped.c_str(), "%lu %lu %lu", &bytes, &messages, &e2a) == 3) {
                   out.cluster_ucx_bytes += bytes;
                   out.cluster_ucx_messages += messages;
+                  out.cluster_ucx_e2a_messages += e2a;
                 }
               },
               [](caf::error&) {});

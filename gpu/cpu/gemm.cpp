@@ -2,6 +2,7 @@
 
 #include "gpu/cpu/gemm_kernels.hpp"
 #include "gpu/cpu/thread_pool.hpp"
+#include "gpu/cpu/weight_memory.hpp"
 #include "gpu/work_units.hpp"
 
 #include <algorithm>
@@ -65,10 +66,6 @@ gemm_kernel pick_kernel() {
 
 }  // namespace
 
-void packed_matrix::aligned_free::operator()(std::byte* p) const {
-  std::free(p);
-}
-
 packed_matrix packed_matrix::pack(const float* w, std::size_t n, std::size_t k) {
   return pack(dtype::f32, w, n, k);
 }
@@ -93,11 +90,7 @@ packed_matrix packed_matrix::pack(dtype type, std::size_t k, std::span<const mat
   const std::size_t bytes = m.num_bytes();
   if (bytes == 0)
     return m;
-  // aligned_alloc wants a multiple of the alignment; 16-bit panels are 32 bytes per k.
-  m.data_.reset(static_cast<std::byte*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
-  if (!m.data_)
-    throw std::bad_alloc{};
-  std::memset(m.data_.get(), 0, bytes);  // padding rows past N stay +0
+  m.data_ = allocate_weight_bytes(bytes);  // zeroed: padding rows past N stay +0
 
   std::size_t row = 0;  // first output row of the current part
   for (const matrix_part& part : parts) {

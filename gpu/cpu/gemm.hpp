@@ -38,7 +38,8 @@ struct matrix_part {
 
 // A weight W[N][K] (out_features × in_features, the nn.Linear layout) repacked into
 // column panels of `panel_width` outputs: panel p holds W[p*16 .. p*16+15][0..K-1]
-// transposed to k-major order, zero-padded past N, as elements of type(). 64-byte aligned.
+// transposed to k-major order, zero-padded past N, as elements of type(). 64-byte aligned, in
+// huge-page-advised memory (weight_memory.hpp). Copies share the same immutable panels.
 class packed_matrix {
 public:
   static constexpr std::size_t panel_width = 16;
@@ -67,10 +68,7 @@ public:
   std::size_t num_bytes() const { return num_panels() * cols_ * panel_width * size_of(type_); }
 
 private:
-  struct aligned_free {
-    void operator()(std::byte* p) const;
-  };
-  std::unique_ptr<std::byte[], aligned_free> data_;
+  std::shared_ptr<std::byte> data_;
   dtype type_ = dtype::f32;
   std::size_t rows_ = 0;
   std::size_t cols_ = 0;

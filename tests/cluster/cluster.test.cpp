@@ -91,6 +91,50 @@ TEST_CASE("deepseek_v2_tiny across node processes is bit-identical to one proces
   check_fixture("deepseek_v2_tiny");
 }
 
+// -- E2A bundles ---------------------------------------------------------------------------
+
+// An expert device sends one E2A per A2E that reached it from another process (the outputs of
+// every expert batch that ran its rows, mu_queue.hpp), not one per expert batch and
+// destination: so the E2A crossing by UCX are at most the A2E (top-2 of 4 experts per device,
+// several rows per A2E: one per expert batch would be about twice as many). Tokens and logits
+// stay bit-identical to one process.
+TEST_CASE("a 1+2 cluster sends at most one E2A per A2E across processes", "[multiproc]") {
+  auto dir = test::fixture_dir("qwen3_moe_tiny");
+  if (dir.empty()) {
+    test::skip_whole_binary("../shared/fixtures not found");
+    return;
+  }
+  auto requests = fixture_requests(dir, 5);
+  EngineConfig single;
+  single.model_dir = dir.string();
+  single.attention_devices = 1;
+  single.expert_devices = 2;
+  auto reference = run_engine(single, requests);
+  REQUIRE(reference.failure.empty());
+  node_fleet fleet;
+  for (const char* n : {"a0", "e0", "e1"})
+    fleet.start(n);
+  EngineConfig config;
+  config.model_dir = dir.string();
+  config.cluster = write_cluster("bundles.json", "ucx-tcp",
+                                 {{"a0", fleet["a0"].address(), 1, 0},
+                                  {"e0", fleet["e0"].address(), 0, 1},
+                                  {"e1", fleet["e1"].address(), 0, 1}});
+  config.cluster_secret = cluster_secret();
+  auto got = run_engine(config, requests, /*take_report=*/true);
+  INFO("node logs:\n" << fleet.logs());
+  REQUIRE(got.failure.empty());
+  CHECK(compare_runs(reference.logs, got.logs).empty());
+  std::uint64_t e2a = got.report.cluster_ucx_e2a_messages;
+  std::uint64_t a2e = got.report.cluster_ucx_messages - e2a;
+  std::printf("bundles: %llu A2E and %llu E2A messages by UCX for %llu generated tokens\n",
+              static_cast<unsigned long long>(a2e), static_cast<unsigned long long>(e2a),
+              static_cast<unsigned long long>(got.report.tokens));
+  CHECK(a2e > 0);
+  CHECK(e2a > 0);
+  CHECK(e2a <= a2e);
+}
+
 // -- liveness ----------------------------------------------------------------------------
 
 namespace {

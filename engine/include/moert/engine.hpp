@@ -274,8 +274,8 @@ struct EngineReport {
   // A cluster only: bytes through this process's gates to the nodes, both ways (over TLS: every
   // TLS byte of this process, before encryption), counted from bring-up; CAF control, and rows
   // only if node-to-node messages were routed through this process; and what the nodes sent
-  // by UCX (asked at report time).
-  std::uint64_t cluster_caf_bytes = 0, cluster_ucx_bytes = 0, cluster_ucx_messages = 0;
+  // by UCX (asked at report time), of those messages the E2A (the rest are A2E).
+  std::uint64_t cluster_caf_bytes = 0, cluster_ucx_bytes = 0, cluster_ucx_messages = 0, cluster_ucx_e2a_messages = 0;
   // A cluster only: the nodes lost (by name), each part re-placed on a survivor (e.g. "expert
   // device 1 -> e0", with the lost node's reason and the time from the loss noticed to the
   // replay sent, in ms), and whether recovery gave up (every request then ended with an error).

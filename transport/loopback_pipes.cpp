@@ -140,19 +140,24 @@ private:
     l.receives.clear();
   }
 
-  void step(line& l, clock_type::time_point now, callback_list& callbacks) {
+  // Moves what matched, fails the line on a deadline passed; returns the earliest deadline of
+  // what is still pending (max: nothing), found in the same walk.
+  clock_type::time_point step(line& l, clock_type::time_point now, callback_list& callbacks) {
+    constexpr auto none = clock_type::time_point::max();
     if (!l.failure.empty())
-      return;
+      return none;
     while (!l.receives.empty() && l.receives.begin()->first == l.next_receive) {
       auto s = l.sent.find(l.next_receive);
       if (s == l.sent.end())
         break;
       pending_receive& r = l.receives.begin()->second;
-      if (r.num_bytes != s->second.bytes->size())
-        return fail(l, "loopback pipes: message " + std::to_string(l.next_receive) + " has " +
+      if (r.num_bytes != s->second.bytes->size()) {
+        fail(l, "loopback pipes: message " + std::to_string(l.next_receive) + " has " +
                            std::to_string(s->second.bytes->size()) + " bytes, its receive asked for " +
                            std::to_string(r.num_bytes),
-                    callbacks);
+             callbacks);
+        return none;
+      }
       if (r.num_bytes != 0)
         std::memcpy(r.dest, s->second.bytes->data(), r.num_bytes);
       callbacks.emplace_back(std::move(s->second.finished), status::success());
@@ -161,16 +166,29 @@ private:
       l.receives.erase(l.receives.begin());
       ++l.next_receive;
     }
-    for (const auto& [sequence, s] : l.sent)
-      if (now > s.deadline)
-        return fail(l, "loopback pipes: send of message " + std::to_string(sequence) + " timed out", callbacks);
-    for (const auto& [sequence, r] : l.receives)
-      if (now > r.deadline)
-        return fail(l, "loopback pipes: receive of message " + std::to_string(sequence) + " timed out", callbacks);
+    auto next = none;
+    for (const auto& [sequence, s] : l.sent) {
+      if (now > s.deadline) {
+        fail(l, "loopback pipes: send of message " + std::to_string(sequence) + " timed out", callbacks);
+        return none;
+      }
+      next = std::min(next, s.deadline);
+    }
+    for (const auto& [sequence, r] : l.receives) {
+      if (now > r.deadline) {
+        fail(l, "loopback pipes: receive of message " + std::to_string(sequence) + " timed out", callbacks);
+        return none;
+      }
+      next = std::min(next, r.deadline);
+    }
+    return next;
   }
 
   void run() {
     ::pthread_setname_np(::pthread_self(), "loopback-pipes");  // for top -H, perf and tests
+    // The earliest deadline pending after the last pass (every call that adds an entry wakes
+    // this thread, so what it adds is in the next pass).
+    auto next_deadline = clock_type::time_point::max();
     for (;;) {
       callback_list callbacks;
       bool stop = false;
@@ -178,24 +196,22 @@ private:
         std::unique_lock lock{mutex_};
         // Asleep until a call brings work or the next deadline passes (`work_` keeps a call
         // made while this thread was busy from being missed); it polled every 1 ms before.
-        // Deadlines are checked with `>`, hence the 1 ms past it; at most 1 s asleep.
+        // Deadlines are checked with `>`, hence the 1 ms past it; at most 1 s asleep. The
+        // deadline comes from the last pass's step(): each entry is walked once per wake-up.
         auto until = clock_type::now() + std::chrono::seconds{1};
-        for (const auto& [key, l] : lines_) {
-          for (const auto& [sequence, pending] : l.sent)
-            until = std::min(until, pending.deadline + std::chrono::milliseconds{1});
-          for (const auto& [sequence, pending] : l.receives)
-            until = std::min(until, pending.deadline + std::chrono::milliseconds{1});
-        }
+        if (next_deadline != clock_type::time_point::max())
+          until = std::min(until, next_deadline + std::chrono::milliseconds{1});
         wake_.wait_until(lock, until, [this] { return work_ || stopping_; });
         work_ = false;
         stop = stopping_;
         callbacks.swap(deferred_);
         auto now = clock_type::now();
+        next_deadline = clock_type::time_point::max();
         for (auto& [key, l] : lines_) {
           if (stop)
             fail(l, "loopback pipes closed", callbacks);
           else
-            step(l, now, callbacks);
+            next_deadline = std::min(next_deadline, step(l, now, callbacks));
         }
       }
       for (auto& [finished, outcome] : callbacks)

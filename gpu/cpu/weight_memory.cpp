@@ -3,6 +3,8 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <new>
 
@@ -14,6 +16,12 @@ namespace {
 constexpr std::size_t chunk_bytes = std::size_t{256} << 20;  // untouched tails cost no memory
 constexpr std::size_t own_mapping_above = chunk_bytes / 4;
 constexpr std::size_t alignment = 64;
+
+// Read per mapping (a chunk is 256 MiB, so rarely), so a process may switch it for later loads.
+bool huge_pages_wanted() {
+  const char* env = std::getenv("MOERT_WEIGHT_HUGE_PAGES");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
 
 // One anonymous mapping, 2 MiB aligned, advised for huge pages.
 class mapping {
@@ -33,7 +41,8 @@ public:
       ::munmap(reinterpret_cast<void*>(used_end), end - used_end);
     base_ = reinterpret_cast<std::byte*>(aligned);
     // Advice only: without THP (or with it off) the memory is ordinary 4 KiB pages.
-    ::madvise(base_, bytes_, MADV_HUGEPAGE);
+    if (huge_pages_wanted())
+      ::madvise(base_, bytes_, MADV_HUGEPAGE);
   }
   ~mapping() { ::munmap(base_, bytes_); }
   mapping(const mapping&) = delete;

@@ -4,6 +4,7 @@
 #include "gpu/cpu/weight_memory.hpp"
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -57,12 +58,14 @@ long field(const std::vector<std::pair<std::string, long>>& fields, const std::s
 
 }  // namespace
 
-TEST_CASE("packed weights lie in memory advised for transparent huge pages", "[gemm][thp]") {
+TEST_CASE("with MOERT_WEIGHT_HUGE_PAGES=1 packed weights lie in memory advised for huge pages", "[gemm][thp]") {
   const std::string mode = thp_mode();
-  if (mode != "madvise" && mode != "always") {
-    WARN("transparent huge pages are '" << mode << "' here: nothing to check");
+  if (mode != "madvise") {
+    WARN("transparent huge pages are '" << mode << "' here, not madvise: nothing to check");
     return;
   }
+  // Before this binary's first weight allocation, so the first chunk is advised.
+  ::setenv("MOERT_WEIGHT_HUGE_PAGES", "1", 1);
   // A 4 MiB matrix (an F32 1024 × 1024 projection) and a 1 MiB one (a BF16 expert's down).
   std::vector<float> w(1024 * 1024);
   for (std::size_t i = 0; i < w.size(); ++i)
@@ -88,6 +91,21 @@ TEST_CASE("packed weights lie in memory advised for transparent huge pages", "[g
   CHECK(big.at(5, 7) == w[5 * 1024 + 7]);
   CHECK(big.at(1023, 1023) == w[1023 * 1024 + 1023]);
   CHECK(small.at(1000, 511) == 1.0f);
+
+  // Unset or "0" (the default): a new mapping (over the 64 MiB own-mapping limit) is not
+  // advised, so under "madvise" it may not get huge pages. Only a byte is touched.
+  for (const char* value : {"0", static_cast<const char*>(nullptr)}) {
+    if (value != nullptr)
+      ::setenv("MOERT_WEIGHT_HUGE_PAGES", value, 1);
+    else
+      ::unsetenv("MOERT_WEIGHT_HUGE_PAGES");
+    auto plain = allocate_weight_bytes(std::size_t{80} << 20);
+    plain.get()[0] = std::byte{1};
+    const long eligible = field(smaps_of(plain.get()), "THPeligible");
+    INFO("MOERT_WEIGHT_HUGE_PAGES=" << (value ? value : "(unset)"));
+    if (eligible >= 0)
+      CHECK(eligible == 0);
+  }
 }
 
 TEST_CASE("weight memory is zeroed, 64-byte aligned and outlives the allocations around it", "[gemm][thp]") {

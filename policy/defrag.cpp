@@ -32,10 +32,7 @@ double lookahead_score(const queue_matrix& queues, std::size_t layer, const defr
   for (std::size_t k = 1; k <= params.lookahead; ++k) {
     decay *= params.delta;
     std::size_t next = (layer + k) % num_layers;
-    std::size_t total = 0;
-    for (std::size_t e = 0; e < queues.num_experts(); ++e)
-      total += queues.tokens(next, e);
-    score += decay * double(total) / double(queues.num_experts());
+    score += decay * double(queues.layer_tokens(next)) / double(queues.num_experts());
   }
   return score;
 }
@@ -64,15 +61,38 @@ std::optional<queue_choice> pick_queue(const queue_matrix& queues, queue_policy 
   auto own = [&](std::size_t b, std::size_t e) {
     return policy == queue_policy::flfs ? 0.0 : double(queues.tokens(b, e));
   };
-  for (std::size_t b = 0; b < queues.num_layers(); ++b) {
-    double layer_bonus = 0.0;
+  auto layer_bonus = [&](std::size_t b) {
     if (policy == queue_policy::defrag)
-      layer_bonus = lookahead_score(queues, b, params);
-    else if (policy == queue_policy::flfs)
-      layer_bonus = -double(b);
+      return lookahead_score(queues, b, params);
+    return policy == queue_policy::flfs ? -double(b) : 0.0;
+  };
+  if (params.oldest_first) {
+    std::chrono::nanoseconds best_age{};
+    for (std::size_t b = 0; b < queues.num_layers(); ++b) {
+      if (queues.layer_tokens(b) == 0)
+        continue;
+      double bonus = layer_bonus(b);
+      for (std::size_t e = 0; e < queues.num_experts(); ++e) {
+        if (queues.tokens(b, e) == 0)
+          continue;
+        auto age = queues.oldest(b, e);
+        double score = bonus + own(b, e);
+        if (!best || age < best_age || (age == best_age && score > best_score)) {
+          best = queue_choice{b, e, false};
+          best_age = age;
+          best_score = score;
+        }
+      }
+    }
+    return best;
+  }
+  for (std::size_t b = 0; b < queues.num_layers(); ++b) {
+    if (queues.layer_tokens(b) == 0)
+      continue;
+    double bonus = layer_bonus(b);
     for (std::size_t e = 0; e < queues.num_experts(); ++e)
       if (queues.tokens(b, e) > 0)
-        offer(b, e, layer_bonus + own(b, e), false);
+        offer(b, e, bonus + own(b, e), false);
   }
   if (!best || !params.oldest_first_within_layer)
     return best;

@@ -39,7 +39,7 @@ struct matrix_part {
 // A weight W[N][K] (out_features × in_features, the nn.Linear layout) repacked into
 // column panels of `panel_width` outputs: panel p holds W[p*16 .. p*16+15][0..K-1]
 // transposed to k-major order, zero-padded past N, as elements of type(). 64-byte aligned, in
-// huge-page-advised memory (weight_memory.hpp). Copies share the same immutable panels.
+// 2 MiB-aligned chunks, huge pages on request (weight_memory.hpp). Copies share the same immutable panels.
 class packed_matrix {
 public:
   static constexpr std::size_t panel_width = 16;

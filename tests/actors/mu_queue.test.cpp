@@ -203,6 +203,37 @@ TEST_CASE("a μ-queue serves the micro-batch that reached a layer first before a
   CHECK(f.log->batches[3].slots == std::vector<std::uint32_t>{11, 12, 13});
 }
 
+// Decode overlap at r1 = 2 once the micro-batches drifted a layer apart: micro-batch 1's last
+// rows of layer 0 wait while micro-batch 0's rows of layer 1, more of them, arrive. Micro-batch
+// 1's go first, so it starts its layer-1 attention and its rows of layer 1 can join micro-batch
+// 0's in the same batches; by the layer score the device would serve layer 1 first.
+TEST_CASE("a μ-queue serves the oldest rows first, even of an earlier layer with fewer rows") {
+  queue_fixture f;
+  // Device 0 hosts experts 0 and 2; two layer-1 batches of an earlier step fill it.
+  f.a2e(0, 1, {0}, {0});
+  f.a2e(0, 1, {2}, {1});
+  REQUIRE(wait_until([&] { return f.log->count() >= 2; }));
+  f.a2e(0, 0, {0}, {10}, 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds{5});
+  f.a2e(0, 1, {2, 2, 2}, {11, 12, 13}, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds{20});
+  REQUIRE(f.log->count() == 2);
+  caf::anon_send(f.experts[2], release_atom::value);  // room for one batch
+  REQUIRE(wait_until([&] { return f.log->count() >= 3; }));
+  {
+    std::lock_guard<std::mutex> guard{f.log->mutex};
+    CHECK(f.log->batches[2].expert == 0);
+    CHECK(f.log->batches[2].layer == 0);
+    CHECK(f.log->batches[2].slots == std::vector<std::uint32_t>{10});
+  }
+  f.release_all();
+  REQUIRE(wait_until([&] { return f.log->count() >= 4; }));
+  std::lock_guard<std::mutex> guard{f.log->mutex};
+  CHECK(f.log->batches[3].expert == 2);
+  CHECK(f.log->batches[3].layer == 1);
+  CHECK(f.log->batches[3].slots == std::vector<std::uint32_t>{11, 12, 13});
+}
+
 TEST_CASE("moving an expert forwards its queued and late rows to its new device, each handed once") {
   queue_fixture f;
   // Two batches of expert 0 fill device 0; then expert 2's rows wait in its queues.

@@ -186,6 +186,7 @@ void mu_queue::enqueue(routed_tokens& msg) {
     b.rows = std::make_shared<row_block>();
     b.rows->row_floats = std::size_t(ctx_->config.hidden_size);
     b.rows->data.reserve(bundled * b.rows->row_floats);
+    b.last_sent = std::chrono::steady_clock::now();
   }
   for (auto& [dev, part] : away) {
     part.key = msg.key;
@@ -261,7 +262,8 @@ void mu_queue::dispatch() {
     matrix_.set(choice->layer, choice->expert, 0);
     handed& h = handed_[expert];
     if (h.to != actor->second.address()) {
-      lose_bundled(h);  // the old actor's done is ignored
+      in_flight_ -= h.count;  // the old actor's dones are ignored
+      lose_bundled(h);
       h = {actor->second.address(), 0, {}};
     }
     ++h.count;
@@ -306,24 +308,44 @@ void mu_queue::settle(std::uint64_t id, std::size_t count) {
     return;
   bundle& b = it->second;
   b.pending -= std::min(b.pending, count);
-  if (b.pending > 0)
+  if (b.pending > 0) {
+    if (!ctx_->faults || b.slots.empty())
+      return;
+    auto now = std::chrono::steady_clock::now();
+    auto half_interval = std::chrono::microseconds(std::int64_t(ctx_->faults->plan().retransmit_ms * 500.0));
+    if (now - b.last_sent >= half_interval) {
+      std::size_t row_floats = b.rows->row_floats;
+      send_bundle(b);
+      b.rows = std::make_shared<row_block>();
+      b.rows->row_floats = row_floats;
+      b.last_sent = now;
+    }
     return;
+  }
   bundle full = std::move(b);
   bundles_.erase(it);
-  if (full.slots.empty())
-    return;  // every row left or was lost: the shard asks again
+  if (!full.slots.empty())  // else every row left or was lost: the shard asks again
+    send_bundle(full);
+}
+
+void mu_queue::send_bundle(bundle& b) {
   expert_outputs out;
-  out.key = full.key;
-  out.attempt = full.attempt;
-  out.rows_idx.resize(full.slots.size());
+  out.key = b.key;
+  out.attempt = b.attempt;
+  out.rows_idx.resize(b.slots.size());
   std::iota(out.rows_idx.begin(), out.rows_idx.end(), std::uint32_t{0});
-  out.slots = std::move(full.slots);
-  out.rows = std::move(full.rows);
+  std::sort(out.rows_idx.begin(), out.rows_idx.end(),
+            [&](std::uint32_t x, std::uint32_t y) { return b.slots[x] < b.slots[y]; });
+  out.slots.reserve(b.slots.size());
+  for (std::uint32_t i : out.rows_idx)
+    out.slots.push_back(b.slots[i]);
+  out.rows = std::move(b.rows);
+  b.slots.clear();
   if (ctx_->trace)
     out.flow = {ctx_->trace->next_flow_id(), std::chrono::steady_clock::now(), track_};
   ctx_->stats->count_messages(1);
   auto identity = e2a_identity(out, std::uint32_t(device_idx_));
-  transmit_data(this, ctx_, full.reply_to, std::move(out), identity);
+  transmit_data(this, ctx_, b.reply_to, std::move(out), identity);
 }
 
 // The fault plan's kills of this device's experts or μ-queue, counted in A2E messages that

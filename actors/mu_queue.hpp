@@ -27,7 +27,11 @@
 // for its own A2E's rows. Rows that leave the device (handed off to another, or lost with an
 // expert actor that died) are taken off their bundle, so it still leaves with what was
 // computed; the shard's retransmission or replay brings the rest, and the shard ignores an
-// entry it already has. Shards in this process get their outputs from the experts directly.
+// entry it already has. A bundle's entries go in join-slot order, so its bytes and its fault
+// identity do not depend on which expert batch finished first. A bundle still open half a
+// retransmission interval after it opened sends what it holds so far (and again each half
+// interval): the shard's timer reads arriving outputs as a slow device, not a lost A2E.
+// Shards in this process get their outputs from the experts directly.
 
 #include "actors/device.hpp"
 #include "actors/protocol.hpp"
@@ -35,6 +39,7 @@
 
 #include <caf/all.hpp>
 
+#include <chrono>
 #include <deque>
 #include <map>
 
@@ -69,6 +74,7 @@ private:
     std::size_t pending = 0;            // rows queued or running here
     std::shared_ptr<row_block> rows;    // the outputs so far, in arrival order
     std::vector<std::uint32_t> slots;   // their join slots
+    std::chrono::steady_clock::time_point last_sent;  // opened, or its last partial E2A
   };
 
   void enqueue(routed_tokens& msg);
@@ -83,6 +89,8 @@ private:
   std::chrono::nanoseconds now() const;
   // `count` rows of bundle `id` are done or gone; the bundle leaves once none is pending.
   void settle(std::uint64_t id, std::size_t count);
+  // What `b` holds, as one E2A in join-slot order (its rows and slots are moved out).
+  void send_bundle(bundle& b);
   // The rows of `h`'s batches are lost with its actor.
   void lose_bundled(handed& h);
   void on_bundled(handed& h, bundled_rows& rows);

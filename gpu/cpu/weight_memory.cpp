@@ -65,18 +65,20 @@ public:
       return {own, own->base()};
     }
     std::lock_guard lock{mutex_};
-    if (!current_ || used_ + rounded > current_->size()) {
-      current_ = std::make_shared<mapping>(chunk_bytes);
+    std::shared_ptr<mapping> chunk = current_.lock();
+    if (!chunk || used_ + rounded > chunk->size()) {
+      chunk = std::make_shared<mapping>(chunk_bytes);
+      current_ = chunk;
       used_ = 0;
     }
-    std::byte* p = current_->base() + used_;
+    std::byte* p = chunk->base() + used_;
     used_ += rounded;
-    return {current_, p};  // aliasing: keeps the chunk mapped while p is in use
+    return {chunk, p};  // aliasing: keeps the chunk mapped while p is in use
   }
 
 private:
   std::mutex mutex_;
-  std::shared_ptr<mapping> current_;
+  std::weak_ptr<mapping> current_;  // weak: a chunk whose weights are all freed is unmapped
   std::size_t used_ = 0;
 };
 

@@ -136,4 +136,13 @@ TEST_CASE("weight memory is zeroed, 64-byte aligned and outlives the allocations
   }
 }
 
+TEST_CASE("a chunk whose weights are all freed is unmapped", "[gemm][thp]") {
+  // The cases before this one freed everything they allocated: this block opens a chunk.
+  auto block = allocate_weight_bytes(4096);
+  const void* address = block.get();
+  REQUIRE(!smaps_of(address).empty());
+  block.reset();
+  CHECK(smaps_of(address).empty());  // the arena does not keep its newest chunk mapped
+}
+
 }  // namespace moert::cpu

@@ -12,7 +12,8 @@
 //   delay      it is sent after a seeded delay, by the sender's clock
 //
 // A held-back message comes back to its sender as (fault_release_atom, destination, message);
-// the sender's behavior hands it to transmit() (attention_shard and expert do).
+// the sender's behavior hands it to transmit() (attention_shard, expert and, for its E2A
+// bundles, mu_queue do).
 
 #include "actors/protocol.hpp"
 #include "actors/runtime.hpp"

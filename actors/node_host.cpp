@@ -376,7 +376,8 @@ caf::behavior node_host::make_behavior() {
         counts.slowed_tasks += dev->stretched_tasks();
       return counts;
     },
-    // What this node sent by UCX for its current engine: "<bytes> <messages>".
+    // What this node sent by UCX for its current engine: "<bytes> <messages> <E2A messages>"
+    // (the caller reads all three: nodes and caller are one build).
     [this](caf::get_atom) -> std::string {
       return link_ ? std::to_string(link_->bytes_shipped()) + " " + std::to_string(link_->messages_shipped()) + " " +
                          std::to_string(link_->e2a_shipped())

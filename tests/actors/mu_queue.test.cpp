@@ -174,18 +174,20 @@ TEST_CASE("a μ-queue hands each batch to its expert's actor, two in flight per 
   CHECK(f.stats.control_messages() == 0);  // the stand-ins do not count; the real expert does
 }
 
-// Decode overlap at r1 = 2: micro-batch 0's rows of a layer reach the device before micro-batch
-// 1's. Its queue goes first although micro-batch 1's holds more rows, so micro-batch 0 can start
-// its next attention while the device serves micro-batch 1.
-TEST_CASE("a μ-queue serves the micro-batch that reached a layer first before a later, larger one") {
+namespace {
+
+// Two layer-1 batches of an earlier step fill device 0 (it hosts experts 0 and 2). Then one row
+// for expert 0 at layer 0 (micro-batch `first_mb`) arrives 5 ms before three rows for expert 2
+// at `later_layer` (micro-batch `later_mb`). Once one batch has room, the older single row must
+// go first, then the three.
+void check_oldest_row_goes_first(std::uint32_t first_mb, std::uint32_t later_layer, std::uint32_t later_mb) {
   queue_fixture f;
-  // Device 0 hosts experts 0 and 2; two layer-1 batches fill it.
   f.a2e(0, 1, {0}, {0});
   f.a2e(0, 1, {2}, {1});
   REQUIRE(wait_until([&] { return f.log->count() >= 2; }));
-  f.a2e(0, 0, {0}, {10}, 0);
+  f.a2e(0, 0, {0}, {10}, first_mb);
   std::this_thread::sleep_for(std::chrono::milliseconds{5});
-  f.a2e(0, 0, {2, 2, 2}, {11, 12, 13}, 1);
+  f.a2e(0, later_layer, {2, 2, 2}, {11, 12, 13}, later_mb);
   std::this_thread::sleep_for(std::chrono::milliseconds{20});
   REQUIRE(f.log->count() == 2);
   caf::anon_send(f.experts[2], release_atom::value);  // room for one batch
@@ -200,7 +202,17 @@ TEST_CASE("a μ-queue serves the micro-batch that reached a layer first before a
   REQUIRE(wait_until([&] { return f.log->count() >= 4; }));
   std::lock_guard<std::mutex> guard{f.log->mutex};
   CHECK(f.log->batches[3].expert == 2);
+  CHECK(f.log->batches[3].layer == later_layer);
   CHECK(f.log->batches[3].slots == std::vector<std::uint32_t>{11, 12, 13});
+}
+
+}  // namespace
+
+// Decode overlap at r1 = 2: micro-batch 0's rows of a layer reach the device before micro-batch
+// 1's. Its queue goes first although micro-batch 1's holds more rows, so micro-batch 0 can start
+// its next attention while the device serves micro-batch 1.
+TEST_CASE("a μ-queue serves the micro-batch that reached a layer first before a later, larger one") {
+  check_oldest_row_goes_first(0, 0, 1);
 }
 
 // Decode overlap at r1 = 2 once the micro-batches drifted a layer apart: micro-batch 1's last
@@ -208,30 +220,7 @@ TEST_CASE("a μ-queue serves the micro-batch that reached a layer first before a
 // 1's go first, so it starts its layer-1 attention and its rows of layer 1 can join micro-batch
 // 0's in the same batches; by the layer score the device would serve layer 1 first.
 TEST_CASE("a μ-queue serves the oldest rows first, even of an earlier layer with fewer rows") {
-  queue_fixture f;
-  // Device 0 hosts experts 0 and 2; two layer-1 batches of an earlier step fill it.
-  f.a2e(0, 1, {0}, {0});
-  f.a2e(0, 1, {2}, {1});
-  REQUIRE(wait_until([&] { return f.log->count() >= 2; }));
-  f.a2e(0, 0, {0}, {10}, 1);
-  std::this_thread::sleep_for(std::chrono::milliseconds{5});
-  f.a2e(0, 1, {2, 2, 2}, {11, 12, 13}, 0);
-  std::this_thread::sleep_for(std::chrono::milliseconds{20});
-  REQUIRE(f.log->count() == 2);
-  caf::anon_send(f.experts[2], release_atom::value);  // room for one batch
-  REQUIRE(wait_until([&] { return f.log->count() >= 3; }));
-  {
-    std::lock_guard<std::mutex> guard{f.log->mutex};
-    CHECK(f.log->batches[2].expert == 0);
-    CHECK(f.log->batches[2].layer == 0);
-    CHECK(f.log->batches[2].slots == std::vector<std::uint32_t>{10});
-  }
-  f.release_all();
-  REQUIRE(wait_until([&] { return f.log->count() >= 4; }));
-  std::lock_guard<std::mutex> guard{f.log->mutex};
-  CHECK(f.log->batches[3].expert == 2);
-  CHECK(f.log->batches[3].layer == 1);
-  CHECK(f.log->batches[3].slots == std::vector<std::uint32_t>{11, 12, 13});
+  check_oldest_row_goes_first(1, 1, 0);
 }
 
 TEST_CASE("moving an expert forwards its queued and late rows to its new device, each handed once") {

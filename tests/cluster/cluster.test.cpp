@@ -40,11 +40,7 @@ void check_fixture(const std::string& name) {
       ag += n.attention_devices;
       eg += n.expert_devices;
     }
-    EngineConfig single;
-    single.model_dir = dir.string();
-    single.attention_devices = ag;
-    single.expert_devices = eg;
-    auto reference = run_engine(single, requests);
+    auto reference = single_process_run(dir, requests, ag, eg);
     INFO(name << ", single process --ag " << ag << " --eg " << eg);
     REQUIRE(reference.failure.empty());
 
@@ -105,11 +101,7 @@ TEST_CASE("a 1+2 cluster sends at most one E2A per A2E across processes", "[mult
     return;
   }
   auto requests = fixture_requests(dir, 5);
-  EngineConfig single;
-  single.model_dir = dir.string();
-  single.attention_devices = 1;
-  single.expert_devices = 2;
-  auto reference = run_engine(single, requests);
+  auto reference = single_process_run(dir, requests, 1, 2);
   REQUIRE(reference.failure.empty());
   node_fleet fleet;
   for (const char* n : {"a0", "e0", "e1"})

@@ -515,6 +515,16 @@ run_result run_engine(const EngineConfig& config, const std::vector<Request>& re
   return out;
 }
 
+// The reference: `requests` run in this process with `ag` attention and `eg` expert devices.
+run_result single_process_run(const fs::path& dir, const std::vector<Request>& requests, std::size_t ag,
+                              std::size_t eg) {
+  EngineConfig single;
+  single.model_dir = dir.string();
+  single.attention_devices = ag;
+  single.expert_devices = eg;
+  return run_engine(single, requests);
+}
+
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }

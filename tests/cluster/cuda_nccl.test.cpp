@@ -89,11 +89,7 @@ TEST_CASE("1 cuda attention + 1 cuda expert node over nccl give the cpu greedy t
     return;
   }
   auto requests = greedy_requests(dir, 8);
-  EngineConfig single;
-  single.model_dir = dir.string();
-  single.attention_devices = 1;
-  single.expert_devices = 1;
-  auto reference = run_engine(single, requests);
+  auto reference = single_process_run(dir, requests, 1, 1);
   REQUIRE(reference.failure.empty());
 
   node_binary = MOERT_BINARY;

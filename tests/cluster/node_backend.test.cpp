@@ -89,11 +89,7 @@ TEST_CASE("cuda nodes (checked stand-in backend) give the cpu single-process tok
     return;
   }
   auto requests = fixture_requests(dir, 4);
-  EngineConfig single;
-  single.model_dir = dir.string();
-  single.attention_devices = 1;
-  single.expert_devices = 2;
-  auto reference = run_engine(single, requests);
+  auto reference = single_process_run(dir, requests, 1, 2);
   REQUIRE(reference.failure.empty());
 
   node_binary = MOERT_CHECKED_NODE;

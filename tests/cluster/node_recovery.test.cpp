@@ -52,11 +52,7 @@ void check_recovery(const recovery_case& c) {
     ag += n.attention_devices;
     eg += n.expert_devices;
   }
-  EngineConfig single;
-  single.model_dir = dir.string();
-  single.attention_devices = ag;
-  single.expert_devices = eg;
-  auto reference = run_engine(single, requests);
+  auto reference = single_process_run(dir, requests, ag, eg);
   INFO("single process --ag " << ag << " --eg " << eg);
   REQUIRE(reference.failure.empty());
 

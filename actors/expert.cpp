@@ -120,7 +120,8 @@ void expert::run(expert_batch& batch, caf::actor queue) {
                   for (std::size_t r = 0; r < n; ++r) {
                     const queued_row& item = batch.items[r];
                     if (item.bundle != 0) {  // its shard is in another process: the μ-queue sends it
-                      done.bundled.rows = weighted;
+                      if (!done.bundled.rows)
+                        done.bundled.rows = weighted;
                       done.bundled.bundles.push_back(item.bundle);
                       done.bundled.rows_idx.push_back(std::uint32_t(r));
                       done.bundled.slots.push_back(item.slot);

@@ -118,7 +118,7 @@ struct plan {
   std::size_t bandwidth_messages;
 };
 // 1 MiB streams 4000 messages (4 GiB, about 0.4 s at 10 GiB/s): with 600, a run lasted ~60 ms and
-// perftest's own figure moved 2-17 GiB/s between back-to-back runs on a quiet 2-core VM, too short
+// perftest's own figure moved 2.0-17.4 GB/s between back-to-back runs on a quiet 2-core VM, too short
 // a window to say whether ours reaches 0.8 of it. Both sides stream the same count.
 constexpr std::array<plan, 3> all_plans{{{4096, 2000, 4000}, {65536, 1000, 2000}, {1 << 20, 300, 4000}}};
 // ucx_perftest's tag_bw window (its default -O for that test): sends in flight at the sender,
